@@ -1,0 +1,176 @@
+"""The two-stage cascade: normalisation, candidates, batched voxel classification, segmentation.
+
+Arrays in, arrays out; no file I/O. A `Stage` is one trained patch classifier
+(its graph definition and variables); `segment_volume` chains two of them the
+way the seed code does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcascade import patches as patches_lib
+from jaxcascade import postprocess
+from jaxcascade.errors import UserError
+from jaxcascade.train import lesion_probability
+
+NORMALISATIONS = ("nonzero", "nicms")
+
+
+def normalise(image: np.ndarray, method: str = "nonzero") -> np.ndarray:
+    """Standardise one image by the statistics of its nonzero voxels.
+
+    'nonzero': (x - mean(nonzero)) / std(nonzero), the seed code's rule.
+    'nicms': nicMSlesions subtracts the nonzero mean first and then divides by
+    the std of the nonzero voxels of the *shifted* image, so background voxels
+    (now at -mean) count in the std.
+    """
+    image = np.asarray(image, np.float32)
+    nonzero = image[image != 0]
+    if nonzero.size == 0:
+        raise ValueError("image has no nonzero voxels")
+    mean = nonzero.astype(np.float64).mean()
+    if method == "nonzero":
+        std = nonzero.astype(np.float64).std()
+        out = (image - mean) / std
+    elif method == "nicms":
+        shifted = image - mean
+        std = shifted[shifted != 0].astype(np.float64).std()
+        out = shifted / std
+    else:
+        raise ValueError(f"unknown normalisation {method!r}; use one of {NORMALISATIONS}")
+    return out.astype(np.float32)
+
+
+def normalise_channels(channels: list[np.ndarray], method: str) -> np.ndarray:
+    """Stack normalised images into a (D, H, W, C) float32 volume."""
+    return np.stack([normalise(image, method) for image in channels], axis=-1)
+
+
+def candidate_mask(flair_normalised: np.ndarray, min_th: float) -> np.ndarray:
+    """Voxels worth classifying: normalised FLAIR above min_th."""
+    return flair_normalised > min_th
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One trained patch classifier."""
+
+    graphdef: object
+    variables: dict
+    patch_size: int
+
+    @functools.cached_property
+    def predict_at(self) -> Callable:
+        return make_centre_predictor(self.graphdef, self.patch_size)
+
+
+_PREDICTORS: dict = {}
+
+
+def make_centre_predictor(graphdef, patch_size: int) -> Callable:
+    """jitted (variables, padded_volume, centres) -> probabilities; cached per graph."""
+    key = (graphdef, patch_size)
+    if key not in _PREDICTORS:
+        def predict_at(variables, padded_volume, centres):
+            index = jnp.concatenate([jnp.zeros((centres.shape[0], 1), jnp.int32), centres], axis=1)
+            patches = patches_lib.gather_patches(padded_volume[None], index, patch_size)
+            return lesion_probability(graphdef, variables, patches)
+
+        _PREDICTORS[key] = jax.jit(predict_at)
+    return _PREDICTORS[key]
+
+
+def classify_voxels(
+    stage: Stage,
+    volume: np.ndarray,
+    mask: np.ndarray,
+    *,
+    batch_size: int,
+    progress: Callable | None = None,
+) -> np.ndarray:
+    """Lesion probability at every voxel of `mask` (0 elsewhere), patch-wise.
+
+    Centres go through one jitted function in fixed-size batches (the last one
+    padded), so memory is bounded by batch_size patches and nothing recompiles.
+    `progress`, if given, wraps the batch iterator (e.g. tqdm).
+    """
+    probability = np.zeros(mask.shape, np.float32)
+    centres = np.argwhere(mask).astype(np.int32)
+    if len(centres) == 0:
+        return probability
+    padded = patches_lib.pad_volume(volume, stage.patch_size)
+    n_batches = -(-len(centres) // batch_size)
+    padded_centres = np.zeros((n_batches * batch_size, 3), np.int32)
+    padded_centres[: len(centres)] = centres
+    batches = range(n_batches)
+    if progress is not None:
+        batches = progress(batches)
+    outputs = []
+    for b in batches:
+        chunk = padded_centres[b * batch_size : (b + 1) * batch_size]
+        outputs.append(stage.predict_at(stage.variables, padded, jnp.asarray(chunk)))
+    values = np.concatenate([np.asarray(o) for o in outputs])[: len(centres)]
+    probability[tuple(centres.T)] = values
+    return probability
+
+
+@dataclasses.dataclass
+class Segmentation:
+    stage1_probability: np.ndarray
+    stage2_probability: np.ndarray
+    mask: np.ndarray
+    candidate_count: int
+    stage2_candidate_count: int
+
+
+def segment_volume(
+    stage1: Stage,
+    stage2: Stage,
+    volume: np.ndarray,
+    flair_channel: int,
+    *,
+    min_th: float,
+    stage2_min_probability: float,
+    threshold: float,
+    min_lesion_voxels: int,
+    connectivity: int = 6,
+    min_volume_ml: float = 0.0,
+    voxel_volume_ml: float = 1e-3,
+    batch_size: int = 2048,
+    progress: Callable | None = None,
+) -> Segmentation:
+    """Run the cascade on one normalised (D, H, W, C) volume.
+
+    CNN1 classifies every candidate (normalised FLAIR > min_th); CNN2 classifies
+    the voxels where CNN1 > stage2_min_probability; the mask is CNN2 >= threshold
+    with connected components of at most min_lesion_voxels removed (and emptied
+    entirely below min_volume_ml, nicMSlesions' rule; 0 disables it).
+    """
+    candidates = candidate_mask(volume[..., flair_channel], min_th)
+    if not candidates.any():
+        raise UserError(
+            f"no candidate voxels: normalised FLAIR is nowhere above min_th={min_th}; "
+            "check that the FLAIR image is the right one or lower --config.candidates.min_th"
+        )
+    wrap = (lambda it: progress(it, "stage 1")) if progress else None
+    stage1_probability = classify_voxels(stage1, volume, candidates, batch_size=batch_size, progress=wrap)
+    stage2_candidates = stage1_probability > stage2_min_probability
+    wrap = (lambda it: progress(it, "stage 2")) if progress else None
+    stage2_probability = classify_voxels(stage2, volume, stage2_candidates, batch_size=batch_size, progress=wrap)
+    mask = postprocess.binarise(stage2_probability, threshold)
+    mask = postprocess.remove_small_lesions(mask, min_lesion_voxels, connectivity)
+    mask = postprocess.apply_min_volume(mask, min_volume_ml, voxel_volume_ml)
+    return Segmentation(
+        stage1_probability=stage1_probability,
+        stage2_probability=stage2_probability,
+        mask=mask,
+        candidate_count=int(candidates.sum()),
+        stage2_candidate_count=int(stage2_candidates.sum()),
+    )

@@ -1,0 +1,83 @@
+"""Orbax checkpoints: per-epoch training state (for resuming) and each stage's final weights.
+
+Layout of a workdir (which is also the model directory `segment --model` reads):
+    config.json                 the full config, channel names and order included
+    checkpoints/stage{1,2}/N/   state after epoch N: train state, best weights, loop bookkeeping
+    weights/stage{1,2}/         the stage's final (best-validation) weights; present = stage done
+Orbax writes to a temporary directory and renames it on commit, so a killed
+run leaves either the previous checkpoint or a temporary folder that is
+ignored and removed on the next start.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+FORMAT_VERSION = 1
+
+
+def _abstract(tree):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _remove_orbax_temporaries(directory: Path) -> None:
+    if directory.is_dir():
+        for leftover in directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def stage_manager(workdir: str | Path, stage: int) -> ocp.CheckpointManager:
+    directory = Path(workdir).resolve() / "checkpoints" / f"stage{stage}"
+    _remove_orbax_temporaries(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False, create=True)
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "loop"))
+
+
+def save_epoch(manager: ocp.CheckpointManager, epoch: int, state_tree: dict, loop: dict) -> None:
+    """state_tree: arrays (train state, best weights, rng); loop: JSON bookkeeping."""
+    manager.save(
+        epoch,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree), loop=ocp.args.JsonSave(loop)),
+    )
+    manager.wait_until_finished()
+
+
+def restore_latest(manager: ocp.CheckpointManager, state_template: dict):
+    """(state_tree, loop) of the newest epoch, or None when there is none."""
+    epoch = manager.latest_step()
+    if epoch is None:
+        return None
+    restored = manager.restore(
+        epoch,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(state_template)), loop=ocp.args.JsonRestore()
+        ),
+    )
+    return restored["state"], restored["loop"]
+
+
+def weights_dir(model_dir: str | Path, stage: int) -> Path:
+    return Path(model_dir).resolve() / "weights" / f"stage{stage}"
+
+
+def save_weights(model_dir: str | Path, stage: int, variables: dict) -> None:
+    path = weights_dir(model_dir, stage)
+    _remove_orbax_temporaries(path.parent)
+    if path.exists():
+        shutil.rmtree(path)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, jax.tree.map(np.asarray, variables))
+
+
+def load_weights(model_dir: str | Path, stage: int, template: dict) -> dict:
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(weights_dir(model_dir, stage), _abstract(template))
+
+
+def stage_done(model_dir: str | Path, stage: int) -> bool:
+    return weights_dir(model_dir, stage).is_dir()

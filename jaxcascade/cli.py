@@ -1,0 +1,145 @@
+"""`jaxcascade` command line: parse arguments, call library functions, report.
+
+User mistakes (`UserError`) become one line on stderr and exit status 2;
+nothing else is caught, so a bug still shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from jaxcascade.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def _progress(iterable, description=""):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=description, leave=False, disable=None, file=sys.stderr)
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _json_safe(metrics: dict) -> dict:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+
+
+def cmd_phantom(args, _overrides) -> None:
+    from jaxcascade import io, phantom
+
+    if args.subjects < 1:
+        raise UserError(f"--subjects {args.subjects}: need at least one subject")
+    io.check_output_path(args.out, is_dir=True)
+    names = phantom.write_cohort(args.out, args.subjects, args.seed, args.size)
+    _log(f"wrote {len(names)} {args.size} phantom subjects to {args.out}: {', '.join(names)}")
+
+
+def cmd_train(args, overrides) -> None:
+    from jaxcascade import config as config_lib, pipeline
+
+    config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
+    summary = pipeline.train_cascade(args.data, args.workdir, config, log=_log, progress=_progress)
+    _log(f"trained model in {summary['workdir']} (epochs: stage 1 {summary['epochs'][1]}, "
+         f"stage 2 {summary['epochs'][2]})")
+
+
+def cmd_segment(args, _overrides) -> None:
+    from jaxcascade import io, pipeline
+
+    inputs = io.parse_inputs(args.input)
+    result = pipeline.segment_files(
+        args.model, inputs, args.out, probabilities_dir=args.probabilities, threshold=args.threshold,
+        min_lesion_size=args.min_lesion_size, overwrite=args.overwrite, progress=_progress,
+    )
+    _log(f"{args.out}: {int(result.mask.sum())} lesion voxels "
+         f"({result.candidate_count} candidates, {result.stage2_candidate_count} to stage 2)")
+
+
+def cmd_evaluate(args, _overrides) -> None:
+    from jaxcascade import io, metrics
+
+    truth_image = io.load_image(args.truth, allow_all_zero=True)
+    prediction = io.load_lesion_mask(args.pred, truth_image)
+    truth = io.load_lesion_mask(args.truth, truth_image)
+    values = metrics.segmentation_metrics(prediction, truth, truth_image.voxel_volume_ml)
+    if args.json:
+        print(json.dumps(_json_safe(values), indent=2))
+    else:
+        print(metrics.format_metrics(values))
+
+
+def cmd_demo(args, _overrides) -> None:
+    from jaxcascade import demo
+
+    demo.run_demo(args.workdir, log=_log, progress=_progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="jaxcascade", description="Cascaded 3D CNN MS lesion segmentation (Valverde et al. 2017).")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = commands.add_parser("phantom", help="write a synthetic MS cohort (T1, FLAIR, lesion mask)")
+    p.add_argument("out", help="output folder (one sub-folder per subject)")
+    p.add_argument("--subjects", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", choices=("tiny", "small", "full"), default="small")
+    p.set_defaults(run=cmd_phantom)
+
+    p = commands.add_parser("train", help="train both stages (resumes an interrupted run)")
+    p.add_argument("--data", required=True, help="folder with one sub-folder per subject")
+    p.add_argument("--workdir", required=True, help="where the model, checkpoints and metrics go")
+    p.add_argument("--config", help="config file with get_config(), or a packaged name (default, demo)")
+    p.set_defaults(run=cmd_train, overrides=True)
+
+    p = commands.add_parser("segment", help="segment one subject with a trained model")
+    p.add_argument("--model", required=True, help="a train --workdir")
+    p.add_argument("--input", action="append", required=True, metavar="NAME=PATH", help="one per modality")
+    p.add_argument("--out", required=True, help="binary mask to write (.nii.gz)")
+    p.add_argument("--probabilities", metavar="DIR", help="also write stage1/stage2 probability maps here")
+    p.add_argument("--threshold", type=float, help="t_bin on CNN2's probability (model's config by default)")
+    p.add_argument("--min-lesion-size", type=int, help="keep components with more voxels than this")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(run=cmd_segment)
+
+    p = commands.add_parser("evaluate", help="compare a segmentation with the truth")
+    p.add_argument("--pred", required=True)
+    p.add_argument("--truth", required=True)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=cmd_evaluate)
+
+    p = commands.add_parser("demo", help="phantom cohort -> train -> segment a held-out subject -> metrics")
+    p.add_argument("--workdir", default="jaxcascade-demo")
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)
+        if unknown and not getattr(args, "overrides", False):
+            raise UserError(f"jaxcascade {args.command}: unrecognised arguments: {' '.join(unknown)} (see --help)")
+        args.run(args, unknown)
+    except UserError as error:
+        print(f"jaxcascade: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("jaxcascade: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Config files shipped with the package (`default.py`, `demo.py`)."""

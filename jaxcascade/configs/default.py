@@ -1,0 +1,61 @@
+"""The method's defaults, faithful to the seed code of Valverde et al. 2017.
+
+Run:
+    jaxcascade train --data DIR --workdir WD
+    jaxcascade train --data DIR --workdir WD --config.train.max_epochs=50
+Every number of the method lives here; a variant imports `get_config` and
+overrides a few fields (see demo.py).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # One folder per subject holding <MODALITY><suffix> and <lesion><suffix>.
+    config.data = ml_collections.ConfigDict()
+    config.data.modalities = ("T1", "FLAIR")  # channel order of the network input
+    config.data.flair = "FLAIR"  # the modality that selects candidates
+    config.data.lesion = "lesion"
+    config.data.suffix = ".nii.gz"
+
+    config.model = ml_collections.ConfigDict()
+    config.model.network = "valverde2017_valid"  # or "valverde2017" (SAME padding, patch-wise only)
+    config.model.patch_size = 11
+    config.model.dropout_rate = 0.5
+    config.model.bn_momentum = 0.9  # Lasagne batch_norm alpha=0.1
+    config.model.bn_epsilon = 1e-4  # Lasagne batch_norm default
+    config.model.conv_implementation = "auto"  # "lax" | "slices" | "auto" (per backend)
+
+    # (x - mean(nonzero)) / std(nonzero) per image; "nicms" is nicMSlesions' variant.
+    config.normalisation = "nonzero"
+    config.candidates = ml_collections.ConfigDict()
+    config.candidates.min_th = 0.5  # normalised FLAIR above this is a candidate
+
+    config.sampling = ml_collections.ConfigDict()
+    config.sampling.hard_negative_probability = 0.5  # CNN1 output above this on a non-lesion voxel
+    config.sampling.hard_negative_fallback_flair = 2.0  # used where a volume has no such voxel
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 128
+    config.train.validation_fraction = 0.25
+    config.train.max_epochs = 200
+    config.train.patience = 25
+    config.train.learning_rate = 1.0  # Adadelta, as Lasagne's defaults
+    config.train.rho = 0.95
+    config.train.epsilon = 1e-6
+    # "seed": half of each batch flipped along one of three flips of the last two axes;
+    # "flips3d": independent flips of all three axes; "rot90": flips and axis permutations; "none".
+    config.train.augmentation = "seed"
+    config.train.eval_batch_size = 1024
+
+    config.inference = ml_collections.ConfigDict()
+    config.inference.stage2_min_probability = 0.8  # CNN2 runs where CNN1 > this
+    config.inference.threshold = 0.8  # t_bin on CNN2's probability
+    config.inference.min_lesion_voxels = 20  # l_min: keep components with more voxels than this
+    config.inference.connectivity = 6
+    config.inference.min_volume_ml = 0.0  # nicMSlesions' min_error; 0 disables
+    config.inference.batch_size = 2048
+    return config

@@ -1,0 +1,17 @@
+"""The demo's CPU budget: the default method with a short training schedule.
+
+Run:
+    jaxcascade demo                                  # phantom cohort, train, segment, evaluate
+    jaxcascade train --data DIR --workdir WD --config jaxcascade/configs/demo.py
+Expected: `jaxcascade demo` finishes in a few minutes on a 2-core CPU; the
+held-out DSC it prints is given in the README.
+"""
+
+from jaxcascade.configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.train.max_epochs = 12
+    config.train.patience = 4
+    return config

@@ -1,0 +1,202 @@
+"""The training loop of one stage: epochs, validation, early stopping, checkpoints, resume.
+
+Randomness is derived, never threaded: the epoch's shuffle comes from
+numpy's generator seeded by (seed, stage, epoch) and each step's key is
+fold_in(fold_in(key(seed), stage), step). A run resumed from the checkpoint
+of epoch N therefore replays epochs N+1... exactly as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcascade import checkpoints
+from jaxcascade import patches as patches_lib
+from jaxcascade import train as train_lib
+from jaxcascade.errors import UserError
+
+
+@dataclasses.dataclass
+class TrainingSet:
+    """Patch centres over a stack of zero-padded volumes (kept on the device)."""
+
+    padded_volumes: jax.Array  # (subjects, D + 2h, H + 2h, W + 2h, C)
+    index: np.ndarray  # (N, 4) int32: subject, z, y, x
+    labels: np.ndarray  # (N,) int32
+    patch_size: int
+
+    @classmethod
+    def from_subjects(cls, volumes: list[np.ndarray], centres: list[np.ndarray], labels: list[np.ndarray], patch_size):
+        shape = np.max([v.shape for v in volumes], axis=0)
+        half = patch_size // 2
+        stack = np.zeros((len(volumes), *(shape[:3] + 2 * half), shape[3]), np.float32)
+        for s, volume in enumerate(volumes):
+            d, h, w, _ = volume.shape
+            stack[s, half : half + d, half : half + h, half : half + w] = volume
+        index = np.concatenate(
+            [np.column_stack([np.full(len(c), s, np.int32), c]) for s, c in enumerate(centres)]
+        ).astype(np.int32)
+        return cls(jnp.asarray(stack), index, np.concatenate(labels).astype(np.int32), patch_size)
+
+
+@functools.partial(jax.jit, static_argnames="patch_size")
+def _gather(padded_volumes, index, patch_size):
+    return patches_lib.gather_patches(padded_volumes, index, patch_size)
+
+
+def _batches_of(indices: np.ndarray, batch_size: int, pad: bool):
+    """Fixed-size batches; the ragged tail is padded (weights 0) or, for training, dropped."""
+    n = len(indices)
+    if not pad:
+        if n < batch_size:  # tiny sets still train: repeat samples to fill one batch
+            indices = np.resize(indices, batch_size)
+            n = batch_size
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield indices[start : start + batch_size], np.ones(batch_size, np.float32)
+        return
+    for start in range(0, n, batch_size):
+        chunk = indices[start : start + batch_size]
+        weights = np.zeros(batch_size, np.float32)
+        weights[: len(chunk)] = 1.0
+        yield np.resize(chunk, batch_size) if len(chunk) < batch_size else chunk, weights
+
+
+def evaluate(eval_step, variables, data: TrainingSet, indices: np.ndarray, batch_size: int) -> dict:
+    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    for chunk, weights in _batches_of(indices, batch_size, pad=True):
+        batch = {
+            "patches": _gather(data.padded_volumes, jnp.asarray(data.index[chunk]), data.patch_size),
+            "labels": jnp.asarray(data.labels[chunk]),
+            "weights": jnp.asarray(weights),
+        }
+        sums = eval_step(variables, batch)
+        for key in totals:
+            totals[key] += float(sums[key])
+    count = max(totals["count"], 1.0)
+    return {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count}
+
+
+def fit_stage(
+    *,
+    stage: int,
+    model,
+    data: TrainingSet,
+    config,
+    workdir,
+    log: Callable[[str], None] = print,
+    on_epoch: Callable[[list[dict]], None] | None = None,
+    progress: Callable | None = None,
+) -> tuple[dict, list[dict]]:
+    """Train one stage to early stopping (resuming from workdir) and return (best variables, history)."""
+    train_config = config.train
+    split_rng = np.random.default_rng([config.seed, stage])
+    train_indices, val_indices = patches_lib.stratified_split(data.labels, train_config.validation_fraction, split_rng)
+    if len(val_indices) == 0:
+        val_indices = train_indices  # too few samples to hold any out; validate on training data
+
+    graphdef, variables = train_lib.split_model(model)
+    tx = train_lib.make_optimizer(train_config)
+    train_step = _cached_train_step(
+        graphdef, train_config.learning_rate, train_config.rho, train_config.epsilon, train_config.augmentation
+    )
+    eval_step = _cached_eval_step(graphdef)
+    base_key = jax.random.fold_in(jax.random.key(config.seed), stage)
+
+    state = train_lib.create_train_state(variables, tx)
+    loop = {"epoch": -1, "best_val_loss": float("inf"), "best_epoch": -1, "bad_epochs": 0, "history": []}
+    best = jax.tree.map(np.array, variables)
+    manager = checkpoints.stage_manager(workdir, stage)
+    template = {"train_state": state, "best": best, "rng": jax.random.key_data(base_key)}
+    restored = checkpoints.restore_latest(manager, template)
+    if restored is not None:
+        tree, loop = restored
+        state, best = tree["train_state"], tree["best"]
+        log(f"stage {stage}: resuming after epoch {loop['epoch'] + 1} (best validation loss {loop['best_val_loss']:.4f})")
+
+    log(f"stage {stage}: {len(train_indices)} training / {len(val_indices)} validation patches "
+        f"({int(data.labels.sum())} lesion)")
+    for epoch in range(loop["epoch"] + 1, train_config.max_epochs):
+        if loop["bad_epochs"] >= train_config.patience:
+            break
+        started = time.perf_counter()
+        order = np.random.default_rng([config.seed, stage, epoch]).permutation(train_indices)
+        step_losses, step_measurements = [], []
+        batches = list(_batches_of(order, train_config.batch_size, pad=False))
+        iterator = progress(batches, f"stage {stage} epoch {epoch + 1}") if progress else batches
+        for chunk, _ in iterator:
+            batch = {
+                "patches": _gather(data.padded_volumes, jnp.asarray(data.index[chunk]), data.patch_size),
+                "labels": jnp.asarray(data.labels[chunk]),
+            }
+            step_rng = jax.random.fold_in(base_key, state.step)
+            state, measurements = train_step(state, batch, step_rng)
+            step_measurements.append(measurements)
+        measured = jax.tree.map(lambda *xs: np.asarray(jnp.stack(xs)), *step_measurements)
+        bad_steps = np.flatnonzero(~np.isfinite(measured["loss"]) | ~np.isfinite(measured["grad_norm"]))
+        if bad_steps.size:
+            raise UserError(
+                f"stage {stage}: non-finite loss or gradient at epoch {epoch + 1}, step {int(bad_steps[0]) + 1}; "
+                f"training stopped (the last good checkpoint is epoch {loop['epoch'] + 1}); "
+                "check the inputs for extreme values or lower --config.train.learning_rate"
+            )
+        validation = evaluate(eval_step, state.variables, data, val_indices, train_config.eval_batch_size)
+        improved = validation["loss"] < loop["best_val_loss"]
+        if improved:
+            best = jax.tree.map(np.array, state.variables)
+            loop.update(best_val_loss=validation["loss"], best_epoch=epoch, bad_epochs=0)
+        else:
+            loop["bad_epochs"] += 1
+        record = {
+            "stage": stage,
+            "epoch": epoch + 1,
+            "train_loss": float(measured["loss"].mean()),
+            "train_accuracy": float(measured["accuracy"].mean()),
+            "val_loss": validation["loss"],
+            "val_accuracy": validation["accuracy"],
+            "grad_norm": float(measured["grad_norm"].mean()),
+            "update_norm": float(measured["update_norm"].mean()),
+            "steps": int(state.step),
+            "epoch_seconds": round(time.perf_counter() - started, 3),
+            "best": improved,
+        }
+        loop["epoch"] = epoch
+        loop["history"].append(record)
+        checkpoints.save_epoch(
+            manager, epoch, {"train_state": state, "best": best, "rng": jax.random.key_data(base_key)}, loop
+        )
+        log(
+            f"stage {stage} epoch {epoch + 1:3d}: train loss {record['train_loss']:.4f} "
+            f"acc {record['train_accuracy']:.3f} | val loss {record['val_loss']:.4f} "
+            f"acc {record['val_accuracy']:.3f}{' *' if improved else ''} ({record['epoch_seconds']:.1f} s)"
+        )
+        if on_epoch:
+            on_epoch(loop["history"])
+    manager.close()
+    return best, loop["history"]
+
+
+# One compilation per network and settings, shared by both stages and by every
+# fit in a process (tests, experiment launchers).
+@functools.lru_cache(maxsize=None)
+def _cached_train_step(graphdef, learning_rate, rho, epsilon, augmentation):
+    tx = train_lib.make_optimizer(_AdadeltaSettings(learning_rate, rho, epsilon))
+    return train_lib.make_train_step(graphdef, tx, augmentation)
+
+
+@dataclasses.dataclass(frozen=True)
+class _AdadeltaSettings:
+    learning_rate: float
+    rho: float
+    epsilon: float
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_eval_step(graphdef):
+    return train_lib.make_eval_step(graphdef)

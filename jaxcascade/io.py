@@ -1,0 +1,226 @@
+"""NIfTI in and out, with every check a user's files can fail, and atomic writes.
+
+Images stay in their own voxel grid: nothing is reoriented or resampled, so
+the output lies on exactly the input's grid and carries its header.
+Every problem raises `UserError` with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from jaxcascade.errors import UserError
+
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+@dataclasses.dataclass
+class Image:
+    path: Path
+    data: np.ndarray  # float32, 3D
+    nifti: nib.Nifti1Image
+
+    @property
+    def affine(self) -> np.ndarray:
+        return self.nifti.affine
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(np.prod(self.nifti.header.get_zooms()[:3])) / 1000.0
+
+
+def load_image(path: str | os.PathLike, *, allow_all_zero: bool = False) -> Image:
+    """Read a 3D NIfTI image (a 4D one with a trailing singleton axis is accepted)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: file not found")
+    if not os.access(path, os.R_OK) or path.is_dir():
+        raise UserError(f"{path}: cannot be read (check permissions)")
+    try:
+        nifti = nib.load(str(path))
+        if not isinstance(nifti, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise UserError(f"{path}: not a NIfTI image ({type(nifti).__name__}); convert it to .nii/.nii.gz")
+        data = np.asarray(nifti.dataobj, dtype=np.float32)
+    except UserError:
+        raise
+    except (nib.filebasedimages.ImageFileError, EOFError, zlib.error, OSError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"{path}: not a readable NIfTI image, or truncated ({reason})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise UserError(f"{path}: expected a 3D image, got shape {data.shape}; give one volume per file")
+    _check_qform_sform(path, nifti)
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise UserError(f"{path}: {int((~finite).sum())} voxels are NaN or Inf; fix or mask them before use")
+    if not allow_all_zero and not data.any():
+        raise UserError(f"{path}: image is all zero")
+    return Image(path=path, data=data, nifti=nifti)
+
+
+def _check_qform_sform(path: Path, nifti) -> None:
+    header = nifti.header
+    if int(header["qform_code"]) > 0 and int(header["sform_code"]) > 0:
+        qform, sform = header.get_qform(), header.get_sform()
+        if not np.allclose(qform, sform, atol=AFFINE_TOLERANCE_MM):
+            raise UserError(
+                f"{path}: qform and sform disagree (qform {_fmt_affine(qform)} vs sform {_fmt_affine(sform)}); "
+                "fix the header so both describe the same grid"
+            )
+
+
+def _fmt_affine(affine: np.ndarray) -> str:
+    return np.array2string(np.asarray(affine)[:3], precision=3, separator=",").replace("\n", "")
+
+
+def check_same_grid(images: list[Image]) -> None:
+    """All images share shape and affine (within AFFINE_TOLERANCE_MM)."""
+    reference = images[0]
+    for image in images[1:]:
+        if image.data.shape != reference.data.shape:
+            raise UserError(
+                f"{image.path}: shape {image.data.shape} differs from {reference.path} {reference.data.shape}; "
+                "co-register the sequences to one grid"
+            )
+        if not np.allclose(image.affine, reference.affine, atol=AFFINE_TOLERANCE_MM):
+            raise UserError(
+                f"{image.path}: affine {_fmt_affine(image.affine)} differs from {reference.path} "
+                f"{_fmt_affine(reference.affine)}; co-register the sequences to one grid"
+            )
+
+
+def load_lesion_mask(path: str | os.PathLike, reference: Image) -> np.ndarray:
+    """A binary lesion mask on the reference's grid, as bool."""
+    image = load_image(path, allow_all_zero=True)
+    check_same_grid([reference, image])
+    values = np.unique(image.data)
+    unexpected = values[(values != 0) & (values != 1)]
+    if unexpected.size:
+        shown = ", ".join(f"{v:g}" for v in unexpected[:5]) + (", ..." if unexpected.size > 5 else "")
+        raise UserError(f"{image.path}: lesion mask must hold only 0 and 1, found {shown}")
+    return image.data > 0
+
+
+def parse_inputs(pairs: list[str]) -> dict[str, str]:
+    """['T1=a.nii.gz', 'FLAIR=b.nii.gz'] -> {'T1': 'a.nii.gz', 'FLAIR': 'b.nii.gz'}."""
+    inputs: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--input {pair!r}: expected NAME=PATH, e.g. --input FLAIR=flair.nii.gz")
+        if name in inputs:
+            raise UserError(f"--input {name}: modality given twice ({inputs[name]} and {path})")
+        inputs[name] = path
+    return inputs
+
+
+def load_sequences(inputs: dict[str, str], modalities: tuple[str, ...], source: str = "the model") -> list[Image]:
+    """Load the named sequences in the model's channel order, on one grid."""
+    missing = [m for m in modalities if m not in inputs]
+    extra = [m for m in inputs if m not in modalities]
+    if missing or extra:
+        problems = []
+        if missing:
+            problems.append(f"missing {', '.join(missing)}")
+        if extra:
+            problems.append(f"not used by {source}: {', '.join(extra)}")
+        raise UserError(
+            f"inputs {', '.join(inputs) or 'none'} do not match {source}'s modalities "
+            f"{', '.join(modalities)} ({'; '.join(problems)})"
+        )
+    images = [load_image(inputs[m]) for m in modalities]
+    check_same_grid(images)
+    return images
+
+
+def discover_subjects(data_dir: str | os.PathLike, required_files: list[str]) -> list[Path]:
+    """Subject folders of data_dir, each required to hold all required_files."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"{data_dir}: training data folder not found")
+    subjects = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subjects:
+        raise UserError(f"{data_dir}: no subject folders (expected {data_dir}/<subject>/{required_files[0]} ...)")
+    incomplete = []
+    for subject in subjects:
+        absent = [name for name in required_files if not (subject / name).exists()]
+        if absent:
+            incomplete.append(f"{subject.name} lacks {', '.join(absent)}")
+    if incomplete:
+        raise UserError(f"{data_dir}: incomplete subjects: {'; '.join(incomplete)}")
+    return subjects
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def check_output_path(path: str | os.PathLike, *, overwrite: bool = False, is_dir: bool = False) -> Path:
+    """Fail early (before any work) if `path` cannot be written."""
+    path = Path(path)
+    parent = path.parent if not is_dir else path.parent
+    if not parent.is_dir():
+        raise UserError(f"{path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{path}: folder {parent} is not writable")
+    if not is_dir and path.exists() and not overwrite:
+        raise UserError(f"{path}: already exists; pass --overwrite to replace it")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside `path` (same suffixes); rename it into place on success."""
+    path = Path(path)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_like(data: np.ndarray, reference: nib.Nifti1Image, path: str | os.PathLike, dtype=np.uint8) -> None:
+    """Write `data` on the reference's grid, with its header, qform and sform (codes included)."""
+    header = reference.header.copy()
+    header.set_data_dtype(dtype)
+    image = nib.Nifti1Image(np.asarray(data, dtype=dtype), reference.affine, header=header)
+    image.set_qform(reference.header.get_qform(), code=int(reference.header["qform_code"]))
+    image.set_sform(reference.header.get_sform(), code=int(reference.header["sform_code"]))
+    # The reference's intensity scaling must not rescale a mask or probabilities.
+    image.header.set_slope_inter(1.0, 0.0)
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+
+
+def write_json(obj, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def write_text(text: str, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (np.ndarray, tuple)):
+        return list(value)
+    raise TypeError(type(value).__name__)

@@ -1,0 +1,144 @@
+"""Patch classifiers (Flax NNX modules) and the registry that names them.
+
+'valverde2017' is the paper's network as the seed code built it (Lasagne,
+SAME padding):
+    conv 3^3 32 + BN + ReLU, maxpool 2, conv 3^3 64 + BN + ReLU, maxpool 2,
+    dropout 0.5, dense 256 + ReLU, dense 2 + softmax.
+'valverde2017_valid' (the default) is the same stack with VALID convolutions:
+11 -> 9 -> pool 4 -> 2 -> pool 1. Its output at a voxel never sees zero
+padding inside the patch and has no per-position parameters, so it can be
+evaluated densely over a whole volume with exactly the patch-wise result.
+Its receptive field is 10 voxels (offsets -5..+4): the pooling floors drop the
+last plane of the 11^3 patch, as they would in the seed's Lasagne layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxcascade import convs
+
+# Lasagne's defaults, which the seed code used: GlorotUniform weights, and
+# batch_norm(alpha=0.1, epsilon=1e-4), i.e. running averages with momentum 0.9.
+_glorot = jax.nn.initializers.glorot_uniform()
+
+
+class Conv3D(nnx.Module):
+    """A k^3 convolution whose arithmetic goes through `convs.conv3d`."""
+
+    def __init__(self, in_features, out_features, *, kernel_size=3, padding="VALID", implementation="auto", rngs):
+        shape = (kernel_size,) * 3 + (in_features, out_features)
+        self.kernel = nnx.Param(_glorot(rngs.params(), shape, jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
+        self.padding = padding
+        self.implementation = implementation
+
+    def __call__(self, x, *, dilation: int = 1):
+        y = convs.conv3d(x, self.kernel[...], padding=self.padding, dilation=dilation,
+                         implementation=self.implementation)
+        return y + self.bias[...]
+
+
+def _max_pool(x):
+    return nnx.max_pool(x, window_shape=(2, 2, 2), strides=(2, 2, 2), padding="VALID")
+
+
+class Valverde2017(nnx.Module):
+    """The seed's CNN; `padding` picks the faithful ('SAME') or dense-exact ('VALID') variant."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        padding: str = "VALID",
+        patch_size: int = 11,
+        dropout_rate: float = 0.5,
+        bn_momentum: float = 0.9,
+        bn_epsilon: float = 1e-4,
+        conv_implementation: str = "auto",
+        rngs: nnx.Rngs,
+    ):
+        conv = dict(kernel_size=3, padding=padding, implementation=conv_implementation, rngs=rngs)
+        bn = dict(momentum=bn_momentum, epsilon=bn_epsilon, rngs=rngs)
+        self.conv1 = Conv3D(in_channels, 32, **conv)
+        self.bn1 = nnx.BatchNorm(32, **bn)
+        self.conv2 = Conv3D(32, 64, **conv)
+        self.bn2 = nnx.BatchNorm(64, **bn)
+        self.dropout = nnx.Dropout(dropout_rate)
+        flat_size = _flat_size(patch_size, padding) * 64
+        self.dense1 = nnx.Linear(flat_size, 256, kernel_init=_glorot, rngs=rngs)
+        self.out = nnx.Linear(256, 2, kernel_init=_glorot, rngs=rngs)
+
+    def __call__(self, patches, *, train: bool = False, rngs: nnx.Rngs | None = None):
+        """(batch, p, p, p, channels) patches -> (batch, 2) logits."""
+        x = jax.nn.relu(self.bn1(self.conv1(patches), use_running_average=not train))
+        x = _max_pool(x)
+        x = jax.nn.relu(self.bn2(self.conv2(x), use_running_average=not train))
+        x = _max_pool(x)
+        x = self.dropout(x, deterministic=not train, rngs=rngs)
+        x = x.reshape(x.shape[0], -1)
+        x = jax.nn.relu(self.dense1(x))
+        return self.out(x)
+
+
+def _flat_size(patch_size: int, padding: str) -> int:
+    size = patch_size
+    for _ in range(2):
+        if padding == "VALID":
+            size -= 2
+        size //= 2
+    if size < 1:
+        raise ValueError(f"patch_size {patch_size} is too small for this network")
+    return size**3
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkSpec:
+    """How to build a named network and what it guarantees."""
+
+    name: str
+    build: callable
+    dense_exact: bool  # output at a voxel independent of padding/position inside the patch
+    description: str
+
+
+NETWORKS = {
+    "valverde2017": NetworkSpec(
+        "valverde2017",
+        lambda channels, cfg, rngs: Valverde2017(channels, padding="SAME", **_kwargs(cfg), rngs=rngs),
+        dense_exact=False,
+        description="the paper's network with SAME padding, as the seed code built it",
+    ),
+    "valverde2017_valid": NetworkSpec(
+        "valverde2017_valid",
+        lambda channels, cfg, rngs: Valverde2017(channels, padding="VALID", **_kwargs(cfg), rngs=rngs),
+        dense_exact=True,
+        description="the paper's layers with VALID convolutions (exact dense inference)",
+    ),
+}
+
+
+def _kwargs(model_config) -> dict:
+    return dict(
+        patch_size=model_config.patch_size,
+        dropout_rate=model_config.dropout_rate,
+        bn_momentum=model_config.bn_momentum,
+        bn_epsilon=model_config.bn_epsilon,
+        conv_implementation=model_config.conv_implementation,
+    )
+
+
+def build_network(model_config, in_channels: int, seed: int) -> nnx.Module:
+    """Instantiate the configured network with deterministic initial weights."""
+    if model_config.network not in NETWORKS:
+        raise KeyError(model_config.network)
+    return NETWORKS[model_config.network].build(in_channels, model_config, nnx.Rngs(params=seed))
+
+
+def count_parameters(module: nnx.Module) -> int:
+    """Trainable parameters (BatchNorm running statistics are not counted)."""
+    return sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(module, nnx.Param)))

@@ -1,0 +1,253 @@
+"""Training and segmentation from files: the library functions the CLI calls.
+
+`train_cascade(data_dir, workdir, config)` trains CNN1 then CNN2 (resuming
+whatever a previous run left); `load_cascade(model_dir)` and
+`segment_files(...)` apply a trained cascade to one subject's NIfTI files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from jaxcascade import __version__, cascade, checkpoints, config as config_lib, io, models, plots
+from jaxcascade import patches as patches_lib
+from jaxcascade.errors import UserError
+from jaxcascade.fit import TrainingSet, fit_stage
+from jaxcascade.train import split_model
+
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class Subject:
+    name: str
+    volume: np.ndarray  # (D, H, W, C) normalised, channels in config.data.modalities order
+    lesion: np.ndarray  # bool (D, H, W)
+    flair_channel: int
+
+    @property
+    def flair(self) -> np.ndarray:
+        return self.volume[..., self.flair_channel]
+
+
+def flair_channel(config) -> int:
+    modalities = tuple(config.data.modalities)
+    if config.data.flair not in modalities:
+        raise UserError(
+            f"config data.modalities {', '.join(modalities)} lacks {config.data.flair!r}: "
+            "FLAIR is required (candidate selection uses it)"
+        )
+    return modalities.index(config.data.flair)
+
+
+def load_training_subjects(data_dir, config) -> list[Subject]:
+    modalities = tuple(config.data.modalities)
+    channel = flair_channel(config)
+    if len(set(modalities)) != len(modalities):
+        raise UserError(f"config data.modalities names a modality twice: {', '.join(modalities)}")
+    suffix, lesion_name = config.data.suffix, config.data.lesion
+    files = [f"{m}{suffix}" for m in modalities] + [f"{lesion_name}{suffix}"]
+    subjects = []
+    for folder in io.discover_subjects(data_dir, files):
+        images = io.load_sequences({m: folder / f"{m}{suffix}" for m in modalities}, modalities, folder.name)
+        lesion = io.load_lesion_mask(folder / f"{lesion_name}{suffix}", images[0])
+        volume = cascade.normalise_channels([image.data for image in images], config.normalisation)
+        subjects.append(Subject(folder.name, volume, lesion, channel))
+    if not any(s.lesion.any() for s in subjects):
+        raise UserError(f"{data_dir}: no lesion voxels in any subject's {lesion_name}{suffix}; nothing to learn from")
+    return subjects
+
+
+def _prepare_workdir(workdir: Path, config) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    record = {"jaxcascade": {"format_version": FORMAT_VERSION, "version": __version__}, **config_lib.to_dict(config)}
+    path = workdir / "config.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
+        previous.pop("jaxcascade", None)
+        changed = config_lib.differences(previous, config_lib.to_dict(config))
+        if changed:
+            raise UserError(
+                f"{path}: this workdir was trained with a different config ({', '.join(changed)} differ); "
+                "use a new --workdir or the same config to resume"
+            )
+    io.write_json(record, path)
+
+
+def _stage_seed(seed: int, stage: int) -> int:
+    return int(np.random.SeedSequence([seed, stage]).generate_state(1)[0])
+
+
+def _fit(stage, subjects, centres, labels, config, workdir, log, progress, histories) -> cascade.Stage:
+    model = models.build_network(config.model, subjects[0].volume.shape[-1], _stage_seed(config.seed, stage))
+    data = TrainingSet.from_subjects([s.volume for s in subjects], centres, labels, config.model.patch_size)
+
+    def on_epoch(history):
+        histories[stage] = history
+        _write_history(workdir, histories)
+
+    best, history = fit_stage(
+        stage=stage, model=model, data=data, config=config, workdir=workdir, log=log, on_epoch=on_epoch,
+        progress=progress,
+    )
+    histories[stage] = history
+    _write_history(workdir, histories)
+    checkpoints.save_weights(workdir, stage, best)
+    graphdef, _ = split_model(model)
+    return cascade.Stage(graphdef, best, config.model.patch_size)
+
+
+def _write_history(workdir: Path, histories: dict) -> None:
+    records = [r for stage in sorted(histories) for r in histories[stage]]
+    io.write_text("".join(json.dumps(r) + "\n" for r in records), workdir / "metrics.jsonl")
+    plots.training_curves(records, workdir / "training_curves.png")
+
+
+def _read_history(workdir: Path) -> dict:
+    histories: dict = {1: [], 2: []}
+    path = workdir / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            histories[record["stage"]].append(record)
+    return histories
+
+
+def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress: Callable | None = None) -> dict:
+    """Train (or resume) both stages in workdir; returns a summary dict."""
+    workdir = Path(workdir)
+    subjects = load_training_subjects(data_dir, config)
+    _prepare_workdir(workdir, config)
+    log(f"{len(subjects)} training subjects: {', '.join(s.name for s in subjects)}")
+    histories = _read_history(workdir)
+    inference = config.inference
+    min_th = config.candidates.min_th
+
+    if checkpoints.stage_done(workdir, 1):
+        log("stage 1: already trained, skipping")
+        stage1 = _load_stage(workdir, config, 1)
+    else:
+        centres, labels = [], []
+        for i, subject in enumerate(subjects):
+            candidates = cascade.candidate_mask(subject.flair, min_th)
+            c, l = patches_lib.stage1_centres(subject.lesion, candidates, np.random.default_rng([config.seed, 1, i]))
+            centres.append(c)
+            labels.append(l)
+        stage1 = _fit(1, subjects, centres, labels, config, workdir, log, progress, histories)
+
+    if checkpoints.stage_done(workdir, 2):
+        log("stage 2: already trained, skipping")
+    else:
+        centres, labels = [], []
+        for i, subject in enumerate(subjects):
+            candidates = cascade.candidate_mask(subject.flair, min_th)
+            probability = cascade.classify_voxels(stage1, subject.volume, candidates, batch_size=inference.batch_size)
+            hard = patches_lib.hard_negative_mask(
+                subject.lesion, probability, subject.flair,
+                probability_threshold=config.sampling.hard_negative_probability,
+                fallback_flair=config.sampling.hard_negative_fallback_flair,
+            )
+            c, l = patches_lib.stage2_centres(subject.lesion, hard, np.random.default_rng([config.seed, 2, i]))
+            centres.append(c)
+            labels.append(l)
+        _fit(2, subjects, centres, labels, config, workdir, log, progress, histories)
+    return {"workdir": str(workdir), "subjects": [s.name for s in subjects], "epochs": {
+        stage: len(h) for stage, h in histories.items()}}
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+@dataclasses.dataclass
+class Cascade:
+    config: object
+    stage1: cascade.Stage
+    stage2: cascade.Stage
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.config.data.modalities)
+
+
+def read_model_config(model_dir) -> object:
+    model_dir = Path(model_dir)
+    path = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise UserError(f"{model_dir}: model directory not found")
+    if not path.exists():
+        raise UserError(f"{model_dir}: not a jaxcascade model directory (no config.json); pass a train --workdir")
+    try:
+        record = json.loads(path.read_text())
+        stamp = record.pop("jaxcascade")
+    except (json.JSONDecodeError, KeyError, AttributeError):
+        raise UserError(f"{path}: not a jaxcascade model config (unreadable or no 'jaxcascade' stamp)") from None
+    if stamp.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"{path}: written by jaxcascade {stamp.get('version', '?')} in model format "
+            f"{stamp.get('format_version')}, this jaxcascade {__version__} reads format {FORMAT_VERSION}"
+        )
+    return config_lib.from_dict(record)
+
+
+def _load_stage(model_dir, config, stage: int) -> cascade.Stage:
+    model = models.build_network(config.model, len(config.data.modalities), 0)
+    graphdef, template = split_model(model)
+    variables = checkpoints.load_weights(model_dir, stage, template)
+    return cascade.Stage(graphdef, variables, config.model.patch_size)
+
+
+def load_cascade(model_dir) -> Cascade:
+    config = read_model_config(model_dir)
+    for stage in (1, 2):
+        if not checkpoints.stage_done(model_dir, stage):
+            raise UserError(f"{model_dir}: stage {stage} is not trained yet; finish `jaxcascade train` first")
+    return Cascade(config, _load_stage(model_dir, config, 1), _load_stage(model_dir, config, 2))
+
+
+def segment_images(model: Cascade, images: list[io.Image], *, threshold=None, min_lesion_size=None, progress=None):
+    """Segment one subject given its images in the model's channel order."""
+    config = model.config
+    volume = cascade.normalise_channels([image.data for image in images], config.normalisation)
+    inference = config.inference
+    return cascade.segment_volume(
+        model.stage1, model.stage2, volume, flair_channel(config),
+        min_th=config.candidates.min_th,
+        stage2_min_probability=inference.stage2_min_probability,
+        threshold=inference.threshold if threshold is None else threshold,
+        min_lesion_voxels=inference.min_lesion_voxels if min_lesion_size is None else min_lesion_size,
+        connectivity=inference.connectivity,
+        min_volume_ml=inference.min_volume_ml,
+        voxel_volume_ml=images[0].voxel_volume_ml,
+        batch_size=inference.batch_size,
+        progress=progress,
+    )
+
+
+def segment_files(model_dir, inputs: dict, out, *, probabilities_dir=None, threshold=None, min_lesion_size=None,
+                  overwrite=False, progress=None) -> cascade.Segmentation:
+    """Segment NIfTI files and write the mask (and probability maps), all checks first."""
+    model = load_cascade(model_dir)
+    out = io.check_output_path(out, overwrite=overwrite)
+    probability_paths = []
+    if probabilities_dir is not None:
+        probabilities_dir = Path(probabilities_dir)
+        io.check_output_path(probabilities_dir, is_dir=True)
+        probability_paths = [probabilities_dir / "stage1.nii.gz", probabilities_dir / "stage2.nii.gz"]
+        for path in probability_paths:
+            if path.exists() and not overwrite:
+                raise UserError(f"{path}: already exists; pass --overwrite to replace it")
+    images = io.load_sequences(inputs, model.modalities)
+    result = segment_images(model, images, threshold=threshold, min_lesion_size=min_lesion_size, progress=progress)
+    reference = images[model.modalities.index(model.config.data.flair)].nifti
+    if probability_paths:
+        probabilities_dir.mkdir(exist_ok=True)
+        io.save_like(result.stage1_probability, reference, probability_paths[0], dtype=np.float32)
+        io.save_like(result.stage2_probability, reference, probability_paths[1], dtype=np.float32)
+    io.save_like(result.mask, reference, out, dtype=np.uint8)
+    return result
+

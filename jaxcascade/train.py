@@ -1,0 +1,146 @@
+"""Training state and the pure, jitted step functions.
+
+Everything here is a function of arrays: `train_step(state, batch, rng)`,
+`eval_step(state, batch)`, `predict_step(variables, patches)`. The NNX module
+is split once into a static graph definition and pure-dict variables, so the
+state is a plain pytree that jit, orbax and sharding all understand.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+AUGMENTATIONS = ("none", "seed", "flips3d", "rot90")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    batch_stats: dict
+    opt_state: Any
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+    """Adadelta with the seed's (Lasagne's) settings."""
+    return optax.adadelta(learning_rate=train_config.learning_rate, rho=train_config.rho, eps=train_config.epsilon)
+
+
+def split_model(model: nnx.Module):
+    """(graphdef, variables) with variables = {'params': ..., 'batch_stats': ...} as pure dicts."""
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return graphdef, {"params": params.to_pure_dict(), "batch_stats": batch_stats.to_pure_dict()}
+
+
+def create_train_state(variables: dict, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+    )
+
+
+def augment(patches: jax.Array, rng: jax.Array, kind: str) -> jax.Array:
+    """Random flips/rotations of (B, p, p, p, C) patches; labels are unchanged by design."""
+    if kind == "none":
+        return patches
+    if kind == "seed":
+        # The seed flips a random half of each batch with one of three flips of
+        # the last two spatial axes (height, width, or both).
+        choose_rng, half_rng = jax.random.split(rng)
+        flips = [
+            lambda p: jnp.flip(p, axis=2),
+            lambda p: jnp.flip(p, axis=3),
+            lambda p: jnp.flip(p, axis=(2, 3)),
+        ]
+        flipped = jax.lax.switch(jax.random.randint(choose_rng, (), 0, 3), flips, patches)
+        selected = jax.random.permutation(half_rng, patches.shape[0]) < patches.shape[0] // 2
+        return jnp.where(selected[:, None, None, None, None], flipped, patches)
+    if kind in ("flips3d", "rot90"):
+        perm_rng, flip_rng = jax.random.split(rng)
+        if kind == "rot90":
+            # Axis permutations and flips together give every 90-degree rotation
+            # (and reflection) of the cube, per sample.
+            orders = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
+            choice = jax.random.randint(perm_rng, (patches.shape[0],), 0, len(orders))
+            permuted = [jnp.transpose(patches, (0, *(a + 1 for a in order), 4)) for order in orders]
+            patches = jnp.select([choice[:, None, None, None, None] == i for i in range(len(orders))], permuted)
+        flip = jax.random.bernoulli(flip_rng, 0.5, (3, patches.shape[0]))
+        for axis in range(3):
+            patches = jnp.where(flip[axis][:, None, None, None, None], jnp.flip(patches, axis=axis + 1), patches)
+        return patches
+    raise ValueError(f"unknown augmentation {kind!r}; use one of {AUGMENTATIONS}")
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, augmentation: str):
+    """A jitted `train_step(state, batch, rng) -> (state, measurements)`.
+
+    batch = {'patches': (B, p, p, p, C) float32, 'labels': (B,) int32}. The rng
+    is the step's own key (the loop derives it with fold_in), split here into
+    augmentation and dropout keys.
+    """
+
+    def train_step(state: TrainState, batch: dict, rng: jax.Array):
+        augment_rng, dropout_rng = jax.random.split(rng)
+        patches = augment(batch["patches"], augment_rng, augmentation)
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, state.batch_stats)
+            logits = model(patches, train=True, rngs=nnx.Rngs(dropout=dropout_rng))
+            batch_stats = nnx.state(model, nnx.BatchStat).to_pure_dict()
+            return cross_entropy(logits, batch["labels"]).mean(), (logits, batch_stats)
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        measurements = {
+            "loss": loss,
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["labels"]),
+            "grad_norm": optax.global_norm(grads),
+            "update_norm": optax.global_norm(updates),
+        }
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+        return new_state, measurements
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(graphdef):
+    """A jitted `eval_step(variables, batch) -> sums` with batch['weights'] masking padded rows.
+
+    Returns sums (loss, correct, count) so a dataset's metrics are summed over
+    batches and divided once.
+    """
+
+    def eval_step(variables: dict, batch: dict):
+        model = nnx.merge(graphdef, variables["params"], variables["batch_stats"])
+        logits = model(batch["patches"], train=False)
+        weights = batch["weights"]
+        return {
+            "loss": jnp.sum(cross_entropy(logits, batch["labels"]) * weights),
+            "correct": jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * weights),
+            "count": jnp.sum(weights),
+        }
+
+    return jax.jit(eval_step)
+
+
+def lesion_probability(graphdef, variables: dict, patches: jax.Array) -> jax.Array:
+    """(B,) lesion probability of (B, p, p, p, C) patches, in inference mode."""
+    model = nnx.merge(graphdef, variables["params"], variables["batch_stats"])
+    return jax.nn.softmax(model(patches, train=False), axis=-1)[:, 1]
