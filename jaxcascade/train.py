@@ -111,8 +111,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, augmentation: st
         measurements = {
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["labels"]),
-            "grad_norm": optax.global_norm(grads),
-            "update_norm": optax.global_norm(updates),
+            "grad_norm": optax.tree.norm(grads),
+            "update_norm": optax.tree.norm(updates),
         }
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
         return new_state, measurements

@@ -1,0 +1,42 @@
+"""Shared fixtures: one tiny phantom cohort and one trained model for the whole session.
+
+XLA compilation dominates test time on CPU, so the trained model is built once
+(through the real CLI) and every test that needs a model reuses it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from jaxcascade import cli, phantom
+
+TRAIN_SUBJECTS = 4
+QUICK_OVERRIDES = ["--config.train.max_epochs=4", "--config.train.patience=4"]
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory):
+    """tiny phantom: sub-01..sub-04 for training (train/), sub-05 held out (held_out/)."""
+    root = tmp_path_factory.mktemp("cohort")
+    phantom.write_cohort(root / "all", TRAIN_SUBJECTS + 1, seed=7, size="tiny")
+    (root / "train").mkdir()
+    for i in range(TRAIN_SUBJECTS):
+        name = phantom.subject_name(i)
+        (root / "all" / name).rename(root / "train" / name)
+    (root / "all" / phantom.subject_name(TRAIN_SUBJECTS)).rename(root / "held_out")
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_model(cohort, tmp_path_factory):
+    """A model directory trained on the tiny cohort through `jaxcascade train`."""
+    workdir = tmp_path_factory.mktemp("model") / "wd"
+    status = cli.main(["train", "--data", str(cohort / "train"), "--workdir", str(workdir),
+                       "--config", "demo", *QUICK_OVERRIDES])
+    assert status == 0
+    return workdir
+
+
+def held_out_inputs(cohort) -> list[str]:
+    return ["--input", f"T1={cohort / 'held_out' / 'T1.nii.gz'}",
+            "--input", f"FLAIR={cohort / 'held_out' / 'FLAIR.nii.gz'}"]

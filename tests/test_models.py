@@ -1,0 +1,60 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcascade import convs, models
+from jaxcascade.configs import default
+
+
+def _config(network):
+    config = default.get_config().model
+    config.network = network
+    return config
+
+
+def test_parameter_counts_of_both_networks():
+    # conv1 27*2*32+32, bn1 2*32, conv2 27*32*64+64, bn2 2*64, then the dense layers:
+    # SAME keeps 11 -> pool 5 -> pool 2, flatten 2^3*64 = 512; VALID 11 -> 9 -> 4 -> 2 -> 1, flatten 64.
+    shared = (27 * 2 * 32 + 32) + 64 + (27 * 32 * 64 + 64) + 128 + (256 * 2 + 2)
+    same = models.build_network(_config("valverde2017"), 2, 0)
+    valid = models.build_network(_config("valverde2017_valid"), 2, 0)
+    assert models.count_parameters(same) == shared + 512 * 256 + 256 == 189154
+    assert models.count_parameters(valid) == shared + 64 * 256 + 256 == 74466
+
+
+@pytest.mark.parametrize("network", ["valverde2017", "valverde2017_valid"])
+def test_networks_map_patches_to_two_logits(network):
+    model = models.build_network(_config(network), 3, 0)
+    logits = model(jnp.ones((4, 11, 11, 11, 3)))
+    assert logits.shape == (4, 2) and bool(jnp.isfinite(logits).all())
+
+
+def test_valid_network_ignores_the_last_plane_but_not_the_centre():
+    """Receptive field -5..+4: what the dense kernel will rely on."""
+    model = models.build_network(_config("valverde2017_valid"), 1, 0)
+    x = jax.random.normal(jax.random.key(0), (1, 11, 11, 11, 1))
+    base = model(x)
+    assert np.allclose(model(x.at[:, 10].set(7.0)), base)  # last depth plane unseen
+    assert not np.allclose(model(x.at[:, 5, 5, 5].set(7.0)), base)
+    assert not np.allclose(model(x.at[:, 0, 0, 0].set(7.0)), base)
+
+
+def test_initial_weights_depend_only_on_the_seed():
+    a = models.build_network(_config("valverde2017_valid"), 2, 5)
+    b = models.build_network(_config("valverde2017_valid"), 2, 5)
+    c = models.build_network(_config("valverde2017_valid"), 2, 6)
+    assert np.array_equal(a.conv1.kernel[...], b.conv1.kernel[...])
+    assert not np.array_equal(a.conv1.kernel[...], c.conv1.kernel[...])
+
+
+@pytest.mark.parametrize("padding", ["VALID", "SAME"])
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_slices_convolution_equals_lax(padding, dilation):
+    x = jax.random.normal(jax.random.key(0), (2, 10, 9, 11, 3))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 3, 8))
+    ref = convs.conv3d(x, kernel, padding=padding, dilation=dilation, implementation="lax")
+    got = convs.conv3d(x, kernel, padding=padding, dilation=dilation, implementation="slices")
+    assert got.shape == ref.shape
+    # float32 sums of 81 products of unit normals: reassociation error ~1e-5.
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4, rtol=1e-5)

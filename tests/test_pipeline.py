@@ -1,0 +1,108 @@
+"""End to end through the CLI on the tiny phantom: train, resume, segment, evaluate."""
+
+import json
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+
+from jaxcascade import checkpoints, cli, config as config_lib, metrics, pipeline
+from conftest import QUICK_OVERRIDES, held_out_inputs
+
+
+def test_trained_workdir_has_everything(trained_model):
+    config = json.loads((trained_model / "config.json").read_text())
+    assert config["data"]["modalities"] == ["T1", "FLAIR"]
+    assert config["jaxcascade"]["format_version"] == pipeline.FORMAT_VERSION
+    records = [json.loads(line) for line in (trained_model / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in records} == {1, 2}
+    assert all(np.isfinite(r["val_loss"]) for r in records)
+    assert (trained_model / "training_curves.png").stat().st_size > 1000
+    assert checkpoints.stage_done(trained_model, 1) and checkpoints.stage_done(trained_model, 2)
+
+
+def test_segment_held_out_beats_trivial_baseline(trained_model, cohort, tmp_path, capsys):
+    out = tmp_path / "seg.nii.gz"
+    status = cli.main(["segment", "--model", str(trained_model), *held_out_inputs(cohort),
+                       "--out", str(out), "--probabilities", str(tmp_path / "probs")])
+    assert status == 0
+    prediction = nib.load(out)
+    truth = nib.load(cohort / "held_out" / "lesion.nii.gz")
+    np.testing.assert_array_equal(prediction.affine, truth.affine)
+    assert prediction.get_data_dtype() == np.uint8
+    scores = metrics.segmentation_metrics(np.asarray(prediction.dataobj), np.asarray(truth.dataobj))
+    # The trivial baseline (every candidate a lesion, or nothing) scores far lower.
+    assert scores["dsc"] > 0.5, scores
+    stage1 = np.asarray(nib.load(tmp_path / "probs" / "stage1.nii.gz").dataobj)
+    stage2 = np.asarray(nib.load(tmp_path / "probs" / "stage2.nii.gz").dataobj)
+    assert stage1.dtype == np.float32 and stage1.max() <= 1 and stage1.min() >= 0
+    # Stage 2 runs only where stage 1 is confident: zero elsewhere.
+    assert not stage2[stage1 <= 0.8].any()
+    assert ((stage2 > 0) <= (stage1 > 0.8)).all()
+
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--pred", str(out), "--truth", str(cohort / "held_out" / "lesion.nii.gz"),
+                     "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["dsc"] == pytest.approx(scores["dsc"])
+
+
+def test_thresholds_from_the_command_line(trained_model, cohort, tmp_path):
+    strict, loose = tmp_path / "strict.nii.gz", tmp_path / "loose.nii.gz"
+    assert cli.main(["segment", "--model", str(trained_model), *held_out_inputs(cohort), "--out", str(strict),
+                     "--threshold", "0.99", "--min-lesion-size", "40"]) == 0
+    assert cli.main(["segment", "--model", str(trained_model), *held_out_inputs(cohort), "--out", str(loose),
+                     "--threshold", "0.5", "--min-lesion-size", "0"]) == 0
+    assert np.asarray(nib.load(strict).dataobj).sum() < np.asarray(nib.load(loose).dataobj).sum()
+
+
+def test_rerun_skips_finished_stages(trained_model, cohort, capsys):
+    before = {p: p.stat().st_mtime_ns for p in (trained_model / "weights").rglob("*") if p.is_file()}
+    status = cli.main(["train", "--data", str(cohort / "train"), "--workdir", str(trained_model),
+                       "--config", "demo", *QUICK_OVERRIDES])
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "stage 1: already trained" in out and "stage 2: already trained" in out
+    after = {p: p.stat().st_mtime_ns for p in (trained_model / "weights").rglob("*") if p.is_file()}
+    assert before == after
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_interrupted_training_resumes_to_identical_weights(cohort, tmp_path):
+    config = config_lib.apply_overrides(config_lib.load_config("demo"),
+                                        ["--config.train.max_epochs=2", "--config.train.patience=2"])
+    data = cohort / "train"
+    pipeline.train_cascade(data, tmp_path / "straight", config, log=lambda m: None)
+
+    def kill_after_stage1_epoch1(message):
+        if message.startswith("stage 1 epoch   1"):
+            raise _Killed
+
+    def kill_after_stage2_epoch1(message):
+        if message.startswith("stage 2 epoch   1"):
+            raise _Killed
+
+    resumed = tmp_path / "resumed"
+    for kill in (kill_after_stage1_epoch1, kill_after_stage2_epoch1):
+        with pytest.raises(_Killed):
+            pipeline.train_cascade(data, resumed, config, log=kill)
+    messages = []
+    pipeline.train_cascade(data, resumed, config, log=messages.append)
+    assert any("stage 2: resuming after epoch 1" in m for m in messages)
+    for stage in (1, 2):
+        template = pipeline._load_stage(tmp_path / "straight", config, stage).variables
+        a = checkpoints.load_weights(tmp_path / "straight", stage, template)
+        b = checkpoints.load_weights(resumed, stage, template)
+        assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_workdir_with_another_config_is_refused(trained_model, cohort, capsys):
+    status = cli.main(["train", "--data", str(cohort / "train"), "--workdir", str(trained_model),
+                       "--config", "demo", "--config.train.max_epochs=9"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "train.max_epochs" in err and len(err.strip().splitlines()) == 1
