@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 from jaxcascade.errors import UserError
@@ -17,6 +16,11 @@ EXIT_USER_ERROR = 2
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # '--config.train.x=1' must never be taken for an abbreviation of '--config'.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line, not usage + message
         raise UserError(f"{self.prog}: {message} (see --help)")
 
@@ -29,10 +33,6 @@ def _progress(iterable, description=""):
 
 def _log(message: str) -> None:
     print(message, flush=True)
-
-
-def _json_safe(metrics: dict) -> dict:
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
 
 
 def cmd_phantom(args, _overrides) -> None:
@@ -74,7 +74,7 @@ def cmd_evaluate(args, _overrides) -> None:
     truth = io.load_lesion_mask(args.truth, truth_image)
     values = metrics.segmentation_metrics(prediction, truth, truth_image.voxel_volume_ml)
     if args.json:
-        print(json.dumps(_json_safe(values), indent=2))
+        print(json.dumps(io.json_safe(values), indent=2))
     else:
         print(metrics.format_metrics(values))
 

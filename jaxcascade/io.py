@@ -63,8 +63,12 @@ def load_image(path: str | os.PathLike, *, allow_all_zero: bool = False) -> Imag
     finite = np.isfinite(data)
     if not finite.all():
         raise UserError(f"{path}: {int((~finite).sum())} voxels are NaN or Inf; fix or mask them before use")
-    if not allow_all_zero and not data.any():
-        raise UserError(f"{path}: image is all zero")
+    if not allow_all_zero:
+        if not data.any():
+            raise UserError(f"{path}: image is all zero")
+        nonzero = data[data != 0]
+        if nonzero.min() == nonzero.max():
+            raise UserError(f"{path}: image is constant ({nonzero[0]:g} wherever nonzero); it cannot be normalised")
     return Image(path=path, data=data, nifti=nifti)
 
 
@@ -206,9 +210,21 @@ def save_like(data: np.ndarray, reference: nib.Nifti1Image, path: str | os.PathL
         nib.save(image, str(tmp))
 
 
+def json_safe(obj):
+    """NaN (an undefined metric) becomes null: strict JSON has no NaN."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(obj, path: str | os.PathLike) -> None:
+    text = json.dumps(json_safe(obj), indent=2, default=_json_default, allow_nan=False)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+        tmp.write_text(text + "\n")
 
 
 def write_text(text: str, path: str | os.PathLike) -> None:

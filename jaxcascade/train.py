@@ -39,7 +39,7 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
 def split_model(model: nnx.Module):
     """(graphdef, variables) with variables = {'params': ..., 'batch_stats': ...} as pure dicts."""
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    return graphdef, {"params": params.to_pure_dict(), "batch_stats": batch_stats.to_pure_dict()}
+    return graphdef, {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(batch_stats)}
 
 
 def create_train_state(variables: dict, tx: optax.GradientTransformation) -> TrainState:
@@ -102,7 +102,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, augmentation: st
         def loss_fn(params):
             model = nnx.merge(graphdef, params, state.batch_stats)
             logits = model(patches, train=True, rngs=nnx.Rngs(dropout=dropout_rng))
-            batch_stats = nnx.state(model, nnx.BatchStat).to_pure_dict()
+            batch_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
             return cross_entropy(logits, batch["labels"]).mean(), (logits, batch_stats)
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -1,0 +1,109 @@
+"""NIfTI round trips: the output lies on the input's grid with the input's header."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from jaxcascade import cli, io
+from jaxcascade.errors import UserError
+
+
+def _orientations():
+    ras = np.diag([2.0, 2.0, 2.0, 1.0])
+    ras[:3, 3] = [-40, -48, -40]
+    lps = np.diag([-2.0, -2.0, 2.0, 1.0])
+    lps[:3, 3] = [40, 48, -40]
+    permuted = np.array([[0, 0, 2.0, -40], [2.0, 0, 0, -48], [0, 2.0, 0, -40], [0, 0, 0, 1]])
+    oblique = ras.copy()
+    c, s = np.cos(0.2), np.sin(0.2)
+    oblique[:3, :3] = ras[:3, :3] @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    return {"RAS": ras, "LPS": lps, "permuted": permuted, "oblique": oblique}
+
+
+@pytest.mark.parametrize("orientation", list(_orientations()))
+@pytest.mark.parametrize("codes", [(1, 1), (1, 0), (0, 2)])
+def test_save_like_round_trips_affine_and_header(tmp_path, orientation, codes):
+    affine = _orientations()[orientation]
+    qform_code, sform_code = codes
+    image = nib.Nifti1Image(np.random.default_rng(0).random((6, 7, 5)).astype(np.float32), None)
+    image.set_qform(affine, code=qform_code)
+    image.set_sform(affine if sform_code else np.eye(4), code=sform_code)
+    image.header["descrip"] = b"scanner X"
+    image.header.set_xyzt_units("mm", "sec")
+    source = tmp_path / "in.nii.gz"
+    nib.save(image, source)
+
+    loaded = io.load_image(source)
+    mask = loaded.data > 0.5
+    out = tmp_path / "out.nii.gz"
+    io.save_like(mask, loaded.nifti, out)
+    written = nib.load(out)
+    np.testing.assert_allclose(written.affine, nib.load(source).affine, atol=1e-6)
+    assert int(written.header["qform_code"]) == qform_code
+    assert int(written.header["sform_code"]) == sform_code
+    np.testing.assert_allclose(written.header.get_qform(), nib.load(source).header.get_qform(), atol=1e-6)
+    assert written.header["descrip"] == image.header["descrip"]
+    assert written.header.get_xyzt_units() == ("mm", "sec")
+    assert written.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(written.dataobj), mask.astype(np.uint8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nii.gz", "out.nii.gz"]
+
+
+def test_scaled_input_does_not_rescale_the_output(tmp_path):
+    image = nib.Nifti1Image(np.arange(60, dtype=np.int16).reshape(3, 4, 5), np.eye(4))
+    image.header.set_slope_inter(2.0, 10.0)
+    nib.save(image, tmp_path / "in.nii.gz")
+    loaded = io.load_image(tmp_path / "in.nii.gz")
+    assert loaded.data.max() == 59 * 2 + 10
+    io.save_like(np.ones((3, 4, 5)), loaded.nifti, tmp_path / "out.nii.gz")
+    assert np.asarray(nib.load(tmp_path / "out.nii.gz").dataobj).max() == 1
+
+
+def test_segmentation_keeps_an_lps_input_grid(trained_model, cohort, tmp_path):
+    """A non-canonical input is segmented in its own grid and written back on it."""
+    lps = {}
+    for name in ("T1", "FLAIR"):
+        source = nib.load(cohort / "held_out" / f"{name}.nii.gz")
+        flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+        flip[:2, 3] = [source.shape[0] - 1, source.shape[1] - 1]
+        data = np.asarray(source.dataobj)[::-1, ::-1]
+        image = nib.Nifti1Image(data, source.affine @ flip)  # same anatomy, LPS voxel order
+        nib.save(image, tmp_path / f"{name}.nii.gz")
+        lps[name] = image
+    out = tmp_path / "seg.nii.gz"
+    assert cli.main(["segment", "--model", str(trained_model), "--input", f"T1={tmp_path / 'T1.nii.gz'}",
+                     "--input", f"FLAIR={tmp_path / 'FLAIR.nii.gz'}", "--out", str(out)]) == 0
+    written = nib.load(out)
+    np.testing.assert_allclose(written.affine, nib.load(tmp_path / "FLAIR.nii.gz").affine)
+    assert nib.aff2axcodes(written.affine) == ("L", "P", "S")
+    truth = np.asarray(nib.load(cohort / "held_out" / "lesion.nii.gz").dataobj)[::-1, ::-1]
+    overlap = (np.asarray(written.dataobj) > 0) & (truth > 0)
+    assert overlap.sum() > 0.5 * truth.sum()
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "result.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_qform_sform_disagreement_is_refused(tmp_path):
+    image = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4))
+    shifted = np.eye(4)
+    shifted[0, 3] = 5.0
+    image.set_qform(np.eye(4), code=1)
+    image.set_sform(shifted, code=1)
+    nib.save(image, tmp_path / "x.nii.gz")
+    with pytest.raises(UserError, match="qform and sform disagree"):
+        io.load_image(tmp_path / "x.nii.gz")
+
+
+def test_constant_image_is_refused(tmp_path):
+    nib.save(nib.Nifti1Image(np.full((4, 4, 4), 3.0, np.float32), np.eye(4)), tmp_path / "c.nii.gz")
+    with pytest.raises(UserError, match="constant"):
+        io.load_image(tmp_path / "c.nii.gz")
