@@ -58,13 +58,17 @@ def candidate_mask(flair_normalised: np.ndarray, min_th: float) -> np.ndarray:
     return flair_normalised > min_th
 
 
+INFERENCE_METHODS = ("auto", "dense", "patch")
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """One trained patch classifier."""
+    """One trained patch classifier; dense_halo is None where it has no exact dense form."""
 
     graphdef: object
     variables: dict
     patch_size: int
+    dense_halo: int | None = None
 
     @functools.cached_property
     def predict_at(self) -> Callable:
@@ -121,6 +125,66 @@ def classify_voxels(
     return probability
 
 
+@dataclasses.dataclass(frozen=True)
+class InferenceOptions:
+    """How to run the cascade (defaults: the seed's thresholds)."""
+
+    min_th: float = 0.5
+    stage2_min_probability: float = 0.8
+    threshold: float = 0.8
+    min_lesion_voxels: int = 20
+    connectivity: int = 6
+    min_volume_ml: float = 0.0
+    method: str = "auto"  # 'dense' where exact, else 'patch'
+    batch_size: int = 2048  # patches per call on the patch path
+    tile_size: int = 32  # output block edge on the dense path
+    tiles_per_batch: int = 4
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> "InferenceOptions":
+        inference = config.inference
+        values = dict(
+            min_th=config.candidates.min_th,
+            stage2_min_probability=inference.stage2_min_probability,
+            threshold=inference.threshold,
+            min_lesion_voxels=inference.min_lesion_voxels,
+            connectivity=inference.connectivity,
+            min_volume_ml=inference.min_volume_ml,
+            method=inference.method,
+            batch_size=inference.batch_size,
+            tile_size=inference.tile_size,
+            tiles_per_batch=inference.tiles_per_batch,
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def resolve_method(stage: Stage, method: str) -> str:
+    if method not in INFERENCE_METHODS:
+        raise UserError(f"--inference {method}: unknown method; use one of {', '.join(INFERENCE_METHODS)}")
+    if method == "auto":
+        return "dense" if stage.dense_halo is not None else "patch"
+    if method == "dense" and stage.dense_halo is None:
+        raise UserError(
+            "--inference dense: this network has no exact dense form (SAME padding inside the patch or "
+            "per-position parameters); use --inference patch or auto"
+        )
+    return method
+
+
+def classify(stage: Stage, volume: np.ndarray, mask: np.ndarray, options: InferenceOptions,
+             progress: Callable | None = None) -> np.ndarray:
+    """Lesion probability on mask (0 elsewhere) by the dense kernel or patch by patch."""
+    if resolve_method(stage, options.method) == "dense":
+        from jaxcascade import dense
+
+        return dense.classify_voxels_dense(
+            stage.graphdef, stage.variables, volume, mask, halo=stage.dense_halo, patch_size=stage.patch_size,
+            tile_size=options.tile_size, tiles_per_batch=options.tiles_per_batch, progress=progress,
+        )
+    return classify_voxels(stage, volume, mask, batch_size=options.batch_size, progress=progress)
+
+
 @dataclasses.dataclass
 class Segmentation:
     stage1_probability: np.ndarray
@@ -135,15 +199,9 @@ def segment_volume(
     stage2: Stage,
     volume: np.ndarray,
     flair_channel: int,
+    options: InferenceOptions,
     *,
-    min_th: float,
-    stage2_min_probability: float,
-    threshold: float,
-    min_lesion_voxels: int,
-    connectivity: int = 6,
-    min_volume_ml: float = 0.0,
     voxel_volume_ml: float = 1e-3,
-    batch_size: int = 2048,
     progress: Callable | None = None,
 ) -> Segmentation:
     """Run the cascade on one normalised (D, H, W, C) volume.
@@ -153,20 +211,20 @@ def segment_volume(
     with connected components of at most min_lesion_voxels removed (and emptied
     entirely below min_volume_ml, nicMSlesions' rule; 0 disables it).
     """
-    candidates = candidate_mask(volume[..., flair_channel], min_th)
+    candidates = candidate_mask(volume[..., flair_channel], options.min_th)
     if not candidates.any():
         raise UserError(
-            f"no candidate voxels: normalised FLAIR is nowhere above min_th={min_th}; "
+            f"no candidate voxels: normalised FLAIR is nowhere above min_th={options.min_th}; "
             "check that the FLAIR image is the right one or lower --config.candidates.min_th"
         )
     wrap = (lambda it: progress(it, "stage 1")) if progress else None
-    stage1_probability = classify_voxels(stage1, volume, candidates, batch_size=batch_size, progress=wrap)
-    stage2_candidates = stage1_probability > stage2_min_probability
+    stage1_probability = classify(stage1, volume, candidates, options, wrap)
+    stage2_candidates = stage1_probability > options.stage2_min_probability
     wrap = (lambda it: progress(it, "stage 2")) if progress else None
-    stage2_probability = classify_voxels(stage2, volume, stage2_candidates, batch_size=batch_size, progress=wrap)
-    mask = postprocess.binarise(stage2_probability, threshold)
-    mask = postprocess.remove_small_lesions(mask, min_lesion_voxels, connectivity)
-    mask = postprocess.apply_min_volume(mask, min_volume_ml, voxel_volume_ml)
+    stage2_probability = classify(stage2, volume, stage2_candidates, options, wrap)
+    mask = postprocess.binarise(stage2_probability, options.threshold)
+    mask = postprocess.remove_small_lesions(mask, options.min_lesion_voxels, options.connectivity)
+    mask = postprocess.apply_min_volume(mask, options.min_volume_ml, voxel_volume_ml)
     return Segmentation(
         stage1_probability=stage1_probability,
         stage2_probability=stage2_probability,

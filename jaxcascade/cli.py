@@ -60,7 +60,7 @@ def cmd_segment(args, _overrides) -> None:
     inputs = io.parse_inputs(args.input)
     result = pipeline.segment_files(
         args.model, inputs, args.out, probabilities_dir=args.probabilities, threshold=args.threshold,
-        min_lesion_size=args.min_lesion_size, overwrite=args.overwrite, progress=_progress,
+        min_lesion_size=args.min_lesion_size, method=args.inference, overwrite=args.overwrite, progress=_progress,
     )
     _log(f"{args.out}: {int(result.mask.sum())} lesion voxels "
          f"({result.candidate_count} candidates, {result.stage2_candidate_count} to stage 2)")
@@ -77,6 +77,14 @@ def cmd_evaluate(args, _overrides) -> None:
         print(json.dumps(io.json_safe(values), indent=2))
     else:
         print(metrics.format_metrics(values))
+
+
+def cmd_import_keras(args, _overrides) -> None:
+    from jaxcascade import interop
+
+    modalities = tuple(name.strip() for name in args.modalities.split(",") if name.strip())
+    provenance = interop.import_keras(args.model1, args.model2, modalities, args.out)
+    _log(f"wrote model {args.out} (network nicms, channels {','.join(modalities)}) from {provenance['source']}")
 
 
 def cmd_demo(args, _overrides) -> None:
@@ -109,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probabilities", metavar="DIR", help="also write stage1/stage2 probability maps here")
     p.add_argument("--threshold", type=float, help="t_bin on CNN2's probability (model's config by default)")
     p.add_argument("--min-lesion-size", type=int, help="keep components with more voxels than this")
+    p.add_argument("--inference", choices=("auto", "dense", "patch"),
+                   help="dense whole-volume kernel (exact; default where the network allows) or patch-wise")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(run=cmd_segment)
 
@@ -117,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", required=True)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=cmd_evaluate)
+
+    p = commands.add_parser("import-keras", help="import nicMSlesions' Keras model_1/model_2.hdf5 as a model")
+    p.add_argument("--model1", required=True, help="CNN1's Keras HDF5 file (model_1.hdf5)")
+    p.add_argument("--model2", required=True, help="CNN2's Keras HDF5 file (model_2.hdf5)")
+    p.add_argument("--modalities", required=True, metavar="T1,FLAIR",
+                   help="input channel names in the networks' order (nicMSlesions baseline_2ch: T1,FLAIR)")
+    p.add_argument("--out", required=True, help="new model directory for `segment --model`")
+    p.set_defaults(run=cmd_import_keras)
 
     p = commands.add_parser("demo", help="phantom cohort -> train -> segment a held-out subject -> metrics")
     p.add_argument("--workdir", default="jaxcascade-demo")

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcascade import convs
+from jaxcascade import nicms  # circular but safe: nicms uses models.* only at call time
 
 # Lasagne's defaults, which the seed code used: GlorotUniform weights, and
 # batch_norm(alpha=0.1, epsilon=1e-4), i.e. running averages with momentum 0.9.
@@ -45,6 +46,14 @@ class Conv3D(nnx.Module):
 
 def _max_pool(x):
     return nnx.max_pool(x, window_shape=(2, 2, 2), strides=(2, 2, 2), padding="VALID")
+
+
+def _dense_max_pool(x, dilation: int):
+    """A 2^3 max-pool evaluated at every position (stride 1), taps `dilation` apart."""
+    return jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, 2, 2, 2, 1), (1, 1, 1, 1, 1), "VALID",
+        window_dilation=(1, dilation, dilation, dilation, 1),
+    )
 
 
 class Valverde2017(nnx.Module):
@@ -72,6 +81,9 @@ class Valverde2017(nnx.Module):
         flat_size = _flat_size(patch_size, padding) * 64
         self.dense1 = nnx.Linear(flat_size, 256, kernel_init=_glorot, rngs=rngs)
         self.out = nnx.Linear(256, 2, kernel_init=_glorot, rngs=rngs)
+        self.padding = padding
+        self.patch_size = patch_size
+        self.pooled_size = _pooled_size(patch_size, padding)
 
     def __call__(self, patches, *, train: bool = False, rngs: nnx.Rngs | None = None):
         """(batch, p, p, p, channels) patches -> (batch, 2) logits."""
@@ -84,8 +96,37 @@ class Valverde2017(nnx.Module):
         x = jax.nn.relu(self.dense1(x))
         return self.out(x)
 
+    @property
+    def dense_halo(self) -> int:
+        """Extra input voxels per axis a dense output block needs (receptive field - 1)."""
+        return 2 + 1 + 4 + 2 + 4 * (self.pooled_size - 1)
 
-def _flat_size(patch_size: int, padding: str) -> int:
+    def dense(self, tiles):
+        """Logits at every position of (B, T + halo, T + halo, T + halo, C) tiles -> (B, T, T, T, 2).
+
+        Output [b, i, j, k] is exactly `self(patch)` for the patch whose first
+        voxel is tiles[b, i, j, k] ("a trous" / filter rarefaction): pooling
+        runs with stride 1 and every later layer is dilated by the stride
+        accumulated before it (2 after the first pool, 4 after the second), the
+        dense layers become convolutions. Only VALID padding makes this exact.
+        """
+        if self.padding != "VALID":
+            raise ValueError("dense evaluation is exact only for VALID padding")
+        x = jax.nn.relu(self.bn1(self.conv1(tiles), use_running_average=True))
+        x = _dense_max_pool(x, 1)
+        x = jax.nn.relu(self.bn2(self.conv2(x, dilation=2), use_running_average=True))
+        x = _dense_max_pool(x, 2)
+        size = self.pooled_size
+        # The patch network flattens (size, size, size, 64) in C order: dense1 is
+        # a size^3 convolution whose taps sit 4 voxels apart.
+        kernel = self.dense1.kernel[...].reshape(size, size, size, 64, -1)
+        x = convs.conv3d(x, kernel, padding="VALID", dilation=4, implementation=self.conv1.implementation)
+        x = jax.nn.relu(x + self.dense1.bias[...])
+        return self.out(x)
+
+
+def _pooled_size(patch_size: int, padding: str) -> int:
+    """Spatial size after the second pool (11 -> 2 with SAME, 11 -> 1 with VALID)."""
     size = patch_size
     for _ in range(2):
         if padding == "VALID":
@@ -93,7 +134,11 @@ def _flat_size(patch_size: int, padding: str) -> int:
         size //= 2
     if size < 1:
         raise ValueError(f"patch_size {patch_size} is too small for this network")
-    return size**3
+    return size
+
+
+def _flat_size(patch_size: int, padding: str) -> int:
+    return _pooled_size(patch_size, padding) ** 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +163,12 @@ NETWORKS = {
         lambda channels, cfg, rngs: Valverde2017(channels, padding="VALID", **_kwargs(cfg), rngs=rngs),
         dense_exact=True,
         description="the paper's layers with VALID convolutions (exact dense inference)",
+    ),
+    "nicms": NetworkSpec(
+        "nicms",
+        lambda channels, cfg, rngs: nicms.NicMS(channels, **_kwargs(cfg), rngs=rngs),
+        dense_exact=False,  # per-position PReLU slopes and SAME padding: patch-wise only
+        description="nicMSlesions' Keras network (two conv pairs, PReLU, three dense layers); see interop.py",
     ),
 }
 

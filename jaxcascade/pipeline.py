@@ -98,8 +98,7 @@ def _fit(stage, subjects, centres, labels, config, workdir, log, progress, histo
     histories[stage] = history
     _write_history(workdir, histories)
     checkpoints.save_weights(workdir, stage, best)
-    graphdef, _ = split_model(model)
-    return cascade.Stage(graphdef, best, config.model.patch_size)
+    return _stage(model, best, config)
 
 
 def _write_history(workdir: Path, histories: dict) -> None:
@@ -125,8 +124,8 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress:
     _prepare_workdir(workdir, config)
     log(f"{len(subjects)} training subjects: {', '.join(s.name for s in subjects)}")
     histories = _read_history(workdir)
-    inference = config.inference
-    min_th = config.candidates.min_th
+    options = cascade.InferenceOptions.from_config(config)
+    min_th = options.min_th
 
     if checkpoints.stage_done(workdir, 1):
         log("stage 1: already trained, skipping")
@@ -146,7 +145,7 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress:
         centres, labels = [], []
         for i, subject in enumerate(subjects):
             candidates = cascade.candidate_mask(subject.flair, min_th)
-            probability = cascade.classify_voxels(stage1, subject.volume, candidates, batch_size=inference.batch_size)
+            probability = cascade.classify(stage1, subject.volume, candidates, options)
             hard = patches_lib.hard_negative_mask(
                 subject.lesion, probability, subject.flair,
                 probability_threshold=config.sampling.hard_negative_probability,
@@ -194,11 +193,16 @@ def read_model_config(model_dir) -> object:
     return config_lib.from_dict(record)
 
 
+def _stage(model, variables, config) -> cascade.Stage:
+    graphdef, _ = split_model(model)
+    exact = models.NETWORKS[config.model.network].dense_exact
+    return cascade.Stage(graphdef, variables, config.model.patch_size, model.dense_halo if exact else None)
+
+
 def _load_stage(model_dir, config, stage: int) -> cascade.Stage:
     model = models.build_network(config.model, len(config.data.modalities), 0)
-    graphdef, template = split_model(model)
-    variables = checkpoints.load_weights(model_dir, stage, template)
-    return cascade.Stage(graphdef, variables, config.model.patch_size)
+    _, template = split_model(model)
+    return _stage(model, checkpoints.load_weights(model_dir, stage, template), config)
 
 
 def load_cascade(model_dir) -> Cascade:
@@ -209,27 +213,19 @@ def load_cascade(model_dir) -> Cascade:
     return Cascade(config, _load_stage(model_dir, config, 1), _load_stage(model_dir, config, 2))
 
 
-def segment_images(model: Cascade, images: list[io.Image], *, threshold=None, min_lesion_size=None, progress=None):
+def segment_images(model: Cascade, images: list[io.Image], *, threshold=None, min_lesion_size=None,
+                   method=None, progress=None) -> cascade.Segmentation:
     """Segment one subject given its images in the model's channel order."""
     config = model.config
+    options = cascade.InferenceOptions.from_config(
+        config, threshold=threshold, min_lesion_voxels=min_lesion_size, method=method)
     volume = cascade.normalise_channels([image.data for image in images], config.normalisation)
-    inference = config.inference
-    return cascade.segment_volume(
-        model.stage1, model.stage2, volume, flair_channel(config),
-        min_th=config.candidates.min_th,
-        stage2_min_probability=inference.stage2_min_probability,
-        threshold=inference.threshold if threshold is None else threshold,
-        min_lesion_voxels=inference.min_lesion_voxels if min_lesion_size is None else min_lesion_size,
-        connectivity=inference.connectivity,
-        min_volume_ml=inference.min_volume_ml,
-        voxel_volume_ml=images[0].voxel_volume_ml,
-        batch_size=inference.batch_size,
-        progress=progress,
-    )
+    return cascade.segment_volume(model.stage1, model.stage2, volume, flair_channel(config), options,
+                                  voxel_volume_ml=images[0].voxel_volume_ml, progress=progress)
 
 
 def segment_files(model_dir, inputs: dict, out, *, probabilities_dir=None, threshold=None, min_lesion_size=None,
-                  overwrite=False, progress=None) -> cascade.Segmentation:
+                  method=None, overwrite=False, progress=None) -> cascade.Segmentation:
     """Segment NIfTI files and write the mask (and probability maps), all checks first."""
     model = load_cascade(model_dir)
     out = io.check_output_path(out, overwrite=overwrite)
@@ -241,8 +237,11 @@ def segment_files(model_dir, inputs: dict, out, *, probabilities_dir=None, thres
         for path in probability_paths:
             if path.exists() and not overwrite:
                 raise UserError(f"{path}: already exists; pass --overwrite to replace it")
+    if method is not None:
+        cascade.resolve_method(model.stage1, method)  # refuse an impossible --inference before any work
     images = io.load_sequences(inputs, model.modalities)
-    result = segment_images(model, images, threshold=threshold, min_lesion_size=min_lesion_size, progress=progress)
+    result = segment_images(model, images, threshold=threshold, min_lesion_size=min_lesion_size, method=method,
+                            progress=progress)
     reference = images[model.modalities.index(model.config.data.flair)].nifti
     if probability_paths:
         probabilities_dir.mkdir(exist_ok=True)

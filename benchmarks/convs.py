@@ -1,0 +1,83 @@
+"""GFLOP/s of each 3D convolution formulation against a matmul of equal FLOPs.
+
+Run:
+    python benchmarks/convs.py            # prints a table, writes benchmarks/results/convs.json
+Shapes are the ones the cascade runs: the training step's convolutions on a
+batch of 11^3 patches and the dense kernel's dilated convolutions on a tile.
+PyTorch (oneDNN) rows appear when torch is installed (pip install -e '.[bench]').
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from common import markdown_table, time_call, write_results  # noqa: E402
+from jaxcascade import convs  # noqa: E402
+
+# (name, input shape NDHWC, out channels, dilation)
+CASES = [
+    ("train conv1: 128 x 11^3 x 2 -> 32", (128, 11, 11, 11, 2), 32, 1),
+    ("train conv2: 128 x 4^3 x 32 -> 64", (128, 4, 4, 4, 32), 64, 1),
+    ("dense conv1: 41^3 x 2 -> 32", (1, 41, 41, 41, 2), 32, 1),
+    ("dense conv2: 38^3 x 32 -> 64, dilation 2", (1, 38, 38, 38, 32), 64, 2),
+]
+
+
+def conv_flops(shape, out_channels, dilation, kernel=3):
+    n, d, h, w, c = shape
+    span = (kernel - 1) * dilation
+    return 2 * n * (d - span) * (h - span) * (w - span) * kernel**3 * c * out_channels
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, shape, out_channels, dilation in CASES:
+        x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+        k = jnp.asarray(rng.normal(size=(3, 3, 3, shape[-1], out_channels)).astype(np.float32))
+        flops = conv_flops(shape, out_channels, dilation)
+        results = {}
+        for implementation in ("lax", "slices"):
+            fn = jax.jit(lambda x, k, i=implementation: convs.conv3d(x, k, dilation=dilation, implementation=i))
+            results[f"jax {implementation}"] = time_call(lambda: fn(x, k).block_until_ready(), repeats=args.repeats)
+        # The practical ceiling: one matmul with the same number of FLOPs.
+        m = flops // (2 * 27 * shape[-1] * out_channels)
+        a = jnp.asarray(rng.normal(size=(m, 27 * shape[-1])).astype(np.float32))
+        b = jnp.asarray(rng.normal(size=(27 * shape[-1], out_channels)).astype(np.float32))
+        matmul = jax.jit(jnp.dot)
+        results["jax matmul (same FLOPs)"] = time_call(lambda: matmul(a, b).block_until_ready(), repeats=args.repeats)
+        try:
+            import torch
+
+            tx = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(x), -1, 1)))
+            tk = torch.from_numpy(np.ascontiguousarray(np.asarray(k).transpose(4, 3, 0, 1, 2)))
+            with torch.no_grad():
+                results["torch conv3d"] = time_call(
+                    lambda: torch.nn.functional.conv3d(tx, tk, dilation=dilation), repeats=args.repeats)
+        except ImportError:
+            pass
+        for formulation, timing in results.items():
+            rows.append({"case": name, "formulation": formulation, "GFLOP/s": flops / timing["median_s"] / 1e9,
+                         "median ms": timing["median_s"] * 1e3})
+        print(f"{name}: " + ", ".join(f"{f} {flops / t['median_s'] / 1e9:.1f}" for f, t in results.items()),
+              flush=True)
+    print()
+    print(markdown_table(rows, ["case", "formulation", "GFLOP/s", "median ms"]))
+    path = write_results("convs", {"rows": rows}, args.out)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

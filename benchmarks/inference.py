@@ -1,0 +1,152 @@
+"""Whole-cascade segmentation time on a 1 mm (197x233x189) two-channel phantom.
+
+Run:
+    pip install -e ".[bench]"
+    python benchmarks/inference.py [--model WD]       # ~10 minutes on a 2-core CPU
+Compares, on the same candidates with the same weights:
+  jax dense   - jaxcascade's exact dense kernel (tiles with candidate voxels only)
+  jax patch   - jaxcascade's vectorised patch path
+  torch patch - PyTorch classifying each candidate's patch (the seed's method)
+  torch SAME  - PyTorch running the seed's own SAME-padded network patch-wise (stage 1)
+Each method runs in its own process so its peak RSS is its own. Without --model
+the networks get seeded random weights (timing does not depend on them; stage
+2 then runs on whatever CNN1 calls confident). Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+from common import markdown_table, peak_rss_mb, write_results  # noqa: E402
+
+METHODS = ("jax dense", "jax patch", "torch patch", "torch SAME")
+
+
+def _stages(model_dir, network: str):
+    """(config, stage1, stage2) from a model dir, or seeded random weights for `network`."""
+    from jaxcascade import config as config_lib, models, pipeline, train
+
+    if model_dir and network == "valverde2017_valid":
+        model = pipeline.load_cascade(model_dir)
+        return model.config, model.stage1, model.stage2
+    config = config_lib.load_config("default")
+    config.model.network = network
+    stages = []
+    for seed in (1, 2):
+        net = models.build_network(config.model, 2, seed)
+        _, variables = train.split_model(net)
+        stages.append(pipeline._stage(net, variables, config))
+    return config, stages[0], stages[1]
+
+
+def run_one(method: str, model_dir, out_dir: Path, subject_seed: int) -> dict:
+    """Segment the phantom with one method; save probability maps; return timings."""
+    from jaxcascade import cascade, phantom
+
+    subject = phantom.make_subject(subject_seed, "full")
+    volume = cascade.normalise_channels([subject["T1"], subject["FLAIR"]], "nonzero")
+    candidates = cascade.candidate_mask(volume[..., 1], 0.5)
+    network = "valverde2017" if method == "torch SAME" else "valverde2017_valid"
+    config, stage1, stage2 = _stages(model_dir, network)
+    options = cascade.InferenceOptions.from_config(config, method="dense" if method == "jax dense" else "patch")
+
+    if method.startswith("jax"):
+        def classify(stage, mask):
+            return cascade.classify(stage, volume, mask, options)
+
+        # Warm-up: compile on a few voxels (and, for dense, one full batch of tiles).
+        warm = np.zeros_like(candidates)
+        warm[tuple(np.argwhere(candidates)[:: max(1, candidates.sum() // 64)].T)] = True
+        classify(stage1, warm)
+    else:
+        import torch
+
+        from torch_reference import classify_candidates, from_jax
+
+        torch_models = [from_jax(s.variables, 2, "SAME" if method == "torch SAME" else "VALID",
+                                 config.model.bn_epsilon) for s in (stage1, stage2)]
+
+        def classify(stage, mask):
+            return classify_candidates(torch_models[0 if stage is stage1 else 1], volume, mask)
+
+        warm = np.zeros_like(candidates)
+        warm[tuple(np.argwhere(candidates)[:2048].T)] = True
+        classify(stage1, warm)
+        torch.set_num_threads(torch.get_num_threads())
+
+    started = time.perf_counter()
+    stage1_probability = classify(stage1, candidates)
+    stage1_seconds = time.perf_counter() - started
+    result = {"method": method, "candidates": int(candidates.sum()), "stage1_s": stage1_seconds,
+              "patches_per_s": int(candidates.sum()) / stage1_seconds}
+    np.save(out_dir / f"{method.replace(' ', '_')}_stage1.npy", stage1_probability)
+    if method != "torch SAME":  # the seed's network is timed on stage 1 only
+        stage2_mask = stage1_probability > options.stage2_min_probability
+        started = time.perf_counter()
+        classify(stage2, stage2_mask)
+        result["stage2_candidates"] = int(stage2_mask.sum())
+        result["stage2_s"] = time.perf_counter() - started
+        result["cascade_s"] = stage1_seconds + result["stage2_s"]
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="a trained model dir (default: seeded random weights)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
+    parser.add_argument("--seed", type=int, default=0, help="phantom subject seed")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--only", help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.only:  # child process: one method
+        print(json.dumps(run_one(args.only, args.model, Path(args.scratch), args.seed)))
+        return
+
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for method in args.methods.split(","):
+            command = [sys.executable, __file__, "--only", method, "--scratch", scratch, "--seed", str(args.seed)]
+            if args.model:
+                command += ["--model", args.model]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            row = json.loads(output.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{method}: stage 1 {row['stage1_s']:.1f} s ({row['patches_per_s']:.0f} voxels/s), "
+                  f"cascade {row.get('cascade_s', float('nan')):.1f} s, peak RSS {row['peak_rss_mb']:.0f} MB",
+                  flush=True)
+        maps = {m: np.load(Path(scratch) / f"{m.replace(' ', '_')}_stage1.npy") for m in
+                (r["method"] for r in rows)}
+    reference = next((r for r in rows if r["method"] == "torch patch"), None)
+    for row in rows:
+        if reference and row["method"] != "torch SAME":
+            row["max_abs_diff_vs_torch"] = float(np.abs(maps[row["method"]] - maps["torch patch"]).max())
+        if reference:
+            row["stage1_speedup_vs_torch"] = reference["stage1_s"] / row["stage1_s"]
+            if "cascade_s" in row:
+                row["cascade_speedup_vs_torch"] = reference["cascade_s"] / row["cascade_s"]
+        same = next((r for r in rows if r["method"] == "torch SAME"), None)
+        if same:
+            row["stage1_speedup_vs_torch_SAME"] = same["stage1_s"] / row["stage1_s"]
+    columns = ["method", "candidates", "stage1_s", "patches_per_s", "stage2_candidates", "cascade_s",
+               "peak_rss_mb", "stage1_speedup_vs_torch", "stage1_speedup_vs_torch_SAME", "max_abs_diff_vs_torch"]
+    print()
+    print(markdown_table(rows, columns))
+    path = write_results("inference", {"model": args.model or "random weights", "rows": rows}, args.out)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
