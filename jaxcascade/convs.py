@@ -2,11 +2,12 @@
 
 `lax.conv_general_dilated` is the obvious choice and wins where cuDNN runs it,
 but XLA's CPU backend reaches only a fraction of its matmul throughput on 3D
-convolutions. Writing the same convolution as shifted slices (the in-plane
-taps concatenated along channels) plus one matmul per depth tap turns it into
-large GEMMs, which XLA:CPU runs several times faster. Both formulations are
-mathematically the same cross-correlation; `tests/test_convs.py` checks them
-against each other.
+convolutions. The same convolution written as shifted slices concatenated
+along channels turns into large GEMMs, which XLA:CPU runs several times
+faster: 'im2col' puts all k^3 taps side by side (one GEMM; best while the
+buffer is small), 'slices' only the k^2 in-plane taps (one GEMM per depth tap;
+9x less buffer for large volumes). All are the same cross-correlation;
+`tests/test_models.py` checks them against lax.conv.
 """
 
 from __future__ import annotations
@@ -15,18 +16,23 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLEMENTATIONS = ("auto", "lax", "slices")
+IMPLEMENTATIONS = ("auto", "lax", "slices", "im2col")
+
+# Below this many bytes the full im2col buffer (all k^3 taps side by side) is
+# cheap to build and its single GEMM beats three thinner ones; above it the
+# buffer's memory traffic costs more than it saves (benchmarks/convs.py).
+IM2COL_MAX_BYTES = 48 * 2**20
 
 
-def default_implementation() -> str:
-    """'slices' on CPU (GEMM-bound), 'lax' elsewhere (cuDNN/TPU convolutions)."""
-    return "slices" if jax.default_backend() == "cpu" else "lax"
-
-
-def _resolve(implementation: str) -> str:
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown convolution implementation {implementation!r}; use one of {IMPLEMENTATIONS}")
-    return default_implementation() if implementation == "auto" else implementation
+def default_implementation(x_shape, kernel_shape, dilation: int = 1) -> str:
+    """'lax' off CPU (cuDNN/TPU convolutions); on CPU the GEMM formulation that suits the shape."""
+    if jax.default_backend() != "cpu":
+        return "lax"
+    kernel_size, _, _, in_channels, _ = kernel_shape
+    span = (kernel_size - 1) * dilation
+    out_voxels = x_shape[0] * max(0, x_shape[1] - span) * max(0, x_shape[2] - span) * max(0, x_shape[3] - span)
+    im2col_bytes = out_voxels * kernel_size**3 * in_channels * 4
+    return "im2col" if im2col_bytes <= IM2COL_MAX_BYTES else "slices"
 
 
 def same_padding(kernel_size: int, dilation: int = 1) -> tuple[int, int]:
@@ -50,7 +56,7 @@ def conv3d(
       kernel: (k, k, k, in_channels, out_channels).
       padding: 'VALID' or 'SAME' (zero padding, output size = input size).
       dilation: spacing between kernel taps (used by dense a-trous inference).
-      implementation: 'auto', 'lax' or 'slices'.
+      implementation: 'auto', 'lax', 'slices' or 'im2col'.
 
     Returns:
       (batch, depth', height', width', out_channels) in x's dtype.
@@ -61,7 +67,11 @@ def conv3d(
     if padding == "SAME":
         pad = same_padding(kernel_size, dilation)
         x = jnp.pad(x, ((0, 0), pad, pad, pad, (0, 0)))
-    if _resolve(implementation) == "lax":
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown convolution implementation {implementation!r}; use one of {IMPLEMENTATIONS}")
+    if implementation == "auto":
+        implementation = default_implementation(x.shape, kernel.shape, dilation)
+    if implementation == "lax":
         return lax.conv_general_dilated(
             x,
             kernel,
@@ -70,7 +80,26 @@ def conv3d(
             rhs_dilation=(dilation,) * 3,
             dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
         )
+    if implementation == "im2col":
+        return _conv3d_im2col(x, kernel, dilation)
     return _conv3d_slices(x, kernel, dilation)
+
+
+def _conv3d_im2col(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
+    kernel_size, _, _, in_channels, out_channels = kernel.shape
+    span = (kernel_size - 1) * dilation
+    out_d, out_h, out_w = (size - span for size in x.shape[1:4])
+    columns = jnp.concatenate(
+        [
+            x[:, a * dilation : a * dilation + out_d, b * dilation : b * dilation + out_h,
+              c * dilation : c * dilation + out_w, :]
+            for a in range(kernel_size)
+            for b in range(kernel_size)
+            for c in range(kernel_size)
+        ],
+        axis=-1,
+    )
+    return jnp.einsum("ndhwk,ko->ndhwo", columns, kernel.reshape(kernel_size**3 * in_channels, out_channels))
 
 
 def _conv3d_slices(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:

@@ -48,13 +48,21 @@ def test_initial_weights_depend_only_on_the_seed():
     assert not np.array_equal(a.conv1.kernel[...], c.conv1.kernel[...])
 
 
+@pytest.mark.parametrize("implementation", ["slices", "im2col", "auto"])
 @pytest.mark.parametrize("padding", ["VALID", "SAME"])
 @pytest.mark.parametrize("dilation", [1, 2])
-def test_slices_convolution_equals_lax(padding, dilation):
+def test_gemm_convolutions_equal_lax(implementation, padding, dilation):
     x = jax.random.normal(jax.random.key(0), (2, 10, 9, 11, 3))
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 3, 8))
     ref = convs.conv3d(x, kernel, padding=padding, dilation=dilation, implementation="lax")
-    got = convs.conv3d(x, kernel, padding=padding, dilation=dilation, implementation="slices")
+    got = convs.conv3d(x, kernel, padding=padding, dilation=dilation, implementation=implementation)
     assert got.shape == ref.shape
     # float32 sums of 81 products of unit normals: reassociation error ~1e-5.
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4, rtol=1e-5)
+
+
+def test_auto_picks_by_buffer_size_on_cpu():
+    if jax.default_backend() != "cpu":
+        pytest.skip("the GEMM formulations are chosen on CPU only")
+    assert convs.default_implementation((128, 11, 11, 11, 2), (3, 3, 3, 2, 32)) == "im2col"
+    assert convs.default_implementation((4, 40, 40, 40, 32), (3, 3, 3, 32, 64), dilation=2) == "slices"
