@@ -30,13 +30,19 @@ class TorchValverde2017(nn.Module):
         return torch.softmax(self.out(torch.relu(self.dense1(x))), dim=-1)[:, 1]
 
 
-def from_jax(variables: dict, in_channels: int, padding: str, bn_epsilon: float) -> TorchValverde2017:
+def from_jax(variables: dict, in_channels: int, padding: str, bn_epsilon: float) -> nn.Module:
+    """The PyTorch network with the same weights, in channels_last_3d memory format.
+
+    channels_last_3d ran oneDNN's 3D convolutions about 1.5x faster than the
+    default layout on this CPU (3.6 k vs 2.1-2.9 k patches/s), so the baseline
+    gets its best layout.
+    """
     params, stats = variables["params"], variables["batch_stats"]
     flat_size = np.asarray(params["dense1"]["kernel"]).shape[0]
     model = TorchValverde2017(in_channels, padding, flat_size, bn_epsilon).eval()
 
     def t(a):
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32)))
+        return torch.from_numpy(np.array(a, np.float32))  # a writable copy
 
     with torch.no_grad():
         for name in ("conv1", "conv2"):
@@ -53,15 +59,18 @@ def from_jax(variables: dict, in_channels: int, padding: str, bn_epsilon: float)
             linear = getattr(model, name)
             linear.weight.copy_(t(np.asarray(params[name]["kernel"]).T))
             linear.bias.copy_(t(params[name]["bias"]))
-    return model
+    return model.to(memory_format=torch.channels_last_3d)
 
 
-def classify_candidates(model: nn.Module, volume: np.ndarray, mask: np.ndarray, batch_size: int = 1024,
+def classify_candidates(model: nn.Module, volume: np.ndarray, mask: np.ndarray, batch_size: int = 256,
                         patch_size: int = 11) -> np.ndarray:
-    """Patch-wise probabilities at mask voxels (0 elsewhere), patches cut with torch indexing."""
+    """Patch-wise probabilities at mask voxels (0 elsewhere), patches cut with torch indexing.
+
+    Patches are gathered channels-last, which is already channels_last_3d
+    memory once permuted (no copy); batch 256 was PyTorch's fastest here.
+    """
     half = patch_size // 2
-    padded = torch.from_numpy(np.ascontiguousarray(
-        np.pad(volume, ((half, half),) * 3 + ((0, 0),)).transpose(3, 0, 1, 2)))
+    padded = torch.from_numpy(np.pad(volume, ((half, half),) * 3 + ((0, 0),)))
     centres = torch.from_numpy(np.argwhere(mask))
     offsets = torch.arange(patch_size)
     probability = np.zeros(mask.shape, np.float32)
@@ -72,7 +81,7 @@ def classify_candidates(model: nn.Module, volume: np.ndarray, mask: np.ndarray, 
             z = (c[:, 0, None] + offsets)[:, :, None, None]
             y = (c[:, 1, None] + offsets)[:, None, :, None]
             x = (c[:, 2, None] + offsets)[:, None, None, :]
-            patches = padded[:, z, y, x].permute(1, 0, 2, 3, 4)  # (B, C, p, p, p)
-            outputs.append(model(patches.contiguous()).numpy())
+            patches = padded[z, y, x].permute(0, 4, 1, 2, 3)  # (B, C, p, p, p), channels_last_3d strides
+            outputs.append(model(patches).numpy())
     probability[mask] = np.concatenate(outputs) if outputs else []
     return probability

@@ -137,8 +137,8 @@ class InferenceOptions:
     min_volume_ml: float = 0.0
     method: str = "auto"  # 'dense' where exact, else 'patch'
     batch_size: int = 2048  # patches per call on the patch path
-    tile_size: int = 32  # output block edge on the dense path
-    tiles_per_batch: int = 4
+    tile_size: int = 12  # output block edge on the dense path
+    tiles_per_batch: int = 16
 
     @classmethod
     def from_config(cls, config, **overrides) -> "InferenceOptions":

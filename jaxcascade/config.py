@@ -96,9 +96,24 @@ def to_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json())
 
 
-def from_dict(data: dict) -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict(data)
-    config.data.modalities = tuple(config.data.modalities)
+def from_dict(data: dict, source: str = "config") -> ml_collections.ConfigDict:
+    """A stored config laid over today's defaults, so settings added since it was written get defaults.
+
+    A stored key that today's defaults lack means an incompatible writer: UserError.
+    """
+    config = load_config(None)
+
+    def overlay(node: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
+        for key, value in values.items():
+            if key not in node:
+                raise UserError(f"{source}: unknown setting {prefix}{key}; written by an incompatible jaxcascade?")
+            if isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
+                overlay(node[key], value, f"{prefix}{key}.")
+            else:
+                with node.ignore_type():
+                    node[key] = tuple(value) if isinstance(node[key], tuple) else value
+
+    overlay(config, data, "")
     return config
 
 

@@ -140,6 +140,9 @@ def network_config():
     config.inference.threshold = 0.5  # nicMSlesions' t_bin
     config.inference.min_lesion_voxels = 10  # l_min
     config.inference.min_volume_ml = 0.5  # min_error
+    # Patch-wise only, and SAME 11^3 convolutions on CPU stage 1.8 MB of shifted
+    # slices per patch: 2048 patches (3.7 GB) ran 2.6x slower than 256 here.
+    config.inference.batch_size = 256
     return config
 
 

@@ -190,7 +190,7 @@ def read_model_config(model_dir) -> object:
             f"{path}: written by jaxcascade {stamp.get('version', '?')} in model format "
             f"{stamp.get('format_version')}, this jaxcascade {__version__} reads format {FORMAT_VERSION}"
         )
-    return config_lib.from_dict(record)
+    return config_lib.from_dict(record, str(path))
 
 
 def _stage(model, variables, config) -> cascade.Stage:

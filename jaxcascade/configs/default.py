@@ -59,6 +59,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.inference.min_volume_ml = 0.0  # nicMSlesions' min_error; 0 disables
     config.inference.method = "auto"  # "dense" (exact, whole volume) where the network allows, else "patch"
     config.inference.batch_size = 2048  # patches per call on the patch path
-    config.inference.tile_size = 32  # dense path: output block edge (memory ~ (tile + 9)^3)
-    config.inference.tiles_per_batch = 4
+    config.inference.tile_size = 12  # dense path: output block edge; small blocks skip empty space (see README)
+    config.inference.tiles_per_batch = 16
     return config

@@ -1,0 +1,58 @@
+import pytest
+
+from jaxcascade import config as config_lib
+from jaxcascade.errors import UserError
+
+
+def test_overrides_are_typed():
+    config = config_lib.apply_overrides(config_lib.load_config(), [
+        "--config.train.max_epochs=7", "--config.train.learning_rate=0.5", "--config.seed=3",
+        "--config.data.modalities=T1,FLAIR,T2", "--config.model.network=valverde2017",
+    ])
+    assert config.train.max_epochs == 7 and isinstance(config.train.max_epochs, int)
+    assert config.train.learning_rate == 0.5
+    assert config.data.modalities == ("T1", "FLAIR", "T2")
+    assert config.model.network == "valverde2017"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.train.max_epochs=1.5", "expected a value of type int"),
+    ("--config.train", "expected --config.KEY=VALUE"),
+    ("--config.train=3", "is a group of settings"),
+    ("--config.trian.max_epochs=3", "unknown config key 'trian'"),
+])
+def test_bad_overrides(override, message):
+    with pytest.raises(UserError, match=message):
+        config_lib.apply_overrides(config_lib.load_config(), [override])
+
+
+def test_packaged_and_user_config_files(tmp_path):
+    demo = config_lib.load_config("demo")
+    assert demo.train.max_epochs < config_lib.load_config().train.max_epochs
+    user = tmp_path / "mine.py"
+    user.write_text("from jaxcascade.configs import default\n\ndef get_config():\n"
+                    "    c = default.get_config()\n    c.train.batch_size = 64\n    return c\n")
+    assert config_lib.load_config(str(user)).train.batch_size == 64
+    broken = tmp_path / "broken.py"
+    broken.write_text("x = 1\n")
+    with pytest.raises(UserError, match="no get_config"):
+        config_lib.load_config(str(broken))
+    with pytest.raises(UserError, match="not found"):
+        config_lib.load_config(str(tmp_path / "absent.py"))
+
+
+def test_json_round_trip_fills_new_defaults_and_rejects_unknown_keys():
+    stored = config_lib.to_dict(config_lib.apply_overrides(config_lib.load_config(), ["--config.seed=9"]))
+    del stored["inference"]["tile_size"]  # a setting added after this model was written
+    restored = config_lib.from_dict(stored)
+    assert restored.seed == 9 and restored.data.modalities == ("T1", "FLAIR")
+    assert restored.inference.tile_size == config_lib.load_config().inference.tile_size
+    stored["inference"]["warp_drive"] = 1
+    with pytest.raises(UserError, match="unknown setting inference.warp_drive"):
+        config_lib.from_dict(stored, "model/config.json")
+
+
+def test_differences_lists_dotted_keys():
+    a = config_lib.to_dict(config_lib.load_config())
+    b = config_lib.to_dict(config_lib.apply_overrides(config_lib.load_config(), ["--config.train.patience=3"]))
+    assert config_lib.differences(a, b) == ["train.patience"]
