@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcascade import distributed, postprocess
 from jaxcascade import patches as patches_lib
-from jaxcascade import postprocess
 from jaxcascade.errors import UserError
 from jaxcascade.train import lesion_probability
 
@@ -102,14 +102,17 @@ def classify_voxels(
     """Lesion probability at every voxel of `mask` (0 elsewhere), patch-wise.
 
     Centres go through one jitted function in fixed-size batches (the last one
-    padded), so memory is bounded by batch_size patches and nothing recompiles.
-    `progress`, if given, wraps the batch iterator (e.g. tqdm).
+    padded), so memory is bounded by batch_size patches and nothing recompiles;
+    each batch is split over all devices. `progress`, if given, wraps the
+    batch iterator (e.g. tqdm).
     """
     probability = np.zeros(mask.shape, np.float32)
     centres = np.argwhere(mask).astype(np.int32)
     if len(centres) == 0:
         return probability
-    padded = patches_lib.pad_volume(volume, stage.patch_size)
+    batch_size = distributed.round_up_to_devices(batch_size)
+    padded = distributed.put_replicated(patches_lib.pad_volume(volume, stage.patch_size))
+    variables = distributed.put_replicated(stage.variables)
     n_batches = -(-len(centres) // batch_size)
     padded_centres = np.zeros((n_batches * batch_size, 3), np.int32)
     padded_centres[: len(centres)] = centres
@@ -119,8 +122,8 @@ def classify_voxels(
     outputs = []
     for b in batches:
         chunk = padded_centres[b * batch_size : (b + 1) * batch_size]
-        outputs.append(stage.predict_at(stage.variables, padded, jnp.asarray(chunk)))
-    values = np.concatenate([np.asarray(o) for o in outputs])[: len(centres)]
+        outputs.append(stage.predict_at(variables, padded, distributed.put_batch(chunk)))
+    values = np.concatenate([distributed.to_host(o) for o in outputs])[: len(centres)]
     probability[tuple(centres.T)] = values
     return probability
 

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxcascade import distributed
+
 FORMAT_VERSION = 1
 
 
@@ -26,7 +28,7 @@ def _abstract(tree):
 
 
 def _remove_orbax_temporaries(directory: Path) -> None:
-    if directory.is_dir():
+    if directory.is_dir() and distributed.is_primary():
         for leftover in directory.glob("*.orbax-checkpoint-tmp*"):
             shutil.rmtree(leftover, ignore_errors=True)
 
@@ -68,8 +70,9 @@ def weights_dir(model_dir: str | Path, stage: int) -> Path:
 def save_weights(model_dir: str | Path, stage: int, variables: dict) -> None:
     path = weights_dir(model_dir, stage)
     _remove_orbax_temporaries(path.parent)
-    if path.exists():
+    if path.exists() and distributed.is_primary():
         shutil.rmtree(path)
+    distributed.barrier(f"save weights {stage}")
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path, jax.tree.map(np.asarray, variables))
 

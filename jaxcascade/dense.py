@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxcascade import distributed
 from jaxcascade import patches as patches_lib
 
 
@@ -83,7 +84,9 @@ def classify_voxels_dense(
         return probability
     pad, origins = tile_geometry(mask.shape, tile_size, halo, patch_size)
     origins = occupied_tiles(mask, origins, tile_size)
-    padded = jnp.asarray(np.pad(volume, pad + [(0, 0)]))
+    tiles_per_batch = distributed.round_up_to_devices(tiles_per_batch)  # every device gets tiles
+    padded = distributed.put_replicated(np.pad(volume, pad + [(0, 0)]))
+    variables = distributed.put_replicated(variables)
     predict = make_tile_predictor(graphdef, tile_size, halo)
     n_batches = -(-len(origins) // tiles_per_batch)
     batch_origins = np.zeros((n_batches * tiles_per_batch, 3), np.int32)
@@ -94,7 +97,7 @@ def classify_voxels_dense(
     full = np.zeros([s + (-s) % tile_size for s in mask.shape], np.float32)
     for b in batches:
         chunk = batch_origins[b * tiles_per_batch : (b + 1) * tiles_per_batch]
-        blocks = np.asarray(predict(variables, padded, jnp.asarray(chunk)))
+        blocks = distributed.to_host(predict(variables, padded, distributed.put_batch(chunk)))
         n_real = min(tiles_per_batch, len(origins) - b * tiles_per_batch)  # the rest is padding
         for (z, y, x), block in zip(chunk[:n_real], blocks[:n_real]):
             full[z : z + tile_size, y : y + tile_size, x : x + tile_size] = block

@@ -2,7 +2,7 @@
 
 Randomness is derived, never threaded: the epoch's shuffle comes from
 numpy's generator seeded by (seed, stage, epoch) and each step's key is
-fold_in(fold_in(key(seed), stage), step). A run resumed from the checkpoint
+fold_in(fold_in(key(seed), stage), step) (inside the jitted step). A run resumed from the checkpoint
 of epoch N therefore replays epochs N+1... exactly as an uninterrupted run.
 """
 
@@ -14,10 +14,9 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxcascade import checkpoints
+from jaxcascade import checkpoints, distributed
 from jaxcascade import patches as patches_lib
 from jaxcascade import train as train_lib
 from jaxcascade.errors import UserError
@@ -27,7 +26,7 @@ from jaxcascade.errors import UserError
 class TrainingSet:
     """Patch centres over a stack of zero-padded volumes (kept on the device)."""
 
-    padded_volumes: jax.Array  # (subjects, D + 2h, H + 2h, W + 2h, C)
+    padded_volumes: jax.Array  # (subjects, D + 2h, H + 2h, W + 2h, C), replicated on every device
     index: np.ndarray  # (N, 4) int32: subject, z, y, x
     labels: np.ndarray  # (N,) int32
     patch_size: int
@@ -43,12 +42,24 @@ class TrainingSet:
         index = np.concatenate(
             [np.column_stack([np.full(len(c), s, np.int32), c]) for s, c in enumerate(centres)]
         ).astype(np.int32)
-        return cls(jnp.asarray(stack), index, np.concatenate(labels).astype(np.int32), patch_size)
+        return cls(distributed.put_replicated(stack), index, np.concatenate(labels).astype(np.int32), patch_size)
 
 
-@functools.partial(jax.jit, static_argnames="patch_size")
-def _gather(padded_volumes, index, patch_size):
-    return patches_lib.gather_patches(padded_volumes, index, patch_size)
+@functools.lru_cache(maxsize=None)
+def _sharded_gather(patch_size: int, mesh):
+    # Each device gathers only its shard of the batch from its replica of the volumes.
+    return jax.jit(functools.partial(patches_lib.gather_patches, patch_size=patch_size),
+                   out_shardings=distributed.batch_sharded())
+
+
+def _batch(data: TrainingSet, chunk: np.ndarray, weights: np.ndarray | None = None) -> dict:
+    """A global batch split over the devices: patches, labels (and padding weights)."""
+    index, labels = distributed.put_batch((data.index[chunk], data.labels[chunk]))
+    batch = {"patches": _sharded_gather(data.patch_size, distributed.mesh())(data.padded_volumes, index),
+             "labels": labels}
+    if weights is not None:
+        batch["weights"] = distributed.put_batch(weights)
+    return batch
 
 
 def _batches_of(indices: np.ndarray, batch_size: int, pad: bool):
@@ -71,14 +82,9 @@ def _batches_of(indices: np.ndarray, batch_size: int, pad: bool):
 def evaluate(eval_step, variables, data: TrainingSet, indices: np.ndarray, batch_size: int) -> dict:
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     for chunk, weights in _batches_of(indices, batch_size, pad=True):
-        batch = {
-            "patches": _gather(data.padded_volumes, jnp.asarray(data.index[chunk]), data.patch_size),
-            "labels": jnp.asarray(data.labels[chunk]),
-            "weights": jnp.asarray(weights),
-        }
-        sums = eval_step(variables, batch)
+        sums = eval_step(variables, _batch(data, chunk, weights))
         for key in totals:
-            totals[key] += float(sums[key])
+            totals[key] += float(distributed.to_host(sums[key]))
     count = max(totals["count"], 1.0)
     return {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count}
 
@@ -96,6 +102,8 @@ def fit_stage(
 ) -> tuple[dict, list[dict]]:
     """Train one stage to early stopping (resuming from workdir) and return (best variables, history)."""
     train_config = config.train
+    distributed.check_divisible(train_config.batch_size, "train.batch_size")
+    distributed.check_divisible(train_config.eval_batch_size, "train.eval_batch_size")
     split_rng = np.random.default_rng([config.seed, stage])
     train_indices, val_indices = patches_lib.stratified_split(data.labels, train_config.validation_fraction, split_rng)
     if len(val_indices) == 0:
@@ -108,12 +116,13 @@ def fit_stage(
     )
     eval_step = _cached_eval_step(graphdef)
     base_key = jax.random.fold_in(jax.random.key(config.seed), stage)
+    run_key = jax.random.wrap_key_data(distributed.put_replicated(jax.random.key_data(base_key)))
 
-    state = train_lib.create_train_state(variables, tx)
+    state = distributed.put_replicated(train_lib.create_train_state(variables, tx))
     loop = {"epoch": -1, "best_val_loss": float("inf"), "best_epoch": -1, "bad_epochs": 0, "history": []}
     best = jax.tree.map(np.array, variables)
     manager = checkpoints.stage_manager(workdir, stage)
-    template = {"train_state": state, "best": best, "rng": jax.random.key_data(base_key)}
+    template = {"train_state": state, "best": best, "rng": np.asarray(jax.random.key_data(base_key))}
     restored = checkpoints.restore_latest(manager, template)
     if restored is not None:
         tree, loop = restored
@@ -127,18 +136,14 @@ def fit_stage(
             break
         started = time.perf_counter()
         order = np.random.default_rng([config.seed, stage, epoch]).permutation(train_indices)
-        step_losses, step_measurements = [], []
+        step_measurements = []
         batches = list(_batches_of(order, train_config.batch_size, pad=False))
         iterator = progress(batches, f"stage {stage} epoch {epoch + 1}") if progress else batches
         for chunk, _ in iterator:
-            batch = {
-                "patches": _gather(data.padded_volumes, jnp.asarray(data.index[chunk]), data.patch_size),
-                "labels": jnp.asarray(data.labels[chunk]),
-            }
-            step_rng = jax.random.fold_in(base_key, state.step)
-            state, measurements = train_step(state, batch, step_rng)
+            batch = _batch(data, chunk)
+            state, measurements = train_step(state, batch, run_key)
             step_measurements.append(measurements)
-        measured = jax.tree.map(lambda *xs: np.asarray(jnp.stack(xs)), *step_measurements)
+        measured = jax.tree.map(lambda *xs: np.stack([distributed.to_host(x) for x in xs]), *step_measurements)
         bad_steps = np.flatnonzero(~np.isfinite(measured["loss"]) | ~np.isfinite(measured["grad_norm"]))
         if bad_steps.size:
             raise UserError(
@@ -149,7 +154,7 @@ def fit_stage(
         validation = evaluate(eval_step, state.variables, data, val_indices, train_config.eval_batch_size)
         improved = validation["loss"] < loop["best_val_loss"]
         if improved:
-            best = jax.tree.map(np.array, state.variables)
+            best = jax.tree.map(lambda x: np.array(distributed.to_host(x)), state.variables)
             loop.update(best_val_loss=validation["loss"], best_epoch=epoch, bad_epochs=0)
         else:
             loop["bad_epochs"] += 1
@@ -162,14 +167,14 @@ def fit_stage(
             "val_accuracy": validation["accuracy"],
             "grad_norm": float(measured["grad_norm"].mean()),
             "update_norm": float(measured["update_norm"].mean()),
-            "steps": int(state.step),
+            "steps": int(distributed.to_host(state.step)),
             "epoch_seconds": round(time.perf_counter() - started, 3),
             "best": improved,
         }
         loop["epoch"] = epoch
         loop["history"].append(record)
         checkpoints.save_epoch(
-            manager, epoch, {"train_state": state, "best": best, "rng": jax.random.key_data(base_key)}, loop
+            manager, epoch, {"train_state": state, "best": best, "rng": np.asarray(jax.random.key_data(base_key))}, loop
         )
         log(
             f"stage {stage} epoch {epoch + 1:3d}: train loss {record['train_loss']:.4f} "

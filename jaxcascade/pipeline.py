@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxcascade import __version__, cascade, checkpoints, config as config_lib, io, models, plots
+from jaxcascade import __version__, cascade, checkpoints, config as config_lib, distributed, io, models, plots
 from jaxcascade import patches as patches_lib
 from jaxcascade.errors import UserError
 from jaxcascade.fit import TrainingSet, fit_stage
@@ -63,20 +63,33 @@ def load_training_subjects(data_dir, config) -> list[Subject]:
     return subjects
 
 
+def _stored_config(config) -> dict:
+    # How a run is spread over processes is not part of the model.
+    stored = config_lib.to_dict(config)
+    stored.pop("distributed", None)
+    return stored
+
+
 def _prepare_workdir(workdir: Path, config) -> None:
+    if not distributed.is_primary():
+        return
     workdir.mkdir(parents=True, exist_ok=True)
-    record = {"jaxcascade": {"format_version": FORMAT_VERSION, "version": __version__}, **config_lib.to_dict(config)}
+    record = {"jaxcascade": {"format_version": FORMAT_VERSION, "version": __version__}, **_stored_config(config)}
     path = workdir / "config.json"
     if path.exists():
         previous = json.loads(path.read_text())
         previous.pop("jaxcascade", None)
-        changed = config_lib.differences(previous, config_lib.to_dict(config))
+        changed = config_lib.differences(previous, _stored_config(config))
         if changed:
             raise UserError(
                 f"{path}: this workdir was trained with a different config ({', '.join(changed)} differ); "
                 "use a new --workdir or the same config to resume"
             )
     io.write_json(record, path)
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
 
 
 def _stage_seed(seed: int, stage: int) -> int:
@@ -102,6 +115,8 @@ def _fit(stage, subjects, centres, labels, config, workdir, log, progress, histo
 
 
 def _write_history(workdir: Path, histories: dict) -> None:
+    if not distributed.is_primary():
+        return
     records = [r for stage in sorted(histories) for r in histories[stage]]
     io.write_text("".join(json.dumps(r) + "\n" for r in records), workdir / "metrics.jsonl")
     plots.training_curves(records, workdir / "training_curves.png")
@@ -118,10 +133,20 @@ def _read_history(workdir: Path) -> dict:
 
 
 def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress: Callable | None = None) -> dict:
-    """Train (or resume) both stages in workdir; returns a summary dict."""
+    """Train (or resume) both stages in workdir; returns a summary dict.
+
+    With config.distributed settings (or JAX_COORDINATOR_ADDRESS etc.) the
+    processes of a multi-host run join first; all of them then run this same
+    function, each device taking its share of every batch.
+    """
     workdir = Path(workdir)
+    if distributed.initialize(config.distributed):
+        distributed.check_divisible(config.train.batch_size, "train.batch_size")
+    if not distributed.is_primary():
+        log = _silent
     subjects = load_training_subjects(data_dir, config)
     _prepare_workdir(workdir, config)
+    distributed.barrier("workdir ready")
     log(f"{len(subjects)} training subjects: {', '.join(s.name for s in subjects)}")
     histories = _read_history(workdir)
     options = cascade.InferenceOptions.from_config(config)

@@ -91,12 +91,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, augmentation: st
     """A jitted `train_step(state, batch, rng) -> (state, measurements)`.
 
     batch = {'patches': (B, p, p, p, C) float32, 'labels': (B,) int32}. The rng
-    is the step's own key (the loop derives it with fold_in), split here into
-    augmentation and dropout keys.
+    is the run's key: the step's own key is fold_in(rng, state.step), so no
+    key is threaded through the loop and a resumed run draws the same keys.
     """
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
-        augment_rng, dropout_rng = jax.random.split(rng)
+        augment_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, state.step))
         patches = augment(batch["patches"], augment_rng, augmentation)
 
         def loss_fn(params):

@@ -51,6 +51,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.augmentation = "seed"
     config.train.eval_batch_size = 1024
 
+    # Multi-process runs (see README); empty/0/-1 means "from JAX_* environment variables, else one process".
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.coordinator_address = ""
+    config.distributed.num_processes = 0
+    config.distributed.process_id = -1
+    config.distributed.auto = False  # let jax.distributed detect a cluster (SLURM, Open MPI, TPU)
+
     config.inference = ml_collections.ConfigDict()
     config.inference.stage2_min_probability = 0.8  # CNN2 runs where CNN1 > this
     config.inference.threshold = 0.8  # t_bin on CNN2's probability
