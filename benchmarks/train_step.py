@@ -3,15 +3,22 @@
 Run:
     pip install -e ".[bench]"
     python benchmarks/train_step.py [--network valverde2017_valid] [--batch 128]
+    python benchmarks/train_step.py --devices 1,2,4     # data-parallel scaling rows
 Same network, same batch, same optimiser settings. The JAX step is
 `jaxcascade.train.make_train_step` (jitted, seed augmentation, dropout); the
-PyTorch step is the equivalent module with torch.optim.Adadelta. Prints a
-table, writes benchmarks/results/train_step.json.
+PyTorch step is the equivalent module with torch.optim.Adadelta. With
+--devices, the JAX step also runs with its global batch split over N devices
+(forced host devices on a CPU, each count in its own process; real devices on
+GPU), reporting scaling efficiency = throughput(N) / (N * throughput(1)).
+Prints a table, writes benchmarks/results/train_step.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,9 +31,8 @@ from common import markdown_table, time_call, write_results  # noqa: E402
 
 def jax_step(network: str, batch_size: int, implementation: str, repeats: int) -> dict:
     import jax
-    import jax.numpy as jnp
 
-    from jaxcascade import config as config_lib, models, train
+    from jaxcascade import config as config_lib, distributed, models, train
 
     config = config_lib.load_config("default")
     config.model.network = network
@@ -35,13 +41,13 @@ def jax_step(network: str, batch_size: int, implementation: str, repeats: int) -
     tx = train.make_optimizer(config.train)
     step = train.make_train_step(graphdef, tx, config.train.augmentation)
     rng = np.random.default_rng(0)
-    batch = {"patches": jnp.asarray(rng.normal(size=(batch_size, 11, 11, 11, 2)).astype(np.float32)),
-             "labels": jnp.asarray(np.arange(batch_size) % 2, jnp.int32)}
-    holder = {"state": train.create_train_state(variables, tx), "i": 0}
+    batch = distributed.put_batch({"patches": rng.normal(size=(batch_size, 11, 11, 11, 2)).astype(np.float32),
+                                   "labels": (np.arange(batch_size) % 2).astype(np.int32)})
+    holder = {"state": distributed.put_replicated(train.create_train_state(variables, tx))}
+    key = jax.random.wrap_key_data(distributed.put_replicated(jax.random.key_data(jax.random.key(0))))
 
     def run():
-        holder["i"] += 1
-        holder["state"], measurements = step(holder["state"], batch, jax.random.key(holder["i"]))
+        holder["state"], measurements = step(holder["state"], batch, key)
         measurements["loss"].block_until_ready()
 
     return time_call(run, warmup=3, repeats=repeats)
@@ -78,16 +84,41 @@ def torch_step(network: str, batch_size: int, repeats: int) -> dict:
     return time_call(run, warmup=3, repeats=repeats)
 
 
+def scaling_rows(network: str, batch: int, repeats: int, device_counts: list[int]) -> list[dict]:
+    """The JAX step with its batch split over N forced host devices, one process per N."""
+    rows = []
+    for devices in device_counts:
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import train_step; "
+                f"print(json.dumps(train_step.jax_step({network!r}, {batch}, 'auto', {repeats})))")
+        output = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+        timing = json.loads(output.stdout.strip().splitlines()[-1])
+        rows.append({"network": network, "implementation": "jax (auto)", "devices": devices, "batch": batch,
+                     "step_ms": timing["median_s"] * 1e3, "patches_per_s": batch / timing["median_s"]})
+    for row in rows:
+        row["scaling_efficiency"] = row["patches_per_s"] / (row["devices"] * rows[0]["patches_per_s"])
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--networks", default="valverde2017_valid,valverde2017")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--devices", default="", help="comma list of device counts for scaling rows, e.g. 1,2,4")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     rows = []
+    if args.devices:
+        for network in args.networks.split(","):
+            rows += scaling_rows(network, args.batch, args.repeats, [int(n) for n in args.devices.split(",")])
+        print(markdown_table(rows, ["network", "implementation", "devices", "batch", "step_ms", "patches_per_s",
+                                    "scaling_efficiency"]))
+        print(f"\nwrote {write_results('train_step_devices', {'rows': rows}, args.out)}")
+        return
     for network in args.networks.split(","):
-        timings = {f"jax ({impl})": jax_step(network, args.batch, impl, args.repeats) for impl in ("slices", "lax")}
+        timings = {f"jax ({impl})": jax_step(network, args.batch, impl, args.repeats)
+                   for impl in ("auto", "slices", "im2col", "lax")}
         try:
             timings["torch"] = torch_step(network, args.batch, args.repeats)
         except ImportError:
