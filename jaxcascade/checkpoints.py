@@ -2,7 +2,8 @@
 
 Layout of a workdir (which is also the model directory `segment --model` reads):
     config.json                 the full config, channel names and order included
-    checkpoints/stage{1,2}/N/   state after epoch N: train state, best weights, loop bookkeeping
+    checkpoints/stage{1,2}/N/   state after global step N (end of an epoch, or where SIGINT/SIGTERM
+                                stopped it): train state, best weights, loop bookkeeping
     weights/stage{1,2}/         the stage's final (best-validation) weights; present = stage done
 Orbax writes to a temporary directory and renames it on commit, so a killed
 run leaves either the previous checkpoint or a temporary folder that is
@@ -40,10 +41,16 @@ def stage_manager(workdir: str | Path, stage: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "loop"))
 
 
-def save_epoch(manager: ocp.CheckpointManager, epoch: int, state_tree: dict, loop: dict) -> None:
-    """state_tree: arrays (train state, best weights, rng); loop: JSON bookkeeping."""
+def save_epoch(manager: ocp.CheckpointManager, step: int, state_tree: dict, loop: dict) -> None:
+    """Checkpoint after global step `step`: arrays (train state, best weights, rng) and JSON bookkeeping.
+
+    A mid-epoch save (on SIGTERM) and the end-of-epoch save can fall on the same
+    step; the newer one replaces the older.
+    """
+    if step in manager.all_steps():
+        manager.delete(step)
     manager.save(
-        epoch,
+        step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree), loop=ocp.args.JsonSave(loop)),
     )
     manager.wait_until_finished()

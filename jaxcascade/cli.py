@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from jaxcascade.errors import UserError
+from jaxcascade.errors import TrainingInterrupted, UserError
 
 EXIT_USER_ERROR = 2
 
@@ -41,8 +41,11 @@ def cmd_phantom(args, _overrides) -> None:
     if args.subjects < 1:
         raise UserError(f"--subjects {args.subjects}: need at least one subject")
     io.check_output_path(args.out, is_dir=True)
-    names = phantom.write_cohort(args.out, args.subjects, args.seed, args.size)
-    _log(f"wrote {len(names)} {args.size} phantom subjects to {args.out}: {', '.join(names)}")
+    generator = phantom
+    if args.kind == "mni":
+        from jaxcascade import phantom_mni as generator
+    names = generator.write_cohort(args.out, args.subjects, args.seed, args.size)
+    _log(f"wrote {len(names)} {args.size} {args.kind} phantom subjects to {args.out}: {', '.join(names)}")
 
 
 def cmd_train(args, overrides) -> None:
@@ -102,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", choices=("tiny", "small", "full"), default="small")
+    p.add_argument("--kind", choices=("procedural", "mni"), default="procedural",
+                   help="procedural brain, or MNI152 anatomy (needs pip install -e '.[nilearn]')")
     p.set_defaults(run=cmd_phantom)
 
     p = commands.add_parser("train", help="train both stages (resumes an interrupted run)")
@@ -156,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("jaxcascade: interrupted", file=sys.stderr)
         return 130
+    except TrainingInterrupted as interrupted:  # a scheduler's SIGTERM: saved, resumable
+        print(f"jaxcascade: {interrupted}", file=sys.stderr)
+        return 128 + interrupted.signum
     return 0
 
 

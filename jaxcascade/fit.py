@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import signal
+import threading
 import time
 from typing import Callable
 
@@ -19,7 +21,7 @@ import numpy as np
 from jaxcascade import checkpoints, distributed
 from jaxcascade import patches as patches_lib
 from jaxcascade import train as train_lib
-from jaxcascade.errors import UserError
+from jaxcascade.errors import TrainingInterrupted, UserError
 
 
 @dataclasses.dataclass
@@ -119,72 +121,122 @@ def fit_stage(
     run_key = jax.random.wrap_key_data(distributed.put_replicated(jax.random.key_data(base_key)))
 
     state = distributed.put_replicated(train_lib.create_train_state(variables, tx))
-    loop = {"epoch": -1, "best_val_loss": float("inf"), "best_epoch": -1, "bad_epochs": 0, "history": []}
+    loop = {"epoch": -1, "best_val_loss": float("inf"), "best_epoch": -1, "bad_epochs": 0, "history": [],
+            "partial": None}
     best = jax.tree.map(np.array, variables)
+    rng_data = np.asarray(jax.random.key_data(base_key))
     manager = checkpoints.stage_manager(workdir, stage)
-    template = {"train_state": state, "best": best, "rng": np.asarray(jax.random.key_data(base_key))}
-    restored = checkpoints.restore_latest(manager, template)
+    restored = checkpoints.restore_latest(manager, {"train_state": state, "best": best, "rng": rng_data})
     if restored is not None:
         tree, loop = restored
         state, best = tree["train_state"], tree["best"]
-        log(f"stage {stage}: resuming after epoch {loop['epoch'] + 1} (best validation loss {loop['best_val_loss']:.4f})")
+        where = f"epoch {loop['epoch'] + 1}"
+        if loop.get("partial"):
+            where = f"step {loop['partial']['steps_done']} of epoch {loop['partial']['epoch'] + 1}"
+        log(f"stage {stage}: resuming after {where} (best validation loss {loop['best_val_loss']:.4f})")
+
+    def save(loop_state):
+        checkpoints.save_epoch(manager, int(distributed.to_host(state.step)),
+                               {"train_state": state, "best": best, "rng": rng_data}, loop_state)
 
     log(f"stage {stage}: {len(train_indices)} training / {len(val_indices)} validation patches "
         f"({int(data.labels.sum())} lesion)")
-    for epoch in range(loop["epoch"] + 1, train_config.max_epochs):
-        if loop["bad_epochs"] >= train_config.patience:
-            break
-        started = time.perf_counter()
-        order = np.random.default_rng([config.seed, stage, epoch]).permutation(train_indices)
-        step_measurements = []
-        batches = list(_batches_of(order, train_config.batch_size, pad=False))
-        iterator = progress(batches, f"stage {stage} epoch {epoch + 1}") if progress else batches
-        for chunk, _ in iterator:
-            batch = _batch(data, chunk)
-            state, measurements = train_step(state, batch, run_key)
-            step_measurements.append(measurements)
-        measured = jax.tree.map(lambda *xs: np.stack([distributed.to_host(x) for x in xs]), *step_measurements)
-        bad_steps = np.flatnonzero(~np.isfinite(measured["loss"]) | ~np.isfinite(measured["grad_norm"]))
-        if bad_steps.size:
-            raise UserError(
-                f"stage {stage}: non-finite loss or gradient at epoch {epoch + 1}, step {int(bad_steps[0]) + 1}; "
-                f"training stopped (the last good checkpoint is epoch {loop['epoch'] + 1}); "
-                "check the inputs for extreme values or lower --config.train.learning_rate"
+    with StopOnSignals() as stop:
+        for epoch in range(loop["epoch"] + 1, train_config.max_epochs):
+            if loop["bad_epochs"] >= train_config.patience:
+                break
+            started = time.perf_counter()
+            order = np.random.default_rng([config.seed, stage, epoch]).permutation(train_indices)
+            batches = list(_batches_of(order, train_config.batch_size, pad=False))
+            # A run stopped mid-epoch resumes at its next batch with the same
+            # shuffle, so the result is bitwise that of an uninterrupted run.
+            partial = loop.get("partial") if (loop.get("partial") or {}).get("epoch") == epoch else None
+            done_steps = partial["measurements"] if partial else []
+            step_measurements = []
+            remaining = batches[len(done_steps):]
+            iterator = progress(remaining, f"stage {stage} epoch {epoch + 1}") if progress else remaining
+            for chunk, _ in iterator:
+                state, measurements = train_step(state, _batch(data, chunk), run_key)
+                step_measurements.append(measurements)
+                if stop.signal is not None:
+                    done = done_steps + _host_rows(step_measurements)
+                    save({**loop, "partial": {"epoch": epoch, "steps_done": len(done), "measurements": done}})
+                    raise TrainingInterrupted(stop.signal, stage, epoch, len(done), len(batches))
+            rows = done_steps + _host_rows(step_measurements)
+            measured = {key: np.array([row[key] for row in rows]) for key in rows[0]}
+            _check_finite(measured, stage, epoch, loop)
+            validation = evaluate(eval_step, state.variables, data, val_indices, train_config.eval_batch_size)
+            improved = validation["loss"] < loop["best_val_loss"]
+            if improved:
+                best = jax.tree.map(lambda x: np.array(distributed.to_host(x)), state.variables)
+                loop.update(best_val_loss=validation["loss"], best_epoch=epoch, bad_epochs=0)
+            else:
+                loop["bad_epochs"] += 1
+            record = {
+                "stage": stage,
+                "epoch": epoch + 1,
+                "train_loss": float(measured["loss"].mean()),
+                "train_accuracy": float(measured["accuracy"].mean()),
+                "val_loss": validation["loss"],
+                "val_accuracy": validation["accuracy"],
+                "grad_norm": float(measured["grad_norm"].mean()),
+                "update_norm": float(measured["update_norm"].mean()),
+                "steps": int(distributed.to_host(state.step)),
+                "epoch_seconds": round(time.perf_counter() - started, 3),
+                "best": improved,
+            }
+            loop.update(epoch=epoch, partial=None)
+            loop["history"].append(record)
+            save(loop)
+            log(
+                f"stage {stage} epoch {epoch + 1:3d}: train loss {record['train_loss']:.4f} "
+                f"acc {record['train_accuracy']:.3f} | val loss {record['val_loss']:.4f} "
+                f"acc {record['val_accuracy']:.3f}{' *' if improved else ''} ({record['epoch_seconds']:.1f} s)"
             )
-        validation = evaluate(eval_step, state.variables, data, val_indices, train_config.eval_batch_size)
-        improved = validation["loss"] < loop["best_val_loss"]
-        if improved:
-            best = jax.tree.map(lambda x: np.array(distributed.to_host(x)), state.variables)
-            loop.update(best_val_loss=validation["loss"], best_epoch=epoch, bad_epochs=0)
-        else:
-            loop["bad_epochs"] += 1
-        record = {
-            "stage": stage,
-            "epoch": epoch + 1,
-            "train_loss": float(measured["loss"].mean()),
-            "train_accuracy": float(measured["accuracy"].mean()),
-            "val_loss": validation["loss"],
-            "val_accuracy": validation["accuracy"],
-            "grad_norm": float(measured["grad_norm"].mean()),
-            "update_norm": float(measured["update_norm"].mean()),
-            "steps": int(distributed.to_host(state.step)),
-            "epoch_seconds": round(time.perf_counter() - started, 3),
-            "best": improved,
-        }
-        loop["epoch"] = epoch
-        loop["history"].append(record)
-        checkpoints.save_epoch(
-            manager, epoch, {"train_state": state, "best": best, "rng": np.asarray(jax.random.key_data(base_key))}, loop
-        )
-        log(
-            f"stage {stage} epoch {epoch + 1:3d}: train loss {record['train_loss']:.4f} "
-            f"acc {record['train_accuracy']:.3f} | val loss {record['val_loss']:.4f} "
-            f"acc {record['val_accuracy']:.3f}{' *' if improved else ''} ({record['epoch_seconds']:.1f} s)"
-        )
-        if on_epoch:
-            on_epoch(loop["history"])
+            if on_epoch:
+                on_epoch(loop["history"])
+            if stop.signal is not None:  # arrived during validation or saving: this epoch is safe
+                raise TrainingInterrupted(stop.signal, stage, epoch, len(batches), len(batches))
     manager.close()
     return best, loop["history"]
+
+
+def _host_rows(step_measurements: list[dict]) -> list[dict]:
+    return [{key: float(distributed.to_host(value)) for key, value in m.items()} for m in step_measurements]
+
+
+def _check_finite(measured: dict, stage: int, epoch: int, loop: dict) -> None:
+    bad_steps = np.flatnonzero(~np.isfinite(measured["loss"]) | ~np.isfinite(measured["grad_norm"]))
+    if bad_steps.size:
+        raise UserError(
+            f"stage {stage}: non-finite loss or gradient at epoch {epoch + 1}, step {int(bad_steps[0]) + 1}; "
+            f"training stopped (the last good checkpoint is epoch {loop['epoch'] + 1}); "
+            "check the inputs for extreme values or lower --config.train.learning_rate"
+        )
+
+
+class StopOnSignals:
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def _handle(self, signum, _frame):
+        self.signal = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
 
 
 # One compilation per network and settings, shared by both stages and by every
