@@ -201,3 +201,39 @@ def test_console_script_exit_status_and_single_line(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"jaxcascade: error: {tmp_path / 't.nii.gz'}: file not found"]
+
+
+def test_model_from_an_incompatible_version(trained_model, cohort, tmp_path, capsys):
+    import json
+    import shutil
+
+    copy = tmp_path / "old_model"
+    shutil.copytree(trained_model, copy)
+    record = json.loads((copy / "config.json").read_text())
+    record["jaxcascade"]["format_version"] = 99
+    (copy / "config.json").write_text(json.dumps(record))
+    out = tmp_path / "seg.nii.gz"
+    assert_user_error(capsys, ["segment", "--model", copy, *held_out_inputs(cohort), "--out", out],
+                      "config.json", "model format 99", out_files=[out])
+
+
+def test_all_zero_image_and_directory_as_file(trained_model, subject, cohort, tmp_path, capsys):
+    zero = _save(np.zeros(subject["FLAIR"].shape), tmp_path / "FLAIR.nii.gz", subject["FLAIR"].affine)
+    out = tmp_path / "seg.nii.gz"
+    t1 = cohort / "held_out" / "T1.nii.gz"
+    assert_user_error(capsys, _segment(trained_model, t1, zero, out), zero, "all zero", out_files=[out])
+    folder = tmp_path / "folder.nii.gz"
+    folder.mkdir()
+    assert_user_error(capsys, _segment(trained_model, t1, folder, out), folder, "cannot be read", out_files=[out])
+
+
+def test_lesion_mask_on_another_grid(cohort, subject, tmp_path, capsys):
+    data_dir = tmp_path / "data" / "s1"
+    data_dir.mkdir(parents=True)
+    for name in ("T1", "FLAIR"):
+        (data_dir / f"{name}.nii.gz").write_bytes((cohort / "held_out" / f"{name}.nii.gz").read_bytes())
+    mask = np.asarray(subject["lesion"].dataobj)[:, :, :-1]
+    _save(mask, data_dir / "lesion.nii.gz", subject["lesion"].affine)
+    wd = tmp_path / "wd"
+    assert_user_error(capsys, ["train", "--data", tmp_path / "data", "--workdir", wd], "lesion.nii.gz", "shape")
+    assert not wd.exists()
