@@ -51,7 +51,13 @@ def cmd_phantom(args, _overrides) -> None:
 def cmd_train(args, overrides) -> None:
     from jaxcascade import config as config_lib, pipeline
 
-    config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
+    if args.init_from:
+        if args.config:
+            raise UserError("--init-from starts from the model's own config; give --config.KEY=VALUE overrides, "
+                            "not --config FILE")
+        config = pipeline.fine_tuning_config(args.init_from, overrides)
+    else:
+        config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
     summary = pipeline.train_cascade(args.data, args.workdir, config, log=_log, progress=_progress)
     _log(f"trained model in {summary['workdir']} (epochs: stage 1 {summary['epochs'][1]}, "
          f"stage 2 {summary['epochs'][2]})")
@@ -113,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="folder with one sub-folder per subject")
     p.add_argument("--workdir", required=True, help="where the model, checkpoints and metrics go")
     p.add_argument("--config", help="config file with get_config(), or a packaged name (default, demo)")
+    p.add_argument("--init-from", metavar="MODEL_DIR",
+                   help="fine-tune a trained or imported model (e.g. --config.train.trainable=out)")
     p.set_defaults(run=cmd_train, overrides=True)
 
     p = commands.add_parser("segment", help="segment one subject with a trained model")

@@ -101,8 +101,12 @@ def fit_stage(
     log: Callable[[str], None] = print,
     on_epoch: Callable[[list[dict]], None] | None = None,
     progress: Callable | None = None,
+    initial_variables: dict | None = None,
 ) -> tuple[dict, list[dict]]:
-    """Train one stage to early stopping (resuming from workdir) and return (best variables, history)."""
+    """Train one stage to early stopping (resuming from workdir) and return (best variables, history).
+
+    initial_variables (e.g. a pretrained model's) replace the network's fresh initialisation.
+    """
     train_config = config.train
     distributed.check_divisible(train_config.batch_size, "train.batch_size")
     distributed.check_divisible(train_config.eval_batch_size, "train.eval_batch_size")
@@ -112,9 +116,13 @@ def fit_stage(
         val_indices = train_indices  # too few samples to hold any out; validate on training data
 
     graphdef, variables = train_lib.split_model(model)
-    tx = train_lib.make_optimizer(train_config)
+    if initial_variables is not None:
+        variables = initial_variables
+    trainable = trainable_modules(train_config.trainable, variables["params"])
+    tx = train_lib.make_optimizer(train_config, trainable)
     train_step = _cached_train_step(
-        graphdef, train_config.learning_rate, train_config.rho, train_config.epsilon, train_config.augmentation
+        graphdef, train_config.learning_rate, train_config.rho, train_config.epsilon, train_config.augmentation,
+        trainable,
     )
     eval_step = _cached_eval_step(graphdef)
     base_key = jax.random.fold_in(jax.random.key(config.seed), stage)
@@ -242,9 +250,23 @@ class StopOnSignals:
 # One compilation per network and settings, shared by both stages and by every
 # fit in a process (tests, experiment launchers).
 @functools.lru_cache(maxsize=None)
-def _cached_train_step(graphdef, learning_rate, rho, epsilon, augmentation):
-    tx = train_lib.make_optimizer(_AdadeltaSettings(learning_rate, rho, epsilon))
-    return train_lib.make_train_step(graphdef, tx, augmentation)
+def _cached_train_step(graphdef, learning_rate, rho, epsilon, augmentation, trainable):
+    tx = train_lib.make_optimizer(_AdadeltaSettings(learning_rate, rho, epsilon), trainable)
+    return train_lib.make_train_step(graphdef, tx, augmentation, trainable)
+
+
+def trainable_modules(setting: str, params: dict) -> tuple[str, ...]:
+    """'all' -> () (everything trains); 'dense1,out' -> those top-level modules, checked."""
+    if setting.strip() in ("", "all"):
+        return ()
+    names = tuple(name.strip() for name in setting.split(",") if name.strip())
+    unknown = [name for name in names if name not in params]
+    if unknown:
+        raise UserError(
+            f"--config.train.trainable={setting}: no module {', '.join(unknown)} in this network "
+            f"(modules: {', '.join(params)})"
+        )
+    return names
 
 
 @dataclasses.dataclass(frozen=True)

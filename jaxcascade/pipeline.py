@@ -17,7 +17,7 @@ import numpy as np
 from jaxcascade import __version__, cascade, checkpoints, config as config_lib, distributed, io, models, plots
 from jaxcascade import patches as patches_lib
 from jaxcascade.errors import UserError
-from jaxcascade.fit import TrainingSet, fit_stage
+from jaxcascade.fit import TrainingSet, fit_stage, trainable_modules
 from jaxcascade.train import split_model
 
 FORMAT_VERSION = 1
@@ -104,9 +104,14 @@ def _fit(stage, subjects, centres, labels, config, workdir, log, progress, histo
         histories[stage] = history
         _write_history(workdir, histories)
 
+    initial = None
+    if config.train.init_from:
+        _, template = split_model(model)
+        initial = checkpoints.load_weights(config.train.init_from, stage, template)
+        log(f"stage {stage}: starting from {config.train.init_from}")
     best, history = fit_stage(
         stage=stage, model=model, data=data, config=config, workdir=workdir, log=log, on_epoch=on_epoch,
-        progress=progress,
+        progress=progress, initial_variables=initial,
     )
     histories[stage] = history
     _write_history(workdir, histories)
@@ -145,6 +150,9 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress:
     if not distributed.is_primary():
         log = _silent
     subjects = load_training_subjects(data_dir, config)
+    # Settings that can only be checked against a built network fail before the workdir exists.
+    probe = models.build_network(config.model, subjects[0].volume.shape[-1], 0)
+    trainable_modules(config.train.trainable, split_model(probe)[1]["params"])
     _prepare_workdir(workdir, config)
     distributed.barrier("workdir ready")
     log(f"{len(subjects)} training subjects: {', '.join(s.name for s in subjects)}")
@@ -196,6 +204,27 @@ class Cascade:
     @property
     def modalities(self) -> tuple[str, ...]:
         return tuple(self.config.data.modalities)
+
+
+def fine_tuning_config(model_dir, overrides: list[str]):
+    """The config of an existing model, set to start from its weights; overrides then apply.
+
+    The network, channels and normalisation must stay those of the model, so
+    the starting point is the model's own config rather than a config file.
+    """
+    config = read_model_config(model_dir)
+    for stage in (1, 2):
+        if not checkpoints.stage_done(model_dir, stage):
+            raise UserError(f"{model_dir}: stage {stage} has no trained weights to start from")
+    config.train.init_from = str(Path(model_dir).resolve())
+    config = config_lib.apply_overrides(config, overrides)
+    fixed = ["model", "data.modalities", "normalisation"]
+    changed = [key for key in config_lib.differences(_stored_config(read_model_config(model_dir)),
+                                                     _stored_config(config))
+               if any(key == f or key.startswith(f + ".") for f in fixed)]
+    if changed:
+        raise UserError(f"--init-from {model_dir}: {', '.join(changed)} cannot change when fine-tuning a model")
+    return config
 
 
 def read_model_config(model_dir) -> object:

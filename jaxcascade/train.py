@@ -31,9 +31,21 @@ class TrainState:
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def make_optimizer(train_config) -> optax.GradientTransformation:
-    """Adadelta with the seed's (Lasagne's) settings."""
-    return optax.adadelta(learning_rate=train_config.learning_rate, rho=train_config.rho, eps=train_config.epsilon)
+def make_optimizer(train_config, trainable: tuple[str, ...] = ()) -> optax.GradientTransformation:
+    """Adadelta with the seed's (Lasagne's) settings.
+
+    trainable: top-level module names to train (empty: all). The others get
+    zero updates, as in nicMSlesions' fine-tuning of only the last layers.
+    """
+    adadelta = optax.adadelta(learning_rate=train_config.learning_rate, rho=train_config.rho, eps=train_config.epsilon)
+    if not trainable:
+        return adadelta
+
+    def labels(params):
+        return {name: jax.tree.map(lambda _, n=name: "train" if n in trainable else "frozen", subtree)
+                for name, subtree in params.items()}
+
+    return optax.multi_transform({"train": adadelta, "frozen": optax.set_to_zero()}, labels)
 
 
 def split_model(model: nnx.Module):
@@ -87,12 +99,13 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, augmentation: str):
+def make_train_step(graphdef, tx: optax.GradientTransformation, augmentation: str, trainable: tuple[str, ...] = ()):
     """A jitted `train_step(state, batch, rng) -> (state, measurements)`.
 
     batch = {'patches': (B, p, p, p, C) float32, 'labels': (B,) int32}. The rng
     is the run's key: the step's own key is fold_in(rng, state.step), so no
     key is threaded through the loop and a resumed run draws the same keys.
+    With `trainable` set, frozen modules also keep their BatchNorm statistics.
     """
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
@@ -106,6 +119,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, augmentation: st
             return cross_entropy(logits, batch["labels"]).mean(), (logits, batch_stats)
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        if trainable:
+            batch_stats = {name: stats if name in trainable else state.batch_stats[name]
+                           for name, stats in batch_stats.items()}
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         measurements = {

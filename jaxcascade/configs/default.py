@@ -50,6 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
     # "flips3d": independent flips of all three axes; "rot90": flips and axis permutations; "none".
     config.train.augmentation = "seed"
     config.train.eval_batch_size = 1024
+    # Fine-tuning: start from a model directory's weights (`train --init-from`), and train only
+    # these top-level modules ("all", or e.g. "dense1,out"; nicMSlesions' one-shot: its last dense layers).
+    config.train.init_from = ""
+    config.train.trainable = "all"
 
     # Multi-process runs (see README); empty/0/-1 means "from JAX_* environment variables, else one process".
     config.distributed = ml_collections.ConfigDict()
