@@ -110,20 +110,10 @@ def classify_voxels(
     centres = np.argwhere(mask).astype(np.int32)
     if len(centres) == 0:
         return probability
-    batch_size = distributed.round_up_to_devices(batch_size)
     padded = distributed.put_replicated(patches_lib.pad_volume(volume, stage.patch_size))
     variables = distributed.put_replicated(stage.variables)
-    n_batches = -(-len(centres) // batch_size)
-    padded_centres = np.zeros((n_batches * batch_size, 3), np.int32)
-    padded_centres[: len(centres)] = centres
-    batches = range(n_batches)
-    if progress is not None:
-        batches = progress(batches)
-    outputs = []
-    for b in batches:
-        chunk = padded_centres[b * batch_size : (b + 1) * batch_size]
-        outputs.append(stage.predict_at(variables, padded, distributed.put_batch(chunk)))
-    values = np.concatenate([distributed.to_host(o) for o in outputs])[: len(centres)]
+    values = distributed.map_batches(lambda chunk: stage.predict_at(variables, padded, chunk), centres,
+                                     batch_size, progress)
     probability[tuple(centres.T)] = values
     return probability
 

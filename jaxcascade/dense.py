@@ -84,23 +84,14 @@ def classify_voxels_dense(
         return probability
     pad, origins = tile_geometry(mask.shape, tile_size, halo, patch_size)
     origins = occupied_tiles(mask, origins, tile_size)
-    tiles_per_batch = distributed.round_up_to_devices(tiles_per_batch)  # every device gets tiles
     padded = distributed.put_replicated(np.pad(volume, pad + [(0, 0)]))
     variables = distributed.put_replicated(variables)
     predict = make_tile_predictor(graphdef, tile_size, halo)
-    n_batches = -(-len(origins) // tiles_per_batch)
-    batch_origins = np.zeros((n_batches * tiles_per_batch, 3), np.int32)
-    batch_origins[: len(origins)] = origins
-    batches = range(n_batches)
-    if progress is not None:
-        batches = progress(batches)
+    blocks = distributed.map_batches(lambda chunk: predict(variables, padded, chunk), origins, tiles_per_batch,
+                                     progress)
     full = np.zeros([s + (-s) % tile_size for s in mask.shape], np.float32)
-    for b in batches:
-        chunk = batch_origins[b * tiles_per_batch : (b + 1) * tiles_per_batch]
-        blocks = distributed.to_host(predict(variables, padded, distributed.put_batch(chunk)))
-        n_real = min(tiles_per_batch, len(origins) - b * tiles_per_batch)  # the rest is padding
-        for (z, y, x), block in zip(chunk[:n_real], blocks[:n_real]):
-            full[z : z + tile_size, y : y + tile_size, x : x + tile_size] = block
+    for (z, y, x), block in zip(origins, blocks):
+        full[z : z + tile_size, y : y + tile_size, x : x + tile_size] = block
     d, h, w = mask.shape
     probability[mask] = full[:d, :h, :w][mask]
     return probability

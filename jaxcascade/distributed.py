@@ -74,6 +74,22 @@ def round_up_to_devices(size: int) -> int:
     return -(-size // n) * n
 
 
+def map_batches(fn, rows: np.ndarray, batch_size: int, progress=None) -> np.ndarray:
+    """fn over fixed-size batches of rows (the last padded), split over the devices; host result per row.
+
+    One shape for every call, so fn (jitted) compiles once; batch_size grows to
+    a multiple of the device count. Outputs stay on the devices until all
+    batches are dispatched, so dispatch overlaps compute.
+    """
+    batch_size = round_up_to_devices(batch_size)
+    n_batches = -(-len(rows) // batch_size)
+    padded = np.zeros((n_batches * batch_size, *rows.shape[1:]), rows.dtype)
+    padded[: len(rows)] = rows
+    batches = range(n_batches) if progress is None else progress(range(n_batches))
+    outputs = [fn(put_batch(padded[b * batch_size : (b + 1) * batch_size])) for b in batches]
+    return np.concatenate([to_host(o) for o in outputs])[: len(rows)]
+
+
 def check_divisible(batch_size: int, setting: str) -> None:
     """A user's global batch must split evenly over the devices."""
     n = jax.device_count()
