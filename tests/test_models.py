@@ -66,3 +66,5 @@ def test_auto_picks_by_buffer_size_on_cpu():
         pytest.skip("the GEMM formulations are chosen on CPU only")
     assert convs.default_implementation((128, 11, 11, 11, 2), (3, 3, 3, 2, 32)) == "im2col"
     assert convs.default_implementation((4, 40, 40, 40, 32), (3, 3, 3, 32, 64), dilation=2) == "slices"
+    assert convs.default_implementation((128, 13, 13, 13, 32), (3, 3, 3, 32, 32)) == "lax"
+    assert convs.default_implementation((128, 4, 4, 4, 32), (3, 3, 3, 32, 64)) == "im2col"

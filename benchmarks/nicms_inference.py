@@ -1,0 +1,140 @@
+"""The imported nicMSlesions network, patch-wise: jaxcascade vs PyTorch, same weights, same candidates.
+
+Run:
+    pip install -e ".[bench,interop]"
+    python benchmarks/nicms_inference.py [--voxels 20000] [--all]
+nicMSlesions' network has per-position PReLU slopes, so it can only run
+patch-wise (about 60 M multiply-adds per patch). On a 1 mm (197x233x189)
+two-channel phantom with the nicMS normalisation, both frameworks classify the
+same stage-1 candidates; by default a seeded random subset (--voxels) and the
+whole-brain time is extrapolated from the measured rate (say so when quoting);
+--all classifies every candidate. Needs ../shared/interop/nicmslesions_baseline_2ch.
+Prints a table, writes benchmarks/results/nicms_inference.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+from common import markdown_table, torch_or_exit, write_results  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "interop" / "nicmslesions_baseline_2ch"
+
+
+def torch_nicms(variables: dict):
+    """nicMSlesions' network in PyTorch (channels-first, as Keras computed it) with the given weights."""
+    torch = torch_or_exit()
+    from torch import nn
+
+    params, stats = variables["params"], variables["batch_stats"]
+
+    def t(a, *perm):
+        a = np.asarray(a, np.float32)
+        return torch.from_numpy(np.array(a.transpose(*perm) if perm else a))
+
+    class NicMS(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs, self.bns, self.alphas = nn.ModuleList(), nn.ModuleList(), []
+            for conv, bn, prelu in (("conv1_1", "bn_1_1", "prelu_conv1_1"), ("conv1_2", "bn_1_2", "prelu_conv1_2"),
+                                    ("conv2_1", "bn_2_1", "prelu_conv2_1"), ("conv2_2", "bn_2_2", "prelu_conv2_2")):
+                kernel = np.asarray(params[conv]["kernel"])
+                layer = nn.Conv3d(kernel.shape[3], kernel.shape[4], 3, padding=1)
+                layer.weight.data = t(kernel, 4, 3, 0, 1, 2)
+                layer.bias.data = t(params[conv]["bias"])
+                norm = nn.BatchNorm3d(kernel.shape[4], eps=1e-3)
+                norm.weight.data, norm.bias.data = t(params[bn]["scale"]), t(params[bn]["bias"])
+                norm.running_mean.data, norm.running_var.data = t(stats[bn]["mean"]), t(stats[bn]["var"])
+                self.convs.append(layer)
+                self.bns.append(norm)
+                self.alphas.append(t(params[prelu]["alpha"], 3, 0, 1, 2))  # (D, H, W, C) -> (C, D, H, W)
+            self.dense, self.dense_alphas = nn.ModuleList(), []
+            for dense, prelu in (("d1", "prelu_d1"), ("d2", "prelu_d2"), ("d3", "prelu_d3"), ("out", None)):
+                kernel = np.asarray(params[dense]["kernel"])
+                layer = nn.Linear(*kernel.shape)
+                layer.weight.data, layer.bias.data = t(kernel.T), t(params[dense]["bias"])
+                self.dense.append(layer)
+                self.dense_alphas.append(t(params[prelu]["alpha"]) if prelu else None)
+
+        def forward(self, x):
+            for i, (conv, bn, alpha) in enumerate(zip(self.convs, self.bns, self.alphas)):
+                x = bn(conv(x))
+                x = torch.clamp(x, min=0) + alpha * torch.clamp(x, max=0)
+                if i in (1, 3):
+                    x = nn.functional.max_pool3d(x, 2)
+            x = x.reshape(x.shape[0], -1)  # channels-first C order, as Keras' Flatten
+            for layer, alpha in zip(self.dense, self.dense_alphas):
+                x = layer(x)
+                if alpha is not None:
+                    x = torch.clamp(x, min=0) + alpha * torch.clamp(x, max=0)
+            return torch.softmax(x, dim=-1)[:, 1]
+
+    return NicMS().eval()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--voxels", type=int, default=20000, help="candidates to classify (default subset)")
+    parser.add_argument("--all", action="store_true", help="classify every candidate of the brain")
+    parser.add_argument("--seed", type=int, default=0, help="phantom subject seed")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    torch = torch_or_exit()
+    if not SHARED.is_dir():
+        sys.exit(f"{SHARED}: nicMSlesions' models not found")
+
+    from jaxcascade import cascade, interop, phantom, pipeline
+    from torch_reference import classify_candidates
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = Path(scratch) / "nicms"
+        interop.import_keras(SHARED / "model_1.hdf5", SHARED / "model_2.hdf5", ("T1", "FLAIR"), model_dir)
+        stage1 = pipeline.load_cascade(model_dir).stage1
+    subject = phantom.make_subject(args.seed, "full")
+    volume = cascade.normalise_channels([subject["T1"], subject["FLAIR"]], "nicms")
+    candidates = cascade.candidate_mask(volume[..., 1], 0.5)
+    mask = candidates
+    if not args.all:
+        chosen = np.random.default_rng(0).permutation(np.argwhere(candidates))[: args.voxels]
+        mask = np.zeros_like(candidates)
+        mask[tuple(chosen.T)] = True
+
+    warm = np.zeros_like(mask)
+    warm[tuple(np.argwhere(mask)[:512].T)] = True
+    options = cascade.InferenceOptions(method="patch", batch_size=256)
+    cascade.classify(stage1, volume, warm, options)
+    started = time.perf_counter()
+    jax_probability = cascade.classify(stage1, volume, mask, options)
+    jax_seconds = time.perf_counter() - started
+
+    model = torch_nicms(stage1.variables)
+    classify_candidates(model, volume, warm)
+    started = time.perf_counter()
+    torch_probability = classify_candidates(model, volume, mask)
+    torch_seconds = time.perf_counter() - started
+
+    n, total = int(mask.sum()), int(candidates.sum())
+    rows = []
+    for name, seconds in (("jaxcascade patch", jax_seconds), ("torch patch", torch_seconds)):
+        rows.append({"method": name, "voxels": n, "seconds": seconds, "patches_per_s": n / seconds,
+                     "whole_brain_s" + ("" if args.all else " (extrapolated)"): seconds * total / n,
+                     "speedup_vs_torch": torch_seconds / seconds})
+    difference = float(np.abs(jax_probability - torch_probability).max())
+    print(markdown_table(rows, list(rows[0])))
+    print(f"\nbrain candidates: {total}; max |jax - torch| probability: {difference:.2e}; torch threads "
+          f"{torch.get_num_threads()}")
+    path = write_results("nicms_inference", {"rows": rows, "brain_candidates": total,
+                                             "max_abs_diff": difference}, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
