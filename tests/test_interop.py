@@ -13,7 +13,6 @@ import os
 import sys
 from pathlib import Path
 
-import h5py
 import jax
 import jax.numpy as jnp
 import nibabel as nib
@@ -24,6 +23,8 @@ from flax import nnx
 
 from jaxcascade import cascade, checkpoints, cli, interop, models, nicms, phantom, pipeline
 from jaxcascade.errors import UserError
+
+h5py = pytest.importorskip("h5py", reason="the Keras reference reads HDF5: pip install 'jaxcascade[interop]'")
 
 KERAS_DIR = Path(__file__).resolve().parents[2] / "shared" / "interop" / "nicmslesions_baseline_2ch"
 PATCH = 11
