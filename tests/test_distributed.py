@@ -71,8 +71,8 @@ def test_two_processes_with_two_devices_each_train_like_one(single_device, tmp_p
         assert worker.returncode == 0, stderr[-3000:]
     _, two_by_two = _assert_same_weights(single_device, tmp_path / "w.npz")
     assert int(two_by_two["devices"]) == 4 and int(two_by_two["processes"]) == 2
-    # orbax committed the epoch checkpoint once, from both processes' shards.
-    assert (tmp_path / "wd" / "checkpoints" / "stage1" / "0").is_dir()
+    # orbax committed the end-of-epoch checkpoint (global step 3) once, from both processes' shards.
+    assert (tmp_path / "wd" / "checkpoints" / "stage1" / "3").is_dir()
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):

@@ -1,0 +1,238 @@
+"""What every experiment shares: the cohort, the folds, training and scoring a fold, tables.
+
+A fold trains one cascade with `pipeline.train_cascade` on its training
+subjects (in its own workdir) and scores each of its test subjects twice: the
+full cascade, and CNN1 alone post-processed exactly like the cascade's output.
+A fold whose model has both stages and whose `metrics.json` exists is
+finished: a later run reads it back instead of training.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io as text_io
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from jaxcascade import cascade, checkpoints, config as config_lib, io, metrics, phantom, pipeline, postprocess
+from jaxcascade.errors import UserError
+
+PROCEDURAL_CONTRASTS = ("T1", "FLAIR")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fold:
+    name: str
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+
+
+def leave_one_out_folds(names: list[str]) -> list[Fold]:
+    """One fold per subject: trained on all the others, tested on it."""
+    if len(names) < 2:
+        raise UserError(f"leave-one-out needs at least 2 subjects, the cohort has {len(names)}")
+    return [Fold(name, tuple(n for n in names if n != name), (name,)) for name in names]
+
+
+def training_size_folds(names: list[str], sizes, test_subjects: int, repeats: int, seed: int) -> list[Fold]:
+    """Train on the first n of a shuffled pool for each n in sizes; test on a fixed held-out set.
+
+    The last `test_subjects` subjects are the test set. Each repeat shuffles
+    the pool once, so within a repeat the training sets are nested: growing n
+    only adds subjects, which keeps the curve free of set-to-set noise. A
+    training set drawn again by a later repeat is not trained twice.
+    """
+    pool, test = names[: len(names) - test_subjects], tuple(names[len(names) - test_subjects :])
+    if test_subjects < 1 or not sizes or min(sizes) < 1 or max(sizes) > len(pool):
+        raise UserError(
+            f"training sizes {tuple(sizes)} with {test_subjects} test subjects need a cohort of at least "
+            f"{max(sizes, default=0) + max(test_subjects, 1)} subjects and sizes >= 1; the cohort has {len(names)}"
+        )
+    folds, seen = [], set()
+    for repeat in range(repeats):
+        order = np.random.default_rng([seed, repeat]).permutation(len(pool))
+        for n in sizes:
+            chosen = tuple(sorted(pool[i] for i in order[:n]))
+            if chosen not in seen:  # e.g. n = the whole pool: training is deterministic, so once is enough
+                seen.add(chosen)
+                folds.append(Fold(f"train{n:02d}-rep{repeat}", chosen, test))
+    return folds
+
+
+# ----------------------------------------------------------------------------- cohort
+
+
+def ensure_cohort(cohort_config, modalities, cohort_dir: Path, log: Callable) -> list[str]:
+    """Write the phantom cohort once; a later run checks it is the same cohort and reuses it."""
+    modalities = tuple(modalities)
+    record = {**config_lib.to_dict(cohort_config), "contrasts": list(modalities)}
+    manifest = cohort_dir / "cohort.json"
+    names = [phantom.subject_name(i) for i in range(cohort_config.subjects)]
+    if manifest.exists():
+        changed = config_lib.differences(json.loads(manifest.read_text()), record)
+        if changed:
+            raise UserError(
+                f"{manifest}: this results folder holds another cohort ({', '.join(changed)} differ); "
+                "use a new --config.results_dir"
+            )
+        log(f"cohort: {len(names)} subjects already in {cohort_dir}")
+        return names
+    kind = cohort_config.kind
+    log(f"cohort: writing {len(names)} {kind} {cohort_config.size} phantom subjects to {cohort_dir}")
+    cohort_dir.mkdir(parents=True, exist_ok=True)
+    if kind == "procedural":
+        if not set(modalities) <= set(PROCEDURAL_CONTRASTS):
+            raise UserError(f"the procedural phantom has only T1 and FLAIR, the cascade asks for {', '.join(modalities)}; "
+                            "use --config.cohort.kind=mni for T2 and PD")
+        phantom.write_cohort(cohort_dir, len(names), cohort_config.seed, cohort_config.size)
+    elif kind == "mni":
+        from jaxcascade import phantom_mni
+
+        phantom_mni.write_cohort(cohort_dir, len(names), cohort_config.seed, cohort_config.size, modalities)
+    else:
+        raise UserError(f"--config.cohort.kind={kind}: unknown phantom; use procedural or mni")
+    io.write_json(record, manifest)  # last, so an interrupted write is redone
+    return names
+
+
+# ----------------------------------------------------------------------------- one fold
+
+
+def stage1_alone_mask(stage1_probability, options: cascade.InferenceOptions, voxel_volume_ml: float) -> np.ndarray:
+    """CNN1's probability post-processed as segment_volume post-processes CNN2's."""
+    mask = postprocess.binarise(stage1_probability, options.threshold)
+    mask = postprocess.remove_small_lesions(mask, options.min_lesion_voxels, options.connectivity)
+    return postprocess.apply_min_volume(mask, options.min_volume_ml, voxel_volume_ml)
+
+
+def score_subject(model: pipeline.Cascade, subject_dir: Path, segmentation_path: Path) -> dict:
+    """{"cascade": metrics, "stage1": metrics} of one subject; writes the cascade's mask."""
+    config = model.config
+    images = io.load_sequences({m: subject_dir / f"{m}{config.data.suffix}" for m in model.modalities},
+                               model.modalities, subject_dir.name)
+    lesion_path = subject_dir / f"{config.data.lesion}{config.data.suffix}"
+    truth = io.load_lesion_mask(lesion_path, images[0])
+    result = pipeline.segment_images(model, images)
+    voxel_ml = images[0].voxel_volume_ml
+    stage1_mask = stage1_alone_mask(result.stage1_probability, cascade.InferenceOptions.from_config(config), voxel_ml)
+    io.save_like(result.mask, images[model.modalities.index(config.data.flair)].nifti, segmentation_path)
+    return {"cascade": metrics.segmentation_metrics(result.mask, truth, voxel_ml),
+            "stage1": metrics.segmentation_metrics(stage1_mask, truth, voxel_ml)}
+
+
+def fold_finished(fold_dir: Path) -> bool:
+    model = fold_dir / "model"
+    return (fold_dir / "metrics.json").exists() and all(checkpoints.stage_done(model, s) for s in (1, 2))
+
+
+def _method_settings(config: dict) -> dict:
+    # How a run is spread over processes does not change its results.
+    return {key: value for key, value in config.items() if key != "distributed"}
+
+
+def run_fold(fold: Fold, cohort_dir: Path, folds_dir: Path, cascade_config, log: Callable) -> dict:
+    """Train (or resume) and score one fold; a finished fold is read back, never retrained."""
+    fold_dir = folds_dir / fold.name
+    stored_config = _method_settings(config_lib.to_dict(cascade_config))
+    if fold_finished(fold_dir):
+        metrics_path = fold_dir / "metrics.json"
+        record = json.loads(metrics_path.read_text())
+        # Settings added to jaxcascade since the fold ran take their defaults,
+        # as pipeline.read_model_config does for a stored model.
+        then = config_lib.to_dict(config_lib.from_dict(record["cascade_config"], str(metrics_path)))
+        changed = config_lib.differences(_method_settings(then), stored_config)
+        if changed or tuple(record["train"]) != fold.train or tuple(record["test"]) != fold.test:
+            raise UserError(
+                f"{fold_dir}: finished with another config or split ({', '.join(changed) or 'subjects'} differ); "
+                "use a new --config.results_dir"
+            )
+        log(f"fold {fold.name}: finished earlier, skipping (metrics in {fold_dir / 'metrics.json'})")
+        return record
+
+    # train_cascade reads every subject folder of its data dir, so the fold
+    # gets a folder of links to just its training subjects.
+    train_dir = fold_dir / "train"
+    train_dir.mkdir(parents=True, exist_ok=True)
+    for name in fold.train:
+        link = train_dir / name
+        if not link.exists():  # relative, so the results folder can be moved
+            link.symlink_to(os.path.relpath(cohort_dir / name, train_dir), target_is_directory=True)
+    log(f"fold {fold.name}: training on {', '.join(fold.train)}; testing on {', '.join(fold.test)}")
+    started = time.perf_counter()
+    summary = pipeline.train_cascade(train_dir, fold_dir / "model", cascade_config,
+                                     log=lambda message: log(f"  [{fold.name}] {message}"))
+    trained = time.perf_counter()
+    model = pipeline.load_cascade(fold_dir / "model")
+    scores = {name: score_subject(model, cohort_dir / name, fold_dir / f"{name}_segmentation.nii.gz")
+              for name in fold.test}
+    record = {
+        "fold": fold.name, "train": list(fold.train), "test": list(fold.test), "subjects": scores,
+        "epochs": summary["epochs"], "train_seconds": trained - started,
+        "score_seconds": time.perf_counter() - trained, "cascade_config": stored_config,
+    }
+    io.write_json(record, fold_dir / "metrics.json")
+    dsc = ", ".join(f"{name} {s['cascade']['dsc']:.3f}" for name, s in scores.items())
+    log(f"fold {fold.name}: DSC {dsc} ({record['train_seconds']:.0f} s training, "
+        f"{record['score_seconds']:.0f} s scoring)")
+    return record
+
+
+def run_folds(folds: list[Fold], results_dir: Path, cohort_dir: Path, cascade_config, log: Callable) -> list[dict]:
+    return [run_fold(fold, cohort_dir, results_dir / "folds", cascade_config, log) for fold in folds]
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def nan_mean(values) -> float:
+    """Mean of the defined values (an undefined metric is None or nan); nan when none is."""
+    defined = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return sum(defined) / len(defined) if defined else math.nan
+
+
+def summary_row(rows: list[dict], columns: list[str], label: str, *, totals=()) -> dict:
+    """A last table row: the mean of each numeric column, or the sum for columns in totals."""
+    row = {columns[0]: label}
+    for column in columns[1:]:
+        values = [r[column] for r in rows]
+        row[column] = sum(values) if column in totals else nan_mean(values)
+    return row
+
+
+def _cell(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, (bool, str)):
+        return str(value)
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return f"{float(value):.{digits}f}"
+
+
+def markdown_table(rows: list[dict], columns: list[str], headers: dict | None = None) -> str:
+    """A GitHub Markdown table; undefined values are blank."""
+    headers = headers or {}
+    text = {c for c in columns if any(isinstance(row[c], str) for row in rows)}  # left-aligned, numbers right
+    lines = ["| " + " | ".join(headers.get(c, c) for c in columns) + " |",
+             "|" + "|".join(" --- " if c in text else " ---: " for c in columns) + "|"]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(rows: list[dict], columns: list[str], stem: Path, headers: dict | None = None) -> str:
+    """Write stem.csv and stem.md (atomically); return the Markdown."""
+    buffer = text_io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([[_cell(row[c], 6) for c in columns] for row in rows])
+    io.write_text(buffer.getvalue(), stem.with_suffix(".csv"))
+    table = markdown_table(rows, columns, headers)
+    io.write_text(table, stem.with_suffix(".md"))
+    return table

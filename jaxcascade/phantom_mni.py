@@ -1,0 +1,210 @@
+"""MNI152-based synthetic MS cohort: real anatomy, procedural lesions and acquisition.
+
+Each subject starts from the ICBM 2009 (MNI152) grey-matter, white-matter and
+brain-mask maps that the nilearn wheel ships inside its package (nothing is
+downloaded), deforms them with a random affine, a smooth warp and a
+ventricular enlargement, places 5-40 white-matter lesions (a share of them
+periventricular, via phantom.py's lesion drawing), and renders T1, FLAIR and
+optionally T2 and PD from the tissue fractions with phantom.py's partial
+volume, bias field and Rician noise. Needs the `nilearn` extra:
+    pip install -e '.[nilearn]'
+The API mirrors phantom.py: `make_subject(seed, size)` and `write_cohort(...)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+from scipy import ndimage
+
+from jaxcascade import io, phantom
+from jaxcascade.errors import UserError
+
+# Template resolution (mm) loaded from nilearn, and the block size that
+# averages it down to the grid. "tiny" (4 mm) exists for tests and smoke runs.
+# The names are phantom.SIZES's, whose lesion counts and sizes per grid apply.
+SIZES = {"tiny": (2, 2), "small": (2, 1), "full": (1, 1)}
+CONTRASTS = ("T1", "FLAIR", "T2", "PD")
+
+# Intensity relative to normal white matter per tissue (CSF, GM, WM), the
+# lesion range and the periventricular-rim range, typical of skull-stripped
+# 3T MPRAGE, 3D FLAIR, T2 and PD images. The rim (FLAIR/T2-bright ependymal
+# lining) and the cortex are the hard negatives a FLAIR threshold cannot
+# separate from lesions.
+_CONTRAST = {
+    "T1": {"tissue": (0.25, 0.62, 1.0), "lesion": (0.6, 0.85), "rim": (0.97, 1.0), "gain": (400.0, 1200.0)},
+    "FLAIR": {"tissue": (0.18, 1.2, 1.0), "lesion": (1.4, 1.8), "rim": (1.1, 1.3), "gain": (200.0, 800.0)},
+    "T2": {"tissue": (3.0, 1.4, 1.0), "lesion": (1.7, 2.4), "rim": (1.2, 1.5), "gain": (100.0, 400.0)},
+    "PD": {"tissue": (1.4, 1.2, 1.0), "lesion": (1.25, 1.45), "rim": (1.05, 1.15), "gain": (300.0, 900.0)},
+}
+_WM_HOST_FRACTION = 0.6  # lesions grow only where white matter dominates
+_VENTRICLE_DEPTH_MM = 12.0  # CSF deeper than this below the brain surface is ventricular
+_RIM_MM = 2.5
+_PV_BAND_VOXELS = 2
+
+
+def _nilearn_datasets():
+    try:
+        from nilearn import datasets
+    except ImportError:
+        raise UserError("the MNI phantom needs nilearn: pip install -e '.[nilearn]'") from None
+    return datasets
+
+
+@functools.lru_cache(maxsize=3)
+def template(size: str) -> dict:
+    """{"gm", "wm", "csf", "brain": float32 fractions; "affine"} of the MNI grid for `size`.
+
+    CSF is what the brain mask holds beyond GM and WM. Cached: loading and
+    resampling inside nilearn costs about two seconds.
+    """
+    if size not in SIZES:
+        raise UserError(f"MNI phantom size {size!r} is unknown; use one of {sorted(SIZES)}")
+    resolution, block = SIZES[size]
+    datasets = _nilearn_datasets()
+    loaders = {"gm": datasets.load_mni152_gm_template, "wm": datasets.load_mni152_wm_template,
+               "brain": datasets.load_mni152_brain_mask}
+    images = {name: load(resolution=resolution) for name, load in loaders.items()}
+    maps = {name: np.asarray(image.get_fdata(), np.float32) for name, image in images.items()}
+    affine = np.array(images["brain"].affine, np.float64)
+    if block > 1:
+        maps = {name: _block_mean(data, block) for name, data in maps.items()}
+        # A new voxel's centre is the centre of the block of old voxels it averages.
+        affine[:3, 3] += affine[:3, :3] @ np.full(3, (block - 1) / 2.0)
+        affine = affine @ np.diag([block, block, block, 1.0])
+    brain = maps["brain"] > 0.5
+    # The GM map leaks a little outside the brain mask; the mask wins.
+    gm = np.clip(maps["gm"], 0.0, 1.0) * brain
+    wm = np.clip(maps["wm"], 0.0, 1.0) * brain
+    csf = np.clip(1.0 - gm - wm, 0.0, 1.0) * brain
+    voxel = float(abs(affine[0, 0]))
+    _, ventricles = _labels({"gm": gm, "wm": wm, "csf": csf}, brain, voxel)
+    return {"gm": gm, "wm": wm, "csf": csf, "brain": brain.astype(np.float32), "affine": affine,
+            "ventricle_centre": np.array(ndimage.center_of_mass(ventricles), np.float32)}
+
+
+def _block_mean(data: np.ndarray, block: int) -> np.ndarray:
+    shape = [n // block for n in data.shape]
+    data = data[: shape[0] * block, : shape[1] * block, : shape[2] * block]
+    return data.reshape(shape[0], block, shape[1], block, shape[2], block).mean(axis=(1, 3, 5))
+
+
+def make_subject(seed: int, size: str = "small", contrasts=("T1", "FLAIR")) -> dict:
+    """Generate one subject on the MNI grid named `size` (see SIZES).
+
+    Returns {<contrast>: float32 arrays, exactly 0 outside the brain mask;
+    "lesion": uint8 0/1; "affine": the template's 4x4 voxel-to-MNI-mm
+    matrix}. The anatomy and lesions depend only on `seed`, and each
+    contrast only on (seed, contrast), so asking for more contrasts never
+    changes the others.
+    """
+    unknown = [c for c in contrasts if c not in CONTRASTS]
+    if unknown or not contrasts:
+        raise UserError(f"MNI phantom contrasts {', '.join(contrasts) or 'none'}: use some of {', '.join(CONTRASTS)}")
+    base = template(size)
+    voxel = float(abs(base["affine"][0, 0]))
+    rng = np.random.default_rng(seed)
+    fractions = _deform(rng, base, voxel)
+    head = fractions["brain"] > 0.5
+    for name in ("gm", "wm", "csf"):
+        fractions[name] *= head
+    label, ventricles = _labels(fractions, head, voxel)
+    # Distances to the ventricles count from the edge of their partial-volume
+    # band, which is labelled GM or CSF and would otherwise push lesions away.
+    near_ventricles = ndimage.binary_dilation(ventricles, iterations=_PV_BAND_VOXELS) & (label != phantom._WM)
+    lesion_id, n_lesions = phantom._place_lesions(rng, label, near_ventricles, voxel, size)
+    lesion = lesion_id > 0
+    rim = _periventricular_rim(ventricles, voxel)
+
+    subject = {}
+    for contrast in contrasts:
+        crng = np.random.default_rng([seed, 1 + CONTRASTS.index(contrast)])
+        spec = _CONTRAST[contrast]
+        # Per-subject tissue contrast varies a little; WM stays the reference.
+        csf_c, gm_c = np.array(spec["tissue"][:2]) * crng.uniform(0.97, 1.03, 2)
+        lesion_factor = np.concatenate([[0.0], crng.uniform(*spec["lesion"], n_lesions)]).astype(np.float32)
+        white = np.where(rim, np.float32(crng.uniform(*spec["rim"])), np.float32(1.0))
+        # A lesion replaces the white matter of its voxels; their GM/CSF share stays.
+        clean = (fractions["csf"] * csf_c + fractions["gm"] * gm_c
+                 + fractions["wm"] * np.where(lesion, lesion_factor[lesion_id], white))
+        subject[contrast] = phantom._acquire(crng, clean.astype(np.float32), head, voxel) * crng.uniform(*spec["gain"])
+    subject["lesion"] = lesion.astype(np.uint8)
+    subject["affine"] = base["affine"].copy()
+    return subject
+
+
+def _deform(rng, base: dict, voxel: float) -> dict:
+    """Tissue maps resampled through one subject's random spatial transform.
+
+    Output voxel x samples the template at c + A (x - c) + warp(x) - atrophy(x):
+    a small rotation and scaling about the brain centre c, a smooth warp of a
+    few mm, and a radial pull towards the ventricles that enlarges them as
+    atrophy does (ventricular volume then varies about 1.6-fold between subjects).
+    """
+    shape = base["brain"].shape
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"))
+    centre = np.array(ndimage.center_of_mass(base["brain"]), np.float32)
+    linear = phantom._rotation(np.deg2rad(rng.uniform(-5, 5, 3))) * rng.uniform(0.94, 1.06, 3)[None, :]
+    offset = grid - centre[:, None, None, None]
+    source = np.einsum("ij,j...->i...", linear.astype(np.float32), offset) + centre[:, None, None, None]
+    warp_mm = rng.uniform(1.5, 4.0)
+    for axis in range(3):
+        source[axis] += warp_mm / voxel * phantom._smooth_field(rng, shape, voxel, 40.0)
+    pull = rng.uniform(0.0, 0.3)
+    distance = offset - (base["ventricle_centre"] - centre)[:, None, None, None]
+    envelope = np.exp(-0.5 * (np.sqrt((distance**2).sum(0)) * voxel / 25.0) ** 2)
+    source -= pull * distance * envelope
+    return {name: ndimage.map_coordinates(base[name], source, order=1, mode="constant", cval=0.0).astype(np.float32)
+            for name in ("gm", "wm", "csf", "brain")}
+
+
+def _labels(fractions: dict, head: np.ndarray, voxel: float) -> tuple[np.ndarray, np.ndarray]:
+    """phantom.py tissue labels of the dominant tissue, and the ventricle mask."""
+    stacked = np.stack([fractions["csf"], fractions["gm"], fractions["wm"]])
+    label = np.array([phantom._CSF, phantom._GM, phantom._WM], np.uint8)[np.argmax(stacked, axis=0)]
+    label[(label == phantom._WM) & (fractions["wm"] < _WM_HOST_FRACTION)] = phantom._GM
+    label[~head] = phantom._BG
+    depth = ndimage.distance_transform_edt(head) * voxel
+    deep_csf = (label == phantom._CSF) & (depth > _VENTRICLE_DEPTH_MM)
+    parts, n = ndimage.label(deep_csf)
+    if n == 0:
+        raise UserError("MNI phantom: no ventricles found in the deformed template (nilearn maps changed?)")
+    # The lateral ventricles are the largest deep CSF bodies; drop specks.
+    sizes = np.bincount(parts.ravel())[1:]
+    ventricles = np.isin(parts, 1 + np.flatnonzero(sizes >= max(sizes.max() * 0.1, 2)))
+    return label, ventricles
+
+
+def _periventricular_rim(ventricles: np.ndarray, voxel: float) -> np.ndarray:
+    # Only the white-matter share of these voxels is brightened (see make_subject).
+    steps = max(1, int(round(_RIM_MM / voxel)))
+    return ndimage.binary_dilation(ventricles, iterations=steps) & ~ventricles
+
+
+def write_cohort(out_dir, subjects: int, seed: int, size: str = "small", contrasts=("T1", "FLAIR")) -> list[str]:
+    """Write `subjects` MNI phantoms as out_dir/<name>/{<contrast>...,lesion}.nii.gz.
+
+    Names and per-subject seeds are phantom.py's, so subject k depends only
+    on (seed, k). Every file is written atomically. Returns the names.
+    """
+    import nibabel as nib
+
+    names = []
+    for index in range(subjects):
+        name = phantom.subject_name(index)
+        subject = make_subject(phantom.subject_seed(seed, index), size, contrasts)
+        folder = os.path.join(os.fspath(out_dir), name)
+        os.makedirs(folder, exist_ok=True)
+        for key in (*contrasts, "lesion"):
+            dtype = np.uint8 if key == "lesion" else np.float32
+            image = nib.Nifti1Image(subject[key].astype(dtype), subject["affine"])
+            image.set_qform(subject["affine"], code=4)  # 4 = MNI152 space
+            image.set_sform(subject["affine"], code=4)
+            image.header.set_data_dtype(dtype)
+            image.header.set_xyzt_units("mm")
+            with io.atomic_path(os.path.join(folder, f"{key}.nii.gz")) as temporary:
+                nib.save(image, str(temporary))
+        names.append(name)
+    return names
