@@ -237,3 +237,24 @@ def test_lesion_mask_on_another_grid(cohort, subject, tmp_path, capsys):
     wd = tmp_path / "wd"
     assert_user_error(capsys, ["train", "--data", tmp_path / "data", "--workdir", wd], "lesion.nii.gz", "shape")
     assert not wd.exists()
+
+
+def test_qform_sform_disagreement_through_the_cli(trained_model, subject, cohort, tmp_path, capsys):
+    image = nib.Nifti1Image(np.asarray(subject["FLAIR"].dataobj, np.float32), subject["FLAIR"].affine)
+    shifted = subject["FLAIR"].affine.copy()
+    shifted[2, 3] += 3.0
+    image.set_qform(subject["FLAIR"].affine, code=1)
+    image.set_sform(shifted, code=1)
+    flair = tmp_path / "FLAIR.nii.gz"
+    nib.save(image, flair)
+    out = tmp_path / "seg.nii.gz"
+    assert_user_error(capsys, _segment(trained_model, cohort / "held_out" / "T1.nii.gz", flair, out),
+                      flair, "qform and sform disagree", out_files=[out])
+
+
+def test_output_folder_that_is_a_file(trained_model, cohort, tmp_path, capsys):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    out = blocker / "seg.nii.gz"
+    assert_user_error(capsys, ["segment", "--model", trained_model, *held_out_inputs(cohort), "--out", out],
+                      "does not exist")

@@ -1,5 +1,7 @@
 """NIfTI round trips: the output lies on the input's grid with the input's header."""
 
+import os
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -79,6 +81,16 @@ def test_segmentation_keeps_an_lps_input_grid(trained_model, cohort, tmp_path):
     truth = np.asarray(nib.load(cohort / "held_out" / "lesion.nii.gz").dataobj)[::-1, ::-1]
     overlap = (np.asarray(written.dataobj) > 0) & (truth > 0)
     assert overlap.sum() > 0.5 * truth.sum()
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        with io.atomic_path(tmp_path / "out.json") as tmp:
+            tmp.write_text("{}")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o644
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
