@@ -75,20 +75,16 @@ class Stage:
         return make_centre_predictor(self.graphdef, self.patch_size)
 
 
-_PREDICTORS: dict = {}
-
-
+@functools.lru_cache(maxsize=None)
 def make_centre_predictor(graphdef, patch_size: int) -> Callable:
     """jitted (variables, padded_volume, centres) -> probabilities; cached per graph."""
-    key = (graphdef, patch_size)
-    if key not in _PREDICTORS:
-        def predict_at(variables, padded_volume, centres):
-            index = jnp.concatenate([jnp.zeros((centres.shape[0], 1), jnp.int32), centres], axis=1)
-            patches = patches_lib.gather_patches(padded_volume[None], index, patch_size)
-            return lesion_probability(graphdef, variables, patches)
 
-        _PREDICTORS[key] = jax.jit(predict_at)
-    return _PREDICTORS[key]
+    def predict_at(variables, padded_volume, centres):
+        index = jnp.concatenate([jnp.zeros((centres.shape[0], 1), jnp.int32), centres], axis=1)
+        patches = patches_lib.gather_patches(padded_volume[None], index, patch_size)
+        return lesion_probability(graphdef, variables, patches)
+
+    return jax.jit(predict_at)
 
 
 def classify_voxels(

@@ -250,7 +250,7 @@ def import_keras(model1, model2, modalities: tuple, out_dir) -> dict:
     staging = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(6)}"
     staging.mkdir()
     try:
-        pipeline._prepare_workdir(staging, config)  # config.json with the "jaxcascade" stamp
+        pipeline.prepare_workdir(staging, config)  # config.json with the "jaxcascade" stamp
         io.write_json(provenance, staging / "provenance.json")
         checkpoints.save_weights(staging, 1, keras.stage1)
         checkpoints.save_weights(staging, 2, keras.stage2)

@@ -171,7 +171,7 @@ def discover_subjects(data_dir: str | os.PathLike, required_files: list[str]) ->
 def check_output_path(path: str | os.PathLike, *, overwrite: bool = False, is_dir: bool = False) -> Path:
     """Fail early (before any work) if `path` cannot be written."""
     path = Path(path)
-    parent = path.parent if not is_dir else path.parent
+    parent = path.parent
     if not parent.is_dir():
         raise UserError(f"{path}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):

@@ -70,7 +70,7 @@ def _stored_config(config) -> dict:
     return stored
 
 
-def _prepare_workdir(workdir: Path, config) -> None:
+def prepare_workdir(workdir: Path, config) -> None:
     if not distributed.is_primary():
         return
     workdir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +153,7 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress:
     # Settings that can only be checked against a built network fail before the workdir exists.
     probe = models.build_network(config.model, subjects[0].volume.shape[-1], 0)
     trainable_modules(config.train.trainable, split_model(probe)[1]["params"])
-    _prepare_workdir(workdir, config)
+    prepare_workdir(workdir, config)
     distributed.barrier("workdir ready")
     log(f"{len(subjects)} training subjects: {', '.join(s.name for s in subjects)}")
     histories = _read_history(workdir)
