@@ -106,8 +106,8 @@ def classify_voxels(
     centres = np.argwhere(mask).astype(np.int32)
     if len(centres) == 0:
         return probability
-    padded = distributed.put_replicated(patches_lib.pad_volume(volume, stage.patch_size))
-    variables = distributed.put_replicated(stage.variables)
+    padded = distributed.put_local_replicated(patches_lib.pad_volume(volume, stage.patch_size))
+    variables = distributed.put_local_replicated(stage.variables)
     values = distributed.map_batches(lambda chunk: stage.predict_at(variables, padded, chunk), centres,
                                      batch_size, progress)
     probability[tuple(centres.T)] = values

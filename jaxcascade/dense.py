@@ -84,8 +84,8 @@ def classify_voxels_dense(
         return probability
     pad, origins = tile_geometry(mask.shape, tile_size, halo, patch_size)
     origins = occupied_tiles(mask, origins, tile_size)
-    padded = distributed.put_replicated(np.pad(volume, pad + [(0, 0)]))
-    variables = distributed.put_replicated(variables)
+    padded = distributed.put_local_replicated(np.pad(volume, pad + [(0, 0)]))
+    variables = distributed.put_local_replicated(variables)
     predict = make_tile_predictor(graphdef, tile_size, halo)
     blocks = distributed.map_batches(lambda chunk: predict(variables, padded, chunk), origins, tiles_per_batch,
                                      progress)

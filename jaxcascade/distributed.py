@@ -1,25 +1,30 @@
 """Data parallelism over every device of every process, with JAX's own runtime.
 
-One 1-D mesh ('data') spans `jax.devices()` (all hosts after
-`jax.distributed.initialize`). Parameters and optimiser state are replicated,
-batches are split along their first axis, and jit's global view does the rest:
-gradients and BatchNorm batch statistics are reduced over the whole global
-batch, so N devices compute what one device would on the same batch.
+Training uses one 1-D mesh ('data') over `jax.devices()` (all hosts after
+`jax.distributed.initialize`), ordered process by process. Parameters and
+optimiser state are replicated, batches are split along their first axis, and
+jit's global view does the rest: gradients and BatchNorm batch statistics are
+reduced over the whole global batch, so N devices compute what one device
+would on the same batch.
 
-Every process builds the same host arrays (same seed, same data), and each
-device receives only its shard of a batch; arrays are created with
-`make_array_from_callback`, which works unchanged across processes.
+Each process holds only its own data: its rows of a global batch (a
+contiguous block, because the mesh is ordered by process) are gathered on its
+own devices and joined into the global array without leaving them.
+Inference never crosses processes: it uses `local_mesh()`, this process's
+devices, so every process can segment different subjects.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
+from typing import Callable
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxcascade.errors import UserError
 
@@ -27,18 +32,29 @@ AXIS = "data"
 
 
 @functools.lru_cache(maxsize=None)
-def mesh() -> jax.sharding.Mesh:
+def mesh() -> Mesh:
+    """Every device of every process, process-major, so a process's batch rows are one contiguous block."""
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    counts = {p: sum(d.process_index == p for d in devices) for p in range(jax.process_count())}
+    if len(set(counts.values())) > 1:
+        raise UserError(f"processes have different device counts {counts}; give every process the same number")
     # Auto axes: the compiler propagates shardings (gathers, BatchNorm
     # reductions) instead of asking every op to spell out its output sharding.
-    return jax.make_mesh((jax.device_count(),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+    return Mesh(np.array(devices), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def replicated() -> NamedSharding:
-    return NamedSharding(mesh(), PartitionSpec())
+@functools.lru_cache(maxsize=None)
+def local_mesh() -> Mesh:
+    """This process's devices, in the order they take in `mesh()`."""
+    return Mesh(np.array(sorted(jax.local_devices(), key=lambda d: d.id)), (AXIS,))
 
 
-def batch_sharded() -> NamedSharding:
-    return NamedSharding(mesh(), PartitionSpec(AXIS))
+def replicated(on: Mesh | None = None) -> NamedSharding:
+    return NamedSharding(on or mesh(), PartitionSpec())
+
+
+def batch_sharded(on: Mesh | None = None) -> NamedSharding:
+    return NamedSharding(on or mesh(), PartitionSpec(AXIS))
 
 
 def _put(tree, sharding):
@@ -50,13 +66,49 @@ def _put(tree, sharding):
 
 
 def put_replicated(tree):
-    """Host arrays -> global arrays with a full copy on every device."""
+    """Host arrays (the same on every process) -> global arrays with a full copy on every device."""
     return _put(tree, replicated())
 
 
 def put_batch(tree):
-    """Host arrays -> global arrays split along axis 0 over the devices."""
+    """Host arrays (the same on every process) -> global arrays split along axis 0 over the devices."""
     return _put(tree, batch_sharded())
+
+
+def put_local_replicated(tree):
+    """This process's host arrays -> a copy on each of its devices."""
+    return jax.device_put(tree, replicated(local_mesh()))
+
+
+def put_local_batch(tree):
+    """This process's host arrays -> split along axis 0 over its devices."""
+    return jax.device_put(tree, batch_sharded(local_mesh()))
+
+
+def global_batch(local_tree):
+    """This process's rows of a global batch -> the global batch, split over all devices.
+
+    Host leaves are copied to this process's devices; device leaves split over
+    `local_mesh()` (e.g. patches gathered there) stay where they are.
+    """
+    sharding = batch_sharded()
+    processes = jax.process_count()
+
+    def join(leaf):
+        if isinstance(leaf, jax.Array):
+            shape = (leaf.shape[0] * processes, *leaf.shape[1:])
+            return jax.make_array_from_single_device_arrays(shape, sharding, [s.data for s in leaf.addressable_shards])
+        return jax.make_array_from_process_local_data(sharding, np.asarray(leaf))
+
+    return jax.tree.map(join, local_tree)
+
+
+def allgather(values) -> np.ndarray:
+    """Every process's numpy array, stacked: shape (process_count, *values.shape)."""
+    values = np.asarray(values)
+    if jax.process_count() == 1:
+        return values[None]
+    return np.asarray(multihost_utils.process_allgather(values))
 
 
 def to_host(x) -> np.ndarray:
@@ -69,35 +121,38 @@ def to_host(x) -> np.ndarray:
 
 
 def round_up_to_devices(size: int) -> int:
-    """Internal batch sizes (inference) grow to the next multiple of the device count."""
-    n = jax.device_count()
+    """Internal batch sizes (inference) grow to the next multiple of this process's device count."""
+    n = jax.local_device_count()
     return -(-size // n) * n
 
 
 def map_batches(fn, rows: np.ndarray, batch_size: int, progress=None) -> np.ndarray:
-    """fn over fixed-size batches of rows (the last padded), split over the devices; host result per row.
+    """fn over fixed-size batches of rows (the last padded), split over this process's devices; host result per row.
 
     One shape for every call, so fn (jitted) compiles once; batch_size grows to
     a multiple of the device count. Outputs stay on the devices until all
-    batches are dispatched, so dispatch overlaps compute.
+    batches are dispatched, so dispatch overlaps compute. fn's other inputs
+    belong on the same devices (`put_local_replicated`).
     """
     batch_size = round_up_to_devices(batch_size)
     n_batches = -(-len(rows) // batch_size)
     padded = np.zeros((n_batches * batch_size, *rows.shape[1:]), rows.dtype)
     padded[: len(rows)] = rows
     batches = range(n_batches) if progress is None else progress(range(n_batches))
-    outputs = [fn(put_batch(padded[b * batch_size : (b + 1) * batch_size])) for b in batches]
-    return np.concatenate([to_host(o) for o in outputs])[: len(rows)]
+    outputs = [fn(put_local_batch(padded[b * batch_size : (b + 1) * batch_size])) for b in batches]
+    return np.concatenate([np.asarray(o) for o in outputs])[: len(rows)]
 
 
-def check_divisible(batch_size: int, setting: str) -> None:
-    """A user's global batch must split evenly over the devices."""
-    n = jax.device_count()
+def check_divisible(batch_size: int, setting: str, data_shards: int = 1) -> None:
+    """A user's global batch must split evenly over the devices (and the data shards)."""
+    devices = jax.device_count()
+    n = math.lcm(devices, data_shards)
     if batch_size % n:
         lower, upper = batch_size - batch_size % n, batch_size + n - batch_size % n
         suggestion = f"{lower} or {upper}" if lower else str(upper)
+        over = f"the {devices} devices" if n == devices else f"{devices} devices and {data_shards} data shards"
         raise UserError(
-            f"--config.{setting}={batch_size} is not divisible by the {n} devices; "
+            f"--config.{setting}={batch_size} is not divisible by {over}; "
             f"use a multiple of {n} (e.g. {suggestion})"
         )
 
@@ -138,4 +193,26 @@ def initialize(distributed_config) -> bool:
     kwargs = dict(coordinator_address=address, num_processes=num_processes, process_id=process_id) if address else {}
     jax.distributed.initialize(**kwargs)
     mesh.cache_clear()
+    local_mesh.cache_clear()
     return True
+
+
+def agree(action: Callable, what: str):
+    """action() on every process; if it raises a UserError on any of them, every process raises.
+
+    A process that stopped alone would leave the others waiting at the next
+    collective, so failures (a bad file only one process reads) are shared first.
+    """
+    error = None
+    result = None
+    try:
+        result = action()
+    except UserError as raised:
+        error = raised
+    if jax.process_count() > 1:
+        failed = allgather(np.array(error is not None))
+        if failed.any() and error is None:
+            raise UserError(f"process {int(np.argmax(failed))} failed while {what}; its message says why")
+    if error is not None:
+        raise error
+    return result

@@ -20,21 +20,35 @@ import numpy as np
 
 from jaxcascade import checkpoints, distributed
 from jaxcascade import patches as patches_lib
+from jaxcascade import shards as shards_lib
 from jaxcascade import train as train_lib
 from jaxcascade.errors import TrainingInterrupted, UserError
 
 
 @dataclasses.dataclass
 class TrainingSet:
-    """Patch centres over a stack of zero-padded volumes (kept on the device)."""
+    """This process's share of a stage's training patches: its subjects' volumes and the patch centres.
 
-    padded_volumes: jax.Array  # (subjects, D + 2h, H + 2h, W + 2h, C), replicated on every device
-    index: np.ndarray  # (N, 4) int32: subject, z, y, x
+    Rows are grouped by data shard (see `shards`); with one process and one
+    shard (the default) this is the whole training set.
+    """
+
+    padded_volumes: jax.Array  # (local subjects, D + 2h, H + 2h, W + 2h, C), a copy on each of this process's devices
+    index: np.ndarray  # (N, 4) int32: local subject, z, y, x
     labels: np.ndarray  # (N,) int32
+    shard_rows: dict[int, np.ndarray]  # data shard -> its rows of index/labels
+    num_shards: int
     patch_size: int
 
     @classmethod
-    def from_subjects(cls, volumes: list[np.ndarray], centres: list[np.ndarray], labels: list[np.ndarray], patch_size):
+    def from_subjects(cls, volumes: list[np.ndarray], centres: list[np.ndarray], labels: list[np.ndarray], patch_size,
+                      *, subject_shards: list[int] | None = None, num_shards: int | None = None):
+        """subject_shards[i] is volume i's data shard, of num_shards (default: one shard per process,
+        every volume in this process's)."""
+        num_shards = num_shards or jax.process_count()
+        owned = shards_lib.owned(num_shards)
+        if subject_shards is None:
+            subject_shards = [owned[0]] * len(volumes)
         shape = np.max([v.shape for v in volumes], axis=0)
         half = patch_size // 2
         stack = np.zeros((len(volumes), *(shape[:3] + 2 * half), shape[3]), np.float32)
@@ -43,48 +57,35 @@ class TrainingSet:
             stack[s, half : half + d, half : half + h, half : half + w] = volume
         index = np.concatenate(
             [np.column_stack([np.full(len(c), s, np.int32), c]) for s, c in enumerate(centres)]
-        ).astype(np.int32)
-        return cls(distributed.put_replicated(stack), index, np.concatenate(labels).astype(np.int32), patch_size)
+        ).astype(np.int32).reshape(-1, 4)
+        row_shard = np.concatenate([np.full(len(c), shard) for c, shard in zip(centres, subject_shards)])
+        shard_rows = {shard: np.flatnonzero(row_shard == shard) for shard in owned}
+        return cls(distributed.put_local_replicated(stack), index, np.concatenate(labels).astype(np.int32),
+                   shard_rows, num_shards, patch_size)
 
 
 @functools.lru_cache(maxsize=None)
-def _sharded_gather(patch_size: int, mesh):
-    # Each device gathers only its shard of the batch from its replica of the volumes.
+def _local_gather(patch_size: int, mesh):
+    # Each device gathers only its rows of the batch from its copy of the volumes.
     return jax.jit(functools.partial(patches_lib.gather_patches, patch_size=patch_size),
-                   out_shardings=distributed.batch_sharded())
+                   out_shardings=distributed.batch_sharded(mesh))
 
 
-def _batch(data: TrainingSet, chunk: np.ndarray, weights: np.ndarray | None = None) -> dict:
-    """A global batch split over the devices: patches, labels (and padding weights)."""
-    index, labels = distributed.put_batch((data.index[chunk], data.labels[chunk]))
-    batch = {"patches": _sharded_gather(data.patch_size, distributed.mesh())(data.padded_volumes, index),
-             "labels": labels}
+def _batch(data: TrainingSet, rows: np.ndarray, weights: np.ndarray | None = None) -> dict:
+    """The global batch whose rows on this process's devices are `rows`: patches, labels (and weights)."""
+    index = distributed.put_local_batch(data.index[rows])
+    local = {"patches": _local_gather(data.patch_size, distributed.local_mesh())(data.padded_volumes, index),
+             "labels": data.labels[rows]}
     if weights is not None:
-        batch["weights"] = distributed.put_batch(weights)
-    return batch
+        local["weights"] = weights
+    return distributed.global_batch(local)
 
 
-def _batches_of(indices: np.ndarray, batch_size: int, pad: bool):
-    """Fixed-size batches; the ragged tail is padded (weights 0) or, for training, dropped."""
-    n = len(indices)
-    if not pad:
-        if n < batch_size:  # tiny sets still train: repeat samples to fill one batch
-            indices = np.resize(indices, batch_size)
-            n = batch_size
-        for start in range(0, n - batch_size + 1, batch_size):
-            yield indices[start : start + batch_size], np.ones(batch_size, np.float32)
-        return
-    for start in range(0, n, batch_size):
-        chunk = indices[start : start + batch_size]
-        weights = np.zeros(batch_size, np.float32)
-        weights[: len(chunk)] = 1.0
-        yield np.resize(chunk, batch_size) if len(chunk) < batch_size else chunk, weights
-
-
-def evaluate(eval_step, variables, data: TrainingSet, indices: np.ndarray, batch_size: int) -> dict:
+def evaluate(eval_step, variables, data: TrainingSet, schedule: shards_lib.Schedule) -> dict:
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    for chunk, weights in _batches_of(indices, batch_size, pad=True):
-        sums = eval_step(variables, _batch(data, chunk, weights))
+    rows, weights = schedule.validation()
+    for chunk, chunk_weights in zip(rows, weights):
+        sums = eval_step(variables, _batch(data, chunk, chunk_weights))
         for key in totals:
             totals[key] += float(distributed.to_host(sums[key]))
     count = max(totals["count"], 1.0)
@@ -108,12 +109,11 @@ def fit_stage(
     initial_variables (e.g. a pretrained model's) replace the network's fresh initialisation.
     """
     train_config = config.train
-    distributed.check_divisible(train_config.batch_size, "train.batch_size")
-    distributed.check_divisible(train_config.eval_batch_size, "train.eval_batch_size")
-    split_rng = np.random.default_rng([config.seed, stage])
-    train_indices, val_indices = patches_lib.stratified_split(data.labels, train_config.validation_fraction, split_rng)
-    if len(val_indices) == 0:
-        val_indices = train_indices  # too few samples to hold any out; validate on training data
+    schedule = shards_lib.schedule(
+        data.shard_rows, data.labels, num_shards=data.num_shards, seed=config.seed, stage=stage,
+        validation_fraction=train_config.validation_fraction, batch_size=train_config.batch_size,
+        validation_batch_size=train_config.eval_batch_size,
+    )
 
     graphdef, variables = train_lib.split_model(model)
     if initial_variables is not None:
@@ -147,15 +147,16 @@ def fit_stage(
         checkpoints.save_epoch(manager, int(distributed.to_host(state.step)),
                                {"train_state": state, "best": best, "rng": rng_data}, loop_state)
 
-    log(f"stage {stage}: {len(train_indices)} training / {len(val_indices)} validation patches "
-        f"({int(data.labels.sum())} lesion)")
+    totals = schedule.totals
+    shards_note = f", {data.num_shards} data shards" if data.num_shards > 1 else ""
+    log(f"stage {stage}: {totals['training']} training / {totals['validation']} validation patches "
+        f"({totals['lesion']} lesion{shards_note}), {schedule.steps} steps per epoch")
     with StopOnSignals() as stop:
         for epoch in range(loop["epoch"] + 1, train_config.max_epochs):
             if loop["bad_epochs"] >= train_config.patience:
                 break
             started = time.perf_counter()
-            order = np.random.default_rng([config.seed, stage, epoch]).permutation(train_indices)
-            batches = list(_batches_of(order, train_config.batch_size, pad=False))
+            batches = schedule.epoch(config.seed, stage, epoch)
             # A run stopped mid-epoch resumes at its next batch with the same
             # shuffle, so the result is bitwise that of an uninterrupted run.
             partial = loop.get("partial") if (loop.get("partial") or {}).get("epoch") == epoch else None
@@ -163,7 +164,7 @@ def fit_stage(
             step_measurements = []
             remaining = batches[len(done_steps):]
             iterator = progress(remaining, f"stage {stage} epoch {epoch + 1}") if progress else remaining
-            for chunk, _ in iterator:
+            for chunk in iterator:
                 state, measurements = train_step(state, _batch(data, chunk), run_key)
                 step_measurements.append(measurements)
                 if stop.signal is not None:
@@ -173,7 +174,7 @@ def fit_stage(
             rows = done_steps + _host_rows(step_measurements)
             measured = {key: np.array([row[key] for row in rows]) for key in rows[0]}
             _check_finite(measured, stage, epoch, loop)
-            validation = evaluate(eval_step, state.variables, data, val_indices, train_config.eval_batch_size)
+            validation = evaluate(eval_step, state.variables, data, schedule)
             improved = validation["loss"] < loop["best_val_loss"]
             if improved:
                 best = jax.tree.map(lambda x: np.array(distributed.to_host(x)), state.variables)

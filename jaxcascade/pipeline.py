@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxcascade import __version__, cascade, checkpoints, config as config_lib, distributed, io, models, plots
 from jaxcascade import patches as patches_lib
+from jaxcascade import shards as shards_lib
 from jaxcascade.errors import UserError
 from jaxcascade.fit import TrainingSet, fit_stage, trainable_modules
 from jaxcascade.train import split_model
@@ -29,6 +30,8 @@ class Subject:
     volume: np.ndarray  # (D, H, W, C) normalised, channels in config.data.modalities order
     lesion: np.ndarray  # bool (D, H, W)
     flair_channel: int
+    number: int = 0  # position among all training subjects (seeds its sampling)
+    shard: int = 0  # its data shard
 
     @property
     def flair(self) -> np.ndarray:
@@ -45,21 +48,49 @@ def flair_channel(config) -> int:
     return modalities.index(config.data.flair)
 
 
-def load_training_subjects(data_dir, config) -> list[Subject]:
+def load_training_subjects(data_dir, config, num_shards: int = 1) -> list[Subject]:
+    """This process's training subjects: those of its data shards (every subject with one shard).
+
+    Collective in a multi-process run: each process loads its own share.
+    """
     modalities = tuple(config.data.modalities)
     channel = flair_channel(config)
     if len(set(modalities)) != len(modalities):
         raise UserError(f"config data.modalities names a modality twice: {', '.join(modalities)}")
     suffix, lesion_name = config.data.suffix, config.data.lesion
-    files = [f"{m}{suffix}" for m in modalities] + [f"{lesion_name}{suffix}"]
-    subjects = []
-    for folder in io.discover_subjects(data_dir, files):
-        images = io.load_sequences({m: folder / f"{m}{suffix}" for m in modalities}, modalities, folder.name)
-        lesion = io.load_lesion_mask(folder / f"{lesion_name}{suffix}", images[0])
-        volume = cascade.normalise_channels([image.data for image in images], config.normalisation)
-        subjects.append(Subject(folder.name, volume, lesion, channel))
-    if not any(s.lesion.any() for s in subjects):
+    folders = io.discover_subjects(data_dir, [f"{m}{suffix}" for m in modalities] + [f"{lesion_name}{suffix}"])
+    if len(folders) < num_shards:
+        raise UserError(
+            f"{data_dir}: {len(folders)} subjects cannot fill {num_shards} data shards (one per process unless "
+            f"--config.distributed.data_shards says otherwise); use at most {len(folders)}"
+        )
+    shard_of = [shards_lib.subject_shard(number, num_shards) for number in range(len(folders))]
+    mine = shards_lib.owned(num_shards)
+
+    def load() -> list[Subject]:
+        subjects = []
+        for number, folder in enumerate(folders):
+            if shard_of[number] not in mine:
+                continue
+            images = io.load_sequences({m: folder / f"{m}{suffix}" for m in modalities}, modalities, folder.name)
+            lesion = io.load_lesion_mask(folder / f"{lesion_name}{suffix}", images[0])
+            volume = cascade.normalise_channels([image.data for image in images], config.normalisation)
+            subjects.append(Subject(folder.name, volume, lesion, channel, number, shard_of[number]))
+        return subjects
+
+    subjects = distributed.agree(load, "loading its training subjects")
+    lesion_voxels = np.zeros(num_shards, np.int64)
+    for subject in subjects:
+        lesion_voxels[subject.shard] += int(subject.lesion.sum())
+    lesion_voxels = distributed.allgather(lesion_voxels).sum(axis=0)
+    if not lesion_voxels.any():
         raise UserError(f"{data_dir}: no lesion voxels in any subject's {lesion_name}{suffix}; nothing to learn from")
+    for shard in np.flatnonzero(lesion_voxels == 0):
+        names = [folder.name for folder, s in zip(folders, shard_of) if s == shard]
+        raise UserError(
+            f"{data_dir}: data shard {shard} of {num_shards} ({', '.join(names)}) has no lesion voxels; "
+            "every shard needs some: use fewer --config.distributed.data_shards (or processes)"
+        )
     return subjects
 
 
@@ -96,9 +127,11 @@ def _stage_seed(seed: int, stage: int) -> int:
     return int(np.random.SeedSequence([seed, stage]).generate_state(1)[0])
 
 
-def _fit(stage, subjects, centres, labels, config, workdir, log, progress, histories) -> cascade.Stage:
+def _fit(stage, subjects, num_shards, centres, labels, config, workdir, log, progress,
+         histories) -> cascade.Stage:
     model = models.build_network(config.model, subjects[0].volume.shape[-1], _stage_seed(config.seed, stage))
-    data = TrainingSet.from_subjects([s.volume for s in subjects], centres, labels, config.model.patch_size)
+    data = TrainingSet.from_subjects([s.volume for s in subjects], centres, labels, config.model.patch_size,
+                                     subject_shards=[s.shard for s in subjects], num_shards=num_shards)
 
     def on_epoch(history):
         histories[stage] = history
@@ -142,20 +175,27 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress:
 
     With config.distributed settings (or JAX_COORDINATOR_ADDRESS etc.) the
     processes of a multi-host run join first; all of them then run this same
-    function, each device taking its share of every batch.
+    function. Each process loads only the subjects of its data shards, mines
+    CNN2's hard negatives on them, and feeds its rows of every batch to its
+    own devices (see `shards`).
     """
     workdir = Path(workdir)
-    if distributed.initialize(config.distributed):
-        distributed.check_divisible(config.train.batch_size, "train.batch_size")
+    distributed.initialize(config.distributed)
+    num_shards = shards_lib.shard_count(config)
+    distributed.check_divisible(config.train.batch_size, "train.batch_size", num_shards)
+    distributed.check_divisible(config.train.eval_batch_size, "train.eval_batch_size", num_shards)
     if not distributed.is_primary():
         log = _silent
-    subjects = load_training_subjects(data_dir, config)
+    subjects = load_training_subjects(data_dir, config, num_shards)
     # Settings that can only be checked against a built network fail before the workdir exists.
     probe = models.build_network(config.model, subjects[0].volume.shape[-1], 0)
     trainable_modules(config.train.trainable, split_model(probe)[1]["params"])
-    prepare_workdir(workdir, config)
-    distributed.barrier("workdir ready")
-    log(f"{len(subjects)} training subjects: {', '.join(s.name for s in subjects)}")
+    distributed.agree(lambda: prepare_workdir(workdir, config), "preparing the workdir")
+    if num_shards == 1:
+        log(f"{len(subjects)} training subjects: {', '.join(s.name for s in subjects)}")
+    else:
+        log(f"{num_shards} data shards; process 0 loads {len(subjects)} subjects: "
+            f"{', '.join(s.name for s in subjects)}")
     histories = _read_history(workdir)
     options = cascade.InferenceOptions.from_config(config)
     min_th = options.min_th
@@ -165,18 +205,19 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress:
         stage1 = _load_stage(workdir, config, 1)
     else:
         centres, labels = [], []
-        for i, subject in enumerate(subjects):
+        for subject in subjects:
             candidates = cascade.candidate_mask(subject.flair, min_th)
-            c, l = patches_lib.stage1_centres(subject.lesion, candidates, np.random.default_rng([config.seed, 1, i]))
+            rng = np.random.default_rng([config.seed, 1, subject.number])
+            c, l = patches_lib.stage1_centres(subject.lesion, candidates, rng)
             centres.append(c)
             labels.append(l)
-        stage1 = _fit(1, subjects, centres, labels, config, workdir, log, progress, histories)
+        stage1 = _fit(1, subjects, num_shards, centres, labels, config, workdir, log, progress, histories)
 
     if checkpoints.stage_done(workdir, 2):
         log("stage 2: already trained, skipping")
     else:
         centres, labels = [], []
-        for i, subject in enumerate(subjects):
+        for subject in subjects:
             candidates = cascade.candidate_mask(subject.flair, min_th)
             probability = cascade.classify(stage1, subject.volume, candidates, options)
             hard = patches_lib.hard_negative_mask(
@@ -184,10 +225,11 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress:
                 probability_threshold=config.sampling.hard_negative_probability,
                 fallback_flair=config.sampling.hard_negative_fallback_flair,
             )
-            c, l = patches_lib.stage2_centres(subject.lesion, hard, np.random.default_rng([config.seed, 2, i]))
+            rng = np.random.default_rng([config.seed, 2, subject.number])
+            c, l = patches_lib.stage2_centres(subject.lesion, hard, rng)
             centres.append(c)
             labels.append(l)
-        _fit(2, subjects, centres, labels, config, workdir, log, progress, histories)
+        _fit(2, subjects, num_shards, centres, labels, config, workdir, log, progress, histories)
     return {"workdir": str(workdir), "subjects": [s.name for s in subjects], "epochs": {
         stage: len(h) for stage, h in histories.items()}}
 

@@ -1,16 +1,27 @@
-"""Train CNN1 for one short epoch on a fixed tiny set and save the weights (run by test_distributed.py).
+"""Training runs for test_distributed.py, each in a process whose device count is forced by XLA_FLAGS.
 
-    python tests/distributed_worker.py OUT.npz WORKDIR [COORDINATOR NUM_PROCESSES PROCESS_ID]
-The device count comes from XLA_FLAGS=--xla_force_host_platform_device_count=N,
-set by the caller before this process imports jax.
+    python tests/distributed_worker.py fit OUT.npz WORKDIR [COORDINATOR NUM_PROCESSES PROCESS_ID]
+        CNN1 for one short epoch on a fixed tiny patch set; the best weights go to OUT.npz.
+    python tests/distributed_worker.py cascade DATA WORKDIR SUMMARY.json DATA_SHARDS [COORDINATOR ...]
+        `train_cascade` (both stages, one epoch each); this process's summary goes to SUMMARY.json.<process index>.
+The caller sets XLA_FLAGS=--xla_force_host_platform_device_count=N before this process imports jax.
 """
 
+import json
 import sys
 
 import numpy as np
 
 
-def main(out, workdir, *distributed_args):
+def _join(config, distributed_args):
+    if distributed_args:
+        address, count, index = distributed_args
+        config.distributed.coordinator_address = address
+        config.distributed.num_processes = int(count)
+        config.distributed.process_id = int(index)
+
+
+def fit(out, workdir, *distributed_args):
     from jaxcascade import cascade, config as config_lib, distributed, models, phantom
     from jaxcascade import patches as patches_lib
     from jaxcascade.fit import TrainingSet, fit_stage
@@ -18,12 +29,8 @@ def main(out, workdir, *distributed_args):
     config = config_lib.load_config("default")
     config.train.max_epochs = 1
     config.train.augmentation = "seed"
-    if distributed_args:
-        address, count, index = distributed_args
-        config.distributed.coordinator_address = address
-        config.distributed.num_processes = int(count)
-        config.distributed.process_id = int(index)
-        distributed.initialize(config.distributed)
+    _join(config, distributed_args)
+    distributed.initialize(config.distributed)
 
     subject = phantom.make_subject(11, "tiny")
     volume = cascade.normalise_channels([subject["T1"], subject["FLAIR"]], "nonzero")
@@ -45,5 +52,20 @@ def main(out, workdir, *distributed_args):
                  val_loss=history[0]["val_loss"], **leaves)
 
 
+def cascade(data, workdir, summary_path, data_shards, *distributed_args):
+    import jax
+
+    from jaxcascade import config as config_lib, pipeline
+
+    config = config_lib.load_config("default")
+    config.train.max_epochs = 1
+    config.distributed.data_shards = int(data_shards)
+    _join(config, distributed_args)
+    summary = pipeline.train_cascade(data, workdir, config, log=lambda message: None)
+    summary.update(process=jax.process_index(), processes=jax.process_count(), devices=jax.device_count())
+    with open(f"{summary_path}.{jax.process_index()}", "w") as f:
+        json.dump(summary, f)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    {"fit": fit, "cascade": cascade}[sys.argv[1]](*sys.argv[2:])

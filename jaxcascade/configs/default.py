@@ -61,6 +61,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.distributed.num_processes = 0
     config.distributed.process_id = -1
     config.distributed.auto = False  # let jax.distributed detect a cluster (SLURM, Open MPI, TPU)
+    # Training subjects are dealt to this many data shards (0: one per process);
+    # each process loads only its shards' subjects. Fix it to get the same
+    # result on any number of hosts (see jaxcascade/shards.py).
+    config.distributed.data_shards = 0
 
     config.inference = ml_collections.ConfigDict()
     config.inference.stage2_min_probability = 0.8  # CNN2 runs where CNN1 > this
