@@ -93,7 +93,7 @@ def stage2_centres(lesion_mask, hard_negatives, rng):
 
 def stratified_split(labels: np.ndarray, validation_fraction: float, rng: np.random.Generator):
     """Indices (train, validation) with each class split in the same proportion."""
-    train, validation = [], []
+    train, validation = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for label in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == label))
         n_val = int(round(len(members) * validation_fraction))

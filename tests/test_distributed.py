@@ -129,3 +129,28 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], env=_env(3), capture_output=True, text=True)
     assert result.stdout.strip() == ("--config.train.batch_size=128 is not divisible by the 3 devices; "
                                      "use a multiple of 3 (e.g. 126 or 129)")
+
+
+def test_a_bad_file_on_one_host_stops_every_host_with_one_line(tmp_path):
+    """Only process 1 reads sub-02, whose FLAIR is not NIfTI: both processes exit 2 at once instead of
+    process 0 waiting for ever at the next collective, and no workdir is created."""
+    from jaxcascade import phantom
+
+    phantom.write_cohort(tmp_path / "data", 2, seed=5, size="tiny")
+    bad = tmp_path / "data" / phantom.subject_name(1) / "FLAIR.nii.gz"
+    bad.write_bytes(b"not an image")
+    env = _env(1)
+    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2")
+    workers = [subprocess.Popen([sys.executable, "-m", "jaxcascade.cli", "train", "--data", str(tmp_path / "data"),
+                                 "--workdir", str(tmp_path / "wd")], env={**env, "JAX_PROCESS_ID": str(index)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for index in (0, 1)]
+    errors = []
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=300)
+        assert worker.returncode == 2, stderr[-3000:]
+        errors.append([line for line in stderr.splitlines() if line.startswith("jaxcascade: error: ")])
+    assert errors[0] == ["jaxcascade: error: process 1 failed while loading its training subjects; "
+                         "its message says why"]
+    assert len(errors[1]) == 1 and str(bad) in errors[1][0]
+    assert not (tmp_path / "wd").exists()
