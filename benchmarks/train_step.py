@@ -3,13 +3,15 @@
 Run:
     pip install -e ".[bench]"
     python benchmarks/train_step.py [--network valverde2017_valid] [--batch 128]
-    python benchmarks/train_step.py --devices 1,2,4     # data-parallel scaling rows
+    python benchmarks/train_step.py --devices 1,2,4 --processes 1,2   # data-parallel scaling rows
 Same network, same batch, same optimiser settings. The JAX step is
 `jaxcascade.train.make_train_step` (jitted, seed augmentation, dropout); the
 PyTorch step is the equivalent module with torch.optim.Adadelta. With
---devices, the JAX step also runs with its global batch split over N devices
-(forced host devices on a CPU, each count in its own process; real devices on
-GPU), reporting scaling efficiency = throughput(N) / (N * throughput(1)).
+--devices, the JAX step runs with its global batch split over N devices per
+process (forced host devices on a CPU, each setting in its own processes;
+real devices on GPU) and, with --processes P > 1, over P processes joined by
+jax.distributed on this machine, each feeding its own rows of the batch;
+scaling efficiency = throughput / (all devices * throughput of one device).
 Prints a table, writes benchmarks/results/train_step.json.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,14 +38,16 @@ def jax_step(network: str, batch_size: int, implementation: str, repeats: int) -
     from jaxcascade import config as config_lib, distributed, models, train
 
     config = config_lib.load_config("default")
+    distributed.initialize(config.distributed)  # joins when JAX_COORDINATOR_ADDRESS etc. are set
     config.model.network = network
     config.model.conv_implementation = implementation
     graphdef, variables = train.split_model(models.build_network(config.model, 2, 0))
     tx = train.make_optimizer(config.train)
     step = train.make_train_step(graphdef, tx, config.train.augmentation)
-    rng = np.random.default_rng(0)
-    batch = distributed.put_batch({"patches": rng.normal(size=(batch_size, 11, 11, 11, 2)).astype(np.float32),
-                                   "labels": (np.arange(batch_size) % 2).astype(np.int32)})
+    rows = batch_size // jax.process_count()  # this process's share of the global batch
+    rng = np.random.default_rng(jax.process_index())
+    batch = distributed.global_batch({"patches": rng.normal(size=(rows, 11, 11, 11, 2)).astype(np.float32),
+                                      "labels": (np.arange(rows) % 2).astype(np.int32)})
     holder = {"state": distributed.put_replicated(train.create_train_state(variables, tx))}
     key = jax.random.wrap_key_data(distributed.put_replicated(jax.random.key_data(jax.random.key(0))))
 
@@ -84,20 +89,37 @@ def torch_step(network: str, batch_size: int, repeats: int) -> dict:
     return time_call(run, warmup=3, repeats=repeats)
 
 
-def scaling_rows(network: str, batch: int, repeats: int, device_counts: list[int]) -> list[dict]:
-    """The JAX step with its batch split over N forced host devices, one process per N."""
+def scaling_rows(network: str, batch: int, repeats: int, device_counts: list[int],
+                 process_counts: list[int]) -> list[dict]:
+    """The JAX step with its batch split over P processes x N forced host devices."""
     rows = []
-    for devices in device_counts:
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-        code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import train_step; "
-                f"print(json.dumps(train_step.jax_step({network!r}, {batch}, 'auto', {repeats})))")
-        output = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
-        timing = json.loads(output.stdout.strip().splitlines()[-1])
-        rows.append({"network": network, "implementation": "jax (auto)", "devices": devices, "batch": batch,
-                     "step_ms": timing["median_s"] * 1e3, "patches_per_s": batch / timing["median_s"]})
+    for processes in process_counts:
+        for devices in device_counts:
+            env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+            if processes > 1:
+                env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
+            code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import train_step; "
+                    f"print(json.dumps(train_step.jax_step({network!r}, {batch}, 'auto', {repeats})))")
+            workers = [subprocess.Popen([sys.executable, "-c", code], env=dict(env, JAX_PROCESS_ID=str(index)),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                       for index in range(processes)]
+            outputs = [worker.communicate() for worker in workers]
+            for worker, (_, stderr) in zip(workers, outputs):
+                if worker.returncode:
+                    raise SystemExit(stderr[-2000:])
+            timing = json.loads(outputs[0][0].strip().splitlines()[-1])  # process 0's clock
+            rows.append({"network": network, "implementation": "jax (auto)", "processes": processes,
+                         "devices": devices * processes, "batch": batch, "step_ms": timing["median_s"] * 1e3,
+                         "patches_per_s": batch / timing["median_s"]})
     for row in rows:
         row["scaling_efficiency"] = row["patches_per_s"] / (row["devices"] * rows[0]["patches_per_s"])
     return rows
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main(argv=None):
@@ -105,15 +127,17 @@ def main(argv=None):
     parser.add_argument("--networks", default="valverde2017_valid,valverde2017")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--devices", default="", help="comma list of device counts for scaling rows, e.g. 1,2,4")
+    parser.add_argument("--devices", default="", help="comma list of devices per process for scaling rows, e.g. 1,2,4")
+    parser.add_argument("--processes", default="1", help="comma list of process counts for scaling rows, e.g. 1,2")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     rows = []
     if args.devices:
         for network in args.networks.split(","):
-            rows += scaling_rows(network, args.batch, args.repeats, [int(n) for n in args.devices.split(",")])
-        print(markdown_table(rows, ["network", "implementation", "devices", "batch", "step_ms", "patches_per_s",
-                                    "scaling_efficiency"]))
+            rows += scaling_rows(network, args.batch, args.repeats, [int(n) for n in args.devices.split(",")],
+                                 [int(n) for n in args.processes.split(",")])
+        print(markdown_table(rows, ["network", "implementation", "processes", "devices", "batch", "step_ms",
+                                    "patches_per_s", "scaling_efficiency"]))
         print(f"\nwrote {write_results('train_step_devices', {'rows': rows}, args.out)}")
         return
     for network in args.networks.split(","):
