@@ -163,6 +163,12 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def describe() -> str:
+    """'4 cpu devices' or '8 gpu devices in 2 processes', for logs."""
+    where = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    return f"{jax.device_count()} {jax.default_backend()} device{'s' if jax.device_count() > 1 else ''}{where}"
+
+
 def is_primary() -> bool:
     """Process 0 writes metrics, figures and configs; every process takes part in checkpoints."""
     return jax.process_index() == 0

@@ -191,6 +191,7 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress:
     probe = models.build_network(config.model, subjects[0].volume.shape[-1], 0)
     trainable_modules(config.train.trainable, split_model(probe)[1]["params"])
     distributed.agree(lambda: prepare_workdir(workdir, config), "preparing the workdir")
+    log(f"training on {distributed.describe()}")
     if num_shards == 1:
         log(f"{len(subjects)} training subjects: {', '.join(s.name for s in subjects)}")
     else:
