@@ -185,7 +185,7 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress:
     distributed.check_divisible(config.train.batch_size, "train.batch_size", num_shards)
     distributed.check_divisible(config.train.eval_batch_size, "train.eval_batch_size", num_shards)
     if not distributed.is_primary():
-        log = _silent
+        log, progress = _silent, None
     subjects = load_training_subjects(data_dir, config, num_shards)
     # Settings that can only be checked against a built network fail before the workdir exists.
     probe = models.build_network(config.model, subjects[0].volume.shape[-1], 0)
