@@ -168,10 +168,11 @@ def fit_stage(
             for chunk in iterator:
                 state, measurements = train_step(state, _batch(data, chunk), run_key)
                 step_measurements.append(measurements)
-                if stop.signal is not None:
+                signum = stop.requested(len(done_steps) + len(step_measurements))
+                if signum is not None:
                     done = done_steps + _host_rows(step_measurements)
                     save({**loop, "partial": {"epoch": epoch, "steps_done": len(done), "measurements": done}})
-                    raise TrainingInterrupted(stop.signal, stage, epoch, len(done), len(batches))
+                    raise TrainingInterrupted(signum, stage, epoch, len(done), len(batches))
             rows = done_steps + _host_rows(step_measurements)
             measured = {key: np.array([row[key] for row in rows]) for key in rows[0]}
             _check_finite(measured, stage, epoch, loop)
@@ -205,8 +206,9 @@ def fit_stage(
             )
             if on_epoch:
                 on_epoch(loop["history"])
-            if stop.signal is not None:  # arrived during validation or saving: this epoch is safe
-                raise TrainingInterrupted(stop.signal, stage, epoch, len(batches), len(batches))
+            signum = stop.requested()
+            if signum is not None:  # arrived during validation or saving: this epoch is safe
+                raise TrainingInterrupted(signum, stage, epoch, len(batches), len(batches))
     manager.close()
     return best, loop["history"]
 
@@ -226,9 +228,17 @@ def _check_finite(measured: dict, stage: int, epoch: int, loop: dict) -> None:
 
 
 class StopOnSignals:
-    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (main thread only).
+
+    With several processes a signal may reach only some of them, or reach them
+    at different steps, yet all must stop at the same step: the checkpoint saved
+    then is collective. So they agree, with one tiny all-gather, every
+    AGREE_EVERY steps (not every step: it waits for the devices) and at the end
+    of each epoch.
+    """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    AGREE_EVERY = 8
 
     def __init__(self):
         self.signal = None
@@ -236,6 +246,14 @@ class StopOnSignals:
 
     def _handle(self, signum, _frame):
         self.signal = signum
+
+    def requested(self, steps_done: int | None = None) -> int | None:
+        """The signal to stop for, once every process knows of it; steps_done None: an epoch's end."""
+        if jax.process_count() == 1:
+            return self.signal
+        if steps_done is not None and steps_done % self.AGREE_EVERY:
+            return None
+        return int(distributed.allgather(np.array(self.signal or 0)).max()) or None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

@@ -6,9 +6,11 @@ by XLA_FLAGS, so the rest of the suite keeps its single device.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +79,18 @@ def _weights(workdir):
         return [checkpointer.restore(checkpoints.weights_dir(workdir, stage)) for stage in (1, 2)]
 
 
-def test_two_hosts_each_load_half_the_subjects_and_train_like_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory):
+    """Two processes x two devices train the cascade (one epoch a stage) on two tiny subjects."""
+    from jaxcascade import phantom
+
+    root = tmp_path_factory.mktemp("hosts")
+    phantom.write_cohort(root / "data", 2, seed=5, size="tiny")
+    _run_processes(2, "cascade", root / "data", root / "hosts", root / "summary.json", 0)
+    return root
+
+
+def test_two_hosts_each_load_half_the_subjects_and_train_like_one_process(two_hosts, tmp_path):
     """The whole cascade, two processes x two devices, each loading only its data shard's subjects,
     equals one single-device process that loads all subjects into the same two data shards.
 
@@ -85,25 +98,21 @@ def test_two_hosts_each_load_half_the_subjects_and_train_like_one_process(tmp_pa
     """
     from jaxcascade import phantom
 
-    phantom.write_cohort(tmp_path / "data", 2, seed=5, size="tiny")
-    _run_processes(2, "cascade", tmp_path / "data", tmp_path / "hosts", tmp_path / "summary.json", 0)
-    _run(1, "cascade", tmp_path / "data", tmp_path / "one", tmp_path / "one.json", 2)
-
+    _run(1, "cascade", two_hosts / "data", tmp_path / "one", tmp_path / "one.json", 2)
     loaded = {}
     for index in (0, 1):
-        summary = json.loads((tmp_path / f"summary.json.{index}").read_text())
+        summary = json.loads((two_hosts / f"summary.json.{index}").read_text())
         assert (summary["process"], summary["processes"], summary["devices"]) == (index, 2, 4)
         loaded[index] = summary["subjects"]
     assert loaded == {0: [phantom.subject_name(0)], 1: [phantom.subject_name(1)]}
     assert json.loads((tmp_path / "one.json.0").read_text())["subjects"] == [phantom.subject_name(i) for i in (0, 1)]
 
-    records = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-               for run in ("hosts", "one")]
+    records = [_history(two_hosts / "hosts"), _history(tmp_path / "one")]
     # orbax committed each stage's end-of-epoch checkpoint once, from both processes' shards.
     steps = [r["steps"] for r in records[0]]
     for stage, step in zip((1, 2), steps):
-        assert (tmp_path / "hosts" / "checkpoints" / f"stage{stage}" / str(step)).is_dir()
-    for hosts, one in zip(_weights(tmp_path / "hosts"), _weights(tmp_path / "one")):
+        assert (two_hosts / "hosts" / "checkpoints" / f"stage{stage}" / str(step)).is_dir()
+    for hosts, one in zip(_weights(two_hosts / "hosts"), _weights(tmp_path / "one")):
         flat_hosts, flat_one = jax_leaves(hosts), jax_leaves(one)
         assert flat_hosts.keys() == flat_one.keys()
         worst = max(float(np.abs(flat_hosts[k] - flat_one[k]).max()) for k in flat_one)
@@ -113,6 +122,47 @@ def test_two_hosts_each_load_half_the_subjects_and_train_like_one_process(tmp_pa
         assert hosts["steps"] == one["steps"]
         assert abs(hosts["train_loss"] - one["train_loss"]) < 1e-5
         assert abs(hosts["val_loss"] - one["val_loss"]) < 1e-5
+
+
+def test_sigterm_to_one_host_stops_both_at_the_same_step_and_resumes_exactly(two_hosts, tmp_path):
+    """A scheduler's SIGTERM reaching process 1 only: both processes agree to stop at the same step
+    (the checkpoint is collective), exit 143, and rerunning finishes with the uninterrupted weights."""
+    env = _env(2)
+    env["JAX_COORDINATOR_ADDRESS"] = f"127.0.0.1:{_free_port()}"
+    env["JAX_NUM_PROCESSES"] = "2"
+    command = [sys.executable, "-m", "jaxcascade.cli", "train", "--data", str(two_hosts / "data"),
+               "--workdir", str(tmp_path / "wd"), "--config.train.max_epochs=1"]
+
+    def start():
+        return [subprocess.Popen(command, env={**env, "JAX_PROCESS_ID": str(index)}, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for index in (0, 1)]
+
+    workers = start()
+    for line in workers[0].stdout:  # the epoch loop is about to start (compiling its first step takes seconds)
+        if line.startswith("stage 1:") and "steps per epoch" in line:
+            break
+    time.sleep(1.0)
+    workers[1].send_signal(signal.SIGTERM)
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=300)
+        assert worker.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+        assert stderr.strip().splitlines()[-1] == ("jaxcascade: SIGTERM: stopped in stage 1, epoch 1 after step "
+                                                   "8/10; checkpoint saved, rerun the same command to resume")
+    env["JAX_COORDINATOR_ADDRESS"] = f"127.0.0.1:{_free_port()}"
+    workers = start()
+    outputs = [worker.communicate(timeout=600) for worker in workers]
+    for worker, (_, stderr) in zip(workers, outputs):
+        assert worker.returncode == 0, stderr[-3000:]
+    assert "stage 1: resuming after step 8 of epoch 1" in outputs[0][0]
+    for resumed, uninterrupted in zip(_weights(tmp_path / "wd"), _weights(two_hosts / "hosts")):
+        flat_resumed, flat_uninterrupted = jax_leaves(resumed), jax_leaves(uninterrupted)
+        assert all(np.array_equal(flat_resumed[k], flat_uninterrupted[k]) for k in flat_uninterrupted)
+    strip = lambda records: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in records]  # noqa: E731
+    assert strip(_history(tmp_path / "wd")) == strip(_history(two_hosts / "hosts"))
+
+
+def _history(workdir) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def jax_leaves(tree) -> dict:
