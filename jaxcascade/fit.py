@@ -1,7 +1,7 @@
 """The training loop of one stage: epochs, validation, early stopping, checkpoints, resume.
 
 Randomness is derived, never threaded: each data shard's epoch shuffle comes
-from numpy's generator seeded by (seed, stage, epoch, shard) (see `shards`) and
+from `seeding.stream(seed, 'epoch', stage, epoch, shard)` (see `shards`) and
 each step's key is fold_in(fold_in(key(seed), stage), step) (inside the jitted
 step). A run resumed from the checkpoint of epoch N therefore replays epochs
 N+1... exactly as an uninterrupted run.

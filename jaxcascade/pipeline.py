@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from jaxcascade import __version__, cascade, checkpoints, config as config_lib, distributed, io, models, plots
+from jaxcascade import seeding
 from jaxcascade import patches as patches_lib
 from jaxcascade import shards as shards_lib
 from jaxcascade.errors import UserError
@@ -123,13 +124,10 @@ def _silent(*_args, **_kwargs) -> None:
     pass
 
 
-def _stage_seed(seed: int, stage: int) -> int:
-    return int(np.random.SeedSequence([seed, stage]).generate_state(1)[0])
-
-
 def _fit(stage, subjects, num_shards, centres, labels, config, workdir, log, progress,
          histories) -> cascade.Stage:
-    model = models.build_network(config.model, subjects[0].volume.shape[-1], _stage_seed(config.seed, stage))
+    channels = subjects[0].volume.shape[-1]
+    model = models.build_network(config.model, channels, seeding.init_seed(config.seed, stage))
     data = TrainingSet.from_subjects([s.volume for s in subjects], centres, labels, config.model.patch_size,
                                      subject_shards=[s.shard for s in subjects], num_shards=num_shards)
 
@@ -208,7 +206,7 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress:
         centres, labels = [], []
         for subject in subjects:
             candidates = cascade.candidate_mask(subject.flair, min_th)
-            rng = np.random.default_rng([config.seed, 1, subject.number])
+            rng = seeding.stream(config.seed, "sampling", stage=1, subject=subject.number)
             c, l = patches_lib.stage1_centres(subject.lesion, candidates, rng)
             centres.append(c)
             labels.append(l)
@@ -226,7 +224,7 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress:
                 probability_threshold=config.sampling.hard_negative_probability,
                 fallback_flair=config.sampling.hard_negative_fallback_flair,
             )
-            rng = np.random.default_rng([config.seed, 2, subject.number])
+            rng = seeding.stream(config.seed, "sampling", stage=2, subject=subject.number)
             c, l = patches_lib.stage2_centres(subject.lesion, hard, rng)
             centres.append(c)
             labels.append(l)

@@ -11,9 +11,9 @@ each shard. The result of a run therefore depends on S, not on how many
 processes or devices share the work: one process with `data_shards=4` trains
 exactly what four hosts do (up to float summation order).
 
-Within a shard: the training/validation split is stratified (rng seeded by
-seed, stage, shard); every epoch the shard's training rows are shuffled (rng
-seeded by seed, stage, epoch, shard) and read in order, wrapping round when the
+Within a shard: the training/validation split is stratified (stream 'split'
+of `seeding`, keyed by stage and shard); every epoch the shard's training rows
+are shuffled (stream 'epoch': stage, epoch, shard) and read in order, wrapping round when the
 shard holds fewer rows than its part of the epoch and leaving the rest for
 later epochs when it holds more. An epoch is floor(all training rows / B)
 steps, at least one: with one shard, exactly one pass over the data.
@@ -28,7 +28,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from jaxcascade import distributed
+from jaxcascade import distributed, seeding
 from jaxcascade import patches as patches_lib
 from jaxcascade.errors import UserError
 
@@ -72,7 +72,7 @@ class Schedule:
         """(steps, B/P) rows of this process's part of each training batch of the epoch."""
         parts = []
         for shard, rows in self.train_rows.items():
-            order = np.random.default_rng([seed, stage, epoch, shard]).permutation(rows)
+            order = seeding.stream(seed, "epoch", stage=stage, epoch=epoch, shard=shard).permutation(rows)
             parts.append(np.resize(order, self.steps * self.shard_batch).reshape(self.steps, self.shard_batch))
         return np.concatenate(parts, axis=1)
 
@@ -102,7 +102,7 @@ def schedule(shard_rows: dict[int, np.ndarray], labels: np.ndarray, *, num_shard
                          f"expected {list(owned(num_shards))}")
     train_rows, validation_rows = {}, {}
     for shard, rows in shard_rows.items():
-        rng = np.random.default_rng([seed, stage, shard])
+        rng = seeding.stream(seed, "split", stage=stage, shard=shard)
         train, validation = patches_lib.stratified_split(labels[rows], validation_fraction, rng)
         if len(validation) == 0:
             validation = train  # too few samples to hold any out; validate on training data

@@ -96,3 +96,23 @@ def test_training_with_more_shards_than_subjects_or_a_lesion_free_shard(cohort, 
     assert_user_error(capsys, ["train", "--data", data, "--workdir", wd, "--config.distributed.data_shards=2"],
                       "data shard 1 of 2 (sub-02) has no lesion voxels")
     assert not wd.exists()
+
+
+def test_random_streams_never_coincide():
+    """numpy's SeedSequence ignores trailing zeros; every purpose and key still gets its own stream."""
+    from jaxcascade import seeding
+
+    assert np.array_equal(np.random.default_rng([7, 1]).random(4), np.random.default_rng([7, 1, 0]).random(4))
+    draws = {}
+    for stage in (1, 2):
+        draws[("init", stage)] = seeding.stream(7, "init", stage=stage).random(4)
+        for index in (0, 1):
+            draws[("sampling", stage, index)] = seeding.stream(7, "sampling", stage=stage, subject=index).random(4)
+            draws[("split", stage, index)] = seeding.stream(7, "split", stage=stage, shard=index).random(4)
+            for epoch in (0, 1):
+                draws[("epoch", stage, epoch, index)] = seeding.stream(
+                    7, "epoch", stage=stage, epoch=epoch, shard=index).random(4)
+    values = [tuple(v) for v in draws.values()]
+    assert len(set(values)) == len(values)
+    with pytest.raises(TypeError, match="keyed by stage, epoch, shard"):
+        seeding.stream(7, "epoch", stage=1, shard=0)
