@@ -116,13 +116,13 @@ def score_subject(model: pipeline.Cascade, subject_dir: Path, segmentation_path:
     """{"cascade": metrics, "stage1": metrics} of one subject; writes the cascade's mask."""
     config = model.config
     images = io.load_sequences({m: subject_dir / f"{m}{config.data.suffix}" for m in model.modalities},
-                               model.modalities, subject_dir.name)
+                               model.modalities, subject_dir.name, orientation=config.data.orientation)
     lesion_path = subject_dir / f"{config.data.lesion}{config.data.suffix}"
     truth = io.load_lesion_mask(lesion_path, images[0])
     result = pipeline.segment_images(model, images)
     voxel_ml = images[0].voxel_volume_ml
     stage1_mask = stage1_alone_mask(result.stage1_probability, cascade.InferenceOptions.from_config(config), voxel_ml)
-    io.save_like(result.mask, images[model.modalities.index(config.data.flair)].nifti, segmentation_path)
+    io.save_like(result.mask, images[model.modalities.index(config.data.flair)], segmentation_path)
     return {"cascade": metrics.segmentation_metrics(result.mask, truth, voxel_ml),
             "stage1": metrics.segmentation_metrics(stage1_mask, truth, voxel_ml)}
 

@@ -238,6 +238,7 @@ def import_keras(model1, model2, modalities: tuple, out_dir) -> dict:
         raise UserError(f"{model1}: the network takes {keras.in_channels} input channels, "
                         f"--modalities names {len(modalities)} ({','.join(modalities)})")
     config.data.modalities = modalities
+    config.data.orientation = io.NATIVE  # nicMSlesions fed images in their stored voxel order
     config.model.patch_size = keras.patch_size
     hashes = (sha256(model1), sha256(model2))
     provenance = {

@@ -1,7 +1,10 @@
 """NIfTI in and out, with every check a user's files can fail, and atomic writes.
 
-Images stay in their own voxel grid: nothing is reoriented or resampled, so
-the output lies on exactly the input's grid and carries its header.
+Images are processed in one voxel orientation (RAS+ unless the model says
+otherwise), reached by axis permutations and flips only: exact, no
+resampling. The CNNs are not invariant to flips and axis order, so the same
+anatomy stored LPS or RAS must reach them the same way round. Outputs are
+mapped back and lie on exactly the input's grid, with its header.
 Every problem raises `UserError` with one line naming the file.
 """
 
@@ -23,23 +26,54 @@ from jaxcascade.errors import UserError
 AFFINE_TOLERANCE_MM = 1e-3
 
 
+NATIVE = "native"  # process images in the voxel order they are stored in (nicMSlesions' behaviour)
+
+
 @dataclasses.dataclass
 class Image:
     path: Path
-    data: np.ndarray  # float32, 3D
-    nifti: nib.Nifti1Image
+    data: np.ndarray  # float32, 3D, in the processing orientation
+    nifti: nib.Nifti1Image  # as stored: its voxel grid is where outputs go
+    orientation: str = NATIVE  # the processing orientation, e.g. 'RAS', or 'native'
 
     @property
     def affine(self) -> np.ndarray:
         return self.nifti.affine
+
+    def to_file_grid(self, array: np.ndarray) -> np.ndarray:
+        """An array on the processing grid -> the same values on the file's own voxel grid."""
+        transform = _reorientation(self.nifti.affine, self.orientation, inverse=True)
+        return array if transform is None else np.ascontiguousarray(nib.orientations.apply_orientation(array, transform))
 
     @property
     def voxel_volume_ml(self) -> float:
         return float(np.prod(self.nifti.header.get_zooms()[:3])) / 1000.0
 
 
-def load_image(path: str | os.PathLike, *, allow_all_zero: bool = False) -> Image:
-    """Read a 3D NIfTI image (a 4D one with a trailing singleton axis is accepted)."""
+def check_orientation(orientation: str, setting: str = "data.orientation") -> str:
+    """'native', or three axis codes saying where each voxel axis points (one of L/R, A/P, S/I each)."""
+    codes = orientation.upper()
+    axes = sorted("LRAPSI".index(code) // 2 for code in codes if code in "LRAPSI")
+    if orientation != NATIVE and (len(codes) != 3 or axes != [0, 1, 2]):
+        raise UserError(f"--config.{setting}={orientation!r}: expected 'native' or axis codes such as 'RAS' "
+                        "or 'LPS' (one of L/R, A/P, S/I each)")
+    return orientation
+
+
+def _reorientation(affine: np.ndarray, orientation: str, inverse: bool = False):
+    """nibabel's transform between the stored voxel order and `orientation` (None: nothing to do)."""
+    if orientation == NATIVE:
+        return None
+    stored = nib.orientations.io_orientation(affine)
+    wanted = nib.orientations.axcodes2ornt(tuple(orientation.upper()))
+    transform = nib.orientations.ornt_transform(wanted, stored) if inverse else nib.orientations.ornt_transform(
+        stored, wanted)
+    identity = np.array([[0, 1], [1, 1], [2, 1]], float)
+    return None if np.array_equal(transform, identity) else transform
+
+
+def load_image(path: str | os.PathLike, *, allow_all_zero: bool = False, orientation: str = "RAS") -> Image:
+    """Read a 3D NIfTI image (a 4D one with a trailing singleton axis is accepted) into `orientation`."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: file not found")
@@ -69,7 +103,10 @@ def load_image(path: str | os.PathLike, *, allow_all_zero: bool = False) -> Imag
         nonzero = data[data != 0]
         if nonzero.min() == nonzero.max():
             raise UserError(f"{path}: image is constant ({nonzero[0]:g} wherever nonzero); it cannot be normalised")
-    return Image(path=path, data=data, nifti=nifti)
+    transform = _reorientation(nifti.affine, orientation)
+    if transform is not None:
+        data = np.ascontiguousarray(nib.orientations.apply_orientation(data, transform))
+    return Image(path=path, data=data, nifti=nifti, orientation=orientation)
 
 
 def _check_qform_sform(path: Path, nifti) -> None:
@@ -104,8 +141,8 @@ def check_same_grid(images: list[Image]) -> None:
 
 
 def load_lesion_mask(path: str | os.PathLike, reference: Image) -> np.ndarray:
-    """A binary lesion mask on the reference's grid, as bool."""
-    image = load_image(path, allow_all_zero=True)
+    """A binary lesion mask on the reference's grid (in its processing orientation), as bool."""
+    image = load_image(path, allow_all_zero=True, orientation=reference.orientation)
     check_same_grid([reference, image])
     values = np.unique(image.data)
     unexpected = values[(values != 0) & (values != 1)]
@@ -128,8 +165,9 @@ def parse_inputs(pairs: list[str]) -> dict[str, str]:
     return inputs
 
 
-def load_sequences(inputs: dict[str, str], modalities: tuple[str, ...], source: str = "the model") -> list[Image]:
-    """Load the named sequences in the model's channel order, on one grid."""
+def load_sequences(inputs: dict[str, str], modalities: tuple[str, ...], source: str = "the model", *,
+                   orientation: str = "RAS") -> list[Image]:
+    """Load the named sequences in the model's channel order, on one grid, into `orientation`."""
     missing = [m for m in modalities if m not in inputs]
     extra = [m for m in inputs if m not in modalities]
     if missing or extra:
@@ -142,7 +180,7 @@ def load_sequences(inputs: dict[str, str], modalities: tuple[str, ...], source: 
             f"inputs {', '.join(inputs) or 'none'} do not match {source}'s modalities "
             f"{', '.join(modalities)} ({'; '.join(problems)})"
         )
-    images = [load_image(inputs[m]) for m in modalities]
+    images = [load_image(inputs[m], orientation=orientation) for m in modalities]
     check_same_grid(images)
     return images
 
@@ -205,8 +243,10 @@ def _umask() -> int:
     return mask
 
 
-def save_like(data: np.ndarray, reference: nib.Nifti1Image, path: str | os.PathLike, dtype=np.uint8) -> None:
-    """Write `data` on the reference's grid, with its header, qform and sform (codes included)."""
+def save_like(data: np.ndarray, like: Image, path: str | os.PathLike, dtype=np.uint8) -> None:
+    """Write `data` (on like's processing grid) on like's file grid, with its header, qform and sform."""
+    data = like.to_file_grid(data)
+    reference = like.nifti
     header = reference.header.copy()
     header.set_data_dtype(dtype)
     image = nib.Nifti1Image(np.asarray(data, dtype=dtype), reference.affine, header=header)

@@ -56,6 +56,7 @@ def load_training_subjects(data_dir, config, num_shards: int = 1) -> list[Subjec
     """
     modalities = tuple(config.data.modalities)
     channel = flair_channel(config)
+    io.check_orientation(config.data.orientation)
     if len(set(modalities)) != len(modalities):
         raise UserError(f"config data.modalities names a modality twice: {', '.join(modalities)}")
     suffix, lesion_name = config.data.suffix, config.data.lesion
@@ -73,7 +74,8 @@ def load_training_subjects(data_dir, config, num_shards: int = 1) -> list[Subjec
         for number, folder in enumerate(folders):
             if shard_of[number] not in mine:
                 continue
-            images = io.load_sequences({m: folder / f"{m}{suffix}" for m in modalities}, modalities, folder.name)
+            images = io.load_sequences({m: folder / f"{m}{suffix}" for m in modalities}, modalities, folder.name,
+                                       orientation=config.data.orientation)
             lesion = io.load_lesion_mask(folder / f"{lesion_name}{suffix}", images[0])
             volume = cascade.normalise_channels([image.data for image in images], config.normalisation)
             subjects.append(Subject(folder.name, volume, lesion, channel, number, shard_of[number]))
@@ -259,7 +261,7 @@ def fine_tuning_config(model_dir, overrides: list[str]):
             raise UserError(f"{model_dir}: stage {stage} has no trained weights to start from")
     config.train.init_from = str(Path(model_dir).resolve())
     config = config_lib.apply_overrides(config, overrides)
-    fixed = ["model", "data.modalities", "normalisation"]
+    fixed = ["model", "data.modalities", "data.orientation", "normalisation"]
     changed = [key for key in config_lib.differences(_stored_config(read_model_config(model_dir)),
                                                      _stored_config(config))
                if any(key == f or key.startswith(f + ".") for f in fixed)]
@@ -285,6 +287,8 @@ def read_model_config(model_dir) -> object:
             f"{path}: written by jaxcascade {stamp.get('version', '?')} in model format "
             f"{stamp.get('format_version')}, this jaxcascade {__version__} reads format {FORMAT_VERSION}"
         )
+    # Models saved before data.orientation existed saw images as stored.
+    record.setdefault("data", {}).setdefault("orientation", io.NATIVE)
     return config_lib.from_dict(record, str(path))
 
 
@@ -334,10 +338,10 @@ def segment_files(model_dir, inputs: dict, out, *, probabilities_dir=None, thres
                 raise UserError(f"{path}: already exists; pass --overwrite to replace it")
     if method is not None:
         cascade.resolve_method(model.stage1, method)  # refuse an impossible --inference before any work
-    images = io.load_sequences(inputs, model.modalities)
+    images = io.load_sequences(inputs, model.modalities, orientation=model.config.data.orientation)
     result = segment_images(model, images, threshold=threshold, min_lesion_size=min_lesion_size, method=method,
                             progress=progress)
-    reference = images[model.modalities.index(model.config.data.flair)].nifti
+    reference = images[model.modalities.index(model.config.data.flair)]
     if probability_paths:
         probabilities_dir.mkdir(exist_ok=True)
         io.save_like(result.stage1_probability, reference, probability_paths[0], dtype=np.float32)

@@ -56,3 +56,16 @@ def test_differences_lists_dotted_keys():
     a = config_lib.to_dict(config_lib.load_config())
     b = config_lib.to_dict(config_lib.apply_overrides(config_lib.load_config(), ["--config.train.patience=3"]))
     assert config_lib.differences(a, b) == ["train.patience"]
+
+
+def test_a_model_saved_before_data_orientation_existed_keeps_the_stored_voxel_order(tmp_path):
+    import json
+
+    from jaxcascade import pipeline
+
+    record = {"jaxcascade": {"format_version": pipeline.FORMAT_VERSION, "version": "0.1.0"},
+              **config_lib.to_dict(config_lib.load_config("default"))}
+    del record["data"]["orientation"]
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    assert pipeline.read_model_config(tmp_path).data.orientation == "native"
+    assert config_lib.load_config("default").data.orientation == "RAS"

@@ -223,6 +223,7 @@ def test_import_writes_a_stamped_model_directory_with_provenance(model_dir, kera
     config = pipeline.read_model_config(model_dir)  # checks the "jaxcascade" stamp
     assert config.model.network == "nicms" and config.model.bn_epsilon == 1e-3
     assert config.data.modalities == ("T1", "FLAIR") and config.normalisation == "nicms"
+    assert config.data.orientation == "native"  # nicMSlesions read images in their stored voxel order
     assert (config.inference.threshold, config.inference.min_lesion_voxels, config.inference.min_volume_ml) == (
         0.5, 10, 0.5)
     assert checkpoints.stage_done(model_dir, 1) and checkpoints.stage_done(model_dir, 2)

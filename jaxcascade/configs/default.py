@@ -20,6 +20,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.flair = "FLAIR"  # the modality that selects candidates
     config.data.lesion = "lesion"
     config.data.suffix = ".nii.gz"
+    # Voxel orientation the networks see: images are permuted/flipped (exactly,
+    # no resampling) into it, and outputs back to each file's own grid. "native"
+    # uses the stored voxel order, as nicMSlesions did (imported models use it).
+    config.data.orientation = "RAS"
 
     config.model = ml_collections.ConfigDict()
     config.model.network = "valverde2017_valid"  # or "valverde2017" (SAME padding, patch-wise only)
