@@ -7,8 +7,12 @@ under results_dir (each fold under folds/<subject>/).
 Run (from the repository root; a rerun resumes, finished folds are skipped):
     python experiments/launch.py experiments/leave_one_out.py
         4 procedural 2 mm subjects, demo budget (<= 12 epochs a stage). Measured on
-        a 2-core CPU, no GPU: 11 min 37 s; mean held-out DSC 0.828, PPV 0.986,
-        TPR 0.714, lesion F1 0.795 (experiments/README.md has the table).
+        a 2-core CPU, no GPU: 8 min 39 s; mean held-out DSC 0.830, PPV 0.986,
+        TPR 0.722, lesion F1 0.782 (experiments/README.md has the table).
+    python experiments/launch.py experiments/leave_one_out.py --config.cascade.model.network=valverde2017 \
+        --config.results_dir=experiments/results/leave_one_out_same
+        the same folds with the seed's SAME network (patch-wise inference): 23 min 12 s;
+        mean DSC 0.842, PPV 0.967, TPR 0.748, lesion F1 0.782.
     python experiments/launch.py experiments/leave_one_out.py --config.cohort.kind=mni \
         --config.results_dir=experiments/results/leave_one_out_mni
         the MNI152 phantom (pip install -e '.[nilearn]'): 9 min 23 s; mean DSC 0.888.
