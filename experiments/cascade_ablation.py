@@ -9,13 +9,12 @@ the tables. Writes cascade_ablation.{csv,md,png} and cascade_ablation_summary.js
 
 Run (from the repository root):
     python experiments/launch.py experiments/cascade_ablation.py
-        after leave_one_out.py: 2 s. Measured (2-core CPU): CNN1 alone made no
-        false-positive lesions on any held-out subject, so the lesion-level claim
-        is not testable on this phantom; CNN2 removed 1543 of CNN1's 1626
-        false-positive voxels (95 %), mean DSC 0.809 -> 0.828, TPR 0.931 -> 0.714.
+        after leave_one_out.py: 2 s. Measured (2-core CPU): CNN1 alone made one
+        false-positive lesion (on sub-01), which CNN2 removed; CNN2 removed 1602 of
+        CNN1's 1699 false-positive voxels (94 %), mean DSC 0.797 -> 0.830, TPR 0.945 -> 0.722.
     python experiments/launch.py experiments/cascade_ablation.py --config.cohort.kind=mni \
         --config.results_dir=experiments/results/leave_one_out_mni
-        MNI phantom: again 0 false-positive lesions; FP voxels 1806 -> 56, DSC 0.827 -> 0.888.
+        MNI phantom: 0 false-positive lesions; FP voxels 1758 -> 33, DSC 0.827 -> 0.884.
     python experiments/launch.py experiments/cascade_ablation.py --config.smoke=true
         after the leave_one_out smoke run: 2 s.
 """
