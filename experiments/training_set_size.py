@@ -9,8 +9,8 @@ training_set_size_summary.json under results_dir.
 Run (from the repository root; a rerun resumes, finished folds are skipped):
     python experiments/launch.py experiments/training_set_size.py
         tiny (4 mm) procedural phantom, 4 test subjects, 2 repeats, demo budget.
-        Measured on a 2-core CPU, no GPU: 9 min 25 s; mean held-out DSC
-        0.676 (1 subject), 0.712 (2), 0.850 (4), 0.839 (8).
+        Measured on a 2-core CPU, no GPU: 5 min 37 s; mean held-out DSC
+        0.636 (1 subject), 0.755 (2), 0.785 (4), 0.935 (8).
     python experiments/launch.py experiments/training_set_size.py --config.smoke=true
         sizes (1, 2), 1 test subject, 1 epoch: 26 s; checks the plumbing only.
 """
