@@ -41,7 +41,7 @@ class PReLU(nnx.Module):
 
 def _max_pool(x):
     # Keras MaxPooling3D default: pool 2, stride 2, 'valid' (11 -> 5 -> 2, floors).
-    return nnx.max_pool(x, window_shape=(2, 2, 2), strides=(2, 2, 2), padding="VALID")
+    return models.max_pool_2x2x2(x)
 
 
 def _flatten_channels_first(x):

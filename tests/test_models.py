@@ -68,3 +68,17 @@ def test_auto_picks_by_buffer_size_on_cpu():
     assert convs.default_implementation((4, 40, 40, 40, 32), (3, 3, 3, 32, 64), dilation=2) == "slices"
     assert convs.default_implementation((128, 13, 13, 13, 32), (3, 3, 3, 32, 32)) == "lax"
     assert convs.default_implementation((128, 4, 4, 4, 32), (3, 3, 3, 32, 64)) == "im2col"
+
+
+@pytest.mark.parametrize("shape", [(3, 9, 9, 9, 4), (2, 11, 10, 5, 3), (1, 2, 2, 2, 1)])
+def test_reshape_max_pool_matches_reduce_window_values_and_gradients(shape):
+    """The training pool (crop + reshape + max) against flax's reduce_window pool, odd sizes included."""
+    from flax import nnx
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32))
+    reference = lambda v: nnx.max_pool(v, window_shape=(2, 2, 2), strides=(2, 2, 2), padding="VALID")  # noqa: E731
+    np.testing.assert_array_equal(models.max_pool_2x2x2(x), reference(x))
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=reference(x).shape).astype(np.float32))
+    grad = jax.grad(lambda v: (models.max_pool_2x2x2(v) * weights).sum())(x)
+    grad_reference = jax.grad(lambda v: (reference(v) * weights).sum())(x)
+    np.testing.assert_array_equal(grad, grad_reference)  # no ties in random data: the same subgradient
