@@ -57,22 +57,15 @@ def batch_sharded(on: Mesh | None = None) -> NamedSharding:
     return NamedSharding(on or mesh(), PartitionSpec(AXIS))
 
 
-def _put(tree, sharding):
+def put_replicated(tree):
+    """Host arrays (the same on every process) -> global arrays with a full copy on every device."""
+    sharding = replicated()
+
     def put(leaf):
         host = np.asarray(leaf)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree.map(put, tree)
-
-
-def put_replicated(tree):
-    """Host arrays (the same on every process) -> global arrays with a full copy on every device."""
-    return _put(tree, replicated())
-
-
-def put_batch(tree):
-    """Host arrays (the same on every process) -> global arrays split along axis 0 over the devices."""
-    return _put(tree, batch_sharded())
 
 
 def put_local_replicated(tree):

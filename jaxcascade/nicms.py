@@ -39,11 +39,6 @@ class PReLU(nnx.Module):
         return jnp.maximum(x, 0) + self.alpha[...] * jnp.minimum(x, 0)
 
 
-def _max_pool(x):
-    # Keras MaxPooling3D default: pool 2, stride 2, 'valid' (11 -> 5 -> 2, floors).
-    return models.max_pool_2x2x2(x)
-
-
 def _flatten_channels_first(x):
     """Keras flattened the channels-first (C, D, H, W) tensor in C order; d1's rows follow that order."""
     return jnp.transpose(x, (0, 4, 1, 2, 3)).reshape(x.shape[0], -1)
@@ -96,10 +91,10 @@ class NicMS(nnx.Module):
         average = not train
         x = self.prelu_conv1_1(self.bn_1_1(self.conv1_1(patches), use_running_average=average))
         x = self.prelu_conv1_2(self.bn_1_2(self.conv1_2(x), use_running_average=average))
-        x = _max_pool(x)
+        x = models.max_pool_2x2x2(x)  # Keras MaxPooling3D: 2, stride 2, valid (11 -> 5 -> 2)
         x = self.prelu_conv2_1(self.bn_2_1(self.conv2_1(x), use_running_average=average))
         x = self.prelu_conv2_2(self.bn_2_2(self.conv2_2(x), use_running_average=average))
-        x = _max_pool(x)
+        x = models.max_pool_2x2x2(x)
         x = _flatten_channels_first(x)
         for dense, prelu in ((self.d1, self.prelu_d1), (self.d2, self.prelu_d2), (self.d3, self.prelu_d3)):
             x = prelu(dense(self.dropout(x, deterministic=not train, rngs=rngs)))
