@@ -1,7 +1,7 @@
 """GFLOP/s of each 3D convolution formulation against a matmul of equal FLOPs.
 
 Run:
-    python benchmarks/convs.py            # prints a table, writes benchmarks/results/convs.json
+    python -m benchmarks.convs            # prints a table, writes benchmarks/results/convs.json
 Shapes are the ones the cascade runs: the training step's convolutions on a
 batch of 11^3 patches and the dense kernel's dilated convolutions on a tile.
 PyTorch (oneDNN) rows appear when torch is installed (pip install -e '.[bench]').
@@ -10,17 +10,13 @@ PyTorch (oneDNN) rows appear when torch is installed (pip install -e '.[bench]')
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from common import markdown_table, time_call, write_results  # noqa: E402
-from jaxcascade import convs  # noqa: E402
+from benchmarks.common import markdown_table, time_call, write_results
+from jaxcascade import convs
 
 # (name, input shape NDHWC, out channels, dilation)
 CASES = [

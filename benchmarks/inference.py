@@ -2,7 +2,7 @@
 
 Run:
     pip install -e ".[bench]"
-    python benchmarks/inference.py [--model WD]       # ~10 minutes on a 2-core CPU
+    python -m benchmarks.inference [--model WD]       # ~10 minutes on a 2-core CPU
 Compares, on the same candidates with the same weights:
   jax dense   - jaxcascade's exact dense kernel (tiles with candidate voxels only)
   jax patch   - jaxcascade's vectorised patch path
@@ -23,46 +23,42 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from common import markdown_table, peak_rss_mb, write_results  # noqa: E402
+from benchmarks.common import markdown_table, peak_rss_mb, write_results
 
 METHODS = ("jax dense", "jax patch", "torch patch", "torch SAME")
 
 
 def _stages(model_dir, network: str):
     """(config, stage1, stage2) from a model dir, or seeded random weights for `network`."""
-    from jaxcascade import config as config_lib, models, pipeline, train
+    from jaxcascade import config as config_lib, models
+    from jaxcascade.cascade import Cascade, Stage
 
     if model_dir and network == "valverde2017_valid":
-        model = pipeline.load_cascade(model_dir)
+        model = Cascade.load(model_dir)
         return model.config, model.stage1, model.stage2
     config = config_lib.load_config("default")
     config.model.network = network
-    stages = []
-    for seed in (1, 2):
-        net = models.build_network(config.model, 2, seed)
-        _, variables = train.split_model(net)
-        stages.append(pipeline._stage(net, variables, config))
+    stages = [Stage.from_network(models.build_network(config.model, 2, seed)) for seed in (1, 2)]
     return config, stages[0], stages[1]
 
 
 def run_one(method: str, model_dir, out_dir: Path, subject_seed: int) -> dict:
     """Segment the phantom with one method; save probability maps; return timings."""
-    from jaxcascade import cascade, phantom
+    from jaxcascade import cascade, inference, phantom
+    from jaxcascade.normalisation import normalise_channels
 
     subject = phantom.make_subject(subject_seed, "full")
-    volume = cascade.normalise_channels([subject["T1"], subject["FLAIR"]], "nonzero")
+    volume = normalise_channels([subject["T1"], subject["FLAIR"]], "nonzero")
     candidates = cascade.candidate_mask(volume[..., 1], 0.5)
     network = "valverde2017" if method == "torch SAME" else "valverde2017_valid"
     config, stage1, stage2 = _stages(model_dir, network)
-    options = cascade.InferenceOptions.from_config(config, method="dense" if method == "jax dense" else "patch")
+    options = inference.InferenceOptions.from_config(config, method="dense" if method == "jax dense" else "patch")
 
     if method.startswith("jax"):
         def classify(stage, mask):
-            return cascade.classify(stage, volume, mask, options)
+            return inference.classify(stage, volume, mask, options)
 
         # Warm-up: compile on a few voxels (and, for dense, one full batch of tiles).
         warm = np.zeros_like(candidates)
@@ -71,7 +67,7 @@ def run_one(method: str, model_dir, out_dir: Path, subject_seed: int) -> dict:
     else:
         import torch
 
-        from torch_reference import classify_candidates, from_jax
+        from benchmarks.torch_reference import classify_candidates, from_jax
 
         torch_models = [from_jax(s.variables, 2, "SAME" if method == "torch SAME" else "VALID",
                                  config.model.bn_epsilon) for s in (stage1, stage2)]
@@ -118,7 +114,7 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for method in args.methods.split(","):
-            command = [sys.executable, __file__, "--only", method, "--scratch", scratch, "--seed", str(args.seed)]
+            command = [sys.executable, "-m", "benchmarks.inference", "--only", method, "--scratch", scratch, "--seed", str(args.seed)]
             if args.model:
                 command += ["--model", args.model]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout

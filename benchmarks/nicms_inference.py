@@ -2,7 +2,7 @@
 
 Run:
     pip install -e ".[bench,interop]"
-    python benchmarks/nicms_inference.py [--voxels 20000] [--all]
+    python -m benchmarks.nicms_inference [--voxels 20000] [--all]
 nicMSlesions' network has per-position PReLU slopes, so it can only run
 patch-wise (about 60 M multiply-adds per patch). On a 1 mm (197x233x189)
 two-channel phantom with the nicMS normalisation, both frameworks classify the
@@ -20,11 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from common import markdown_table, torch_or_exit, write_results  # noqa: E402
+from benchmarks.common import markdown_table, torch_or_exit, write_results
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "interop" / "nicmslesions_baseline_2ch"
 
@@ -91,15 +89,17 @@ def main(argv=None):
     if not SHARED.is_dir():
         sys.exit(f"{SHARED}: nicMSlesions' models not found")
 
-    from jaxcascade import cascade, interop, phantom, pipeline
-    from torch_reference import classify_candidates
+    from benchmarks.torch_reference import classify_candidates
+    from jaxcascade import cascade, interop, phantom
+    from jaxcascade.inference import InferenceOptions, classify
+    from jaxcascade.normalisation import normalise_channels
 
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = Path(scratch) / "nicms"
         interop.import_keras(SHARED / "model_1.hdf5", SHARED / "model_2.hdf5", ("T1", "FLAIR"), model_dir)
-        stage1 = pipeline.load_cascade(model_dir).stage1
+        stage1 = cascade.Stage.load(model_dir, 1)
     subject = phantom.make_subject(args.seed, "full")
-    volume = cascade.normalise_channels([subject["T1"], subject["FLAIR"]], "nicms")
+    volume = normalise_channels([subject["T1"], subject["FLAIR"]], "nicms")
     candidates = cascade.candidate_mask(volume[..., 1], 0.5)
     mask = candidates
     if not args.all:
@@ -109,10 +109,10 @@ def main(argv=None):
 
     warm = np.zeros_like(mask)
     warm[tuple(np.argwhere(mask)[:512].T)] = True
-    options = cascade.InferenceOptions(method="patch", batch_size=256)
-    cascade.classify(stage1, volume, warm, options)
+    options = InferenceOptions(method="patch", batch_size=256)
+    classify(stage1, volume, warm, options)
     started = time.perf_counter()
-    jax_probability = cascade.classify(stage1, volume, mask, options)
+    jax_probability = classify(stage1, volume, mask, options)
     jax_seconds = time.perf_counter() - started
 
     model = torch_nicms(stage1.variables)

@@ -2,10 +2,10 @@
 
 Run:
     pip install -e ".[bench]"
-    python benchmarks/train_step.py [--network valverde2017_valid] [--batch 128]
-    python benchmarks/train_step.py --devices 1,2,4 --processes 1,2   # data-parallel scaling rows
+    python -m benchmarks.train_step [--networks valverde2017_valid] [--batch 128]
+    python -m benchmarks.train_step --devices 1,2,4 --processes 1,2   # data-parallel scaling rows
 Same network, same batch, same optimiser settings. The JAX step is
-`jaxcascade.train.make_train_step` (jitted, seed augmentation, dropout); the
+`jaxcascade.train_steps.make_train_step` (jitted, seed augmentation, dropout); the
 PyTorch step is the equivalent module with torch.optim.Adadelta. With
 --devices, the JAX step runs with its global batch split over N devices per
 process (forced host devices on a CPU, each setting in its own processes;
@@ -23,32 +23,29 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from common import markdown_table, time_call, write_results  # noqa: E402
+from benchmarks.common import markdown_table, time_call, write_results
 
 
 def jax_step(network: str, batch_size: int, implementation: str, repeats: int) -> dict:
     import jax
 
-    from jaxcascade import config as config_lib, distributed, models, train
+    from jaxcascade import config as config_lib, distributed, models, optimizer, train_steps
 
     config = config_lib.load_config("default")
     distributed.initialize(config.distributed)  # joins when JAX_COORDINATOR_ADDRESS etc. are set
     config.model.network = network
     config.model.conv_implementation = implementation
-    graphdef, variables = train.split_model(models.build_network(config.model, 2, 0))
-    tx = train.make_optimizer(config.train)
-    step = train.make_train_step(graphdef, tx, config.train.augmentation)
+    graphdef, variables = models.split_model(models.build_network(config.model, 2, 0))
+    tx = optimizer.make_optimizer(optimizer.OptimizerSettings.from_config(config.train))
+    step = train_steps.make_train_step(graphdef, config.train.augmentation)
     rows = batch_size // jax.process_count()  # this process's share of the global batch
     rng = np.random.default_rng(jax.process_index())
     batch = distributed.global_batch({"patches": rng.normal(size=(rows, 11, 11, 11, 2)).astype(np.float32),
                                       "labels": (np.arange(rows) % 2).astype(np.int32)})
-    holder = {"state": distributed.put_replicated(train.create_train_state(variables, tx))}
+    holder = {"state": distributed.put_replicated(train_steps.create_train_state(variables, tx))}
     key = jax.random.wrap_key_data(distributed.put_replicated(jax.random.key_data(jax.random.key(0))))
 
     def run():
@@ -61,7 +58,7 @@ def jax_step(network: str, batch_size: int, implementation: str, repeats: int) -
 def torch_step(network: str, batch_size: int, repeats: int) -> dict:
     import torch
 
-    from torch_reference import TorchValverde2017
+    from benchmarks.torch_reference import TorchValverde2017
 
     padding = "SAME" if network == "valverde2017" else "VALID"
     model = TorchValverde2017(2, padding, 512 if padding == "SAME" else 64, 1e-4).train()
@@ -98,7 +95,7 @@ def scaling_rows(network: str, batch: int, repeats: int, device_counts: list[int
             env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
             if processes > 1:
                 env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
-            code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import train_step; "
+            code = ("import json; from benchmarks import train_step; "
                     f"print(json.dumps(train_step.jax_step({network!r}, {batch}, 'auto', {repeats})))")
             workers = [subprocess.Popen([sys.executable, "-c", code], env=dict(env, JAX_PROCESS_ID=str(index)),
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxcascade import io, phantom, phantom_mni, plots
+from jaxcascade import phantom, phantom_mni, plots
+from jaxcascade.outputs import atomic_path
 
 plt = plots.plt
 
@@ -36,7 +37,7 @@ def main(argv=None):
             axis.contour(np.rot90(lesion[:, :, z]), levels=[0.5], colors="red", linewidths=0.8)
             axis.set_title(f"{title}: {contrasts[column]} (z={z})", fontsize=9)
     figure.suptitle("phantom contrasts at 1 mm, lesion contour in red")
-    with io.atomic_path(args.out) as tmp:
+    with atomic_path(args.out) as tmp:
         figure.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
     print(f"wrote {args.out}")
 

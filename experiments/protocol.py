@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io as text_io
+import io
 import json
 import math
 import os
@@ -21,8 +21,11 @@ from typing import Callable
 
 import numpy as np
 
-from jaxcascade import cascade, checkpoints, config as config_lib, io, metrics, phantom, pipeline, postprocess
+from jaxcascade import checkpoints, config as config_lib, metrics, nifti, phantom, pipeline, postprocess
+from jaxcascade.cascade import Cascade
+from jaxcascade.inference import InferenceOptions
 from jaxcascade.errors import UserError
+from jaxcascade.outputs import write_json, write_text
 
 PROCEDURAL_CONTRASTS = ("T1", "FLAIR")
 
@@ -98,31 +101,31 @@ def ensure_cohort(cohort_config, modalities, cohort_dir: Path, log: Callable) ->
         phantom_mni.write_cohort(cohort_dir, len(names), cohort_config.seed, cohort_config.size, modalities)
     else:
         raise UserError(f"--config.cohort.kind={kind}: unknown phantom; use procedural or mni")
-    io.write_json(record, manifest)  # last, so an interrupted write is redone
+    write_json(record, manifest)  # last, so an interrupted write is redone
     return names
 
 
 # ----------------------------------------------------------------------------- one fold
 
 
-def stage1_alone_mask(stage1_probability, options: cascade.InferenceOptions, voxel_volume_ml: float) -> np.ndarray:
+def stage1_alone_mask(stage1_probability, options: InferenceOptions, voxel_volume_ml: float) -> np.ndarray:
     """CNN1's probability post-processed as segment_volume post-processes CNN2's."""
     mask = postprocess.binarise(stage1_probability, options.threshold)
     mask = postprocess.remove_small_lesions(mask, options.min_lesion_voxels, options.connectivity)
     return postprocess.apply_min_volume(mask, options.min_volume_ml, voxel_volume_ml)
 
 
-def score_subject(model: pipeline.Cascade, subject_dir: Path, segmentation_path: Path) -> dict:
+def score_subject(model: Cascade, subject_dir: Path, segmentation_path: Path) -> dict:
     """{"cascade": metrics, "stage1": metrics} of one subject; writes the cascade's mask."""
     config = model.config
-    images = io.load_sequences({m: subject_dir / f"{m}{config.data.suffix}" for m in model.modalities},
-                               model.modalities, subject_dir.name, orientation=config.data.orientation)
+    images = nifti.load_sequences({m: subject_dir / f"{m}{config.data.suffix}" for m in model.modalities},
+                                  model.modalities, subject_dir.name, orientation=config.data.orientation)
     lesion_path = subject_dir / f"{config.data.lesion}{config.data.suffix}"
-    truth = io.load_lesion_mask(lesion_path, images[0])
+    truth = nifti.load_lesion_mask(lesion_path, images[0])
     result = pipeline.segment_images(model, images)
     voxel_ml = images[0].voxel_volume_ml
-    stage1_mask = stage1_alone_mask(result.stage1_probability, cascade.InferenceOptions.from_config(config), voxel_ml)
-    io.save_like(result.mask, images[model.modalities.index(config.data.flair)], segmentation_path)
+    stage1_mask = stage1_alone_mask(result.stage1_probability, InferenceOptions.from_config(config), voxel_ml)
+    nifti.save_like(result.mask, images[model.modalities.index(config.data.flair)], segmentation_path)
     return {"cascade": metrics.segmentation_metrics(result.mask, truth, voxel_ml),
             "stage1": metrics.segmentation_metrics(stage1_mask, truth, voxel_ml)}
 
@@ -145,7 +148,7 @@ def run_fold(fold: Fold, cohort_dir: Path, folds_dir: Path, cascade_config, log:
         metrics_path = fold_dir / "metrics.json"
         record = json.loads(metrics_path.read_text())
         # Settings added to jaxcascade since the fold ran take their defaults,
-        # as pipeline.read_model_config does for a stored model.
+        # as model_dir.read_model_config does for a stored model.
         then = config_lib.to_dict(config_lib.from_dict(record["cascade_config"], str(metrics_path)))
         changed = config_lib.differences(_method_settings(then), stored_config)
         if changed or tuple(record["train"]) != fold.train or tuple(record["test"]) != fold.test:
@@ -169,7 +172,7 @@ def run_fold(fold: Fold, cohort_dir: Path, folds_dir: Path, cascade_config, log:
     summary = pipeline.train_cascade(train_dir, fold_dir / "model", cascade_config,
                                      log=lambda message: log(f"  [{fold.name}] {message}"))
     trained = time.perf_counter()
-    model = pipeline.load_cascade(fold_dir / "model")
+    model = Cascade.load(fold_dir / "model")
     scores = {name: score_subject(model, cohort_dir / name, fold_dir / f"{name}_segmentation.nii.gz")
               for name in fold.test}
     record = {
@@ -177,7 +180,7 @@ def run_fold(fold: Fold, cohort_dir: Path, folds_dir: Path, cascade_config, log:
         "epochs": summary["epochs"], "train_seconds": trained - started,
         "score_seconds": time.perf_counter() - trained, "cascade_config": stored_config,
     }
-    io.write_json(record, fold_dir / "metrics.json")
+    write_json(record, fold_dir / "metrics.json")
     dsc = ", ".join(f"{name} {s['cascade']['dsc']:.3f}" for name, s in scores.items())
     log(f"fold {fold.name}: DSC {dsc} ({record['train_seconds']:.0f} s training, "
         f"{record['score_seconds']:.0f} s scoring)")
@@ -228,11 +231,11 @@ def markdown_table(rows: list[dict], columns: list[str], headers: dict | None = 
 
 def write_table(rows: list[dict], columns: list[str], stem: Path, headers: dict | None = None) -> str:
     """Write stem.csv and stem.md (atomically); return the Markdown."""
-    buffer = text_io.StringIO()
+    buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
     writer.writerows([[_cell(row[c], 6) for c in columns] for row in rows])
-    io.write_text(buffer.getvalue(), stem.with_suffix(".csv"))
+    write_text(buffer.getvalue(), stem.with_suffix(".csv"))
     table = markdown_table(rows, columns, headers)
-    io.write_text(table, stem.with_suffix(".md"))
+    write_text(table, stem.with_suffix(".md"))
     return table

@@ -14,7 +14,8 @@ from typing import Callable
 import numpy as np
 
 from experiments import figures, protocol
-from jaxcascade import io, plots
+from jaxcascade import nifti, plots
+from jaxcascade.outputs import write_json
 
 METRIC_COLUMNS = ["dsc", "ppv", "tpr", "rvd", "lesion_tpr", "lesion_fpr", "lesion_f1",
                   "true_lesions", "pred_lesions", "false_positive_lesions"]
@@ -41,7 +42,7 @@ def _finish(results: Path, name: str, summary: dict, started: float, records: li
                "wall_seconds_this_run": time.perf_counter() - started,
                "train_seconds_all_folds": sum(r["train_seconds"] for r in records),
                "score_seconds_all_folds": sum(r["score_seconds"] for r in records)}
-    io.write_json(summary, results / f"{name}_summary.json")
+    write_json(summary, results / f"{name}_summary.json")
     log(f"{name}: results in {results}")
     return summary
 
@@ -51,9 +52,9 @@ def _overlay_worst(rows: list[dict], results: Path, cascade_config, log: Callabl
     worst = min(rows, key=lambda row: row["dsc"])["subject"]
     data = cascade_config.data
     subject_dir = results / "cohort" / worst
-    flair = io.load_image(subject_dir / f"{data.flair}{data.suffix}")
-    truth = io.load_lesion_mask(subject_dir / f"{data.lesion}{data.suffix}", flair)
-    prediction = io.load_lesion_mask(results / "folds" / worst / f"{worst}_segmentation.nii.gz", flair)
+    flair = nifti.load_image(subject_dir / f"{data.flair}{data.suffix}")
+    truth = nifti.load_lesion_mask(subject_dir / f"{data.lesion}{data.suffix}", flair)
+    prediction = nifti.load_lesion_mask(results / "folds" / worst / f"{worst}_segmentation.nii.gz", flair)
     plots.overlay(flair.data, truth, prediction, results / "leave_one_out_worst.png")
     log(f"lowest held-out DSC: {worst}, drawn in {results / 'leave_one_out_worst.png'}")
 

@@ -1,13 +1,11 @@
 """Orbax checkpoints: per-epoch training state (for resuming) and each stage's final weights.
 
-Layout of a workdir (which is also the model directory `segment --model` reads):
-    config.json                 the full config, channel names and order included
-    checkpoints/stage{1,2}/N/   state after global step N (end of an epoch, or where SIGINT/SIGTERM
-                                stopped it): train state, best weights, loop bookkeeping
-    weights/stage{1,2}/         the stage's final (best-validation) weights; present = stage done
-Orbax writes to a temporary directory and renames it on commit, so a killed
-run leaves either the previous checkpoint or a temporary folder that is
-ignored and removed on the next start.
+Where they lie in a model directory is `model_dir.py`: checkpoints/stage{1,2}/N/
+holds the state after global step N (end of an epoch, or where SIGINT/SIGTERM
+stopped it): train state, best weights, loop bookkeeping; weights/stage{1,2}/
+the stage's final (best-validation) weights. Orbax writes to a temporary
+directory and renames it on commit, so a killed run leaves either the previous
+checkpoint or a temporary folder that is ignored and removed on the next start.
 """
 
 from __future__ import annotations
@@ -20,8 +18,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxcascade import distributed
-
-FORMAT_VERSION = 1
 
 
 def _abstract(tree):

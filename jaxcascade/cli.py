@@ -1,6 +1,7 @@
 """`jaxcascade` command line: parse arguments, call library functions, report.
 
-User mistakes (`UserError`) become one line on stderr and exit status 2;
+User mistakes (`UserError`) become one line on stderr and exit status 2; a
+reader that closes the pipe early (`| head`) ends the command quietly;
 nothing else is caught, so a bug still shows its traceback.
 """
 
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 
 from jaxcascade.errors import TrainingInterrupted, UserError
@@ -35,12 +38,25 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
+def parse_inputs(pairs: list[str]) -> dict[str, str]:
+    """['T1=a.nii.gz', 'FLAIR=b.nii.gz'] -> {'T1': 'a.nii.gz', 'FLAIR': 'b.nii.gz'}."""
+    inputs: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--input {pair!r}: expected NAME=PATH, e.g. --input FLAIR=flair.nii.gz")
+        if name in inputs:
+            raise UserError(f"--input {name}: modality given twice ({inputs[name]} and {path})")
+        inputs[name] = path
+    return inputs
+
+
 def cmd_phantom(args, _overrides) -> None:
-    from jaxcascade import io, phantom
+    from jaxcascade import outputs, phantom
 
     if args.subjects < 1:
         raise UserError(f"--subjects {args.subjects}: need at least one subject")
-    io.check_output_path(args.out, is_dir=True)
+    outputs.check_output_path(args.out, is_dir=True)
     generator = phantom
     if args.kind == "mni":
         from jaxcascade import phantom_mni as generator
@@ -49,13 +65,13 @@ def cmd_phantom(args, _overrides) -> None:
 
 
 def cmd_train(args, overrides) -> None:
-    from jaxcascade import config as config_lib, pipeline
+    from jaxcascade import config as config_lib, model_dir, pipeline
 
     if args.init_from:
         if args.config:
             raise UserError("--init-from starts from the model's own config; give --config.KEY=VALUE overrides, "
                             "not --config FILE")
-        config = pipeline.fine_tuning_config(args.init_from, overrides)
+        config = model_dir.fine_tuning_config(args.init_from, overrides)
     else:
         config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
     summary = pipeline.train_cascade(args.data, args.workdir, config, log=_log, progress=_progress)
@@ -64,26 +80,26 @@ def cmd_train(args, overrides) -> None:
 
 
 def cmd_segment(args, _overrides) -> None:
-    from jaxcascade import io, pipeline
+    from jaxcascade import pipeline
 
-    inputs = io.parse_inputs(args.input)
+    inputs = parse_inputs(args.input)
     result = pipeline.segment_files(
         args.model, inputs, args.out, probabilities_dir=args.probabilities, threshold=args.threshold,
-        min_lesion_size=args.min_lesion_size, method=args.inference, overwrite=args.overwrite, progress=_progress,
+        min_lesion_voxels=args.min_lesion_voxels, method=args.inference, overwrite=args.overwrite, progress=_progress,
     )
     _log(f"{args.out}: {int(result.mask.sum())} lesion voxels "
          f"({result.candidate_count} candidates, {result.stage2_candidate_count} to stage 2)")
 
 
 def cmd_evaluate(args, _overrides) -> None:
-    from jaxcascade import io, metrics
+    from jaxcascade import metrics, nifti, outputs
 
-    truth_image = io.load_image(args.truth, allow_all_zero=True)
-    prediction = io.load_lesion_mask(args.pred, truth_image)
-    truth = io.load_lesion_mask(args.truth, truth_image)
+    truth_image = nifti.load_image(args.truth, allow_all_zero=True)
+    prediction = nifti.load_lesion_mask(args.pred, truth_image)
+    truth = nifti.load_lesion_mask(args.truth, truth_image)
     values = metrics.segmentation_metrics(prediction, truth, truth_image.voxel_volume_ml)
     if args.json:
-        print(json.dumps(io.json_safe(values), indent=2))
+        print(json.dumps(outputs.json_safe(values), indent=2))
     else:
         print(metrics.format_metrics(values))
 
@@ -129,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="binary mask to write (.nii.gz)")
     p.add_argument("--probabilities", metavar="DIR", help="also write stage1/stage2 probability maps here")
     p.add_argument("--threshold", type=float, help="t_bin on CNN2's probability (model's config by default)")
-    p.add_argument("--min-lesion-size", type=int, help="keep components with more voxels than this")
+    p.add_argument("--min-lesion-voxels", "--min-lesion-size", dest="min_lesion_voxels", type=int, metavar="N",
+                   help="keep lesions (connected components) of more than N voxels (model's config by default)")
     p.add_argument("--inference", choices=("auto", "dense", "patch"),
                    help="dense whole-volume kernel (exact; default where the network allows) or patch-wise")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -163,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         if unknown and not getattr(args, "overrides", False):
             raise UserError(f"jaxcascade {args.command}: unrecognised arguments: {' '.join(unknown)} (see --help)")
         args.run(args, unknown)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit
+    except BrokenPipeError:
+        # The reader (`| head`) has what it wanted. Point stdout at /dev/null so
+        # the interpreter's final flush cannot raise again, and exit as a
+        # SIGPIPE-killed tool would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except UserError as error:
         print(f"jaxcascade: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR

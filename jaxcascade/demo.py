@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from jaxcascade import config as config_lib, io, metrics, phantom, pipeline, plots
+from jaxcascade import config as config_lib, metrics, nifti, outputs, phantom, pipeline, plots
 
 DEMO_SUBJECTS = 6  # 5 for training, 1 held out
 DEMO_SEED = 0
@@ -23,7 +23,7 @@ def run_demo(workdir, *, log: Callable = print, progress: Callable | None = None
     """Run the demo in workdir and return the held-out subject's metrics."""
     started = time.perf_counter()
     workdir = Path(workdir)
-    io.check_output_path(workdir, is_dir=True)
+    outputs.check_output_path(workdir, is_dir=True)
     workdir.mkdir(exist_ok=True)
     config = config or config_lib.load_config("demo")
 
@@ -50,11 +50,11 @@ def run_demo(workdir, *, log: Callable = print, progress: Callable | None = None
         model_dir, inputs, segmentation_path, probabilities_dir=workdir / "probabilities",
         overwrite=True, progress=progress,
     )
-    truth_image = io.load_image(held_out / "lesion.nii.gz", allow_all_zero=True)
-    truth = io.load_lesion_mask(held_out / "lesion.nii.gz", truth_image)
+    truth_image = nifti.load_image(held_out / "lesion.nii.gz", allow_all_zero=True)
+    truth = nifti.load_lesion_mask(held_out / "lesion.nii.gz", truth_image)
     scores = metrics.segmentation_metrics(result.mask, truth, truth_image.voxel_volume_ml)
-    io.write_json(scores, workdir / "held_out_metrics.json")
-    flair = io.load_image(inputs[config.data.flair]).data
+    outputs.write_json(scores, workdir / "held_out_metrics.json")
+    flair = nifti.load_image(inputs[config.data.flair]).data
     plots.overlay(flair, truth, result.mask, workdir / "overlay.png")
 
     log(metrics.format_metrics(scores))

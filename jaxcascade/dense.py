@@ -1,4 +1,4 @@
-"""Exact dense whole-volume inference, tiled so memory stays bounded.
+"""The dense inference kernel: exact whole-volume inference, tiled so memory stays bounded.
 
 Patch-wise inference recomputes the same convolutions for every overlapping
 patch (the first convolution of the default network is shared by 9^3 = 729
@@ -13,15 +13,18 @@ because blocks never overlap in their outputs.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxcascade import distributed
 from jaxcascade import patches as patches_lib
+
+if TYPE_CHECKING:
+    from jaxcascade.cascade import Stage
+    from jaxcascade.inference import InferenceOptions
 
 
 def tile_geometry(shape: tuple[int, int, int], tile_size: int, halo: int, patch_size: int):
@@ -51,44 +54,39 @@ def make_tile_predictor(graphdef, tile_size: int, halo: int) -> Callable:
     """jitted (variables, padded_volume, origins (B, 3)) -> (B, T, T, T) lesion probability."""
 
     def predict_tiles(variables, padded_volume, origins):
-        index = jnp.concatenate([jnp.zeros((origins.shape[0], 1), jnp.int32), origins], axis=1)
-        tiles = patches_lib.gather_patches(padded_volume[None], index, tile_size + halo)
+        tiles = patches_lib.gather_patches(padded_volume[None], patches_lib.with_subject_index(origins),
+                                           tile_size + halo)
         model = nnx.merge(graphdef, variables["params"], variables["batch_stats"])
         return jax.nn.softmax(model.dense(tiles), axis=-1)[..., 1]
 
     return jax.jit(predict_tiles)
 
 
-def classify_voxels_dense(
-    graphdef,
-    variables: dict,
-    volume: np.ndarray,
-    mask: np.ndarray,
-    *,
-    halo: int,
-    patch_size: int,
-    tile_size: int = 12,
-    tiles_per_batch: int = 16,
-    progress: Callable | None = None,
-) -> np.ndarray:
+def classify_dense(stage: Stage, volume: np.ndarray, mask: np.ndarray, options: InferenceOptions,
+                   progress: Callable | None = None) -> np.ndarray:
     """Lesion probability at every voxel of mask (0 elsewhere), equal to the patch-wise result.
 
-    Peak memory grows with tiles_per_batch * (tile_size + halo)^3 times the
-    widest layer (64 channels, x9 or x27 for the taps of the CPU convolution).
-    Small tiles waste more on halos but skip more empty space and stay in
-    cache: 12^3 blocks, 16 per call, were fastest on a 2-core CPU for a 1 mm
-    brain (benchmarks/inference.py); accelerators prefer larger ones.
+    The inference kernel interface (see `inference.py`); options.tile_size
+    and options.tiles_per_batch set the blocks. Peak memory grows with
+    tiles_per_batch * (tile_size + halo)^3 times the widest layer (64
+    channels, x9 or x27 for the taps of the CPU convolution). Small tiles
+    waste more on halos but skip more empty space and stay in cache: 12^3
+    blocks, 16 per call, were fastest on a 2-core CPU for a 1 mm brain
+    (benchmarks/inference.py); accelerators prefer larger ones.
     """
+    if stage.dense_halo is None:
+        raise ValueError("this stage's network has no exact dense form")
+    tile_size, halo = options.tile_size, stage.dense_halo
     probability = np.zeros(mask.shape, np.float32)
     if not mask.any():
         return probability
-    pad, origins = tile_geometry(mask.shape, tile_size, halo, patch_size)
+    pad, origins = tile_geometry(mask.shape, tile_size, halo, stage.patch_size)
     origins = occupied_tiles(mask, origins, tile_size)
     padded = distributed.put_local_replicated(np.pad(volume, pad + [(0, 0)]))
-    variables = distributed.put_local_replicated(variables)
-    predict = make_tile_predictor(graphdef, tile_size, halo)
-    blocks = distributed.map_batches(lambda chunk: predict(variables, padded, chunk), origins, tiles_per_batch,
-                                     progress)
+    variables = distributed.put_local_replicated(stage.variables)
+    predict = make_tile_predictor(stage.graphdef, tile_size, halo)
+    blocks = distributed.map_batches(lambda chunk: predict(variables, padded, chunk), origins,
+                                     options.tiles_per_batch, progress)
     full = np.zeros([s + (-s) % tile_size for s in mask.shape], np.float32)
     for (z, y, x), block in zip(origins, blocks):
         full[z : z + tile_size, y : y + tile_size, x : x + tile_size] = block

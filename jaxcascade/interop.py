@@ -33,9 +33,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxcascade import checkpoints, config as config_lib, io, models, pipeline
+from jaxcascade import checkpoints, config as config_lib, model_dir, models, nifti, outputs
 from jaxcascade.errors import UserError
-from jaxcascade.train import split_model
+from jaxcascade.models import split_model
 
 # Keras layer -> (NNX collection, NNX leaf) of each of its weights, in network order.
 _CONV = {"kernel": ("params", "kernel"), "bias": ("params", "bias")}
@@ -64,7 +64,7 @@ KNOWN_MODELS = {
 
 @dataclasses.dataclass(frozen=True)
 class KerasCascade:
-    """Both stages' variables ({'params', 'batch_stats'} pure dicts, as train.split_model gives)."""
+    """Both stages' variables ({'params', 'batch_stats'} pure dicts, as models.split_model gives)."""
 
     stage1: dict
     stage2: dict
@@ -212,7 +212,7 @@ def _check_modalities(modalities: tuple, flair: str) -> None:
 
 
 def _check_empty_output(out_dir: Path) -> None:
-    io.check_output_path(out_dir, is_dir=True)
+    outputs.check_output_path(out_dir, is_dir=True)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"{out_dir}: already exists and is not an empty folder; choose a new --out")
 
@@ -238,7 +238,7 @@ def import_keras(model1, model2, modalities: tuple, out_dir) -> dict:
         raise UserError(f"{model1}: the network takes {keras.in_channels} input channels, "
                         f"--modalities names {len(modalities)} ({','.join(modalities)})")
     config.data.modalities = modalities
-    config.data.orientation = io.NATIVE  # nicMSlesions fed images in their stored voxel order
+    config.data.orientation = nifti.NATIVE  # nicMSlesions fed images in their stored voxel order
     config.model.patch_size = keras.patch_size
     hashes = (sha256(model1), sha256(model2))
     provenance = {
@@ -251,8 +251,8 @@ def import_keras(model1, model2, modalities: tuple, out_dir) -> dict:
     staging = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(6)}"
     staging.mkdir()
     try:
-        pipeline.prepare_workdir(staging, config)  # config.json with the "jaxcascade" stamp
-        io.write_json(provenance, staging / "provenance.json")
+        model_dir.prepare_workdir(staging, config)  # config.json with the "jaxcascade" stamp
+        outputs.write_json(provenance, staging / "provenance.json")
         checkpoints.save_weights(staging, 1, keras.stage1)
         checkpoints.save_weights(staging, 2, keras.stage2)
         if out_dir.is_dir():

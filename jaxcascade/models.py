@@ -1,4 +1,11 @@
-"""Patch classifiers (Flax NNX modules) and the registry that names them.
+"""The networks: the paper's patch classifier (Flax NNX), the registry that names every network, and
+`split_model` (module -> graph definition + pure-dict variables).
+
+Shared layers live in `layers.py`; nicMSlesions' network in `nicms.py`. To add
+a network, write its module (with a `dense_halo` property: the receptive
+field - 1 where it has an exact dense form, else None) and register it in
+NETWORKS; the tests then check its parameter count, its patch -> logits
+contract and, where it claims one, its dense form against patch-wise outputs.
 
 'valverde2017' is the paper's network as the seed code built it (Lasagne,
 SAME padding):
@@ -15,56 +22,13 @@ last plane of the 11^3 patch, as they would in the seed's Lasagne layers.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from jaxcascade import convs
-from jaxcascade import nicms  # circular but safe: nicms uses models.* only at call time
-
-# Lasagne's defaults, which the seed code used: GlorotUniform weights, and
-# batch_norm(alpha=0.1, epsilon=1e-4), i.e. running averages with momentum 0.9.
-_glorot = jax.nn.initializers.glorot_uniform()
-
-
-class Conv3D(nnx.Module):
-    """A k^3 convolution whose arithmetic goes through `convs.conv3d`."""
-
-    def __init__(self, in_features, out_features, *, kernel_size=3, padding="VALID", implementation="auto", rngs):
-        shape = (kernel_size,) * 3 + (in_features, out_features)
-        self.kernel = nnx.Param(_glorot(rngs.params(), shape, jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
-        self.padding = padding
-        self.implementation = implementation
-
-    def __call__(self, x, *, dilation: int = 1):
-        y = convs.conv3d(x, self.kernel[...], padding=self.padding, dilation=dilation,
-                         implementation=self.implementation)
-        return y + self.bias[...]
-
-
-def max_pool_2x2x2(x):
-    """A 2^3 max-pool with stride 2 over (B, D, H, W, C), odd trailing planes dropped (Lasagne's ignore_border).
-
-    Written as crop + reshape + max rather than `reduce_window`: the same
-    forward values, but its gradient is an elementwise mask, whereas
-    reduce_window's select-and-scatter gradient is several times slower on
-    XLA:CPU (benchmarks/train_step.py). Gradients differ only for tied maxima,
-    which after a ReLU are zeros whose gradient the ReLU drops anyway.
-    """
-    batch, depth, height, width, channels = x.shape
-    x = x[:, : depth // 2 * 2, : height // 2 * 2, : width // 2 * 2]
-    x = x.reshape(batch, depth // 2, 2, height // 2, 2, width // 2, 2, channels)
-    return x.max(axis=(2, 4, 6))
-
-
-def _dense_max_pool(x, dilation: int):
-    """A 2^3 max-pool evaluated at every position (stride 1), taps `dilation` apart."""
-    return jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, 2, 2, 2, 1), (1, 1, 1, 1, 1), "VALID",
-        window_dilation=(1, dilation, dilation, dilation, 1),
-    )
+from jaxcascade import convs, nicms
+from jaxcascade.layers import Conv3D, Window, dense_max_pool, dilations, glorot, max_pool_2x2x2, receptive_halo
 
 
 class Valverde2017(nnx.Module):
@@ -90,8 +54,8 @@ class Valverde2017(nnx.Module):
         self.bn2 = nnx.BatchNorm(64, **bn)
         self.dropout = nnx.Dropout(dropout_rate)
         flat_size = _flat_size(patch_size, padding) * 64
-        self.dense1 = nnx.Linear(flat_size, 256, kernel_init=_glorot, rngs=rngs)
-        self.out = nnx.Linear(256, 2, kernel_init=_glorot, rngs=rngs)
+        self.dense1 = nnx.Linear(flat_size, 256, kernel_init=glorot, rngs=rngs)
+        self.out = nnx.Linear(256, 2, kernel_init=glorot, rngs=rngs)
         self.padding = padding
         self.patch_size = patch_size
         self.pooled_size = _pooled_size(patch_size, padding)
@@ -108,9 +72,14 @@ class Valverde2017(nnx.Module):
         return self.out(x)
 
     @property
-    def dense_halo(self) -> int:
-        """Extra input voxels per axis a dense output block needs (receptive field - 1)."""
-        return 2 + 1 + 4 + 2 + 4 * (self.pooled_size - 1)
+    def windows(self) -> tuple[Window, ...]:
+        """conv 3, pool 2, conv 3, pool 2, then dense1 seen as a pooled_size^3 convolution."""
+        return (Window(3), Window(2, 2), Window(3), Window(2, 2), Window(self.pooled_size))
+
+    @property
+    def dense_halo(self) -> int | None:
+        """Extra input voxels per axis a dense output block needs; None (no exact dense form) with SAME padding."""
+        return receptive_halo(self.windows) if self.padding == "VALID" else None
 
     def dense(self, tiles):
         """Logits at every position of (B, T + halo, T + halo, T + halo, C) tiles -> (B, T, T, T, 2).
@@ -121,17 +90,18 @@ class Valverde2017(nnx.Module):
         accumulated before it (2 after the first pool, 4 after the second), the
         dense layers become convolutions. Only VALID padding makes this exact.
         """
-        if self.padding != "VALID":
+        if self.dense_halo is None:
             raise ValueError("dense evaluation is exact only for VALID padding")
-        x = jax.nn.relu(self.bn1(self.conv1(tiles), use_running_average=True))
-        x = _dense_max_pool(x, 1)
-        x = jax.nn.relu(self.bn2(self.conv2(x, dilation=2), use_running_average=True))
-        x = _dense_max_pool(x, 2)
+        conv1, pool1, conv2, pool2, flat = dilations(self.windows)  # 1, 1, 2, 2, 4
+        x = jax.nn.relu(self.bn1(self.conv1(tiles, dilation=conv1), use_running_average=True))
+        x = dense_max_pool(x, pool1)
+        x = jax.nn.relu(self.bn2(self.conv2(x, dilation=conv2), use_running_average=True))
+        x = dense_max_pool(x, pool2)
         size = self.pooled_size
         # The patch network flattens (size, size, size, 64) in C order: dense1 is
-        # a size^3 convolution whose taps sit 4 voxels apart.
+        # a size^3 convolution whose taps sit `flat` voxels apart.
         kernel = self.dense1.kernel[...].reshape(size, size, size, 64, -1)
-        x = convs.conv3d(x, kernel, padding="VALID", dilation=4, implementation=self.conv1.implementation)
+        x = convs.conv3d(x, kernel, padding="VALID", dilation=flat, implementation=self.conv1.implementation)
         x = jax.nn.relu(x + self.dense1.bias[...])
         return self.out(x)
 
@@ -154,11 +124,11 @@ def _flat_size(patch_size: int, padding: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class NetworkSpec:
-    """How to build a named network and what it guarantees."""
+    """How to build a named network, and what it is."""
 
     name: str
-    build: callable
-    dense_exact: bool  # output at a voxel independent of padding/position inside the patch
+    build: Callable  # (in_channels, model_config, rngs) -> nnx.Module
+    parameters: int  # trainable parameters with 2 input channels and 11^3 patches (checked by the tests)
     description: str
 
 
@@ -166,19 +136,19 @@ NETWORKS = {
     "valverde2017": NetworkSpec(
         "valverde2017",
         lambda channels, cfg, rngs: Valverde2017(channels, padding="SAME", **_kwargs(cfg), rngs=rngs),
-        dense_exact=False,
+        parameters=189_154,
         description="the paper's network with SAME padding, as the seed code built it",
     ),
     "valverde2017_valid": NetworkSpec(
         "valverde2017_valid",
         lambda channels, cfg, rngs: Valverde2017(channels, padding="VALID", **_kwargs(cfg), rngs=rngs),
-        dense_exact=True,
+        parameters=74_466,
         description="the paper's layers with VALID convolutions (exact dense inference)",
     ),
     "nicms": NetworkSpec(
         "nicms",
         lambda channels, cfg, rngs: nicms.NicMS(channels, **_kwargs(cfg), rngs=rngs),
-        dense_exact=False,  # per-position PReLU slopes and SAME padding: patch-wise only
+        parameters=470_082,
         description="nicMSlesions' Keras network (two conv pairs, PReLU, three dense layers); see interop.py",
     ),
 }
@@ -204,3 +174,9 @@ def build_network(model_config, in_channels: int, seed: int) -> nnx.Module:
 def count_parameters(module: nnx.Module) -> int:
     """Trainable parameters (BatchNorm running statistics are not counted)."""
     return sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(module, nnx.Param)))
+
+
+def split_model(model: nnx.Module):
+    """(graphdef, variables) with variables = {'params': ..., 'batch_stats': ...} as pure dicts."""
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return graphdef, {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(batch_stats)}

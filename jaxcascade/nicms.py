@@ -16,27 +16,10 @@ channels-first, which matters only at the flatten (see `_flatten_channels_first`
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# models imports this module for its registry; only attributes of `models` are
-# used, at call time, so the circular import is safe in either import order.
-from jaxcascade import models
-
-# Keras' defaults (glorot_uniform kernels, zero biases, zero PReLU slopes) for
-# training from scratch; an imported model overwrites them all.
-_glorot = jax.nn.initializers.glorot_uniform()
-
-
-class PReLU(nnx.Module):
-    """max(0, x) + alpha * min(0, x) with alpha of any broadcastable shape."""
-
-    def __init__(self, shape: tuple[int, ...]):
-        self.alpha = nnx.Param(jnp.zeros(shape, jnp.float32))
-
-    def __call__(self, x):
-        return jnp.maximum(x, 0) + self.alpha[...] * jnp.minimum(x, 0)
+from jaxcascade.layers import Conv3D, PReLU, glorot, max_pool_2x2x2
 
 
 def _flatten_channels_first(x):
@@ -45,7 +28,11 @@ def _flatten_channels_first(x):
 
 
 class NicMS(nnx.Module):
-    """nicMSlesions' CNN on (batch, p, p, p, channels) patches -> (batch, 2) logits."""
+    """nicMSlesions' CNN on (batch, p, p, p, channels) patches -> (batch, 2) logits.
+
+    Initialised with Keras' defaults (glorot_uniform kernels, zero biases, zero
+    PReLU slopes) for training from scratch; an imported model overwrites them all.
+    """
 
     def __init__(
         self,
@@ -62,39 +49,45 @@ class NicMS(nnx.Module):
         flat_size = (pooled // 2) ** 3 * 64
         if flat_size == 0:
             raise ValueError(f"patch_size {patch_size} is too small for this network")
+        self.patch_size = patch_size
         conv = dict(kernel_size=3, padding="SAME", implementation=conv_implementation, rngs=rngs)
         bn = dict(momentum=bn_momentum, epsilon=bn_epsilon, rngs=rngs)
         # Keras' slopes are (C, D, H, W); they are stored channels-last to match the activations.
-        self.conv1_1 = models.Conv3D(in_channels, 32, **conv)
+        self.conv1_1 = Conv3D(in_channels, 32, **conv)
         self.bn_1_1 = nnx.BatchNorm(32, **bn)
         self.prelu_conv1_1 = PReLU((patch_size,) * 3 + (32,))
-        self.conv1_2 = models.Conv3D(32, 32, **conv)
+        self.conv1_2 = Conv3D(32, 32, **conv)
         self.bn_1_2 = nnx.BatchNorm(32, **bn)
         self.prelu_conv1_2 = PReLU((patch_size,) * 3 + (32,))
-        self.conv2_1 = models.Conv3D(32, 64, **conv)
+        self.conv2_1 = Conv3D(32, 64, **conv)
         self.bn_2_1 = nnx.BatchNorm(64, **bn)
         self.prelu_conv2_1 = PReLU((pooled,) * 3 + (64,))
-        self.conv2_2 = models.Conv3D(64, 64, **conv)
+        self.conv2_2 = Conv3D(64, 64, **conv)
         self.bn_2_2 = nnx.BatchNorm(64, **bn)
         self.prelu_conv2_2 = PReLU((pooled,) * 3 + (64,))
         self.dropout = nnx.Dropout(dropout_rate)
-        self.d1 = nnx.Linear(flat_size, 256, kernel_init=_glorot, rngs=rngs)
+        self.d1 = nnx.Linear(flat_size, 256, kernel_init=glorot, rngs=rngs)
         self.prelu_d1 = PReLU((256,))
-        self.d2 = nnx.Linear(256, 128, kernel_init=_glorot, rngs=rngs)
+        self.d2 = nnx.Linear(256, 128, kernel_init=glorot, rngs=rngs)
         self.prelu_d2 = PReLU((128,))
-        self.d3 = nnx.Linear(128, 64, kernel_init=_glorot, rngs=rngs)
+        self.d3 = nnx.Linear(128, 64, kernel_init=glorot, rngs=rngs)
         self.prelu_d3 = PReLU((64,))
-        self.out = nnx.Linear(64, 2, kernel_init=_glorot, rngs=rngs)
+        self.out = nnx.Linear(64, 2, kernel_init=glorot, rngs=rngs)
+
+    @property
+    def dense_halo(self) -> None:
+        """No exact dense form: SAME padding and per-position PReLU slopes."""
+        return None
 
     def __call__(self, patches, *, train: bool = False, rngs: nnx.Rngs | None = None):
         """(batch, p, p, p, channels) patches -> (batch, 2) logits (Keras applied the softmax in `out`)."""
         average = not train
         x = self.prelu_conv1_1(self.bn_1_1(self.conv1_1(patches), use_running_average=average))
         x = self.prelu_conv1_2(self.bn_1_2(self.conv1_2(x), use_running_average=average))
-        x = models.max_pool_2x2x2(x)  # Keras MaxPooling3D: 2, stride 2, valid (11 -> 5 -> 2)
+        x = max_pool_2x2x2(x)  # Keras MaxPooling3D: 2, stride 2, valid (11 -> 5 -> 2)
         x = self.prelu_conv2_1(self.bn_2_1(self.conv2_1(x), use_running_average=average))
         x = self.prelu_conv2_2(self.bn_2_2(self.conv2_2(x), use_running_average=average))
-        x = models.max_pool_2x2x2(x)
+        x = max_pool_2x2x2(x)
         x = _flatten_channels_first(x)
         for dense, prelu in ((self.d1, self.prelu_d1), (self.d2, self.prelu_d2), (self.d3, self.prelu_d3)):
             x = prelu(dense(self.dropout(x, deterministic=not train, rngs=rngs)))

@@ -4,27 +4,30 @@ Each subject starts from the ICBM 2009 (MNI152) grey-matter, white-matter and
 brain-mask maps that the nilearn wheel ships inside its package (nothing is
 downloaded), deforms them with a random affine, a smooth warp and a
 ventricular enlargement, places 5-40 white-matter lesions (a share of them
-periventricular, via phantom.py's lesion drawing), and renders T1, FLAIR and
-optionally T2 and PD from the tissue fractions with phantom.py's partial
+periventricular, via phantom_core's lesion drawing), and renders T1, FLAIR and
+optionally T2 and PD from the tissue fractions with phantom_core's partial
 volume, bias field and Rician noise. Needs the `nilearn` extra:
     pip install -e '.[nilearn]'
 The API mirrors phantom.py: `make_subject(seed, size)` and `write_cohort(...)`.
+This module holds what is MNI-specific: the template, its deformation, the
+tissue-fraction contrasts and the ventricle and rim masks.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 from scipy import ndimage
 
-from jaxcascade import io, phantom
+from jaxcascade import phantom_core
 from jaxcascade.errors import UserError
+from jaxcascade.phantom_core import BG, CSF, GM, WM
 
 # Template resolution (mm) loaded from nilearn, and the block size that
 # averages it down to the grid. "tiny" (4 mm) exists for tests and smoke runs.
-# The names are phantom.SIZES's, whose lesion counts and sizes per grid apply.
+# The names are phantom.SIZES's; phantom_core.LESION_SPEC's lesion counts and
+# sizes per grid apply.
 SIZES = {"tiny": (2, 2), "small": (2, 1), "full": (1, 1)}
 CONTRASTS = ("T1", "FLAIR", "T2", "PD")
 
@@ -113,8 +116,8 @@ def make_subject(seed: int, size: str = "small", contrasts=("T1", "FLAIR")) -> d
     label, ventricles = _labels(fractions, head, voxel)
     # Distances to the ventricles count from the edge of their partial-volume
     # band, which is labelled GM or CSF and would otherwise push lesions away.
-    near_ventricles = ndimage.binary_dilation(ventricles, iterations=_PV_BAND_VOXELS) & (label != phantom._WM)
-    lesion_id, n_lesions = phantom._place_lesions(rng, label, near_ventricles, voxel, size)
+    near_ventricles = ndimage.binary_dilation(ventricles, iterations=_PV_BAND_VOXELS) & (label != WM)
+    lesion_id, n_lesions = phantom_core.place_lesions(rng, label, near_ventricles, voxel, size)
     lesion = lesion_id > 0
     rim = _periventricular_rim(ventricles, voxel)
 
@@ -129,7 +132,7 @@ def make_subject(seed: int, size: str = "small", contrasts=("T1", "FLAIR")) -> d
         # A lesion replaces the white matter of its voxels; their GM/CSF share stays.
         clean = (fractions["csf"] * csf_c + fractions["gm"] * gm_c
                  + fractions["wm"] * np.where(lesion, lesion_factor[lesion_id], white))
-        subject[contrast] = phantom._acquire(crng, clean.astype(np.float32), head, voxel) * crng.uniform(*spec["gain"])
+        subject[contrast] = phantom_core.acquire(crng, clean.astype(np.float32), head, voxel) * crng.uniform(*spec["gain"])
     subject["lesion"] = lesion.astype(np.uint8)
     subject["affine"] = base["affine"].copy()
     return subject
@@ -146,12 +149,12 @@ def _deform(rng, base: dict, voxel: float) -> dict:
     shape = base["brain"].shape
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"))
     centre = np.array(ndimage.center_of_mass(base["brain"]), np.float32)
-    linear = phantom._rotation(np.deg2rad(rng.uniform(-5, 5, 3))) * rng.uniform(0.94, 1.06, 3)[None, :]
+    linear = phantom_core.rotation(np.deg2rad(rng.uniform(-5, 5, 3))) * rng.uniform(0.94, 1.06, 3)[None, :]
     offset = grid - centre[:, None, None, None]
     source = np.einsum("ij,j...->i...", linear.astype(np.float32), offset) + centre[:, None, None, None]
     warp_mm = rng.uniform(1.5, 4.0)
     for axis in range(3):
-        source[axis] += warp_mm / voxel * phantom._smooth_field(rng, shape, voxel, 40.0)
+        source[axis] += warp_mm / voxel * phantom_core.smooth_field(rng, shape, voxel, 40.0)
     pull = rng.uniform(0.0, 0.3)
     distance = offset - (base["ventricle_centre"] - centre)[:, None, None, None]
     envelope = np.exp(-0.5 * (np.sqrt((distance**2).sum(0)) * voxel / 25.0) ** 2)
@@ -161,13 +164,13 @@ def _deform(rng, base: dict, voxel: float) -> dict:
 
 
 def _labels(fractions: dict, head: np.ndarray, voxel: float) -> tuple[np.ndarray, np.ndarray]:
-    """phantom.py tissue labels of the dominant tissue, and the ventricle mask."""
+    """phantom_core tissue labels of the dominant tissue, and the ventricle mask."""
     stacked = np.stack([fractions["csf"], fractions["gm"], fractions["wm"]])
-    label = np.array([phantom._CSF, phantom._GM, phantom._WM], np.uint8)[np.argmax(stacked, axis=0)]
-    label[(label == phantom._WM) & (fractions["wm"] < _WM_HOST_FRACTION)] = phantom._GM
-    label[~head] = phantom._BG
+    label = np.array([CSF, GM, WM], np.uint8)[np.argmax(stacked, axis=0)]
+    label[(label == WM) & (fractions["wm"] < _WM_HOST_FRACTION)] = GM
+    label[~head] = BG
     depth = ndimage.distance_transform_edt(head) * voxel
-    deep_csf = (label == phantom._CSF) & (depth > _VENTRICLE_DEPTH_MM)
+    deep_csf = (label == CSF) & (depth > _VENTRICLE_DEPTH_MM)
     parts, n = ndimage.label(deep_csf)
     if n == 0:
         raise UserError("MNI phantom: no ventricles found in the deformed template (nilearn maps changed?)")
@@ -186,25 +189,10 @@ def _periventricular_rim(ventricles: np.ndarray, voxel: float) -> np.ndarray:
 def write_cohort(out_dir, subjects: int, seed: int, size: str = "small", contrasts=("T1", "FLAIR")) -> list[str]:
     """Write `subjects` MNI phantoms as out_dir/<name>/{<contrast>...,lesion}.nii.gz.
 
-    Names and per-subject seeds are phantom.py's, so subject k depends only
-    on (seed, k). Every file is written atomically. Returns the names.
+    Names and per-subject seeds are phantom_core's, as for phantom.py, so
+    subject k depends only on (seed, k). Every file is written atomically.
+    Returns the names.
     """
-    import nibabel as nib
-
-    names = []
-    for index in range(subjects):
-        name = phantom.subject_name(index)
-        subject = make_subject(phantom.subject_seed(seed, index), size, contrasts)
-        folder = os.path.join(os.fspath(out_dir), name)
-        os.makedirs(folder, exist_ok=True)
-        for key in (*contrasts, "lesion"):
-            dtype = np.uint8 if key == "lesion" else np.float32
-            image = nib.Nifti1Image(subject[key].astype(dtype), subject["affine"])
-            image.set_qform(subject["affine"], code=4)  # 4 = MNI152 space
-            image.set_sform(subject["affine"], code=4)
-            image.header.set_data_dtype(dtype)
-            image.header.set_xyzt_units("mm")
-            with io.atomic_path(os.path.join(folder, f"{key}.nii.gz")) as temporary:
-                nib.save(image, str(temporary))
-        names.append(name)
-    return names
+    return phantom_core.write_cohort(out_dir, subjects, seed,
+                                     functools.partial(make_subject, size=size, contrasts=contrasts),
+                                     (*contrasts, "lesion"), phantom_core.MNI152_SPACE)

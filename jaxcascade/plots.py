@@ -10,11 +10,11 @@ matplotlib.use("Agg")  # headless clusters: never ask for a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxcascade import io  # noqa: E402
+from jaxcascade.outputs import atomic_path  # noqa: E402
 
 
 def _save(figure, path) -> None:
-    with io.atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(figure)
 

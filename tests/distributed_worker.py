@@ -22,9 +22,10 @@ def _join(config, distributed_args):
 
 
 def fit(out, workdir, *distributed_args):
-    from jaxcascade import cascade, config as config_lib, distributed, models, phantom
-    from jaxcascade import patches as patches_lib
-    from jaxcascade.fit import TrainingSet, fit_stage
+    from jaxcascade import cascade, config as config_lib, distributed, models, phantom, sampling
+    from jaxcascade.batching import TrainingSet
+    from jaxcascade.normalisation import normalise_channels
+    from jaxcascade.train_loop import fit_stage
 
     config = config_lib.load_config("default")
     config.train.max_epochs = 1
@@ -33,10 +34,10 @@ def fit(out, workdir, *distributed_args):
     distributed.initialize(config.distributed)
 
     subject = phantom.make_subject(11, "tiny")
-    volume = cascade.normalise_channels([subject["T1"], subject["FLAIR"]], "nonzero")
+    volume = normalise_channels([subject["T1"], subject["FLAIR"]], "nonzero")
     lesion = subject["lesion"] > 0
-    centres, labels = patches_lib.stage1_centres(lesion, cascade.candidate_mask(volume[..., 1], 0.5),
-                                                 np.random.default_rng(0))
+    centres, labels = sampling.stage1_centres(lesion, cascade.candidate_mask(volume[..., 1], 0.5),
+                                              np.random.default_rng(0))
     keep = np.random.default_rng(1).permutation(len(labels))[:512]  # 384 train = 3 steps of 128
     data = TrainingSet.from_subjects([volume], [centres[keep]], [labels[keep]], 11)
     model = models.build_network(config.model, 2, 0)

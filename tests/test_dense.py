@@ -1,37 +1,63 @@
-"""The dense whole-volume kernel reproduces patch-wise outputs exactly, borders included."""
+"""The dense whole-volume kernel reproduces patch-wise outputs exactly, borders included.
+
+Parametrised over the network registry: every network with a dense form
+(`dense_halo` not None) must match its own patch-wise outputs, and every
+network without one must be refused by `--inference dense`.
+"""
 
 import jax
 import nibabel as nib
 import numpy as np
 import pytest
+from flax import nnx
 
-from jaxcascade import cascade, cli, dense, models, train
+from jaxcascade import cascade, cli, dense, inference, models
 from jaxcascade.configs import default
 from jaxcascade.errors import UserError
 from conftest import held_out_inputs
 
 
-def _random_stage(patch_size=11, seed=0):
+def _model_config(network, patch_size=11):
     config = default.get_config().model
-    config.patch_size = patch_size
-    model = models.build_network(config, 2, seed)
-    graphdef, variables = train.split_model(model)
+    config.network, config.patch_size = network, patch_size
+    return config
+
+
+def _has_dense_form(network) -> bool:
+    return nnx.eval_shape(lambda: models.build_network(_model_config(network), 2, 0)).dense_halo is not None
+
+
+DENSE_NETWORKS = [name for name in sorted(models.NETWORKS) if _has_dense_form(name)]
+PATCH_ONLY_NETWORKS = [name for name in sorted(models.NETWORKS) if not _has_dense_form(name)]
+
+
+def _random_stage(network="valverde2017_valid", patch_size=11, seed=0):
+    model = models.build_network(_model_config(network, patch_size), 2, seed)
+    _, variables = models.split_model(model)
     rng = np.random.default_rng(seed)
     # Perturb every weight and give BatchNorm non-trivial running statistics.
     variables = jax.tree.map(lambda a: a + 0.1 * rng.normal(size=a.shape).astype(np.float32), variables)
     variables["batch_stats"] = jax.tree.map(lambda a: np.abs(a) + 0.5, variables["batch_stats"])
-    return cascade.Stage(graphdef, variables, patch_size, model.dense_halo)
+    return cascade.Stage.from_network(model, variables)
 
 
+def _options(**values):
+    return inference.InferenceOptions(batch_size=512, **values)
+
+
+def test_both_kernels_are_registered_under_one_interface():
+    assert set(inference.KERNELS) == {"dense", "patch"} and inference.INFERENCE_METHODS[0] == "auto"
+
+
+@pytest.mark.parametrize("network", DENSE_NETWORKS)
 @pytest.mark.parametrize("tile_size, tiles_per_batch", [(8, 3), (16, 2)])
-def test_dense_equals_patchwise_everywhere(tile_size, tiles_per_batch):
-    stage = _random_stage()
+def test_dense_equals_patchwise_everywhere(network, tile_size, tiles_per_batch):
+    stage = _random_stage(network)
     volume = np.random.default_rng(1).normal(size=(21, 17, 23, 2)).astype(np.float32)
     everywhere = np.ones(volume.shape[:3], bool)
-    patchwise = cascade.classify_voxels(stage, volume, everywhere, batch_size=512)
-    dense_result = dense.classify_voxels_dense(
-        stage.graphdef, stage.variables, volume, everywhere, halo=stage.dense_halo, patch_size=11,
-        tile_size=tile_size, tiles_per_batch=tiles_per_batch)
+    patchwise = inference.classify_patchwise(stage, volume, everywhere, _options())
+    dense_result = dense.classify_dense(stage, volume, everywhere,
+                                        _options(tile_size=tile_size, tiles_per_batch=tiles_per_batch))
     assert 0.01 < patchwise.mean() < 0.99  # a non-degenerate network
     # float32 reassociation between the two formulations stays far below 1e-4.
     assert np.abs(dense_result - patchwise).max() <= 1e-4
@@ -42,37 +68,35 @@ def test_dense_respects_the_mask_and_skips_empty_tiles():
     volume = np.random.default_rng(2).normal(size=(20, 20, 20, 2)).astype(np.float32)
     mask = np.zeros(volume.shape[:3], bool)
     mask[0, 0, 0] = mask[19, 19, 19] = mask[3, 15, 9] = True
-    patchwise = cascade.classify_voxels(stage, volume, mask, batch_size=512)
+    patchwise = inference.classify_patchwise(stage, volume, mask, _options())
     pad, origins = dense.tile_geometry(mask.shape, 8, stage.dense_halo, 11)
     assert len(dense.occupied_tiles(mask, origins, 8)) == 3 < len(origins) == 27
-    got = dense.classify_voxels_dense(stage.graphdef, stage.variables, volume, mask, halo=stage.dense_halo,
-                                      patch_size=11, tile_size=8, tiles_per_batch=2)
+    got = dense.classify_dense(stage, volume, mask, _options(tile_size=8, tiles_per_batch=2))
     assert np.count_nonzero(got) == 3
     assert np.abs(got - patchwise).max() <= 1e-4
 
 
-def test_dense_with_a_wider_patch_uses_a_dilated_dense_layer():
-    stage = _random_stage(patch_size=15)  # 15 -> 13 -> 6 -> 4 -> 2: dense1 is a 2^3 kernel
+@pytest.mark.parametrize("network", DENSE_NETWORKS)
+def test_dense_with_a_wider_patch_uses_a_dilated_dense_layer(network):
+    stage = _random_stage(network, patch_size=15)  # 15 -> 13 -> 6 -> 4 -> 2: dense1 is a 2^3 kernel
     volume = np.random.default_rng(3).normal(size=(12, 13, 11, 2)).astype(np.float32)
     everywhere = np.ones(volume.shape[:3], bool)
-    patchwise = cascade.classify_voxels(stage, volume, everywhere, batch_size=512)
-    got = dense.classify_voxels_dense(stage.graphdef, stage.variables, volume, everywhere, halo=stage.dense_halo,
-                                      patch_size=15, tile_size=8, tiles_per_batch=2)
+    patchwise = inference.classify_patchwise(stage, volume, everywhere, _options())
+    got = dense.classify_dense(stage, volume, everywhere, _options(tile_size=8, tiles_per_batch=2))
     assert np.abs(got - patchwise).max() <= 1e-4
 
 
-def test_dense_is_refused_where_it_is_not_exact():
-    config = default.get_config().model
-    config.network = "valverde2017"
-    assert not models.NETWORKS["valverde2017"].dense_exact
-    model = models.build_network(config, 2, 0)
-    graphdef, variables = train.split_model(model)
-    same_stage = cascade.Stage(graphdef, variables, 11, None)
-    assert cascade.resolve_method(same_stage, "auto") == "patch"
+@pytest.mark.parametrize("network", PATCH_ONLY_NETWORKS)
+def test_dense_is_refused_where_it_is_not_exact(network):
+    model = nnx.eval_shape(lambda: models.build_network(_model_config(network), 2, 0))
+    stage = cascade.Stage.from_network(model)
+    assert stage.dense_halo is None
+    assert inference.resolve_method(stage, "auto") == "patch"
     with pytest.raises(UserError, match="no exact dense form"):
-        cascade.resolve_method(same_stage, "dense")
-    with pytest.raises(ValueError):
-        model.dense(np.zeros((1, 12, 12, 12, 2), np.float32))
+        inference.resolve_method(stage, "dense")
+    if hasattr(model, "dense"):
+        with pytest.raises(ValueError):
+            model.dense(np.zeros((1, 12, 12, 12, 2), np.float32))
 
 
 def test_segment_dense_and_patch_paths_agree(trained_model, cohort, tmp_path):

@@ -1,6 +1,7 @@
 """Every mistake a user can make: one line on stderr naming the file, exit 2, no output left behind."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -201,6 +202,17 @@ def test_console_script_exit_status_and_single_line(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"jaxcascade: error: {tmp_path / 't.nii.gz'}: file not found"]
+
+
+def test_closed_output_pipe_ends_quietly(cohort):
+    """`jaxcascade evaluate ... | head` with the reader gone before the table is printed: no traceback."""
+    lesion = str(cohort / "held_out" / "lesion.nii.gz")
+    process = subprocess.Popen([sys.executable, "-m", "jaxcascade.cli", "evaluate", "--pred", lesion, "--truth", lesion],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # long before the child has imported numpy and read the images
+    stderr = process.stderr.read()
+    assert process.wait() == 128 + signal.SIGPIPE
+    assert stderr == ""
 
 
 def test_model_from_an_incompatible_version(trained_model, cohort, tmp_path, capsys):

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # experiments/ is a folder of the repository, not an installed package
 
 from experiments import launch, protocol  # noqa: E402
-from jaxcascade import cli, io, phantom  # noqa: E402
+from jaxcascade import cli, nifti, phantom  # noqa: E402
 from jaxcascade.errors import UserError  # noqa: E402
 
 UNIT_INTERVAL = ("dsc", "ppv", "tpr", "lesion_tpr", "lesion_fpr", "lesion_f1")
@@ -209,7 +209,7 @@ def test_mni_subject_is_determined_by_seed_and_contrast(mni_subjects):
 def test_mni_cohort_through_the_command_line(tmp_path, mni_subjects):
     out = tmp_path / "mni"
     assert cli.main(["phantom", str(out), "--kind", "mni", "--size", "tiny", "--subjects", "1", "--seed", "3"]) == 0
-    flair = io.load_image(out / "sub-01" / "FLAIR.nii.gz")
-    lesion = io.load_lesion_mask(out / "sub-01" / "lesion.nii.gz", flair)
-    assert lesion.any() and io.load_image(out / "sub-01" / "T1.nii.gz").data.shape == flair.data.shape
+    flair = nifti.load_image(out / "sub-01" / "FLAIR.nii.gz")
+    lesion = nifti.load_lesion_mask(out / "sub-01" / "lesion.nii.gz", flair)
+    assert lesion.any() and nifti.load_image(out / "sub-01" / "T1.nii.gz").data.shape == flair.data.shape
     assert int(flair.nifti.header["sform_code"]) == 4  # MNI152 space

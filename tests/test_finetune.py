@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from jaxcascade import checkpoints, cli, config as config_lib, pipeline
+from jaxcascade import cascade, checkpoints, cli, config as config_lib, model_dir
 from conftest import QUICK_OVERRIDES
 from test_errors import assert_user_error
 
@@ -14,7 +14,7 @@ def test_fine_tune_only_the_output_layer(trained_model, cohort, tmp_path):
                      "--config.train.trainable=out"]) == 0
     config = config_lib.apply_overrides(config_lib.load_config("demo"), QUICK_OVERRIDES)
     for stage in (1, 2):
-        template = pipeline._load_stage(trained_model, config, stage).variables
+        template = cascade.Stage.load(trained_model, stage, config).variables
         before = checkpoints.load_weights(trained_model, stage, template)
         after = checkpoints.load_weights(workdir, stage, template)
         for frozen in ("conv1", "conv2", "dense1"):
@@ -22,7 +22,7 @@ def test_fine_tune_only_the_output_layer(trained_model, cohort, tmp_path):
         for frozen in ("bn1", "bn2"):
             assert np.array_equal(before["batch_stats"][frozen]["mean"], after["batch_stats"][frozen]["mean"])
         assert not np.array_equal(before["params"]["out"]["kernel"], after["params"]["out"]["kernel"])
-    stored = pipeline.read_model_config(workdir)
+    stored = model_dir.read_model_config(workdir)
     assert stored.train.init_from == str(trained_model.resolve()) and stored.train.trainable == "out"
 
 

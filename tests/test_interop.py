@@ -21,7 +21,8 @@ import pytest
 import scipy.special
 from flax import nnx
 
-from jaxcascade import cascade, checkpoints, cli, interop, models, nicms, phantom, pipeline
+from jaxcascade import cascade, checkpoints, cli, inference, interop, layers, model_dir as model_dir_lib, models, phantom
+from jaxcascade.normalisation import normalise_channels
 from jaxcascade.errors import UserError
 
 h5py = pytest.importorskip("h5py", reason="the Keras reference reads HDF5: pip install 'jaxcascade[interop]'")
@@ -49,14 +50,14 @@ def model_dir(keras_files, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def imported(model_dir):
-    return pipeline.load_cascade(model_dir)
+    return cascade.Cascade.load(model_dir)
 
 
 @pytest.fixture(scope="module")
 def subject():
     """A 2 mm phantom, normalised as nicMSlesions does, channels (T1, FLAIR)."""
     data = phantom.make_subject(phantom.subject_seed(0, 0), "small")
-    volume = cascade.normalise_channels([data["T1"], data["FLAIR"]], "nicms")
+    volume = normalise_channels([data["T1"], data["FLAIR"]], "nicms")
     return volume, data["lesion"].astype(bool)
 
 
@@ -75,14 +76,14 @@ def test_nicms_network_shapes_and_keras_initial_slopes():
     assert nnx.eval_shape(lambda m: m(jnp.ones((3, PATCH, PATCH, PATCH, 2))), model).shape == (3, 2)
     assert model.prelu_conv1_1.alpha.shape == (11, 11, 11, 32)  # channels-last, per element
     assert model.prelu_conv2_2.alpha.shape == (5, 5, 5, 64)
-    assert not np.any(nicms.PReLU((4,)).alpha[...])  # Keras' PReLU starts at alpha = 0
+    assert not np.any(layers.PReLU((4,)).alpha[...])  # Keras' PReLU starts at alpha = 0
     # 4 convs + 4 BN (scale, bias) + 4 conv PReLUs + 4 dense + 3 dense PReLUs.
     convs = (27 * 2 * 32 + 32) + (27 * 32 * 32 + 32) + (27 * 32 * 64 + 64) + (27 * 64 * 64 + 64)
     batch_norm = 2 * (32 + 32 + 64 + 64)
     conv_slopes = 2 * 11**3 * 32 + 2 * 5**3 * 64
     dense = (512 * 256 + 256) + (256 * 128 + 128) + (128 * 64 + 64) + (64 * 2 + 2) + 256 + 128 + 64
     assert models.count_parameters(model) == convs + batch_norm + conv_slopes + dense
-    assert not models.NETWORKS["nicms"].dense_exact
+    assert model.dense_halo is None  # per-position slopes: patch-wise only
 
 
 # ----------------------------------------------------------------------------- an independent Keras forward pass
@@ -206,10 +207,10 @@ def test_stage1_separates_lesions_only_in_t1_flair_order(imported, subject):
     for pool, count in ((candidates & lesion, 150), (candidates & ~lesion, 350)):
         centres = np.argwhere(pool)
         subset[tuple(centres[rng.choice(len(centres), count, replace=False)].T)] = True
-    batch_size = imported.config.inference.batch_size
+    options = inference.InferenceOptions.from_config(imported.config, method="patch")
     auc = {}
     for name, channels in (("T1,FLAIR", [0, 1]), ("FLAIR,T1", [1, 0])):
-        probability = cascade.classify_voxels(imported.stage1, volume[..., channels], subset, batch_size=batch_size)
+        probability = inference.classify(imported.stage1, volume[..., channels], subset, options)
         auc[name] = roc_auc(probability[subset], lesion[subset])
     print(f"stage-1 ROC AUC on 2 mm phantom candidates: {auc}")
     assert auc["T1,FLAIR"] > 0.9, auc
@@ -220,7 +221,7 @@ def test_stage1_separates_lesions_only_in_t1_flair_order(imported, subject):
 
 
 def test_import_writes_a_stamped_model_directory_with_provenance(model_dir, keras_files):
-    config = pipeline.read_model_config(model_dir)  # checks the "jaxcascade" stamp
+    config = model_dir_lib.read_model_config(model_dir)  # checks the "jaxcascade" stamp
     assert config.model.network == "nicms" and config.model.bn_epsilon == 1e-3
     assert config.data.modalities == ("T1", "FLAIR") and config.normalisation == "nicms"
     assert config.data.orientation == "native"  # nicMSlesions read images in their stored voxel order

@@ -3,7 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcascade import convs, models
+from flax import nnx
+
+from jaxcascade import convs, layers, models
 from jaxcascade.configs import default
 
 
@@ -11,6 +13,30 @@ def _config(network):
     config = default.get_config().model
     config.network = network
     return config
+
+
+def _shape_only(network, channels=2):
+    return nnx.eval_shape(lambda: models.build_network(_config(network), channels, 0))
+
+
+DENSE_NETWORKS = [name for name in models.NETWORKS if _shape_only(name).dense_halo is not None]
+
+
+@pytest.mark.parametrize("network", sorted(models.NETWORKS))
+def test_every_registered_network_has_its_documented_parameter_count(network):
+    assert models.count_parameters(_shape_only(network)) == models.NETWORKS[network].parameters
+
+
+@pytest.mark.parametrize("network", DENSE_NETWORKS)
+def test_dense_halo_follows_the_layers(network):
+    """The halo is the receptive field - 1, and zeroing everything outside it leaves the output unchanged."""
+    model = models.build_network(_config(network), 1, 0)
+    halo = model.dense_halo
+    assert halo == layers.receptive_halo(model.windows) < model.patch_size
+    x = jax.random.normal(jax.random.key(0), (1,) + (model.patch_size,) * 3 + (1,))
+    # The receptive field starts at the patch's first voxel (the pools drop trailing planes).
+    inside = jnp.zeros_like(x).at[:, : halo + 1, : halo + 1, : halo + 1].set(1)
+    np.testing.assert_allclose(model(x * inside), model(x), atol=1e-6)
 
 
 def test_parameter_counts_of_both_networks():
@@ -23,7 +49,7 @@ def test_parameter_counts_of_both_networks():
     assert models.count_parameters(valid) == shared + 64 * 256 + 256 == 74466
 
 
-@pytest.mark.parametrize("network", ["valverde2017", "valverde2017_valid"])
+@pytest.mark.parametrize("network", sorted(models.NETWORKS))
 def test_networks_map_patches_to_two_logits(network):
     model = models.build_network(_config(network), 3, 0)
     logits = model(jnp.ones((4, 11, 11, 11, 3)))
@@ -77,8 +103,8 @@ def test_reshape_max_pool_matches_reduce_window_values_and_gradients(shape):
 
     x = jnp.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32))
     reference = lambda v: nnx.max_pool(v, window_shape=(2, 2, 2), strides=(2, 2, 2), padding="VALID")  # noqa: E731
-    np.testing.assert_array_equal(models.max_pool_2x2x2(x), reference(x))
+    np.testing.assert_array_equal(layers.max_pool_2x2x2(x), reference(x))
     weights = jnp.asarray(np.random.default_rng(1).normal(size=reference(x).shape).astype(np.float32))
-    grad = jax.grad(lambda v: (models.max_pool_2x2x2(v) * weights).sum())(x)
+    grad = jax.grad(lambda v: (layers.max_pool_2x2x2(v) * weights).sum())(x)
     grad_reference = jax.grad(lambda v: (reference(v) * weights).sum())(x)
     np.testing.assert_array_equal(grad, grad_reference)  # no ties in random data: the same subgradient

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from jaxcascade import phantom
+from jaxcascade import phantom, phantom_core
 from jaxcascade.errors import UserError
 
 SEEDS = (0, 1, 2, 3, 4)
@@ -24,7 +24,7 @@ def tissue_labels(seed, size="tiny"):
     # make_subject draws the anatomy first from a fresh generator, so the same
     # call here reproduces its tissue labels.
     shape, voxel = phantom.SIZES[size]
-    label, _ = phantom._anatomy(np.random.default_rng(seed), shape, voxel)
+    label, _ = phantom.anatomy(np.random.default_rng(seed), shape, voxel)
     return label
 
 
@@ -91,7 +91,7 @@ def test_lesions_binary_inside_white_matter(tiny):
         assert set(np.unique(lesion)) == {0, 1}
         inside = lesion.astype(bool)
         assert (subject["T1"][inside] > 0).all() and (subject["FLAIR"][inside] > 0).all()
-        assert (tissue_labels(seed)[inside] == phantom._WM).all()
+        assert (tissue_labels(seed)[inside] == phantom_core.WM).all()
 
 
 def test_lesion_count_and_sizes(tiny):
@@ -112,10 +112,10 @@ def test_tissue_contrast(tiny):
             return image[(label == tissue) & ~lesion].mean()
 
         t1, flair = subject["T1"], subject["FLAIR"]
-        assert mean(t1, phantom._WM) > mean(t1, phantom._GM) > mean(t1, phantom._CSF)
-        assert mean(flair, phantom._GM) > mean(flair, phantom._WM) > mean(flair, phantom._CSF)
-        flair_ratio = flair[lesion].mean() / mean(flair, phantom._WM)
-        t1_ratio = t1[lesion].mean() / mean(t1, phantom._WM)
+        assert mean(t1, phantom_core.WM) > mean(t1, phantom_core.GM) > mean(t1, phantom_core.CSF)
+        assert mean(flair, phantom_core.GM) > mean(flair, phantom_core.WM) > mean(flair, phantom_core.CSF)
+        flair_ratio = flair[lesion].mean() / mean(flair, phantom_core.WM)
+        t1_ratio = t1[lesion].mean() / mean(t1, phantom_core.WM)
         assert 1.3 < flair_ratio < 1.9
         assert 0.55 < t1_ratio < 0.9
 
@@ -164,3 +164,45 @@ def test_subject_independent_of_cohort_size(tmp_path):
     first = nib.load(tmp_path / "three" / "sub-01" / "FLAIR.nii.gz").get_fdata()
     second = nib.load(tmp_path / "three" / "sub-02" / "FLAIR.nii.gz").get_fdata()
     assert not np.array_equal(first, second)
+
+
+def test_write_cohort_is_atomic_and_in_scanner_space(tmp_path, monkeypatch):
+    folder = tmp_path / "cohort" / "sub-01"
+    phantom.write_cohort(tmp_path / "cohort", subjects=1, seed=5, size="tiny")
+    # os.listdir shows hidden files too, so no temporary is left behind.
+    assert sorted(os.listdir(folder)) == ["FLAIR.nii.gz", "T1.nii.gz", "lesion.nii.gz"]
+    for key in ("T1", "FLAIR", "lesion"):
+        header = nib.load(folder / f"{key}.nii.gz").header
+        assert int(header["qform_code"]) == 1 and int(header["sform_code"]) == 1
+        assert header.get_xyzt_units()[0] == "mm"
+
+    # A save that fails after writing part of a file leaves neither it nor its temporary.
+    save = nib.save
+
+    def save_then_fail(image, filename):
+        save(image, filename)
+        if "FLAIR" in os.path.basename(filename):
+            raise OSError("disk full")
+
+    monkeypatch.setattr(nib, "save", save_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        phantom.write_cohort(tmp_path / "failed", subjects=1, seed=5, size="tiny")
+    assert os.listdir(tmp_path / "failed" / "sub-01") == ["T1.nii.gz"]
+
+
+def test_cohort_writer_stores_the_space_code_and_dtypes(tmp_path):
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+
+    def make_subject(seed):
+        rng = np.random.default_rng(seed)
+        return {"T2": rng.random((3, 4, 5)), "lesion": rng.random((3, 4, 5)) > 0.5, "affine": affine}
+
+    names = phantom_core.write_cohort(tmp_path, 2, 0, make_subject, ("T2", "lesion"), phantom_core.MNI152_SPACE)
+    assert names == ["sub-01", "sub-02"]
+    expected = make_subject(phantom_core.subject_seed(0, 1))
+    for key, dtype in (("T2", np.float32), ("lesion", np.uint8)):
+        image = nib.load(tmp_path / "sub-02" / f"{key}.nii.gz")
+        assert image.get_data_dtype() == dtype
+        assert int(image.header["qform_code"]) == 4 and int(image.header["sform_code"]) == 4
+        np.testing.assert_array_equal(image.affine, affine)
+        np.testing.assert_array_equal(np.asanyarray(image.dataobj), expected[key].astype(dtype))

@@ -6,14 +6,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxcascade import checkpoints, cli, metrics, pipeline
+from jaxcascade import checkpoints, cli, metrics, model_dir
 from conftest import QUICK_OVERRIDES, held_out_inputs
 
 
 def test_trained_workdir_has_everything(trained_model):
     config = json.loads((trained_model / "config.json").read_text())
     assert config["data"]["modalities"] == ["T1", "FLAIR"]
-    assert config["jaxcascade"]["format_version"] == pipeline.FORMAT_VERSION
+    assert config["jaxcascade"]["format_version"] == model_dir.FORMAT_VERSION
     records = [json.loads(line) for line in (trained_model / "metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in records} == {1, 2}
     assert all(np.isfinite(r["val_loss"]) for r in records)
@@ -50,7 +50,7 @@ def test_segment_held_out_beats_trivial_baseline(trained_model, cohort, tmp_path
 def test_thresholds_from_the_command_line(trained_model, cohort, tmp_path):
     strict, loose = tmp_path / "strict.nii.gz", tmp_path / "loose.nii.gz"
     assert cli.main(["segment", "--model", str(trained_model), *held_out_inputs(cohort), "--out", str(strict),
-                     "--threshold", "0.99", "--min-lesion-size", "40"]) == 0
+                     "--threshold", "0.99", "--min-lesion-voxels", "40"]) == 0
     assert cli.main(["segment", "--model", str(trained_model), *held_out_inputs(cohort), "--out", str(loose),
                      "--threshold", "0.5", "--min-lesion-size", "0"]) == 0
     assert np.asarray(nib.load(strict).dataobj).sum() < np.asarray(nib.load(loose).dataobj).sum()

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxcascade import checkpoints, cli, config as config_lib, pipeline
+from jaxcascade import cascade, checkpoints, cli, config as config_lib
 from conftest import QUICK_OVERRIDES, held_out_inputs
 
 
@@ -42,7 +42,7 @@ def _run_until(command, condition, timeout=300):
 
 def _same_weights(a_dir, b_dir, config):
     for stage in (1, 2):
-        template = pipeline._load_stage(a_dir, config, stage).variables
+        template = cascade.Stage.load(a_dir, stage, config).variables
         a = checkpoints.load_weights(a_dir, stage, template)
         b = checkpoints.load_weights(b_dir, stage, template)
         assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))), stage
@@ -102,7 +102,7 @@ def test_non_finite_training_stops_with_epoch_and_step(cohort, tmp_path, capsys)
 
 @pytest.mark.skipif(os.name != "posix", reason="signals")
 def test_signal_handlers_are_restored_after_training():
-    from jaxcascade.fit import StopOnSignals
+    from jaxcascade.train_loop import StopOnSignals
 
     before = signal.getsignal(signal.SIGTERM)
     with StopOnSignals() as stop:

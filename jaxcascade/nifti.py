@@ -1,20 +1,18 @@
-"""NIfTI in and out, with every check a user's files can fail, and atomic writes.
+"""NIfTI in and out, with every check a user's files can fail.
 
 Images are processed in one voxel orientation (RAS+ unless the model says
 otherwise), reached by axis permutations and flips only: exact, no
 resampling. The CNNs are not invariant to flips and axis order, so the same
 anatomy stored LPS or RAS must reach them the same way round. Outputs are
-mapped back and lie on exactly the input's grid, with its header.
-Every problem raises `UserError` with one line naming the file.
+mapped back and lie on exactly the input's grid, with its header, and are
+written atomically (`outputs.atomic_path`). Every problem raises `UserError`
+with one line naming the file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import os
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import nibabel as nib
 import numpy as np
 
 from jaxcascade.errors import UserError
+from jaxcascade.outputs import atomic_path
 
 AFFINE_TOLERANCE_MM = 1e-3
 
@@ -152,19 +151,6 @@ def load_lesion_mask(path: str | os.PathLike, reference: Image) -> np.ndarray:
     return image.data > 0
 
 
-def parse_inputs(pairs: list[str]) -> dict[str, str]:
-    """['T1=a.nii.gz', 'FLAIR=b.nii.gz'] -> {'T1': 'a.nii.gz', 'FLAIR': 'b.nii.gz'}."""
-    inputs: dict[str, str] = {}
-    for pair in pairs:
-        name, sep, path = pair.partition("=")
-        if not sep or not name or not path:
-            raise UserError(f"--input {pair!r}: expected NAME=PATH, e.g. --input FLAIR=flair.nii.gz")
-        if name in inputs:
-            raise UserError(f"--input {name}: modality given twice ({inputs[name]} and {path})")
-        inputs[name] = path
-    return inputs
-
-
 def load_sequences(inputs: dict[str, str], modalities: tuple[str, ...], source: str = "the model", *,
                    orientation: str = "RAS") -> list[Image]:
     """Load the named sequences in the model's channel order, on one grid, into `orientation`."""
@@ -185,64 +171,6 @@ def load_sequences(inputs: dict[str, str], modalities: tuple[str, ...], source: 
     return images
 
 
-def discover_subjects(data_dir: str | os.PathLike, required_files: list[str]) -> list[Path]:
-    """Subject folders of data_dir, each required to hold all required_files."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise UserError(f"{data_dir}: training data folder not found")
-    subjects = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not subjects:
-        raise UserError(f"{data_dir}: no subject folders (expected {data_dir}/<subject>/{required_files[0]} ...)")
-    incomplete = []
-    for subject in subjects:
-        absent = [name for name in required_files if not (subject / name).exists()]
-        if absent:
-            incomplete.append(f"{subject.name} lacks {', '.join(absent)}")
-    if incomplete:
-        raise UserError(f"{data_dir}: incomplete subjects: {'; '.join(incomplete)}")
-    return subjects
-
-
-# ----------------------------------------------------------------------------- writing
-
-
-def check_output_path(path: str | os.PathLike, *, overwrite: bool = False, is_dir: bool = False) -> Path:
-    """Fail early (before any work) if `path` cannot be written."""
-    path = Path(path)
-    parent = path.parent
-    if not parent.is_dir():
-        raise UserError(f"{path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{path}: folder {parent} is not writable")
-    if not is_dir and path.exists() and not overwrite:
-        raise UserError(f"{path}: already exists; pass --overwrite to replace it")
-    return path
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path` (same suffixes); rename it into place on success."""
-    path = Path(path)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        # mkstemp makes owner-only files; outputs get the usual permissions.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_like(data: np.ndarray, like: Image, path: str | os.PathLike, dtype=np.uint8) -> None:
     """Write `data` (on like's processing grid) on like's file grid, with its header, qform and sform."""
     data = like.to_file_grid(data)
@@ -256,35 +184,3 @@ def save_like(data: np.ndarray, like: Image, path: str | os.PathLike, dtype=np.u
     image.header.set_slope_inter(1.0, 0.0)
     with atomic_path(path) as tmp:
         nib.save(image, str(tmp))
-
-
-def json_safe(obj):
-    """NaN (an undefined metric) becomes null: strict JSON has no NaN."""
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-def write_json(obj, path: str | os.PathLike) -> None:
-    text = json.dumps(json_safe(obj), indent=2, default=_json_default, allow_nan=False)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text + "\n")
-
-
-def write_text(text: str, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def _json_default(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, (np.ndarray, tuple)):
-        return list(value)
-    raise TypeError(type(value).__name__)

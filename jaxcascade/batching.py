@@ -24,6 +24,7 @@ zero-weight rows, so every validation row counts once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -31,6 +32,7 @@ import numpy as np
 from jaxcascade import distributed, seeding
 from jaxcascade import patches as patches_lib
 from jaxcascade.errors import UserError
+from jaxcascade.sampling import stratified_split
 
 
 def shard_count(config) -> int:
@@ -103,7 +105,7 @@ def schedule(shard_rows: dict[int, np.ndarray], labels: np.ndarray, *, num_shard
     train_rows, validation_rows = {}, {}
     for shard, rows in shard_rows.items():
         rng = seeding.stream(seed, "split", stage=stage, shard=shard)
-        train, validation = patches_lib.stratified_split(labels[rows], validation_fraction, rng)
+        train, validation = stratified_split(labels[rows], validation_fraction, rng)
         if len(validation) == 0:
             validation = train  # too few samples to hold any out; validate on training data
         train_rows[shard], validation_rows[shard] = rows[train], rows[validation]
@@ -129,3 +131,59 @@ def schedule(shard_rows: dict[int, np.ndarray], labels: np.ndarray, *, num_shard
         totals={"training": int(counts[:, 0].sum()), "validation": int(counts[:, 1].sum()),
                 "lesion": int(counts[:, 2].sum())},
     )
+
+
+@dataclasses.dataclass
+class TrainingSet:
+    """This process's share of a stage's training patches: its subjects' volumes and the patch centres.
+
+    Rows are grouped by data shard (see above); with one process and one
+    shard (the default) this is the whole training set.
+    """
+
+    padded_volumes: jax.Array  # (local subjects, D + 2h, H + 2h, W + 2h, C), a copy on each of this process's devices
+    index: np.ndarray  # (N, 4) int32: local subject, z, y, x
+    labels: np.ndarray  # (N,) int32
+    shard_rows: dict[int, np.ndarray]  # data shard -> its rows of index/labels
+    num_shards: int
+    patch_size: int
+
+    @classmethod
+    def from_subjects(cls, volumes: list[np.ndarray], centres: list[np.ndarray], labels: list[np.ndarray], patch_size,
+                      *, subject_shards: list[int] | None = None, num_shards: int | None = None):
+        """subject_shards[i] is volume i's data shard, of num_shards (default: one shard per process,
+        every volume in this process's)."""
+        num_shards = num_shards or jax.process_count()
+        mine = owned(num_shards)
+        if subject_shards is None:
+            subject_shards = [mine[0]] * len(volumes)
+        shape = np.max([v.shape for v in volumes], axis=0)
+        half = patch_size // 2
+        stack = np.zeros((len(volumes), *(shape[:3] + 2 * half), shape[3]), np.float32)
+        for s, volume in enumerate(volumes):
+            d, h, w, _ = volume.shape
+            stack[s, half : half + d, half : half + h, half : half + w] = volume
+        index = np.concatenate(
+            [np.column_stack([np.full(len(c), s, np.int32), c]) for s, c in enumerate(centres)]
+        ).astype(np.int32).reshape(-1, 4)
+        row_shard = np.concatenate([np.full(len(c), shard) for c, shard in zip(centres, subject_shards)])
+        shard_rows = {shard: np.flatnonzero(row_shard == shard) for shard in mine}
+        return cls(distributed.put_local_replicated(stack), index, np.concatenate(labels).astype(np.int32),
+                   shard_rows, num_shards, patch_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _local_gather(patch_size: int, mesh):
+    # Each device gathers only its rows of the batch from its copy of the volumes.
+    return jax.jit(functools.partial(patches_lib.gather_patches, patch_size=patch_size),
+                   out_shardings=distributed.batch_sharded(mesh))
+
+
+def training_batch(data: TrainingSet, rows: np.ndarray, weights: np.ndarray | None = None) -> dict:
+    """The global batch whose rows on this process's devices are `rows`: patches, labels (and weights)."""
+    index = distributed.put_local_batch(data.index[rows])
+    local = {"patches": _local_gather(data.patch_size, distributed.local_mesh())(data.padded_volumes, index),
+             "labels": data.labels[rows]}
+    if weights is not None:
+        local["weights"] = weights
+    return distributed.global_batch(local)

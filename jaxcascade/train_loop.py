@@ -1,7 +1,9 @@
-"""The training loop of one stage: epochs, validation, early stopping, checkpoints, resume.
+"""The epoch loop of one stage: epochs, validation, early stopping, checkpoints, resume, stop on signals.
 
-Randomness is derived, never threaded: each data shard's epoch shuffle comes
-from `seeding.stream(seed, 'epoch', stage, epoch, shard)` (see `shards`) and
+It calls the pure steps of `train_steps.py` on batches from `batching.py`,
+with the optimiser of `optimizer.py`. Randomness is derived, never threaded:
+each data shard's epoch shuffle comes from
+`seeding.stream(seed, 'epoch', stage, epoch, shard)` (see `batching`) and
 each step's key is fold_in(fold_in(key(seed), stage), step) (inside the jitted
 step). A run resumed from the checkpoint of epoch N therefore replays epochs
 N+1... exactly as an uninterrupted run.
@@ -9,8 +11,6 @@ N+1... exactly as an uninterrupted run.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import signal
 import threading
 import time
@@ -19,74 +19,17 @@ from typing import Callable
 import jax
 import numpy as np
 
-from jaxcascade import checkpoints, distributed
-from jaxcascade import patches as patches_lib
-from jaxcascade import shards as shards_lib
-from jaxcascade import train as train_lib
+from jaxcascade import batching, checkpoints, distributed, models, train_steps
+from jaxcascade.batching import TrainingSet, training_batch
 from jaxcascade.errors import TrainingInterrupted, UserError
+from jaxcascade.optimizer import OptimizerSettings, make_optimizer, trainable_modules
 
 
-@dataclasses.dataclass
-class TrainingSet:
-    """This process's share of a stage's training patches: its subjects' volumes and the patch centres.
-
-    Rows are grouped by data shard (see `shards`); with one process and one
-    shard (the default) this is the whole training set.
-    """
-
-    padded_volumes: jax.Array  # (local subjects, D + 2h, H + 2h, W + 2h, C), a copy on each of this process's devices
-    index: np.ndarray  # (N, 4) int32: local subject, z, y, x
-    labels: np.ndarray  # (N,) int32
-    shard_rows: dict[int, np.ndarray]  # data shard -> its rows of index/labels
-    num_shards: int
-    patch_size: int
-
-    @classmethod
-    def from_subjects(cls, volumes: list[np.ndarray], centres: list[np.ndarray], labels: list[np.ndarray], patch_size,
-                      *, subject_shards: list[int] | None = None, num_shards: int | None = None):
-        """subject_shards[i] is volume i's data shard, of num_shards (default: one shard per process,
-        every volume in this process's)."""
-        num_shards = num_shards or jax.process_count()
-        owned = shards_lib.owned(num_shards)
-        if subject_shards is None:
-            subject_shards = [owned[0]] * len(volumes)
-        shape = np.max([v.shape for v in volumes], axis=0)
-        half = patch_size // 2
-        stack = np.zeros((len(volumes), *(shape[:3] + 2 * half), shape[3]), np.float32)
-        for s, volume in enumerate(volumes):
-            d, h, w, _ = volume.shape
-            stack[s, half : half + d, half : half + h, half : half + w] = volume
-        index = np.concatenate(
-            [np.column_stack([np.full(len(c), s, np.int32), c]) for s, c in enumerate(centres)]
-        ).astype(np.int32).reshape(-1, 4)
-        row_shard = np.concatenate([np.full(len(c), shard) for c, shard in zip(centres, subject_shards)])
-        shard_rows = {shard: np.flatnonzero(row_shard == shard) for shard in owned}
-        return cls(distributed.put_local_replicated(stack), index, np.concatenate(labels).astype(np.int32),
-                   shard_rows, num_shards, patch_size)
-
-
-@functools.lru_cache(maxsize=None)
-def _local_gather(patch_size: int, mesh):
-    # Each device gathers only its rows of the batch from its copy of the volumes.
-    return jax.jit(functools.partial(patches_lib.gather_patches, patch_size=patch_size),
-                   out_shardings=distributed.batch_sharded(mesh))
-
-
-def _batch(data: TrainingSet, rows: np.ndarray, weights: np.ndarray | None = None) -> dict:
-    """The global batch whose rows on this process's devices are `rows`: patches, labels (and weights)."""
-    index = distributed.put_local_batch(data.index[rows])
-    local = {"patches": _local_gather(data.patch_size, distributed.local_mesh())(data.padded_volumes, index),
-             "labels": data.labels[rows]}
-    if weights is not None:
-        local["weights"] = weights
-    return distributed.global_batch(local)
-
-
-def evaluate(eval_step, variables, data: TrainingSet, schedule: shards_lib.Schedule) -> dict:
+def evaluate(eval_step, variables, data: TrainingSet, schedule: batching.Schedule) -> dict:
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     rows, weights = schedule.validation()
     for chunk, chunk_weights in zip(rows, weights):
-        sums = eval_step(variables, _batch(data, chunk, chunk_weights))
+        sums = eval_step(variables, training_batch(data, chunk, chunk_weights))
         for key in totals:
             totals[key] += float(distributed.to_host(sums[key]))
     count = max(totals["count"], 1.0)
@@ -110,26 +53,23 @@ def fit_stage(
     initial_variables (e.g. a pretrained model's) replace the network's fresh initialisation.
     """
     train_config = config.train
-    schedule = shards_lib.schedule(
+    schedule = batching.schedule(
         data.shard_rows, data.labels, num_shards=data.num_shards, seed=config.seed, stage=stage,
         validation_fraction=train_config.validation_fraction, batch_size=train_config.batch_size,
         validation_batch_size=train_config.eval_batch_size,
     )
 
-    graphdef, variables = train_lib.split_model(model)
+    graphdef, variables = models.split_model(model)
     if initial_variables is not None:
         variables = initial_variables
     trainable = trainable_modules(train_config.trainable, variables["params"])
-    tx = train_lib.make_optimizer(train_config, trainable)
-    train_step = _cached_train_step(
-        graphdef, train_config.learning_rate, train_config.rho, train_config.epsilon, train_config.augmentation,
-        trainable,
-    )
-    eval_step = _cached_eval_step(graphdef)
+    tx = make_optimizer(OptimizerSettings.from_config(train_config, trainable))
+    train_step = train_steps.make_train_step(graphdef, train_config.augmentation, trainable)
+    eval_step = train_steps.make_eval_step(graphdef)
     base_key = jax.random.fold_in(jax.random.key(config.seed), stage)
     run_key = jax.random.wrap_key_data(distributed.put_replicated(jax.random.key_data(base_key)))
 
-    state = distributed.put_replicated(train_lib.create_train_state(variables, tx))
+    state = distributed.put_replicated(train_steps.create_train_state(variables, tx))
     loop = {"epoch": -1, "best_val_loss": float("inf"), "best_epoch": -1, "bad_epochs": 0, "history": [],
             "partial": None}
     best = jax.tree.map(np.array, variables)
@@ -166,7 +106,7 @@ def fit_stage(
             remaining = batches[len(done_steps):]
             iterator = progress(remaining, f"stage {stage} epoch {epoch + 1}") if progress else remaining
             for chunk in iterator:
-                state, measurements = train_step(state, _batch(data, chunk), run_key)
+                state, measurements = train_step(state, training_batch(data, chunk), run_key)
                 step_measurements.append(measurements)
                 signum = stop.requested(len(done_steps) + len(step_measurements))
                 if signum is not None:
@@ -265,37 +205,3 @@ class StopOnSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         return False
-
-
-# One compilation per network and settings, shared by both stages and by every
-# fit in a process (tests, experiment launchers).
-@functools.lru_cache(maxsize=None)
-def _cached_train_step(graphdef, learning_rate, rho, epsilon, augmentation, trainable):
-    tx = train_lib.make_optimizer(_AdadeltaSettings(learning_rate, rho, epsilon), trainable)
-    return train_lib.make_train_step(graphdef, tx, augmentation, trainable)
-
-
-def trainable_modules(setting: str, params: dict) -> tuple[str, ...]:
-    """'all' -> () (everything trains); 'dense1,out' -> those top-level modules, checked."""
-    if setting.strip() in ("", "all"):
-        return ()
-    names = tuple(name.strip() for name in setting.split(",") if name.strip())
-    unknown = [name for name in names if name not in params]
-    if unknown:
-        raise UserError(
-            f"--config.train.trainable={setting}: no module {', '.join(unknown)} in this network "
-            f"(modules: {', '.join(params)})"
-        )
-    return names
-
-
-@dataclasses.dataclass(frozen=True)
-class _AdadeltaSettings:
-    learning_rate: float
-    rho: float
-    epsilon: float
-
-
-@functools.lru_cache(maxsize=None)
-def _cached_eval_step(graphdef):
-    return train_lib.make_eval_step(graphdef)

@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcascade import models, train
+from jaxcascade import inference, models, optimizer, train_steps
 from jaxcascade.configs import default
 
 
@@ -16,15 +16,15 @@ def _fixed_batch():
 
 def _setup(augmentation="none"):
     config = default.get_config()
-    graphdef, variables = train.split_model(models.build_network(config.model, 2, 0))
-    tx = train.make_optimizer(config.train)
-    return graphdef, train.create_train_state(variables, tx), train.make_train_step(graphdef, tx, augmentation)
+    graphdef, variables = models.split_model(models.build_network(config.model, 2, 0))
+    tx = optimizer.make_optimizer(optimizer.OptimizerSettings.from_config(config.train))
+    return graphdef, train_steps.create_train_state(variables, tx), train_steps.make_train_step(graphdef, augmentation)
 
 
 def test_one_train_step_lowers_the_loss_on_a_fixed_batch():
     graphdef, state, train_step = _setup()
     batch = _fixed_batch()
-    eval_step = train.make_eval_step(graphdef)
+    eval_step = train_steps.make_eval_step(graphdef)
     weights = {"weights": jnp.ones(64)}
     before = float(eval_step(state.variables, {**batch, **weights})["loss"])
     state, measurements = train_step(state, batch, jax.random.key(0))
@@ -41,7 +41,7 @@ def test_one_train_step_lowers_the_loss_on_a_fixed_batch():
 def test_batch_statistics_update_in_train_mode_only():
     graphdef, state, train_step = _setup()
     mean_before = np.array(state.batch_stats["bn1"]["mean"])
-    predict = jax.jit(lambda v, p: train.lesion_probability(graphdef, v, p))
+    predict = jax.jit(lambda v, p: inference.lesion_probability(graphdef, v, p))
     probability = predict(state.variables, _fixed_batch()["patches"])
     assert probability.shape == (64,) and bool(((probability >= 0) & (probability <= 1)).all())
     state, _ = train_step(state, _fixed_batch(), jax.random.key(0))
@@ -63,12 +63,12 @@ def test_same_key_same_step_different_key_different_dropout():
 def test_augmentations_are_label_preserving_symmetries():
     patches = jax.random.normal(jax.random.key(0), (16, 5, 5, 5, 2))
     for kind in ("seed", "flips3d", "rot90"):
-        out = train.augment(patches, jax.random.key(3), kind)
+        out = train_steps.augment(patches, jax.random.key(3), kind)
         assert out.shape == patches.shape
         # Each sample is a permutation of its own voxels (centre voxel fixed).
         np.testing.assert_allclose(np.sort(out.reshape(16, -1), 1), np.sort(patches.reshape(16, -1), 1))
         np.testing.assert_array_equal(out[:, 2, 2, 2], patches[:, 2, 2, 2])
-    seed = train.augment(patches, jax.random.key(3), "seed")
+    seed = train_steps.augment(patches, jax.random.key(3), "seed")
     changed = np.any(np.asarray(seed != patches).reshape(16, -1), axis=1)
     assert changed.sum() == 8  # the seed flips exactly half of the batch
-    np.testing.assert_array_equal(train.augment(patches, jax.random.key(3), "none"), patches)
+    np.testing.assert_array_equal(train_steps.augment(patches, jax.random.key(3), "none"), patches)

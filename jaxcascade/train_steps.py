@@ -1,14 +1,17 @@
-"""Training state and the pure, jitted step functions.
+"""The training state and the pure, jitted steps: `train_step(state, batch, rng)`, `eval_step(variables, batch)`.
 
-Everything here is a function of arrays: `train_step(state, batch, rng)`,
-`eval_step(state, batch)`, `predict_step(variables, patches)`. The NNX module
-is split once into a static graph definition and pure-dict variables, so the
-state is a plain pytree that jit, orbax and sharding all understand.
+Everything here is a function of arrays. The NNX module is split once into a
+static graph definition and pure-dict variables (`models.split_model`), so the
+state is a plain pytree that jit, orbax and sharding all understand; it
+carries its optimiser (`optimizer.make_optimizer`) as static data. The epoch
+loop that calls these steps is `train_loop.py`; the augmentations they apply
+are `augment` below.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import flax
 import jax
@@ -25,33 +28,11 @@ class TrainState:
     params: dict
     batch_stats: dict
     opt_state: Any
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
     @property
     def variables(self) -> dict:
         return {"params": self.params, "batch_stats": self.batch_stats}
-
-
-def make_optimizer(train_config, trainable: tuple[str, ...] = ()) -> optax.GradientTransformation:
-    """Adadelta with the seed's (Lasagne's) settings.
-
-    trainable: top-level module names to train (empty: all). The others get
-    zero updates, as in nicMSlesions' fine-tuning of only the last layers.
-    """
-    adadelta = optax.adadelta(learning_rate=train_config.learning_rate, rho=train_config.rho, eps=train_config.epsilon)
-    if not trainable:
-        return adadelta
-
-    def labels(params):
-        return {name: jax.tree.map(lambda _, n=name: "train" if n in trainable else "frozen", subtree)
-                for name, subtree in params.items()}
-
-    return optax.multi_transform({"train": adadelta, "frozen": optax.set_to_zero()}, labels)
-
-
-def split_model(model: nnx.Module):
-    """(graphdef, variables) with variables = {'params': ..., 'batch_stats': ...} as pure dicts."""
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    return graphdef, {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(batch_stats)}
 
 
 def create_train_state(variables: dict, tx: optax.GradientTransformation) -> TrainState:
@@ -60,6 +41,7 @@ def create_train_state(variables: dict, tx: optax.GradientTransformation) -> Tra
         params=variables["params"],
         batch_stats=variables["batch_stats"],
         opt_state=tx.init(variables["params"]),
+        tx=tx,
     )
 
 
@@ -99,12 +81,17 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, augmentation: str, trainable: tuple[str, ...] = ()):
+# One compilation per network and settings, shared by both stages and by every
+# fit in a process (tests, experiment launchers).
+@functools.lru_cache(maxsize=None)
+def make_train_step(graphdef, augmentation: str, trainable: tuple[str, ...] = (),
+                    per_sample_loss: Callable = cross_entropy):
     """A jitted `train_step(state, batch, rng) -> (state, measurements)`.
 
     batch = {'patches': (B, p, p, p, C) float32, 'labels': (B,) int32}. The rng
     is the run's key: the step's own key is fold_in(rng, state.step), so no
     key is threaded through the loop and a resumed run draws the same keys.
+    `per_sample_loss(logits, labels)` gives the losses that are averaged over the batch.
     With `trainable` set, frozen modules also keep their BatchNorm statistics.
     """
 
@@ -116,13 +103,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, augmentation: st
             model = nnx.merge(graphdef, params, state.batch_stats)
             logits = model(patches, train=True, rngs=nnx.Rngs(dropout=dropout_rng))
             batch_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
-            return cross_entropy(logits, batch["labels"]).mean(), (logits, batch_stats)
+            return per_sample_loss(logits, batch["labels"]).mean(), (logits, batch_stats)
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         if trainable:
             batch_stats = {name: stats if name in trainable else state.batch_stats[name]
                            for name, stats in batch_stats.items()}
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         measurements = {
             "loss": loss,
@@ -136,6 +123,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, augmentation: st
     return jax.jit(train_step, donate_argnums=0)
 
 
+@functools.lru_cache(maxsize=None)
 def make_eval_step(graphdef):
     """A jitted `eval_step(variables, batch) -> sums` with batch['weights'] masking padded rows.
 
@@ -154,9 +142,3 @@ def make_eval_step(graphdef):
         }
 
     return jax.jit(eval_step)
-
-
-def lesion_probability(graphdef, variables: dict, patches: jax.Array) -> jax.Array:
-    """(B,) lesion probability of (B, p, p, p, C) patches, in inference mode."""
-    model = nnx.merge(graphdef, variables["params"], variables["batch_stats"])
-    return jax.nn.softmax(model(patches, train=False), axis=-1)[:, 1]

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxcascade import cli, io
+from jaxcascade import cli, nifti, outputs
 from jaxcascade.errors import UserError
 from conftest import held_out_inputs
 
@@ -36,10 +36,10 @@ def test_save_like_round_trips_affine_and_header(tmp_path, orientation, codes):
     source = tmp_path / "in.nii.gz"
     nib.save(image, source)
 
-    loaded = io.load_image(source)
+    loaded = nifti.load_image(source)
     mask = loaded.data > 0.5
     out = tmp_path / "out.nii.gz"
-    io.save_like(mask, loaded, out)
+    nifti.save_like(mask, loaded, out)
     written = nib.load(out)
     np.testing.assert_allclose(written.affine, nib.load(source).affine, atol=1e-6)
     assert int(written.header["qform_code"]) == qform_code
@@ -66,25 +66,25 @@ def test_every_storage_order_of_one_anatomy_reaches_the_network_the_same_way_rou
     loaded = {}
     for name, (data, affine) in stored.items():
         nib.save(nib.Nifti1Image(np.ascontiguousarray(data), affine), tmp_path / f"{name}.nii.gz")
-        loaded[name] = io.load_image(tmp_path / f"{name}.nii.gz")
+        loaded[name] = nifti.load_image(tmp_path / f"{name}.nii.gz")
         assert "".join(nib.aff2axcodes(loaded[name].affine)) == name
         np.testing.assert_array_equal(loaded[name].data, ras_data)
-        native = io.load_image(tmp_path / f"{name}.nii.gz", orientation=io.NATIVE)
+        native = nifti.load_image(tmp_path / f"{name}.nii.gz", orientation=nifti.NATIVE)
         np.testing.assert_array_equal(native.data, data)
-        io.save_like(loaded[name].data, loaded[name], tmp_path / f"{name}_out.nii.gz", dtype=np.float32)
+        nifti.save_like(loaded[name].data, loaded[name], tmp_path / f"{name}_out.nii.gz", dtype=np.float32)
         np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / f"{name}_out.nii.gz").dataobj), data)
     for bad in ("RRS", "XYZ", "RA"):
         with pytest.raises(UserError, match="expected 'native' or axis codes"):
-            io.check_orientation(bad)
+            nifti.check_orientation(bad)
 
 
 def test_scaled_input_does_not_rescale_the_output(tmp_path):
     image = nib.Nifti1Image(np.arange(60, dtype=np.int16).reshape(3, 4, 5), np.eye(4))
     image.header.set_slope_inter(2.0, 10.0)
     nib.save(image, tmp_path / "in.nii.gz")
-    loaded = io.load_image(tmp_path / "in.nii.gz")
+    loaded = nifti.load_image(tmp_path / "in.nii.gz")
     assert loaded.data.max() == 59 * 2 + 10
-    io.save_like(np.ones((3, 4, 5)), loaded, tmp_path / "out.nii.gz")
+    nifti.save_like(np.ones((3, 4, 5)), loaded, tmp_path / "out.nii.gz")
     assert np.asarray(nib.load(tmp_path / "out.nii.gz").dataobj).max() == 1
 
 
@@ -117,7 +117,7 @@ def test_segmentation_keeps_an_lps_input_grid(trained_model, cohort, tmp_path):
 def test_atomic_outputs_get_the_usual_permissions(tmp_path):
     previous = os.umask(0o022)
     try:
-        with io.atomic_path(tmp_path / "out.json") as tmp:
+        with outputs.atomic_path(tmp_path / "out.json") as tmp:
             tmp.write_text("{}")
     finally:
         os.umask(previous)
@@ -128,7 +128,7 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "result.json"
     target.write_text("old")
     with pytest.raises(RuntimeError):
-        with io.atomic_path(target) as tmp:
+        with outputs.atomic_path(target) as tmp:
             tmp.write_text("half")
             raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
@@ -143,10 +143,10 @@ def test_qform_sform_disagreement_is_refused(tmp_path):
     image.set_sform(shifted, code=1)
     nib.save(image, tmp_path / "x.nii.gz")
     with pytest.raises(UserError, match="qform and sform disagree"):
-        io.load_image(tmp_path / "x.nii.gz")
+        nifti.load_image(tmp_path / "x.nii.gz")
 
 
 def test_constant_image_is_refused(tmp_path):
     nib.save(nib.Nifti1Image(np.full((4, 4, 4), 3.0, np.float32), np.eye(4)), tmp_path / "c.nii.gz")
     with pytest.raises(UserError, match="constant"):
-        io.load_image(tmp_path / "c.nii.gz")
+        nifti.load_image(tmp_path / "c.nii.gz")

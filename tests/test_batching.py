@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxcascade import config as config_lib, shards
+from jaxcascade import batching, config as config_lib
 from jaxcascade.errors import UserError
 
 from test_errors import assert_user_error
@@ -14,7 +14,7 @@ def _labels(positives, negatives):
 
 
 def _schedule(shard_rows, labels, num_shards, batch_size=8, validation_batch_size=6, fraction=0.25, seed=0):
-    return shards.schedule(shard_rows, labels, num_shards=num_shards, seed=seed, stage=1,
+    return batching.schedule(shard_rows, labels, num_shards=num_shards, seed=seed, stage=1,
                            validation_fraction=fraction, batch_size=batch_size,
                            validation_batch_size=validation_batch_size)
 
@@ -69,13 +69,13 @@ def test_a_shard_without_lesions_and_bad_shard_settings_are_clear_errors():
                                         r"use a multiple of 3 \(e.g. 6 or 9\)"):
         _schedule({0: np.arange(4), 1: np.arange(4, 8), 2: np.arange(8, 8)}, labels, 3, validation_batch_size=6)
     config = config_lib.load_config("default")
-    assert shards.shard_count(config) == 1
+    assert batching.shard_count(config) == 1
     config.distributed.data_shards = 3
-    assert shards.shard_count(config) == 3 and list(shards.owned(3)) == [0, 1, 2]
+    assert batching.shard_count(config) == 3 and list(batching.owned(3)) == [0, 1, 2]
     config.distributed.data_shards = -1
     with pytest.raises(UserError, match="data_shards=-1 must be a positive multiple of the 1 processes"):
-        shards.shard_count(config)
-    assert [shards.subject_shard(i, 3) for i in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+        batching.shard_count(config)
+    assert [batching.subject_shard(i, 3) for i in range(7)] == [0, 1, 2, 0, 1, 2, 0]
 
 
 def test_training_with_more_shards_than_subjects_or_a_lesion_free_shard(cohort, tmp_path, capsys):

@@ -1,0 +1,93 @@
+"""Layers the networks share, and the receptive-field arithmetic of a layer stack.
+
+`Conv3D` routes its arithmetic through `convs.conv3d` (GEMM formulations on
+CPU, `lax.conv` elsewhere); `max_pool_2x2x2` is the training pool and
+`dense_max_pool` its stride-1 ("a trous") form for dense inference; `PReLU`
+is Keras' with a slope per element. A network that describes its layers as a
+sequence of `Window`s gets its dense halo and per-layer dilations from
+`receptive_halo` and `dilations`, instead of summing them by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxcascade import convs
+
+# Lasagne's and Keras' default kernel initialiser, which the seed code and nicMSlesions used.
+glorot = jax.nn.initializers.glorot_uniform()
+
+
+class Conv3D(nnx.Module):
+    """A k^3 convolution whose arithmetic goes through `convs.conv3d`."""
+
+    def __init__(self, in_features, out_features, *, kernel_size=3, padding="VALID", implementation="auto", rngs):
+        shape = (kernel_size,) * 3 + (in_features, out_features)
+        self.kernel = nnx.Param(glorot(rngs.params(), shape, jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
+        self.padding = padding
+        self.implementation = implementation
+
+    def __call__(self, x, *, dilation: int = 1):
+        y = convs.conv3d(x, self.kernel[...], padding=self.padding, dilation=dilation,
+                         implementation=self.implementation)
+        return y + self.bias[...]
+
+
+class PReLU(nnx.Module):
+    """max(0, x) + alpha * min(0, x) with alpha of any broadcastable shape (Keras' PReLU, zero-initialised)."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.alpha = nnx.Param(jnp.zeros(shape, jnp.float32))
+
+    def __call__(self, x):
+        return jnp.maximum(x, 0) + self.alpha[...] * jnp.minimum(x, 0)
+
+
+def max_pool_2x2x2(x):
+    """A 2^3 max-pool with stride 2 over (B, D, H, W, C), odd trailing planes dropped (Lasagne's ignore_border).
+
+    Written as crop + reshape + max rather than `reduce_window`: the same
+    forward values, but its gradient is an elementwise mask, whereas
+    reduce_window's select-and-scatter gradient is several times slower on
+    XLA:CPU (benchmarks/train_step.py). Gradients differ only for tied maxima,
+    which after a ReLU are zeros whose gradient the ReLU drops anyway.
+    """
+    batch, depth, height, width, channels = x.shape
+    x = x[:, : depth // 2 * 2, : height // 2 * 2, : width // 2 * 2]
+    x = x.reshape(batch, depth // 2, 2, height // 2, 2, width // 2, 2, channels)
+    return x.max(axis=(2, 4, 6))
+
+
+def dense_max_pool(x, dilation: int):
+    """A 2^3 max-pool evaluated at every position (stride 1), taps `dilation` apart."""
+    return jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, 2, 2, 2, 1), (1, 1, 1, 1, 1), "VALID",
+        window_dilation=(1, dilation, dilation, dilation, 1),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """One spatial layer of a patch network: `size` taps per axis, moving by `stride`."""
+
+    size: int
+    stride: int = 1
+
+
+def dilations(windows: tuple[Window, ...]) -> tuple[int, ...]:
+    """Tap spacing of each layer when the stack runs densely: the product of the strides before it."""
+    spacing, out = 1, []
+    for window in windows:
+        out.append(spacing)
+        spacing *= window.stride
+    return tuple(out)
+
+
+def receptive_halo(windows: tuple[Window, ...]) -> int:
+    """Receptive field - 1: the extra input voxels per axis a dense block of outputs needs."""
+    return sum((window.size - 1) * spacing for window, spacing in zip(windows, dilations(windows)))
