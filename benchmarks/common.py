@@ -14,15 +14,37 @@ from typing import Callable
 
 
 def time_call(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -> dict:
-    """Median wall time of fn() after warm-up calls (fn must block until its result is ready)."""
+    """Median (min, max) wall time of fn() after warm-up calls (fn must block until its result is ready).
+
+    Beside the time, each call's minor page faults and system CPU time (medians):
+    a run hit by the allocator (XLA:CPU temporaries faulted in afresh every call,
+    see jaxcascade/runtime.py) shows thousands of faults and tens of ms of system
+    time per call, so such a row is visible in the table.
+    """
     for _ in range(warmup):
         fn()
-    times = []
+    times, faults, system = [], [], []
     for _ in range(repeats):
+        before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         fn()
         times.append(time.perf_counter() - started)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        faults.append(after.ru_minflt - before.ru_minflt)
+        system.append(after.ru_stime - before.ru_stime)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats,
+            "minor_faults": statistics.median(faults), "system_s": statistics.median(system)}
+
+
+def measure_once(fn: Callable[[], object]) -> tuple[object, dict]:
+    """fn()'s result and its wall time, minor page faults and system CPU time (one long call)."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return result, {"s": seconds, "minor_faults": after.ru_minflt - before.ru_minflt,
+                    "system_s": after.ru_stime - before.ru_stime}
 
 
 def peak_rss_mb() -> float:
@@ -30,13 +52,27 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     import jax
+
+    import jaxcascade
 
     info = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "cpu_model": cpu_model(),
         "cpus": os.cpu_count(),
+        "jaxcascade_runtime": dict(jaxcascade.runtime.STATUS),
         "jax": jax.__version__,
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],

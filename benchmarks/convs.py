@@ -1,4 +1,4 @@
-"""GFLOP/s of each 3D convolution formulation against a matmul of equal FLOPs.
+"""GFLOP/s of each 3D convolution formulation, and its fraction of a matmul of equal FLOPs (the ceiling).
 
 Run:
     python -m benchmarks.convs            # prints a table, writes benchmarks/results/convs.json
@@ -64,13 +64,17 @@ def main(argv=None):
                     lambda: torch.nn.functional.conv3d(tx, tk, dilation=dilation), repeats=args.repeats)
         except ImportError:
             pass
+        ceiling = results["jax matmul (same FLOPs)"]["median_s"]
         for formulation, timing in results.items():
             rows.append({"case": name, "formulation": formulation, "GFLOP/s": flops / timing["median_s"] / 1e9,
-                         "median ms": timing["median_s"] * 1e3})
+                         "of GEMM ceiling": ceiling / timing["median_s"], "median ms": timing["median_s"] * 1e3,
+                         "min ms": timing["min_s"] * 1e3, "max ms": timing["max_s"] * 1e3,
+                         "faults/call": timing["minor_faults"], "sys ms/call": timing["system_s"] * 1e3})
         print(f"{name}: " + ", ".join(f"{f} {flops / t['median_s'] / 1e9:.1f}" for f, t in results.items()),
               flush=True)
     print()
-    print(markdown_table(rows, ["case", "formulation", "GFLOP/s", "median ms"]))
+    print(markdown_table(rows, ["case", "formulation", "GFLOP/s", "of GEMM ceiling", "median ms", "min ms", "max ms",
+                                "faults/call", "sys ms/call"]))
     path = write_results("convs", {"rows": rows}, args.out)
     print(f"\nwrote {path}")
 

@@ -107,7 +107,8 @@ def scaling_rows(network: str, batch: int, repeats: int, device_counts: list[int
             timing = json.loads(outputs[0][0].strip().splitlines()[-1])  # process 0's clock
             rows.append({"network": network, "implementation": "jax (auto)", "processes": processes,
                          "devices": devices * processes, "batch": batch, "step_ms": timing["median_s"] * 1e3,
-                         "patches_per_s": batch / timing["median_s"]})
+                         "min_ms": timing["min_s"] * 1e3, "max_ms": timing["max_s"] * 1e3,
+                         "patches_per_s": batch / timing["median_s"], "faults_per_step": timing["minor_faults"]})
     for row in rows:
         row["scaling_efficiency"] = row["patches_per_s"] / (row["devices"] * rows[0]["patches_per_s"])
     return rows
@@ -133,8 +134,8 @@ def main(argv=None):
         for network in args.networks.split(","):
             rows += scaling_rows(network, args.batch, args.repeats, [int(n) for n in args.devices.split(",")],
                                  [int(n) for n in args.processes.split(",")])
-        print(markdown_table(rows, ["network", "implementation", "processes", "devices", "batch", "step_ms",
-                                    "patches_per_s", "scaling_efficiency"]))
+        print(markdown_table(rows, ["network", "implementation", "processes", "devices", "batch", "step_ms", "min_ms",
+                                    "max_ms", "patches_per_s", "faults_per_step", "scaling_efficiency"]))
         print(f"\nwrote {write_results('train_step_devices', {'rows': rows}, args.out)}")
         return
     for network in args.networks.split(","):
@@ -147,14 +148,16 @@ def main(argv=None):
         reference = timings.get("torch")
         for name, timing in timings.items():
             row = {"network": network, "implementation": name, "batch": args.batch,
-                   "step_ms": timing["median_s"] * 1e3, "patches_per_s": args.batch / timing["median_s"]}
+                   "step_ms": timing["median_s"] * 1e3, "min_ms": timing["min_s"] * 1e3,
+                   "max_ms": timing["max_s"] * 1e3, "patches_per_s": args.batch / timing["median_s"],
+                   "faults_per_step": timing["minor_faults"], "sys_ms_per_step": timing["system_s"] * 1e3}
             if reference:
                 row["speedup_vs_torch"] = reference["median_s"] / timing["median_s"]
             rows.append(row)
             print(f"{network} {name}: {row['patches_per_s']:.0f} patches/s", flush=True)
     print()
-    print(markdown_table(rows, ["network", "implementation", "batch", "step_ms", "patches_per_s",
-                                "speedup_vs_torch"]))
+    print(markdown_table(rows, ["network", "implementation", "batch", "step_ms", "min_ms", "max_ms", "patches_per_s",
+                                "faults_per_step", "sys_ms_per_step", "speedup_vs_torch"]))
     print(f"\nwrote {write_results('train_step', {'rows': rows}, args.out)}")
 
 

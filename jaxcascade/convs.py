@@ -7,10 +7,16 @@ along channels turns into large GEMMs, which XLA:CPU runs several times
 faster: 'im2col' puts all k^3 taps side by side (one GEMM; best while the
 buffer is small), 'slices' only the k^2 in-plane taps (one GEMM per depth tap;
 9x less buffer for large volumes). All are the same cross-correlation;
-`tests/test_models.py` checks them against lax.conv.
+`tests/test_models.py` checks them against lax.conv. 'auto' picks per
+platform when the computation is lowered (`lax.platform_dependent`): the
+GEMM formulation for the shape on CPU, `lax.conv` everywhere else, so a step
+traced on a CPU machine and exported or compiled for a GPU or TPU gets real
+convolutions (`tests/test_export.py`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +31,7 @@ IM2COL_MAX_BYTES = 48 * 2**20
 
 
 def default_implementation(x_shape, kernel_shape, dilation: int = 1) -> str:
-    """'lax' off CPU (cuDNN/TPU convolutions); on CPU the GEMM formulation that suits the shape."""
-    if jax.default_backend() != "cpu":
-        return "lax"
+    """The formulation 'auto' uses on CPU for these shapes (off CPU it is always 'lax': cuDNN, TPU)."""
     kernel_size, _, _, in_channels, _ = kernel_shape
     span = (kernel_size - 1) * dilation
     out_side = min(x_shape[1:4]) - span
@@ -75,19 +79,24 @@ def conv3d(
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown convolution implementation {implementation!r}; use one of {IMPLEMENTATIONS}")
     if implementation == "auto":
-        implementation = default_implementation(x.shape, kernel.shape, dilation)
-    if implementation == "lax":
-        return lax.conv_general_dilated(
-            x,
-            kernel,
-            window_strides=(1, 1, 1),
-            padding="VALID",
-            rhs_dilation=(dilation,) * 3,
-            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
-        )
-    if implementation == "im2col":
-        return _conv3d_im2col(x, kernel, dilation)
-    return _conv3d_slices(x, kernel, dilation)
+        # Chosen when the computation is lowered for a platform, not when it is
+        # traced: an exported or cross-compiled step gets cuDNN/TPU convolutions
+        # even when traced on a CPU machine.
+        on_cpu = _FORMULATIONS[default_implementation(x.shape, kernel.shape, dilation)]
+        return lax.platform_dependent(x, kernel, cpu=functools.partial(on_cpu, dilation=dilation),
+                                      default=functools.partial(_conv3d_lax, dilation=dilation))
+    return _FORMULATIONS[implementation](x, kernel, dilation)
+
+
+def _conv3d_lax(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(1, 1, 1),
+        padding="VALID",
+        rhs_dilation=(dilation,) * 3,
+        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+    )
 
 
 def _conv3d_im2col(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
@@ -128,3 +137,6 @@ def _conv3d_slices(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
         term = jnp.einsum("ndhwk,ko->ndhwo", depth_slice, tap_kernel)
         out = term if out is None else out + term
     return out
+
+
+_FORMULATIONS = {"lax": _conv3d_lax, "im2col": _conv3d_im2col, "slices": _conv3d_slices}

@@ -3,8 +3,8 @@
 Run:
     jaxcascade demo                                  # phantom cohort, train, segment, evaluate
     jaxcascade train --data DIR --workdir WD --config jaxcascade/configs/demo.py
-Expected: `jaxcascade demo` finishes in about 115 s on a 2-core CPU with a
-held-out DSC of about 0.95 (measured; see the README).
+Expected: `jaxcascade demo` finishes in 90-115 s on a 2-core CPU with a
+held-out DSC of 0.93-0.95 depending on the CPU model (measured; see the README).
 """
 
 from jaxcascade.configs import default

@@ -1,0 +1,182 @@
+"""Every benchmark, each in its own process, and the README's benchmark tables rewritten from their results.
+
+Run from the repository root (after `pip install -e ".[bench,interop]"`):
+    python -m benchmarks.run_all                        # about 30 minutes on a 2-core CPU
+    python -m benchmarks.run_all --only convs,train_step  # some steps; the other tables stay as they are
+Steps: `demo` (trains the model the inference benchmark uses, resuming if present; skipped with --model),
+`convs`, `train_step`, `scaling` (train step over forced host devices and local processes), `inference`
+(whole 1 mm brain), `startup` (a whole `segment` command, with and without the compilation cache),
+`nicms` (needs ../shared/interop). Each benchmark warms up, repeats (>= 3) and reports
+medians with min-max, page faults and system time; its JSON goes to --out. The README's text between
+`<!-- bench:NAME -->` and `<!-- /bench:NAME -->` is replaced by the table, under a line naming the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import cpu_model
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = ("demo", "convs", "train_step", "scaling", "inference", "startup", "nicms")
+
+
+def _command(step: str, args) -> list[str] | None:
+    python, out = [sys.executable, "-m"], ["--out", str(args.out)]
+    model = args.model or str(args.out / "demo" / "model")
+    return {
+        "demo": None if args.model else [sys.executable, "-m", "jaxcascade.cli", "demo", "--workdir",
+                                         str(args.out / "demo")],
+        "convs": python + ["benchmarks.convs", *out],
+        "train_step": python + ["benchmarks.train_step", *out],
+        "scaling": python + ["benchmarks.train_step", "--networks", "valverde2017_valid", "--devices", "1,2,4",
+                             "--processes", "1,2", *out],
+        "inference": python + ["benchmarks.inference", "--model", model, "--repeats", str(args.repeats), *out],
+        "startup": python + ["benchmarks.startup", "--model", model, "--subject",
+                             str(args.out / "demo" / "cohort" / "held_out" / "sub-06"), *out],
+        "nicms": python + ["benchmarks.nicms_inference", *out],
+    }[step]
+
+
+def _number(value, digits: int = 3) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None or value != value:
+        return "-"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
+
+
+def _span(row: dict, median: str, low: str, high: str, scale: float = 1.0) -> str:
+    return f"{_number(row[median] * scale)} ({_number(row[low] * scale)}-{_number(row[high] * scale)})"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(_number(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_inference(payload: dict) -> str:
+    rows = []
+    for r in payload["rows"]:
+        rows.append([r["method"], _span(r, "stage1_s", "stage1_min_s", "stage1_max_s"), r["patches_per_s"],
+                     r.get("cascade_s"), r["peak_rss_mb"], r.get("stage1_speedup_vs_torch"),
+                     r.get("stage1_speedup_vs_torch_SAME"), r.get("max_abs_diff_vs_torch"),
+                     r["stage1_minor_faults"], r["stage1_system_s"]])
+    return _table(["method", "stage 1 (s), median (min-max)", "voxels/s", "cascade (s)", "peak RSS (MB)",
+                   "stage 1 vs torch", "vs torch SAME", "max abs diff vs torch", "page faults / run",
+                   "system (s) / run"], rows)
+
+
+def render_train_step(payload: dict) -> str:
+    rows = [[r["network"], r["implementation"], _span(r, "step_ms", "min_ms", "max_ms"), r["patches_per_s"],
+             r.get("speedup_vs_torch"), r["faults_per_step"], r["sys_ms_per_step"]] for r in payload["rows"]]
+    return _table(["network", "implementation", "step (ms), median (min-max)", "patches/s", "vs torch",
+                   "page faults / step", "system ms / step"], rows)
+
+
+def render_scaling(payload: dict) -> str:
+    rows = [[r["processes"], r["devices"], _span(r, "step_ms", "min_ms", "max_ms"), r["patches_per_s"],
+             r["scaling_efficiency"], r["faults_per_step"]] for r in payload["rows"]]
+    return _table(["processes", "devices in all", "step (ms), median (min-max)", "patches/s", "scaling efficiency",
+                   "page faults / step"], rows)
+
+
+def render_convs(payload: dict) -> str:
+    rows = [[r["case"], r["formulation"], r["GFLOP/s"], r["of GEMM ceiling"],
+             f"{_number(r['median ms'])} ({_number(r['min ms'])}-{_number(r['max ms'])})", r["faults/call"]]
+            for r in payload["rows"]]
+    return _table(["case", "formulation", "GFLOP/s", "of GEMM ceiling", "ms, median (min-max)", "page faults / call"],
+                  rows)
+
+
+def render_nicms(payload: dict) -> str:
+    rows = [[r["method"], r["voxels"], r["seconds"], r["patches_per_s"], r["speedup_vs_torch"]] for r in payload["rows"]]
+    table = _table(["method", "voxels", "seconds", "patches/s", "vs torch"], rows)
+    return table + f"\n\nBrain candidates {payload['brain_candidates']:,}; max |jax - torch| {payload['max_abs_diff']:.1e}."
+
+
+def render_startup(payload: dict) -> str:
+    rows = [[r["run"], r["calls"], _span(r, "median_s", "min_s", "max_s"), r["speedup_vs_no_cache"]]
+            for r in payload["rows"]]
+    return _table(["`jaxcascade segment`", "calls", "seconds, median (min-max)", "vs no cache"], rows)
+
+
+RENDER = {"inference": ("inference", render_inference), "train_step": ("train_step", render_train_step),
+          "scaling": ("train_step_devices", render_scaling), "convs": ("convs", render_convs),
+          "nicms": ("nicms_inference", render_nicms),
+          "startup": ("startup", render_startup)}
+
+
+def machine_line(payload: dict) -> str:
+    info = payload["machine"]
+    torch = f", PyTorch {info['torch']} ({info.get('torch_threads')} threads)" if info.get("torch") else ""
+    runtime = info.get("jaxcascade_runtime", {})
+    return (f"*{info.get('cpu_model', '?')}, {info['cpus']} cores, JAX {info['jax']} ({info['jax_backend']}){torch}; "
+            f"malloc settings {runtime.get('malloc', '?')}.*")
+
+
+def rewrite_readme(readme: Path, out: Path, steps) -> list[str]:
+    """Replace each finished step's marked block; returns the names rewritten."""
+    text, done = readme.read_text(), []
+    for step in steps:
+        if step not in RENDER:
+            continue
+        result, render = RENDER[step]
+        path = out / f"{result}.json"
+        start, end = f"<!-- bench:{step} -->", f"<!-- /bench:{step} -->"
+        if not path.exists() or start not in text:
+            continue
+        payload = json.loads(path.read_text())
+        block = f"{start}\n{machine_line(payload)}\n\n{render(payload)}\n{end}"
+        before, rest = text.split(start, 1)
+        text = before + block + rest.split(end, 1)[1]
+        done.append(step)
+    temporary = readme.with_suffix(".md.tmp")
+    temporary.write_text(text)
+    temporary.replace(readme)
+    return done
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(STEPS), help=f"comma list of {', '.join(STEPS)}")
+    parser.add_argument("--model", help="a trained model dir for the inference benchmark (default: train the demo)")
+    parser.add_argument("--repeats", type=int, default=3, help="inference repetitions per method")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--readme", type=Path, default=REPO / "README.md")
+    parser.add_argument("--no-readme", action="store_true", help="leave README.md alone")
+    args = parser.parse_args(argv)
+    steps = [step.strip() for step in args.only.split(",") if step.strip()]
+    unknown = [step for step in steps if step not in STEPS]
+    if unknown:
+        parser.error(f"unknown steps {', '.join(unknown)}; use some of {', '.join(STEPS)}")
+    if "nicms" in steps and not (REPO.parent / "shared" / "interop" / "nicmslesions_baseline_2ch").is_dir():
+        print("nicms: skipped (../shared/interop/nicmslesions_baseline_2ch not found)")
+        steps.remove("nicms")
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"{cpu_model()}: running {', '.join(steps)}", flush=True)
+    for step in steps:
+        command = _command(step, args)
+        if command is None:
+            continue
+        started = time.perf_counter()
+        finished = subprocess.run(command, cwd=REPO, check=False)
+        if finished.returncode:
+            print(f"{step}: failed with status {finished.returncode}: {' '.join(command)}", file=sys.stderr)
+            return 1
+        print(f"{step}: {time.perf_counter() - started:.0f} s", flush=True)
+    if not args.no_readme:
+        print(f"rewrote the README tables: {', '.join(rewrite_readme(args.readme, args.out, steps)) or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

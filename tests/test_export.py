@@ -1,0 +1,58 @@
+"""The accelerator paths, checked on a CPU machine: the train step and both inference kernels export for
+CUDA and TPU (jax.export lowers without the hardware) with real convolutions, not the CPU GEMM formulations."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxcascade import dense, inference, models, optimizer, train_steps
+from jaxcascade.configs import default
+
+
+@pytest.fixture(scope="module")
+def network():
+    config = default.get_config()
+    graphdef, variables = models.split_model(models.build_network(config.model, 2, 0))
+    return config, graphdef, variables
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), tree)
+
+
+def _exported_ops(function, args, platforms) -> dict:
+    text = jax.export.export(function, platforms=platforms)(*args).mlir_module()
+    return {op: text.count(f"stablehlo.{op}") for op in ("convolution", "dot_general")}
+
+
+def _train_step_args(config, graphdef, variables):
+    tx = optimizer.make_optimizer(optimizer.OptimizerSettings.from_config(config.train))
+    state = train_steps.create_train_state(variables, tx)
+    batch = {"patches": jax.ShapeDtypeStruct((128, 11, 11, 11, 2), np.float32),
+             "labels": jax.ShapeDtypeStruct((128,), np.int32)}
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    return train_steps.make_train_step(graphdef, config.train.augmentation), (_abstract(state), batch, key)
+
+
+def test_train_step_exports_with_convolutions_for_accelerators_and_gemms_for_cpu(network):
+    step, args = _train_step_args(*network)
+    for platform in ("cuda", "tpu"):
+        ops = _exported_ops(step, args, (platform,))
+        # Forward, and the gradients for the input and the kernel, of both conv layers.
+        assert ops["convolution"] >= 4, (platform, ops)
+    cpu = _exported_ops(step, args, ("cpu",))
+    assert cpu["convolution"] == 0 and cpu["dot_general"] > 4, cpu
+
+
+def test_inference_kernels_export_for_cuda_and_tpu_in_one_module(network):
+    _, graphdef, variables = network
+    tiles = dense.make_tile_predictor(graphdef, 12, 9)
+    tile_args = (_abstract(variables), jax.ShapeDtypeStruct((60, 60, 60, 2), np.float32),
+                 jax.ShapeDtypeStruct((16, 3), np.int32))
+    patches = inference.make_centre_predictor(graphdef, 11)
+    patch_args = (_abstract(variables), jax.ShapeDtypeStruct((60, 60, 60, 2), np.float32),
+                  jax.ShapeDtypeStruct((256, 3), np.int32))
+    for function, args, convolutions in ((tiles, tile_args, 3), (patches, patch_args, 2)):
+        ops = _exported_ops(function, args, ("cuda", "tpu"))
+        assert ops["convolution"] >= 2 * convolutions, ops  # each platform's branch has its own
+        assert _exported_ops(function, args, ("cpu",))["convolution"] == 0

@@ -1,0 +1,82 @@
+"""Process-wide settings made at import (runtime.py), each checked in a fresh process.
+
+The malloc settings must stop XLA:CPU's large temporaries from being
+page-faulted afresh on every call; the control (opt-out) shows the faults the
+test would otherwise see. The compilation cache must be reused by a second
+process.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# A jitted convolution whose GEMM formulation needs a ~50 MB temporary per call
+# (the dense kernel's conv2 on one 34^3 block); minor page faults of each call.
+FAULTS_PER_CALL = """
+import json, resource, statistics
+import jaxcascade
+import jax, jax.numpy as jnp, numpy as np
+from jaxcascade import convs
+x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 34, 34, 34, 32)).astype(np.float32))
+k = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 3, 32, 64)).astype(np.float32))
+f = jax.jit(lambda x, k: convs.conv3d(x, k, implementation="slices").sum())
+f(x, k).block_until_ready()
+faults = []
+for _ in range(12):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    f(x, k).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"malloc": jaxcascade.runtime.STATUS["malloc"], "median_faults": statistics.median(faults)}))
+"""
+
+
+def _run(code, **env):
+    environment = {**os.environ, "JAXCASCADE_COMPILATION_CACHE": "0", **env}
+    environment.pop("GLIBC_TUNABLES", None)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, check=False)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_large_temporaries_do_not_page_fault_on_every_call():
+    fixed = json.loads(_run(FAULTS_PER_CALL).stdout)
+    control = json.loads(_run(FAULTS_PER_CALL, JAXCASCADE_MALLOC="0").stdout)
+    assert fixed["malloc"] == "applied" and control["malloc"] == "disabled"
+    # A 50 MB buffer faulted in afresh is ~12,000 pages; reused, none (the
+    # median ignores the odd call during which the heap still grows).
+    assert control["median_faults"] > 5_000, control
+    assert fixed["median_faults"] < 100, fixed
+
+
+def test_settings_made_after_the_backend_started_warn_in_one_line():
+    result = _run("import jax; jax.devices(); import jaxcascade; print(jaxcascade.runtime.STATUS['malloc'])")
+    assert result.returncode == 0 and result.stdout.strip() == "too late"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jaxcascade: warning:") and "GLIBC_TUNABLES" in lines[0]
+
+
+def test_a_second_process_reads_its_compilations_from_the_cache(tmp_path):
+    code = """
+import json
+import jaxcascade
+import jax, jax.numpy as jnp
+from jax import monitoring
+hits = []
+monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
+from jaxcascade import convs
+f = jax.jit(lambda x, k: convs.conv3d(x, k, implementation="im2col", dilation=2).sum())
+f(jnp.ones((2, 16, 16, 16, 8)), jnp.ones((3, 3, 3, 8, 16))).block_until_ready()
+print(json.dumps({"cache": jaxcascade.runtime.STATUS["compilation_cache"], "hits": len(hits)}))
+"""
+    folder = tmp_path / "xla"
+    every_compilation = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAXCASCADE_COMPILATION_CACHE": str(folder)}
+    first = _run(code, **every_compilation)
+    second = _run(code, **every_compilation)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout) == {"cache": str(folder), "hits": 0}
+    assert any(folder.iterdir())
+    assert json.loads(second.stdout)["hits"] >= 1, second.stderr
+    disabled = _run(code, JAXCASCADE_COMPILATION_CACHE="0")
+    assert json.loads(disabled.stdout) == {"cache": "disabled", "hits": 0}
