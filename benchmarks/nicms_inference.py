@@ -109,7 +109,7 @@ def main(argv=None):
 
     warm = np.zeros_like(mask)
     warm[tuple(np.argwhere(mask)[:512].T)] = True
-    options = InferenceOptions(method="patch", batch_size=256)
+    options = InferenceOptions(method="patch", batch_size=interop.network_config().inference.batch_size)
     classify(stage1, volume, warm, options)
     started = time.perf_counter()
     jax_probability = classify(stage1, volume, mask, options)

@@ -26,19 +26,23 @@ IMPLEMENTATIONS = ("auto", "lax", "slices", "im2col")
 
 # Below this many bytes the full im2col buffer (all k^3 taps side by side) is
 # cheap to build and its single GEMM beats three thinner ones; above it the
-# buffer's memory traffic costs more than it saves (benchmarks/convs.py).
-IM2COL_MAX_BYTES = 48 * 2**20
+# buffer's memory traffic costs more than it saves. Re-measured with the malloc
+# settings of runtime.py (Intel Xeon, 2 cores): the SAME network's conv2 on a
+# training batch (55 MB) is 15-20 % faster as im2col, the dense kernel's conv2
+# (152 MB per 16 tiles) 15 % faster as slices.
+IM2COL_MAX_BYTES = 128 * 2**20
 
 
 def default_implementation(x_shape, kernel_shape, dilation: int = 1) -> str:
-    """The formulation 'auto' uses on CPU for these shapes (off CPU it is always 'lax': cuDNN, TPU)."""
+    """The formulation 'auto' uses on CPU for these shapes (off CPU it is always 'lax': cuDNN, TPU).
+
+    XLA:CPU's own convolution (Eigen) never wins once the GEMM buffers stay
+    moderate: its gradients are 2-6x slower, and its one forward win
+    (nicMSlesions' 11^3 32-channel layer on 256-patch batches) turns into a
+    1.5x loss on 32-patch batches, which are faster overall (benchmarks/nicms_inference.py).
+    """
     kernel_size, _, _, in_channels, _ = kernel_shape
     span = (kernel_size - 1) * dilation
-    out_side = min(x_shape[1:4]) - span
-    # XLA:CPU's own convolution holds up only for undilated kernels over wide
-    # inputs on sizeable grids (nicMSlesions' 11^3 and 5^3 32/64-channel layers).
-    if dilation == 1 and in_channels >= 32 and out_side >= 5:
-        return "lax"
     out_voxels = x_shape[0] * max(0, x_shape[1] - span) * max(0, x_shape[2] - span) * max(0, x_shape[3] - span)
     im2col_bytes = out_voxels * kernel_size**3 * in_channels * 4
     return "im2col" if im2col_bytes <= IM2COL_MAX_BYTES else "slices"

@@ -71,8 +71,8 @@ def classify_dense(stage: Stage, volume: np.ndarray, mask: np.ndarray, options: 
     tiles_per_batch * (tile_size + halo)^3 times the widest layer (64
     channels, x9 or x27 for the taps of the CPU convolution). Small tiles
     waste more on halos but skip more empty space and stay in cache: 12^3
-    blocks, 16 per call, were fastest on a 2-core CPU for a 1 mm brain
-    (benchmarks/inference.py); accelerators prefer larger ones.
+    blocks, 8 per call, were fastest on a 2-core CPU (benchmarks/inference.py);
+    accelerators prefer larger ones.
     """
     if stage.dense_halo is None:
         raise ValueError("this stage's network has no exact dense form")

@@ -40,9 +40,9 @@ class InferenceOptions:
     connectivity: int = 6
     min_volume_ml: float = 0.0
     method: str = "auto"  # 'dense' where exact, else 'patch'
-    batch_size: int = 2048  # patches per call on the patch path
+    batch_size: int = 128  # patches per call on the patch path
     tile_size: int = 12  # output block edge on the dense path
-    tiles_per_batch: int = 16
+    tiles_per_batch: int = 8
 
     @classmethod
     def from_config(cls, config, **overrides) -> "InferenceOptions":

@@ -92,8 +92,12 @@ def test_auto_picks_by_buffer_size_on_cpu():
         pytest.skip("the GEMM formulations are chosen on CPU only")
     assert convs.default_implementation((128, 11, 11, 11, 2), (3, 3, 3, 2, 32)) == "im2col"
     assert convs.default_implementation((4, 40, 40, 40, 32), (3, 3, 3, 32, 64), dilation=2) == "slices"
-    assert convs.default_implementation((128, 13, 13, 13, 32), (3, 3, 3, 32, 32)) == "lax"
+    # nicMSlesions' 11^3 32-channel layer: the full tap buffer for few patches, the 9-tap one for more.
+    assert convs.default_implementation((16, 13, 13, 13, 32), (3, 3, 3, 32, 32)) == "im2col"
+    assert convs.default_implementation((128, 13, 13, 13, 32), (3, 3, 3, 32, 32)) == "slices"
     assert convs.default_implementation((128, 4, 4, 4, 32), (3, 3, 3, 32, 64)) == "im2col"
+    # The SAME network's padded conv2 on a training batch: 5^3 outputs are too few for lax.conv.
+    assert convs.default_implementation((128, 7, 7, 7, 32), (3, 3, 3, 32, 64)) == "im2col"
 
 
 @pytest.mark.parametrize("shape", [(3, 9, 9, 9, 4), (2, 11, 10, 5, 3), (1, 2, 2, 2, 1)])

@@ -77,7 +77,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.inference.connectivity = 6
     config.inference.min_volume_ml = 0.0  # nicMSlesions' min_error; 0 disables
     config.inference.method = "auto"  # "dense" (exact, whole volume) where the network allows, else "patch"
-    config.inference.batch_size = 2048  # patches per call on the patch path
+    # Patches per call on the patch path, and dense blocks per call: small calls keep the convolutions'
+    # GEMM buffers in cache (2-core Intel Xeon: 128 patches 1.56x faster than 2048; 8 blocks 1.1x than 16).
+    config.inference.batch_size = 128
     config.inference.tile_size = 12  # dense path: output block edge; small blocks skip empty space (see README)
-    config.inference.tiles_per_batch = 16
+    config.inference.tiles_per_batch = 8
     return config
