@@ -2,9 +2,10 @@
 
 Run:
     pip install -e ".[bench]"
-    python -m benchmarks.inference [--model WD]       # ~10 minutes on a 2-core CPU
+    python -m benchmarks.inference [--model WD]       # ~12 minutes on a 2-core CPU
 Compares, on the same candidates with the same weights:
   jax dense   - jaxcascade's exact dense kernel (tiles with candidate voxels only)
+  jax dense bf16 - the same with bfloat16 products and float32 sums (config.compute_dtype)
   jax patch   - jaxcascade's vectorised patch path
   torch patch - PyTorch classifying each candidate's patch (the seed's method)
   torch SAME  - PyTorch running the seed's own SAME-padded network patch-wise (stage 1)
@@ -28,7 +29,7 @@ import numpy as np
 
 from benchmarks.common import markdown_table, measure_once, peak_rss_mb, write_results
 
-METHODS = ("jax dense", "jax patch", "torch patch", "torch SAME")
+METHODS = ("jax dense", "jax dense bf16", "jax patch", "torch patch", "torch SAME")
 
 
 def _stages(model_dir, network: str):
@@ -47,7 +48,8 @@ def _stages(model_dir, network: str):
 
 def run_one(method: str, model_dir, out_dir: Path, subject_seed: int, repeats: int = 3) -> dict:
     """Segment the phantom with one method (stage 1 `repeats` times); save probability maps; return timings."""
-    from jaxcascade import cascade, inference, phantom
+    from jaxcascade import cascade, inference, models, phantom
+    from jaxcascade.cascade import Stage
     from jaxcascade.normalisation import normalise_channels
 
     subject = phantom.make_subject(subject_seed, "full")
@@ -55,7 +57,10 @@ def run_one(method: str, model_dir, out_dir: Path, subject_seed: int, repeats: i
     candidates = cascade.candidate_mask(volume[..., 1], 0.5)
     network = "valverde2017" if method == "torch SAME" else "valverde2017_valid"
     config, stage1, stage2 = _stages(model_dir, network)
-    options = inference.InferenceOptions.from_config(config, method="dense" if method == "jax dense" else "patch")
+    options = inference.InferenceOptions.from_config(config, method="dense" if "dense" in method else "patch")
+    if method.endswith("bf16"):
+        stage1, stage2 = (Stage.from_network(models.build_network(config.model, 2, 0, "bfloat16"), s.variables)
+                          for s in (stage1, stage2))
 
     if method.startswith("jax"):
         def classify(stage, mask):

@@ -29,7 +29,7 @@ import numpy as np
 from benchmarks.common import markdown_table, time_call, write_results
 
 
-def jax_step(network: str, batch_size: int, implementation: str, repeats: int) -> dict:
+def jax_step(network: str, batch_size: int, implementation: str, repeats: int, compute_dtype: str = "float32") -> dict:
     import jax
 
     from jaxcascade import config as config_lib, distributed, models, optimizer, train_steps
@@ -38,7 +38,7 @@ def jax_step(network: str, batch_size: int, implementation: str, repeats: int) -
     distributed.initialize(config.distributed)  # joins when JAX_COORDINATOR_ADDRESS etc. are set
     config.model.network = network
     config.model.conv_implementation = implementation
-    graphdef, variables = models.split_model(models.build_network(config.model, 2, 0))
+    graphdef, variables = models.split_model(models.build_network(config.model, 2, 0, compute_dtype))
     tx = optimizer.make_optimizer(optimizer.OptimizerSettings.from_config(config.train))
     step = train_steps.make_train_step(graphdef, config.train.augmentation)
     rows = batch_size // jax.process_count()  # this process's share of the global batch
@@ -141,6 +141,7 @@ def main(argv=None):
     for network in args.networks.split(","):
         timings = {f"jax ({impl})": jax_step(network, args.batch, impl, args.repeats)
                    for impl in ("auto", "slices", "im2col", "lax")}
+        timings["jax (auto, bfloat16)"] = jax_step(network, args.batch, "auto", args.repeats, "bfloat16")
         try:
             timings["torch"] = torch_step(network, args.batch, args.repeats)
         except ImportError:

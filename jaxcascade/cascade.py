@@ -55,7 +55,7 @@ class Stage:
     def load(cls, model_dir, stage: int, config=None) -> "Stage":
         """Stage 1 or 2 of a model directory (its config is read unless given)."""
         config = config if config is not None else model_dir_lib.read_model_config(model_dir)
-        model = models.build_network(config.model, len(config.data.modalities), 0)
+        model = models.build_network(config.model, len(config.data.modalities), 0, config.compute_dtype)
         _, template = models.split_model(model)
         return cls.from_network(model, checkpoints.load_weights(model_dir, stage, template))
 
@@ -73,9 +73,11 @@ class Cascade:
         return tuple(self.config.data.modalities)
 
     @classmethod
-    def load(cls, model_dir) -> "Cascade":
-        """The cascade of a trained (or imported) model directory."""
+    def load(cls, model_dir, *, compute_dtype: str | None = None) -> "Cascade":
+        """The cascade of a trained (or imported) model directory, computing in compute_dtype if given."""
         config = model_dir_lib.read_model_config(model_dir)
+        if compute_dtype is not None:
+            config.compute_dtype = compute_dtype
         model_dir_lib.require_stages(model_dir, "is not trained yet; finish `jaxcascade train` first")
         return cls(config, Stage.load(model_dir, 1, config), Stage.load(model_dir, 2, config))
 

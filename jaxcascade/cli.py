@@ -85,7 +85,8 @@ def cmd_segment(args, _overrides) -> None:
     inputs = parse_inputs(args.input)
     result = pipeline.segment_files(
         args.model, inputs, args.out, probabilities_dir=args.probabilities, threshold=args.threshold,
-        min_lesion_voxels=args.min_lesion_voxels, method=args.inference, overwrite=args.overwrite, progress=_progress,
+        min_lesion_voxels=args.min_lesion_voxels, method=args.inference, compute_dtype=args.compute_dtype,
+        overwrite=args.overwrite, progress=_progress,
     )
     _log(f"{args.out}: {int(result.mask.sum())} lesion voxels "
          f"({result.candidate_count} candidates, {result.stage2_candidate_count} to stage 2)")
@@ -149,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep lesions (connected components) of more than N voxels (model's config by default)")
     p.add_argument("--inference", choices=("auto", "dense", "patch"),
                    help="dense whole-volume kernel (exact; default where the network allows) or patch-wise")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"),
+                   help="convolution arithmetic (model's config by default); bfloat16 is faster on GPUs, TPUs, AMX CPUs")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(run=cmd_segment)
 

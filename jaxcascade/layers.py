@@ -22,20 +22,35 @@ from jaxcascade import convs
 glorot = jax.nn.initializers.glorot_uniform()
 
 
-class Conv3D(nnx.Module):
-    """A k^3 convolution whose arithmetic goes through `convs.conv3d`."""
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
-    def __init__(self, in_features, out_features, *, kernel_size=3, padding="VALID", implementation="auto", rngs):
+
+class Conv3D(nnx.Module):
+    """A k^3 convolution whose arithmetic goes through `convs.conv3d`.
+
+    Parameters are float32; with compute_dtype 'bfloat16' the products are
+    bfloat16 and the sums float32 (activations between layers stay float32).
+    """
+
+    def __init__(self, in_features, out_features, *, kernel_size=3, padding="VALID", implementation="auto",
+                 compute_dtype="float32", rngs):
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype {compute_dtype!r}: use one of {', '.join(COMPUTE_DTYPES)}")
         shape = (kernel_size,) * 3 + (in_features, out_features)
         self.kernel = nnx.Param(glorot(rngs.params(), shape, jnp.float32))
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
         self.padding = padding
         self.implementation = implementation
+        self.compute_dtype = compute_dtype
 
     def __call__(self, x, *, dilation: int = 1):
-        y = convs.conv3d(x, self.kernel[...], padding=self.padding, dilation=dilation,
-                         implementation=self.implementation)
-        return y + self.bias[...]
+        return self.apply(x, self.kernel[...], dilation=dilation) + self.bias[...]
+
+    def apply(self, x, kernel, *, dilation: int = 1, padding: str | None = None):
+        """This layer's convolution arithmetic on any kernel (the dense form reuses it)."""
+        return convs.conv3d(x, kernel, padding=padding or self.padding, dilation=dilation,
+                            implementation=self.implementation,
+                            compute_dtype=None if self.compute_dtype == "float32" else self.compute_dtype)
 
 
 class PReLU(nnx.Module):

@@ -27,8 +27,9 @@ from typing import Callable
 import jax
 from flax import nnx
 
-from jaxcascade import convs, nicms
-from jaxcascade.layers import Conv3D, Window, dense_max_pool, dilations, glorot, max_pool_2x2x2, receptive_halo
+from jaxcascade import nicms
+from jaxcascade.errors import UserError
+from jaxcascade.layers import COMPUTE_DTYPES, Conv3D, Window, dense_max_pool, dilations, glorot, max_pool_2x2x2, receptive_halo
 
 
 class Valverde2017(nnx.Module):
@@ -44,9 +45,11 @@ class Valverde2017(nnx.Module):
         bn_momentum: float = 0.9,
         bn_epsilon: float = 1e-4,
         conv_implementation: str = "auto",
+        compute_dtype: str = "float32",
         rngs: nnx.Rngs,
     ):
-        conv = dict(kernel_size=3, padding=padding, implementation=conv_implementation, rngs=rngs)
+        conv = dict(kernel_size=3, padding=padding, implementation=conv_implementation, compute_dtype=compute_dtype,
+                    rngs=rngs)
         bn = dict(momentum=bn_momentum, epsilon=bn_epsilon, rngs=rngs)
         self.conv1 = Conv3D(in_channels, 32, **conv)
         self.bn1 = nnx.BatchNorm(32, **bn)
@@ -101,7 +104,7 @@ class Valverde2017(nnx.Module):
         # The patch network flattens (size, size, size, 64) in C order: dense1 is
         # a size^3 convolution whose taps sit `flat` voxels apart.
         kernel = self.dense1.kernel[...].reshape(size, size, size, 64, -1)
-        x = convs.conv3d(x, kernel, padding="VALID", dilation=flat, implementation=self.conv1.implementation)
+        x = self.conv1.apply(x, kernel, dilation=flat, padding="VALID")
         x = jax.nn.relu(x + self.dense1.bias[...])
         return self.out(x)
 
@@ -127,7 +130,7 @@ class NetworkSpec:
     """How to build a named network, and what it is."""
 
     name: str
-    build: Callable  # (in_channels, model_config, rngs) -> nnx.Module
+    build: Callable  # (in_channels, model_config, rngs, compute_dtype) -> nnx.Module
     parameters: int  # trainable parameters with 2 input channels and 11^3 patches (checked by the tests)
     description: str
 
@@ -135,40 +138,43 @@ class NetworkSpec:
 NETWORKS = {
     "valverde2017": NetworkSpec(
         "valverde2017",
-        lambda channels, cfg, rngs: Valverde2017(channels, padding="SAME", **_kwargs(cfg), rngs=rngs),
+        lambda channels, cfg, rngs, dtype: Valverde2017(channels, padding="SAME", **_kwargs(cfg, dtype), rngs=rngs),
         parameters=189_154,
         description="the paper's network with SAME padding, as the seed code built it",
     ),
     "valverde2017_valid": NetworkSpec(
         "valverde2017_valid",
-        lambda channels, cfg, rngs: Valverde2017(channels, padding="VALID", **_kwargs(cfg), rngs=rngs),
+        lambda channels, cfg, rngs, dtype: Valverde2017(channels, padding="VALID", **_kwargs(cfg, dtype), rngs=rngs),
         parameters=74_466,
         description="the paper's layers with VALID convolutions (exact dense inference)",
     ),
     "nicms": NetworkSpec(
         "nicms",
-        lambda channels, cfg, rngs: nicms.NicMS(channels, **_kwargs(cfg), rngs=rngs),
+        lambda channels, cfg, rngs, dtype: nicms.NicMS(channels, **_kwargs(cfg, dtype), rngs=rngs),
         parameters=470_082,
         description="nicMSlesions' Keras network (two conv pairs, PReLU, three dense layers); see interop.py",
     ),
 }
 
 
-def _kwargs(model_config) -> dict:
+def _kwargs(model_config, compute_dtype: str) -> dict:
     return dict(
         patch_size=model_config.patch_size,
         dropout_rate=model_config.dropout_rate,
         bn_momentum=model_config.bn_momentum,
         bn_epsilon=model_config.bn_epsilon,
         conv_implementation=model_config.conv_implementation,
+        compute_dtype=compute_dtype,
     )
 
 
-def build_network(model_config, in_channels: int, seed: int) -> nnx.Module:
-    """Instantiate the configured network with deterministic initial weights."""
+def build_network(model_config, in_channels: int, seed: int, compute_dtype: str = "float32") -> nnx.Module:
+    """Instantiate the configured network with deterministic initial weights (float32 whatever compute_dtype)."""
     if model_config.network not in NETWORKS:
         raise KeyError(model_config.network)
-    return NETWORKS[model_config.network].build(in_channels, model_config, nnx.Rngs(params=seed))
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise UserError(f"--config.compute_dtype={compute_dtype}: use one of {', '.join(COMPUTE_DTYPES)}")
+    return NETWORKS[model_config.network].build(in_channels, model_config, nnx.Rngs(params=seed), compute_dtype)
 
 
 def count_parameters(module: nnx.Module) -> int:

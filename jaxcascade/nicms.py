@@ -43,6 +43,7 @@ class NicMS(nnx.Module):
         bn_momentum: float = 0.99,
         bn_epsilon: float = 1e-3,
         conv_implementation: str = "auto",
+        compute_dtype: str = "float32",
         rngs: nnx.Rngs,
     ):
         pooled = patch_size // 2
@@ -50,7 +51,8 @@ class NicMS(nnx.Module):
         if flat_size == 0:
             raise ValueError(f"patch_size {patch_size} is too small for this network")
         self.patch_size = patch_size
-        conv = dict(kernel_size=3, padding="SAME", implementation=conv_implementation, rngs=rngs)
+        conv = dict(kernel_size=3, padding="SAME", implementation=conv_implementation, compute_dtype=compute_dtype,
+                    rngs=rngs)
         bn = dict(momentum=bn_momentum, epsilon=bn_epsilon, rngs=rngs)
         # Keras' slopes are (C, D, H, W); they are stored channels-last to match the activations.
         self.conv1_1 = Conv3D(in_channels, 32, **conv)

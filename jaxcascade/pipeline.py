@@ -33,7 +33,7 @@ def _silent(*_args, **_kwargs) -> None:
 
 def _fit(stage, subjects, num_shards, centres, labels, config, workdir, log, progress, histories) -> Stage:
     channels = subjects[0].volume.shape[-1]
-    model = models.build_network(config.model, channels, seeding.init_seed(config.seed, stage))
+    model = models.build_network(config.model, channels, seeding.init_seed(config.seed, stage), config.compute_dtype)
     data = batching.TrainingSet.from_subjects([s.volume for s in subjects], centres, labels, config.model.patch_size,
                                               subject_shards=[s.shard for s in subjects], num_shards=num_shards)
 
@@ -74,7 +74,7 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress:
         log, progress = _silent, None
     subjects = load_training_subjects(data_dir, config, num_shards)
     # Settings that can only be checked against a built network fail before the workdir exists.
-    probe = models.build_network(config.model, subjects[0].volume.shape[-1], 0)
+    probe = models.build_network(config.model, subjects[0].volume.shape[-1], 0, config.compute_dtype)
     trainable_modules(config.train.trainable, models.split_model(probe)[1]["params"])
     distributed.agree(lambda: model_dir_lib.prepare_workdir(workdir, config), "preparing the workdir")
     log(f"training on {distributed.describe()}")
@@ -115,9 +115,9 @@ def segment_images(model: Cascade, images: list[nifti.Image], *, threshold=None,
 
 
 def segment_files(model_dir, inputs: dict, out, *, probabilities_dir=None, threshold=None, min_lesion_voxels=None,
-                  method=None, overwrite=False, progress=None) -> Segmentation:
+                  method=None, compute_dtype=None, overwrite=False, progress=None) -> Segmentation:
     """Segment NIfTI files and write the mask (and probability maps), all checks first."""
-    model = Cascade.load(model_dir)
+    model = Cascade.load(model_dir, compute_dtype=compute_dtype)
     out = check_output_path(out, overwrite=overwrite)
     probability_paths = []
     if probabilities_dir is not None:
