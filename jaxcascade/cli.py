@@ -80,6 +80,13 @@ def cmd_train(args, overrides) -> None:
 
 
 def cmd_segment(args, _overrides) -> None:
+    if args.data or args.out_dir:
+        return _segment_study(args)
+    if not args.input or not args.out:
+        raise UserError("jaxcascade segment: give --input NAME=PATH ... --out SEG.nii.gz for one subject, "
+                        "or --data DIR --out-dir OUT for a study (see --help)")
+    if args.probabilities == "":
+        raise UserError("jaxcascade segment --probabilities: give the folder for one subject's maps")
     from jaxcascade import pipeline
 
     inputs = parse_inputs(args.input)
@@ -90,6 +97,25 @@ def cmd_segment(args, _overrides) -> None:
     )
     _log(f"{args.out}: {int(result.mask.sum())} lesion voxels "
          f"({result.candidate_count} candidates, {result.stage2_candidate_count} to stage 2)")
+
+
+def _segment_study(args) -> None:
+    from jaxcascade import study
+
+    if not (args.data and args.out_dir) or args.input or args.out:
+        raise UserError("jaxcascade segment: a study takes --data DIR and --out-dir OUT, without --input/--out")
+    if args.probabilities:
+        raise UserError("jaxcascade segment --data: --probabilities takes no folder for a study (maps go beside "
+                        "each subject's mask)")
+    if args.threshold is not None or args.min_lesion_voxels is not None or args.inference:
+        raise UserError("jaxcascade segment --data: --threshold, --min-lesion-voxels and --inference apply to one "
+                        "subject; for a study set them in the model's config")
+    rows = study.segment_study(args.model, args.data, args.out_dir, probabilities=args.probabilities is not None,
+                               overwrite=args.overwrite, compute_dtype=args.compute_dtype, log=_log,
+                               progress=_progress)
+    failed = [row for row in rows if row["status"] != "ok"]
+    _log(f"{args.out_dir}: {len(rows) - len(failed)} of {len(rows)} subjects segmented; "
+         f"lesions.csv and lesion_table.csv written" + (f"; {len(failed)} failed (see lesions.csv)" if failed else ""))
 
 
 def cmd_evaluate(args, _overrides) -> None:
@@ -140,11 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune a trained or imported model (e.g. --config.train.trainable=out)")
     p.set_defaults(run=cmd_train, overrides=True)
 
-    p = commands.add_parser("segment", help="segment one subject with a trained model")
+    p = commands.add_parser("segment", help="segment one subject, or every subject of a folder, with a trained model")
     p.add_argument("--model", required=True, help="a train --workdir")
-    p.add_argument("--input", action="append", required=True, metavar="NAME=PATH", help="one per modality")
-    p.add_argument("--out", required=True, help="binary mask to write (.nii.gz)")
-    p.add_argument("--probabilities", metavar="DIR", help="also write stage1/stage2 probability maps here")
+    p.add_argument("--input", action="append", metavar="NAME=PATH", help="one per modality (one subject)")
+    p.add_argument("--out", help="binary mask to write (.nii.gz) (one subject)")
+    p.add_argument("--probabilities", nargs="?", const="", metavar="DIR",
+                   help="also write stage1/stage2 probability maps (into DIR; for a study, beside each mask)")
+    p.add_argument("--data", metavar="DIR", help="a study: one folder per subject, as for training")
+    p.add_argument("--out-dir", metavar="OUT", help="a study's outputs: masks, QC pictures, lesions.csv")
     p.add_argument("--threshold", type=float, help="t_bin on CNN2's probability (model's config by default)")
     p.add_argument("--min-lesion-voxels", "--min-lesion-size", dest="min_lesion_voxels", type=int, metavar="N",
                    help="keep lesions (connected components) of more than N voxels (model's config by default)")

@@ -82,7 +82,8 @@ def classify_dense(stage: Stage, volume: np.ndarray, mask: np.ndarray, options: 
         return probability
     pad, origins = tile_geometry(mask.shape, tile_size, halo, stage.patch_size)
     origins = occupied_tiles(mask, origins, tile_size)
-    padded = distributed.put_local_replicated(np.pad(volume, pad + [(0, 0)]))
+    # Reads stay inside the tiles, so the bucket's extra zeros are never seen.
+    padded = distributed.put_local_replicated(patches_lib.pad_to_bucket(np.pad(volume, pad + [(0, 0)])))
     variables = distributed.put_local_replicated(stage.variables)
     predict = make_tile_predictor(stage.graphdef, tile_size, halo)
     blocks = distributed.map_batches(lambda chunk: predict(variables, padded, chunk), origins,

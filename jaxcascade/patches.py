@@ -22,6 +22,17 @@ def pad_volume(volume: jax.Array | np.ndarray, patch_size: int) -> jax.Array:
     return jnp.pad(jnp.asarray(volume), ((half, half), (half, half), (half, half), (0, 0)))
 
 
+# Volumes reach the jitted kernels padded up to a multiple of this on each axis, so
+# subjects of slightly different shapes share one compilation (segmenting a study).
+SHAPE_BUCKET = 32
+
+
+def pad_to_bucket(volume: np.ndarray, multiple: int = SHAPE_BUCKET) -> np.ndarray:
+    """Zero-pad the three spatial axes of a (D, H, W, C) array at their ends up to a multiple of `multiple`."""
+    extra = [(0, -size % multiple) for size in volume.shape[:3]]
+    return np.pad(volume, extra + [(0, 0)] * (volume.ndim - 3)) if any(e for _, e in extra) else volume
+
+
 def with_subject_index(centres: jax.Array, subject: int = 0) -> jax.Array:
     """(N, 3) centres -> (N, 4) rows (subject, z, y, x), the index `gather_patches` takes."""
     centres = jnp.asarray(centres, jnp.int32)

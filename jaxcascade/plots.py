@@ -57,5 +57,5 @@ def overlay(flair: np.ndarray, truth: np.ndarray | None, prediction: np.ndarray,
             axis.contour(np.rot90(prediction[:, :, z]), levels=[0.5], colors="red", linewidths=1.0)
         axis.set_title(f"axial slice {z}")
         axis.axis("off")
-    figure.suptitle("FLAIR: truth (green), prediction (red)")
+    figure.suptitle("FLAIR: truth (green), prediction (red)" if truth is not None else "FLAIR: segmentation (red)")
     _save(figure, path)

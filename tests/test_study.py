@@ -1,0 +1,106 @@
+"""Segmenting a study (`segment --data DIR --out-dir OUT`) on tiny phantoms: reports, errors, resume, compilations."""
+
+import csv
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from jaxcascade import cascade, cli, dense
+from conftest import held_out_inputs
+
+
+def _crop(source, target, keep):
+    """Copy a subject folder with every image cut to its first `keep` voxels on the first axis."""
+    target.mkdir(parents=True)
+    for path in source.glob("*.nii.gz"):
+        image = nib.load(path)
+        data = np.asarray(image.dataobj)[:keep]
+        cropped = nib.Nifti1Image(data, image.affine, header=image.header)
+        nib.save(cropped, target / path.name)
+
+
+@pytest.fixture(scope="module")
+def study(cohort, tmp_path_factory):
+    """sub-a: the held-out subject; sub-b, sub-d: the same cut to two other shapes; sub-c: FLAIR missing."""
+    root = tmp_path_factory.mktemp("study") / "data"
+    shutil.copytree(cohort / "held_out", root / "sub-a")
+    _crop(cohort / "held_out", root / "sub-b", keep=30)
+    _crop(cohort / "held_out", root / "sub-d", keep=20)
+    (root / "sub-c").mkdir()
+    shutil.copy(cohort / "held_out" / "T1.nii.gz", root / "sub-c" / "T1.nii.gz")
+    return root
+
+
+def _read(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_study_reports_every_subject_and_compiles_once_per_shape_bucket(trained_model, study, tmp_path, capsys):
+    model = cascade.Cascade.load(trained_model)
+    predictor = dense.make_tile_predictor(model.stage1.graphdef, 12, model.stage1.dense_halo)
+    compiled_before = predictor._cache_size()
+    out = tmp_path / "out"
+    assert cli.main(["segment", "--model", str(trained_model), "--data", str(study), "--out-dir", str(out),
+                     "--probabilities"]) == 0
+    assert "3 of 4 subjects segmented" in capsys.readouterr().out
+    # Three volume shapes (40, 30 and 20 planes: 4, 3 and 2 tiles) fall in one padded bucket: at most one
+    # compilation (none where training already compiled it), where each shape would compile its own.
+    assert predictor._cache_size() - compiled_before <= 1
+
+    rows = {row["participant_id"]: row for row in _read(out / "lesions.csv")}
+    assert rows["sub-a"]["status"] == rows["sub-b"]["status"] == rows["sub-d"]["status"] == "ok"
+    assert rows["sub-c"]["status"].startswith("error: ") and "FLAIR.nii.gz: file not found" in rows["sub-c"]["status"]
+    lesions = _read(out / "lesion_table.csv")
+    for name in ("sub-a", "sub-b"):
+        mask_image = nib.load(out / name / f"{name}_lesion_mask.nii.gz")
+        flair = nib.load(study / name / "FLAIR.nii.gz")
+        np.testing.assert_array_equal(mask_image.affine, flair.affine)
+        assert mask_image.shape == flair.shape
+        mask = np.asarray(mask_image.dataobj)
+        voxel_ml = float(np.prod(flair.header.get_zooms()[:3])) / 1000
+        assert float(rows[name]["lesion_volume_ml"]) == pytest.approx(mask.sum() * voxel_ml)
+        own = [lesion for lesion in lesions if lesion["participant_id"] == name]
+        assert int(rows[name]["lesion_count"]) == len(own) > 0
+        assert sum(int(lesion["voxels"]) for lesion in own) == mask.sum()
+        assert 0 <= float(rows[name]["dsc"]) <= 1
+        assert (out / name / f"{name}_stage2_probability.nii.gz").exists() and (out / name / f"{name}_qc.png").exists()
+    # A lesion's centroid lies in scanner space inside the image's extent.
+    corners = nib.affines.apply_affine(nib.load(study / "sub-a" / "FLAIR.nii.gz").affine,
+                                       np.array([[0, 0, 0], [39, 47, 39]]))
+    centroid = np.array([[float(lesions[0][f"centroid_{axis}_mm"]) for axis in "xyz"]])
+    assert ((centroid >= corners.min(0)) & (centroid <= corners.max(0))).all()
+
+
+def test_study_matches_one_segment_call_and_resumes(trained_model, study, cohort, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["segment", "--model", str(trained_model), "--data", str(study), "--out-dir", str(out)]
+    assert cli.main(argv) == 0
+    single = tmp_path / "single.nii.gz"
+    assert cli.main(["segment", "--model", str(trained_model), *held_out_inputs(cohort), "--out", str(single)]) == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(out / "sub-a" / "sub-a_lesion_mask.nii.gz").dataobj),
+                                  np.asarray(nib.load(single).dataobj))
+    report = out / "sub-a" / "sub-a_report.json"
+    written = report.stat().st_mtime_ns
+    capsys.readouterr()
+    assert cli.main(argv) == 0  # resume: finished subjects are read back, the broken one retried
+    log = capsys.readouterr().out
+    assert "sub-a:" not in log and "sub-c:" in log and report.stat().st_mtime_ns == written
+    assert len(_read(out / "lesions.csv")) == 4
+    assert cli.main([*argv, "--overwrite"]) == 0
+    assert report.stat().st_mtime_ns != written
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--input", "T1=x.nii.gz"], "without --input/--out"),
+    (["--threshold", "0.5"], "apply to one subject"),
+    (["--probabilities", "maps"], "takes no folder for a study"),
+])
+def test_study_option_mistakes(trained_model, study, tmp_path, capsys, extra, fragment):
+    argv = ["segment", "--model", str(trained_model), "--data", str(study), "--out-dir", str(tmp_path / "o"), *extra]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
