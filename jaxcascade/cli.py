@@ -54,14 +54,17 @@ def parse_inputs(pairs: list[str]) -> dict[str, str]:
 def cmd_phantom(args, _overrides) -> None:
     from jaxcascade import outputs, phantom
 
-    if args.subjects < 1:
-        raise UserError(f"--subjects {args.subjects}: need at least one subject")
+    if args.subjects < 1 or args.sessions < 1:
+        raise UserError(f"--subjects {args.subjects} --sessions {args.sessions}: need at least one of each")
     outputs.check_output_path(args.out, is_dir=True)
     generator = phantom
     if args.kind == "mni":
         from jaxcascade import phantom_mni as generator
-    names = generator.write_cohort(args.out, args.subjects, args.seed, args.size)
-    _log(f"wrote {len(names)} {args.size} {args.kind} phantom subjects to {args.out}: {', '.join(names)}")
+    names = generator.write_cohort(args.out, args.subjects, args.seed, args.size, layout=args.layout,
+                                   sessions=args.sessions)
+    layout = f" as a BIDS dataset ({args.sessions} session{'s' if args.sessions > 1 else ''} each)" \
+        if args.layout == "bids" else ""
+    _log(f"wrote {len(names)} {args.size} {args.kind} phantom subjects to {args.out}{layout}: {', '.join(names)}")
 
 
 def cmd_train(args, overrides) -> None:
@@ -110,8 +113,11 @@ def _segment_study(args) -> None:
     if args.threshold is not None or args.min_lesion_voxels is not None or args.inference:
         raise UserError("jaxcascade segment --data: --threshold, --min-lesion-voxels and --inference apply to one "
                         "subject; for a study set them in the model's config")
+    from jaxcascade import bids_layout
+
     rows = study.segment_study(args.model, args.data, args.out_dir, probabilities=args.probabilities is not None,
-                               overwrite=args.overwrite, compute_dtype=args.compute_dtype, log=_log,
+                               overwrite=args.overwrite, compute_dtype=args.compute_dtype,
+                               bids_suffixes=bids_layout.parse_suffixes(args.bids_suffix), log=_log,
                                progress=_progress)
     failed = [row for row in rows if row["status"] != "ok"]
     _log(f"{args.out_dir}: {len(rows) - len(failed)} of {len(rows)} subjects segmented; "
@@ -156,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=("tiny", "small", "full"), default="small")
     p.add_argument("--kind", choices=("procedural", "mni"), default="procedural",
                    help="procedural brain, or MNI152 anatomy (needs pip install -e '.[nilearn]')")
+    p.add_argument("--layout", choices=("folders", "bids"), default="folders",
+                   help="one folder per subject (for training), or a BIDS dataset with lesion masks as a derivative")
+    p.add_argument("--sessions", type=int, default=1, help="sessions per subject (BIDS layout)")
     p.set_defaults(run=cmd_phantom)
 
     p = commands.add_parser("train", help="train both stages (resumes an interrupted run)")
@@ -174,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write stage1/stage2 probability maps (into DIR; for a study, beside each mask)")
     p.add_argument("--data", metavar="DIR", help="a study: one folder per subject, as for training")
     p.add_argument("--out-dir", metavar="OUT", help="a study's outputs: masks, QC pictures, lesions.csv")
+    p.add_argument("--bids-suffix", action="append", metavar="NAME=SUFFIX",
+                   help="BIDS suffix of a modality (defaults T1=T1w, FLAIR=FLAIR, T2=T2w, PD=PDw)")
     p.add_argument("--threshold", type=float, help="t_bin on CNN2's probability (model's config by default)")
     p.add_argument("--min-lesion-voxels", "--min-lesion-size", dest="min_lesion_voxels", type=int, metavar="N",
                    help="keep lesions (connected components) of more than N voxels (model's config by default)")

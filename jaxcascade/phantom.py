@@ -76,14 +76,16 @@ def make_subject(seed: int, size: str = "small") -> dict:
     }
 
 
-def write_cohort(out_dir, subjects: int, seed: int, size: str = "small") -> list[str]:
-    """Write `subjects` phantoms as out_dir/<name>/{T1,FLAIR,lesion}.nii.gz.
+def write_cohort(out_dir, subjects: int, seed: int, size: str = "small", *, layout: str = "folders",
+                 sessions: int = 1) -> list[str]:
+    """Write `subjects` phantoms as out_dir/<name>/{T1,FLAIR,lesion}.nii.gz (or BIDS, see phantom_core).
 
     Names and per-subject seeds are phantom_core's, so subject k depends only
     on (seed, k). Every file is written atomically. Returns the names.
     """
     return phantom_core.write_cohort(out_dir, subjects, seed, functools.partial(make_subject, size=size),
-                                     ("T1", "FLAIR", "lesion"), phantom_core.SCANNER_SPACE)
+                                     ("T1", "FLAIR", "lesion"), phantom_core.SCANNER_SPACE, layout=layout,
+                                     sessions=sessions)
 
 
 def anatomy(rng, shape, voxel):

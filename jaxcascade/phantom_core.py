@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from jaxcascade import outputs
+from jaxcascade.errors import UserError
 
 # Tissue labels, in the order the procedural contrast tables are indexed by.
 # CAP (periventricular caps) and CHOROID (choroid plexus) are FLAIR-bright
@@ -60,34 +61,68 @@ def subject_seed(seed: int, index: int) -> int:
     return int(state[0]) << 32 | int(state[1])
 
 
-def write_cohort(out_dir, subjects: int, seed: int, make_subject, keys, space_code: int) -> list[str]:
-    """Write `subjects` phantoms as out_dir/<name>/<key>.nii.gz for each of `keys`.
+# BIDS suffix of each contrast (the lesion mask goes to a derivatives dataset).
+BIDS_SUFFIXES = {"T1": "T1w", "FLAIR": "FLAIR", "T2": "T2w", "PD": "PDw"}
+LESION_DERIVATIVE = "derivatives/lesion_masks"
+
+
+def write_cohort(out_dir, subjects: int, seed: int, make_subject, keys, space_code: int, *,
+                 layout: str = "folders", sessions: int = 1) -> list[str]:
+    """Write `subjects` phantoms: out_dir/<name>/<key>.nii.gz, or a BIDS dataset.
 
     `make_subject(subject_seed)` returns a dict holding `keys` and "affine";
     subject k is made from subject_seed(seed, k), so it depends only on
     (seed, k). "lesion" is stored as uint8, every other key as float32, with
     qform and sform set to the affine under `space_code` (SCANNER_SPACE or
     MNI152_SPACE). Each file is written atomically. Returns the names.
-    """
-    import nibabel as nib
 
+    layout "bids": sub-XX/ses-N/anat/sub-XX_ses-N_<T1w|FLAIR|T2w|PDw>.nii.gz for
+    `sessions` sessions (each a fresh draw: session s of subject k is draw
+    k * sessions + s), dataset_description.json, and the lesion masks as
+    LESION_DERIVATIVE/sub-XX/ses-N/anat/sub-XX_ses-N_label-lesion_mask.nii.gz.
+    """
+    if layout not in ("folders", "bids"):
+        raise UserError(f"--layout {layout}: use folders or bids")
+    out_dir = os.fspath(out_dir)
     names = []
     for index in range(subjects):
         name = subject_name(index)
-        subject = make_subject(subject_seed(seed, index))
-        folder = os.path.join(os.fspath(out_dir), name)
-        os.makedirs(folder, exist_ok=True)
-        for key in keys:
-            dtype = np.uint8 if key == "lesion" else np.float32
-            image = nib.Nifti1Image(subject[key].astype(dtype), subject["affine"])
-            image.set_qform(subject["affine"], code=space_code)
-            image.set_sform(subject["affine"], code=space_code)
-            image.header.set_data_dtype(dtype)
-            image.header.set_xyzt_units("mm")
-            with outputs.atomic_path(os.path.join(folder, f"{key}.nii.gz")) as temporary:
-                nib.save(image, str(temporary))
+        if layout == "folders":
+            subject = make_subject(subject_seed(seed, index))
+            for key in keys:
+                _write_image(subject, key, space_code, os.path.join(out_dir, name, f"{key}.nii.gz"))
+        else:
+            for session in range(sessions):
+                subject = make_subject(subject_seed(seed, index * sessions + session))
+                entities = f"{name}_ses-{session + 1}"
+                anat = os.path.join(name, f"ses-{session + 1}", "anat")
+                for key in keys:
+                    target = (os.path.join(out_dir, LESION_DERIVATIVE, anat, f"{entities}_label-lesion_mask.nii.gz")
+                              if key == "lesion" else
+                              os.path.join(out_dir, anat, f"{entities}_{BIDS_SUFFIXES[key]}.nii.gz"))
+                    _write_image(subject, key, space_code, target)
         names.append(name)
+    if layout == "bids":
+        description = {"Name": "jaxcascade phantom cohort", "BIDSVersion": "1.9.0", "DatasetType": "raw"}
+        outputs.write_json(description, os.path.join(out_dir, "dataset_description.json"))
+        outputs.write_json({**description, "Name": "phantom lesion masks", "DatasetType": "derivative",
+                            "GeneratedBy": [{"Name": "jaxcascade phantom"}]},
+                           os.path.join(out_dir, LESION_DERIVATIVE, "dataset_description.json"))
     return names
+
+
+def _write_image(subject: dict, key: str, space_code: int, path: str) -> None:
+    import nibabel as nib
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    dtype = np.uint8 if key == "lesion" else np.float32
+    image = nib.Nifti1Image(subject[key].astype(dtype), subject["affine"])
+    image.set_qform(subject["affine"], code=space_code)
+    image.set_sform(subject["affine"], code=space_code)
+    image.header.set_data_dtype(dtype)
+    image.header.set_xyzt_units("mm")
+    with outputs.atomic_path(path) as temporary:
+        nib.save(image, str(temporary))
 
 
 def smooth_field(rng, shape, voxel, spacing_mm):

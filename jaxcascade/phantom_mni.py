@@ -186,7 +186,8 @@ def _periventricular_rim(ventricles: np.ndarray, voxel: float) -> np.ndarray:
     return ndimage.binary_dilation(ventricles, iterations=steps) & ~ventricles
 
 
-def write_cohort(out_dir, subjects: int, seed: int, size: str = "small", contrasts=("T1", "FLAIR")) -> list[str]:
+def write_cohort(out_dir, subjects: int, seed: int, size: str = "small", contrasts=("T1", "FLAIR"), *,
+                 layout: str = "folders", sessions: int = 1) -> list[str]:
     """Write `subjects` MNI phantoms as out_dir/<name>/{<contrast>...,lesion}.nii.gz.
 
     Names and per-subject seeds are phantom_core's, as for phantom.py, so
@@ -195,4 +196,4 @@ def write_cohort(out_dir, subjects: int, seed: int, size: str = "small", contras
     """
     return phantom_core.write_cohort(out_dir, subjects, seed,
                                      functools.partial(make_subject, size=size, contrasts=contrasts),
-                                     (*contrasts, "lesion"), phantom_core.MNI152_SPACE)
+                                     (*contrasts, "lesion"), phantom_core.MNI152_SPACE, layout=layout, sessions=sessions)

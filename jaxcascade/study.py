@@ -1,23 +1,25 @@
-"""Segmenting a study: every subject of a data folder with one loaded model, a report per subject and lesion.
+"""Segmenting a study: every subject (and session) of a data folder with one loaded model, and a report.
 
-    OUT/<subject>/<subject>_lesion_mask.nii.gz   on the subject's FLAIR grid, with its header
-    OUT/<subject>/<subject>_stage{1,2}_probability.nii.gz   with probabilities
-    OUT/<subject>/<subject>_qc.png               FLAIR with the mask outline on the most lesioned slices
-    OUT/<subject>/<subject>_report.json          the subject's row and its lesions (written last)
-    OUT/lesions.csv                              one row per subject: status, count, volume, metrics
-    OUT/lesion_table.csv                         one row per lesion: volume, RAS centroid, probabilities
+For each subject, OUT/<subject>/ (BIDS input: OUT/sub-X/[ses-Y/]anat/, a derivatives dataset) gets
+    <prefix>_desc-lesion_mask.nii.gz        on the subject's FLAIR grid, with its header
+    <prefix>_desc-stage{1,2}_probseg.nii.gz  with probabilities
+    <prefix>_desc-qc.png                    FLAIR with the mask outline on the most lesioned slices
+    <prefix>_desc-lesion_report.json        the subject's row and its lesions (written last)
+and OUT/lesions.csv has one row per subject/session (status, count, volume, metrics), OUT/lesion_table.csv
+one row per lesion (volume, RAS centroid, probabilities).
 
-The data folder has the training layout (`<subject>/<MODALITY><suffix>`, the lesion file optional). The
-model is loaded and compiled once: the kernels see volumes padded to shape buckets (`dense.py`), so
-subjects of different shapes share compilations. A subject whose files fail a check becomes a row with
-its one-line error and the others go on. A subject whose report exists is not redone (rerun to resume)
-unless overwrite. Every file is written atomically and the CSVs are rebuilt from the reports, so they
-always describe exactly the subjects finished.
+The data folder is the training layout (`<subject>/<MODALITY><suffix>`, the lesion file optional) or a
+BIDS dataset (`bids_layout.py`). The model is loaded and compiled once: the kernels see volumes padded
+to shape buckets, so subjects of different shapes share compilations. A subject whose files fail a
+check becomes a row with its one-line error and the others go on. A subject whose report exists is not
+redone (rerun to resume) unless overwrite. Every file is written atomically and the CSVs are rebuilt
+from the reports, so they always describe exactly the subjects finished.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import time
@@ -27,7 +29,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from jaxcascade import metrics, nifti, plots
+from jaxcascade import bids_layout, metrics, nifti, plots
 from jaxcascade.cascade import Cascade
 from jaxcascade.errors import UserError
 from jaxcascade.outputs import check_output_path, write_json, write_text
@@ -41,18 +43,40 @@ LESION_COLUMNS = ("participant_id", "session_id", "label", "volume_ml", "centroi
 _COMPONENTS = np.ones((3, 3, 3), bool)
 
 
-def study_subjects(data_dir, config) -> list[Path]:
-    """Subject folders of a training-layout data folder (those holding at least one file of the model's)."""
+@dataclasses.dataclass
+class StudySubject:
+    participant_id: str
+    session_id: str  # "" without sessions
+    inputs: dict  # modality -> Path
+    truth: Path | None  # a lesion mask to score against, if any
+    folder: Path  # outputs, relative to OUT
+    prefix: str  # of every output file name
+    problem: str | None = None  # a reason it cannot be segmented, found while discovering
+
+
+def study_subjects(data_dir, config, bids_suffixes: dict | None = None) -> list[StudySubject]:
+    """The subjects (and sessions) of a training-layout folder or a BIDS dataset."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"{data_dir}: data folder not found")
-    names = [f"{m}{config.data.suffix}" for m in config.data.modalities]
+    modalities = tuple(config.data.modalities)
+    if bids_layout.is_bids(data_dir):
+        found = bids_layout.sessions(data_dir, modalities, bids_suffixes or bids_layout.DEFAULT_SUFFIXES)
+        return [StudySubject(entry["participant_id"], entry["session_id"], entry["inputs"], entry["truth"],
+                             *bids_layout.output_location(entry["participant_id"], entry["session_id"]),
+                             problem=entry["problem"]) for entry in found]
+    names = [f"{m}{config.data.suffix}" for m in modalities]
     folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
                      and any((p / name).exists() for name in names))
     if not folders:
         raise UserError(f"{data_dir}: no subject folders with {' or '.join(names)} (expected "
-                        f"{data_dir}/<subject>/{names[0]} ...)")
-    return folders
+                        f"{data_dir}/<subject>/{names[0]} ..., or a BIDS dataset with dataset_description.json)")
+    subjects = []
+    for folder in folders:
+        truth = folder / f"{config.data.lesion}{config.data.suffix}"
+        subjects.append(StudySubject(folder.name, "", {m: folder / f"{m}{config.data.suffix}" for m in modalities},
+                                     truth if truth.exists() else None, Path(folder.name), folder.name))
+    return subjects
 
 
 def lesion_rows(mask: np.ndarray, probability: np.ndarray, reference: nifti.Image) -> list[dict]:
@@ -75,27 +99,30 @@ def lesion_rows(mask: np.ndarray, probability: np.ndarray, reference: nifti.Imag
             for k, n, (x, y, z), m, p in zip(index, voxels, world, mean, peak)]
 
 
-def _segment_subject(model: Cascade, folder: Path, out: Path, probabilities: bool, progress) -> dict:
-    """Segment one subject folder, write its files, return its report (row and lesions)."""
-    config, name = model.config, folder.name
+def _segment_subject(model: Cascade, subject: StudySubject, out: Path, probabilities: bool, progress) -> dict:
+    """Segment one subject, write its files into out, return its report (row and lesions)."""
+    config = model.config
     started = time.perf_counter()
-    inputs = {m: folder / f"{m}{config.data.suffix}" for m in model.modalities}
-    absent = [str(path) for path in inputs.values() if not path.exists()]
+    if subject.problem:
+        raise UserError(subject.problem)
+    absent = [str(path) for path in subject.inputs.values() if not path.exists()]
     if absent:
         raise UserError(f"{absent[0]}: file not found ({len(absent)} of the model's sequences missing)")
-    images = nifti.load_sequences(inputs, model.modalities, name, orientation=config.data.orientation)
+    images = nifti.load_sequences(subject.inputs, model.modalities, subject.participant_id,
+                                  orientation=config.data.orientation)
     reference = images[model.modalities.index(config.data.flair)]
     result = segment_images(model, images, progress=progress)
-    out.mkdir(exist_ok=True)
-    nifti.save_like(result.mask, reference, out / f"{name}_lesion_mask.nii.gz", dtype=np.uint8)
+    out.mkdir(parents=True, exist_ok=True)
+    nifti.save_like(result.mask, reference, out / f"{subject.prefix}_desc-lesion_mask.nii.gz", dtype=np.uint8)
     if probabilities:
         for stage, values in ((1, result.stage1_probability), (2, result.stage2_probability)):
-            nifti.save_like(values, reference, out / f"{name}_stage{stage}_probability.nii.gz", dtype=np.float32)
-    truth_path = folder / f"{config.data.lesion}{config.data.suffix}"
-    truth = nifti.load_lesion_mask(truth_path, reference) if truth_path.exists() else None
-    plots.overlay(reference.data, truth, result.mask, out / f"{name}_qc.png")
+            nifti.save_like(values, reference, out / f"{subject.prefix}_desc-stage{stage}_probseg.nii.gz",
+                            dtype=np.float32)
+    truth = nifti.load_lesion_mask(subject.truth, reference) if subject.truth else None
+    plots.overlay(reference.data, truth, result.mask, out / f"{subject.prefix}_desc-qc.png")
     lesions = lesion_rows(result.mask, result.stage2_probability, reference)
-    row = {"participant_id": name, "session_id": "", "status": "ok", "lesion_count": len(lesions),
+    row = {"participant_id": subject.participant_id, "session_id": subject.session_id, "status": "ok",
+           "lesion_count": len(lesions),
            "lesion_volume_ml": round(float(result.mask.sum()) * reference.voxel_volume_ml, 6),
            "voxel_size_mm": "x".join(f"{z:g}" for z in reference.nifti.header.get_zooms()[:3])}
     if truth is not None:
@@ -117,30 +144,33 @@ def _csv(rows: list[dict], columns: tuple[str, ...]) -> str:
 
 
 def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, overwrite: bool = False,
-                  compute_dtype: str | None = None, log: Callable = print, progress: Callable | None = None) -> list[dict]:
+                  compute_dtype: str | None = None, bids_suffixes: dict | None = None, log: Callable = print,
+                  progress: Callable | None = None) -> list[dict]:
     """Segment every subject of data_dir into out_dir; returns the subject rows (also in OUT/lesions.csv)."""
     out_dir = check_output_path(out_dir, is_dir=True)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a folder; choose another --out-dir")
     model = Cascade.load(model_dir, compute_dtype=compute_dtype)
-    folders = study_subjects(data_dir, model.config)
+    subjects = study_subjects(data_dir, model.config, bids_suffixes)
     out_dir.mkdir(exist_ok=True)
+    if bids_layout.is_bids(data_dir):
+        bids_layout.describe_derivatives(out_dir, Path(data_dir))
     reports = []
-    subjects = progress(folders, "subjects") if progress else folders
-    for folder in subjects:
-        report_path = out_dir / folder.name / f"{folder.name}_report.json"
+    for subject in progress(subjects, "subjects") if progress else subjects:
+        name = " ".join(part for part in (subject.participant_id, subject.session_id) if part)
+        report_path = out_dir / subject.folder / f"{subject.prefix}_desc-lesion_report.json"
         if report_path.exists() and not overwrite:
             reports.append(json.loads(report_path.read_text()))
             continue
         try:
-            report = _segment_subject(model, folder, out_dir / folder.name, probabilities, progress)
+            report = _segment_subject(model, subject, out_dir / subject.folder, probabilities, progress)
         except UserError as error:
-            report = {"row": {"participant_id": folder.name, "session_id": "", "status": f"error: {error}"},
-                      "lesions": []}
-            log(f"{folder.name}: {error}")
+            report = {"row": {"participant_id": subject.participant_id, "session_id": subject.session_id,
+                              "status": f"error: {error}"}, "lesions": []}
+            log(f"{name}: {error}")
         else:
             write_json(report, report_path)  # last: a subject without a report is redone
-            log(f"{folder.name}: {report['row']['lesion_count']} lesions, "
+            log(f"{name}: {report['row']['lesion_count']} lesions, "
                 f"{report['row']['lesion_volume_ml']:.2f} ml ({report['row']['seconds']:.1f} s)")
         reports.append(report)
     rows = [report["row"] for report in reports]

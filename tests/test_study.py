@@ -1,13 +1,14 @@
 """Segmenting a study (`segment --data DIR --out-dir OUT`) on tiny phantoms: reports, errors, resume, compilations."""
 
 import csv
+import json
 import shutil
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxcascade import cascade, cli, dense
+from jaxcascade import cascade, cli, dense, phantom
 from conftest import held_out_inputs
 
 
@@ -55,7 +56,7 @@ def test_study_reports_every_subject_and_compiles_once_per_shape_bucket(trained_
     assert rows["sub-c"]["status"].startswith("error: ") and "FLAIR.nii.gz: file not found" in rows["sub-c"]["status"]
     lesions = _read(out / "lesion_table.csv")
     for name in ("sub-a", "sub-b"):
-        mask_image = nib.load(out / name / f"{name}_lesion_mask.nii.gz")
+        mask_image = nib.load(out / name / f"{name}_desc-lesion_mask.nii.gz")
         flair = nib.load(study / name / "FLAIR.nii.gz")
         np.testing.assert_array_equal(mask_image.affine, flair.affine)
         assert mask_image.shape == flair.shape
@@ -66,7 +67,7 @@ def test_study_reports_every_subject_and_compiles_once_per_shape_bucket(trained_
         assert int(rows[name]["lesion_count"]) == len(own) > 0
         assert sum(int(lesion["voxels"]) for lesion in own) == mask.sum()
         assert 0 <= float(rows[name]["dsc"]) <= 1
-        assert (out / name / f"{name}_stage2_probability.nii.gz").exists() and (out / name / f"{name}_qc.png").exists()
+        assert (out / name / f"{name}_desc-stage2_probseg.nii.gz").exists() and (out / name / f"{name}_desc-qc.png").exists()
     # A lesion's centroid lies in scanner space inside the image's extent.
     corners = nib.affines.apply_affine(nib.load(study / "sub-a" / "FLAIR.nii.gz").affine,
                                        np.array([[0, 0, 0], [39, 47, 39]]))
@@ -80,9 +81,9 @@ def test_study_matches_one_segment_call_and_resumes(trained_model, study, cohort
     assert cli.main(argv) == 0
     single = tmp_path / "single.nii.gz"
     assert cli.main(["segment", "--model", str(trained_model), *held_out_inputs(cohort), "--out", str(single)]) == 0
-    np.testing.assert_array_equal(np.asarray(nib.load(out / "sub-a" / "sub-a_lesion_mask.nii.gz").dataobj),
+    np.testing.assert_array_equal(np.asarray(nib.load(out / "sub-a" / "sub-a_desc-lesion_mask.nii.gz").dataobj),
                                   np.asarray(nib.load(single).dataobj))
-    report = out / "sub-a" / "sub-a_report.json"
+    report = out / "sub-a" / "sub-a_desc-lesion_report.json"
     written = report.stat().st_mtime_ns
     capsys.readouterr()
     assert cli.main(argv) == 0  # resume: finished subjects are read back, the broken one retried
@@ -104,3 +105,25 @@ def test_study_option_mistakes(trained_model, study, tmp_path, capsys, extra, fr
     err = capsys.readouterr().err
     assert fragment in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_bids_dataset_in_and_derivatives_out(trained_model, tmp_path, capsys):
+    """Two subjects x two sessions of a BIDS phantom; lesion masks as a derivative are scored."""
+    source = tmp_path / "bids"
+    phantom.write_cohort(source, 2, seed=3, size="tiny", layout="bids", sessions=2)
+    (source / "sub-02" / "ses-2" / "anat" / "sub-02_ses-2_FLAIR.nii.gz").unlink()  # a broken session
+    out = tmp_path / "derivatives"
+    assert cli.main(["segment", "--model", str(trained_model), "--data", str(source), "--out-dir", str(out)]) == 0
+    rows = _read(out / "lesions.csv")
+    assert [(r["participant_id"], r["session_id"]) for r in rows] == [
+        ("sub-01", "ses-1"), ("sub-01", "ses-2"), ("sub-02", "ses-1"), ("sub-02", "ses-2")]
+    assert [r["status"] for r in rows[:3]] == ["ok"] * 3 and "no *_FLAIR image" in rows[3]["status"]
+    assert all(0 <= float(r["dsc"]) <= 1 for r in rows[:3])  # scored against the derivative masks
+    mask = out / "sub-01" / "ses-2" / "anat" / "sub-01_ses-2_desc-lesion_mask.nii.gz"
+    flair = nib.load(source / "sub-01" / "ses-2" / "anat" / "sub-01_ses-2_FLAIR.nii.gz")
+    np.testing.assert_array_equal(nib.load(mask).affine, flair.affine)
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative" and description["GeneratedBy"][0]["Name"] == "jaxcascade"
+    lesions = _read(out / "lesion_table.csv")
+    assert {(r["participant_id"], r["session_id"]) for r in lesions} <= {(r["participant_id"], r["session_id"])
+                                                                         for r in rows[:3]}

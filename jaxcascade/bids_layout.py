@@ -1,0 +1,103 @@
+"""BIDS datasets in and out: finding each session's sequences with pybids, and a derivatives dataset out.
+
+A folder holding dataset_description.json is read as BIDS: the model's modalities map to BIDS suffixes
+(T1 -> T1w, FLAIR -> FLAIR, T2 -> T2w, PD -> PDw, or `--bids-suffix NAME=SUFFIX`), searched as
+sub-*/[ses-*/]anat/*_<suffix>.nii[.gz]. A lesion mask, where one exists for scoring, is a derivatives
+file *_label-lesion_mask.nii[.gz] of the same subject and session. Outputs form a BIDS derivatives
+dataset: dataset_description.json (DatasetType derivative, GeneratedBy jaxcascade and its version) and
+sub-X/[ses-Y/]anat/sub-X[_ses-Y]_desc-lesion_mask.nii.gz and friends (`study.py`). pybids is an extra:
+    pip install 'jaxcascade[bids]'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jaxcascade import __version__
+from jaxcascade.errors import UserError
+from jaxcascade.outputs import write_json
+
+DEFAULT_SUFFIXES = {"T1": "T1w", "FLAIR": "FLAIR", "T2": "T2w", "PD": "PDw"}
+_IMAGES = [".nii.gz", ".nii"]
+
+
+def is_bids(root) -> bool:
+    return (Path(root) / "dataset_description.json").is_file()
+
+
+def _layout(root: Path):
+    try:
+        from bids import BIDSLayout
+    except ImportError:
+        raise UserError(f"{root}: a BIDS dataset; reading it needs pybids: pip install 'jaxcascade[bids]'") from None
+    try:
+        # derivatives=True indexes every pipeline's outputs under derivatives/ (lesion masks among them).
+        return BIDSLayout(str(root), validate=False, derivatives=True)
+    except Exception as error:  # noqa: BLE001 - pybids raises many kinds for a malformed dataset
+        raise UserError(f"{root}: not a readable BIDS dataset ({type(error).__name__}: {error})") from None
+
+
+def sessions(root, modalities: tuple[str, ...], suffixes: dict[str, str]) -> list[dict]:
+    """Every subject/session: {'participant_id', 'session_id', 'inputs', 'truth', 'problem'}.
+
+    'inputs' maps each modality to its file; 'problem' is a one-line reason when a sequence is missing
+    or ambiguous (that session becomes an error row, the others go on).
+    """
+    root = Path(root)
+    unknown = [m for m in modalities if m not in suffixes]
+    if unknown:
+        raise UserError(f"{root}: no BIDS suffix for modality {', '.join(unknown)}; give --bids-suffix NAME=SUFFIX")
+    layout = _layout(root)
+    found = []
+    for subject in sorted(layout.get_subjects()):
+        for session in sorted(layout.get_sessions(subject=subject)) or [None]:
+            query = {"subject": subject, "extension": _IMAGES, "return_type": "filename"}
+            if session is not None:
+                query["session"] = session
+            entry = {"participant_id": f"sub-{subject}", "session_id": f"ses-{session}" if session else "",
+                     "inputs": {}, "truth": None, "problem": None}
+            for modality in modalities:
+                files = [f for f in layout.get(suffix=suffixes[modality], datatype="anat", scope="raw", **query)]
+                if len(files) != 1:
+                    where = f"{entry['participant_id']} {entry['session_id']}".strip()
+                    entry["problem"] = entry["problem"] or (
+                        f"{where}: no *_{suffixes[modality]} image in anat" if not files else
+                        f"{where}: {len(files)} *_{suffixes[modality]} images ({', '.join(Path(f).name for f in files)}); "
+                        "keep one per session")
+                    continue
+                entry["inputs"][modality] = Path(files[0])
+            masks = layout.get(suffix="mask", label="lesion", scope="derivatives", **query)
+            entry["truth"] = Path(masks[0]) if len(masks) == 1 else None
+            found.append(entry)
+    if not found:
+        raise UserError(f"{root}: a BIDS dataset without subjects (expected sub-*/anat/*.nii.gz)")
+    return found
+
+
+def output_location(participant_id: str, session_id: str) -> tuple[Path, str]:
+    """(folder relative to the derivatives root, file-name prefix) of a session's outputs."""
+    folder = Path(participant_id, session_id, "anat") if session_id else Path(participant_id, "anat")
+    return folder, "_".join(part for part in (participant_id, session_id) if part)
+
+
+def describe_derivatives(out_dir: Path, source: Path) -> None:
+    """dataset_description.json of the outputs, as a BIDS derivatives dataset."""
+    write_json({
+        "Name": "jaxcascade MS lesion segmentation",
+        "BIDSVersion": "1.9.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "jaxcascade", "Version": __version__,
+                         "Description": "cascaded 3D CNN (Valverde et al. 2017)"}],
+        "SourceDatasets": [{"URL": Path(source).resolve().as_uri()}],
+    }, out_dir / "dataset_description.json")
+
+
+def parse_suffixes(pairs: list[str] | None) -> dict[str, str]:
+    """DEFAULT_SUFFIXES updated by ['FLAIR=FLAIR', 'T1=T1w', ...]."""
+    suffixes = dict(DEFAULT_SUFFIXES)
+    for pair in pairs or []:
+        name, sep, suffix = pair.partition("=")
+        if not sep or not name or not suffix:
+            raise UserError(f"--bids-suffix {pair!r}: expected NAME=SUFFIX, e.g. --bids-suffix T1=T1w")
+        suffixes[name] = suffix
+    return suffixes
