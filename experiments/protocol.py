@@ -119,7 +119,8 @@ def score_subject(model: Cascade, subject_dir: Path, segmentation_path: Path) ->
     """{"cascade": metrics, "stage1": metrics} of one subject; writes the cascade's mask."""
     config = model.config
     images = nifti.load_sequences({m: subject_dir / f"{m}{config.data.suffix}" for m in model.modalities},
-                                  model.modalities, subject_dir.name, orientation=config.data.orientation)
+                                  model.modalities, subject_dir.name, orientation=config.data.orientation,
+                                  reference=config.data.flair)
     lesion_path = subject_dir / f"{config.data.lesion}{config.data.suffix}"
     truth = nifti.load_lesion_mask(lesion_path, images[0])
     result = pipeline.segment_images(model, images)

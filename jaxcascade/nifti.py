@@ -23,6 +23,8 @@ from jaxcascade.errors import UserError
 from jaxcascade.outputs import atomic_path
 
 AFFINE_TOLERANCE_MM = 1e-3
+# Below this share of the reference's field of view, two sequences are taken as not co-registered.
+MIN_OVERLAP = 0.5
 
 
 NATIVE = "native"  # process images in the voxel order they are stored in (nicMSlesions' behaviour)
@@ -151,9 +153,52 @@ def load_lesion_mask(path: str | os.PathLike, reference: Image) -> np.ndarray:
     return image.data > 0
 
 
+def _world_box(nifti) -> tuple[np.ndarray, np.ndarray]:
+    """Scanner-space bounding box (mm) of an image's field of view, voxel edges included."""
+    shape = np.array(nifti.shape[:3])
+    corners = np.array(np.meshgrid(*[(-0.5, n - 0.5) for n in shape], indexing="ij")).reshape(3, -1).T
+    world = corners @ nifti.affine[:3, :3].T + nifti.affine[:3, 3]
+    return world.min(axis=0), world.max(axis=0)
+
+
+def on_grid_of(image: Image, reference: Image) -> Image:
+    """`image` resampled (trilinear, through both affines) onto the reference's voxel grid.
+
+    Sequences of one session share the scanner's space but often not its grid (a 1 mm 3D T1 and a
+    3 mm 2D FLAIR). Images whose fields of view barely overlap are not co-registered: that is refused.
+    """
+    if image.data.shape == reference.data.shape and np.allclose(image.affine, reference.affine,
+                                                                 atol=AFFINE_TOLERANCE_MM):
+        return image
+    low, high = _world_box(image.nifti)
+    ref_low, ref_high = _world_box(reference.nifti)
+    shared = np.prod(np.clip(np.minimum(high, ref_high) - np.maximum(low, ref_low), 0, None))
+    covered = shared / np.prod(ref_high - ref_low)
+    if covered < MIN_OVERLAP:
+        raise UserError(
+            f"{image.path}: its field of view covers {covered:.0%} of {reference.path}'s in scanner space "
+            f"(affine {_fmt_affine(image.affine)} vs {_fmt_affine(reference.affine)}); the sequences are not "
+            "co-registered: register them first (e.g. ANTs, FSL FLIRT, SPM)"
+        )
+    from nibabel.processing import resample_from_to
+
+    stored = nib.Nifti1Image(np.asarray(image.nifti.dataobj, np.float32).reshape(image.nifti.shape[:3]),
+                             image.nifti.affine)
+    resampled = np.asarray(resample_from_to(stored, (reference.nifti.shape[:3], reference.affine), order=1).dataobj,
+                           np.float32)
+    transform = _reorientation(reference.affine, reference.orientation)
+    if transform is not None:
+        resampled = np.ascontiguousarray(nib.orientations.apply_orientation(resampled, transform))
+    return Image(path=image.path, data=resampled, nifti=reference.nifti, orientation=reference.orientation)
+
+
 def load_sequences(inputs: dict[str, str], modalities: tuple[str, ...], source: str = "the model", *,
-                   orientation: str = "RAS") -> list[Image]:
-    """Load the named sequences in the model's channel order, on one grid, into `orientation`."""
+                   orientation: str = "RAS", reference: str | None = None) -> list[Image]:
+    """Load the named sequences in the model's channel order into `orientation`, all on one grid.
+
+    The grid is the `reference` modality's (the FLAIR's, as callers pass it; default the first):
+    the others are resampled onto it where their grids differ (`on_grid_of`).
+    """
     missing = [m for m in modalities if m not in inputs]
     extra = [m for m in inputs if m not in modalities]
     if missing or extra:
@@ -167,8 +212,8 @@ def load_sequences(inputs: dict[str, str], modalities: tuple[str, ...], source: 
             f"{', '.join(modalities)} ({'; '.join(problems)})"
         )
     images = [load_image(inputs[m], orientation=orientation) for m in modalities]
-    check_same_grid(images)
-    return images
+    grid = images[modalities.index(reference) if reference in modalities else 0]
+    return [on_grid_of(image, grid) for image in images]
 
 
 def save_like(data: np.ndarray, like: Image, path: str | os.PathLike, dtype=np.uint8) -> None:

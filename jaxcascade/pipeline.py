@@ -129,7 +129,8 @@ def segment_files(model_dir, inputs: dict, out, *, probabilities_dir=None, thres
                 raise UserError(f"{path}: already exists; pass --overwrite to replace it")
     if method is not None:
         resolve_method(model.stage1, method)  # refuse an impossible --inference before any work
-    images = nifti.load_sequences(inputs, model.modalities, orientation=model.config.data.orientation)
+    images = nifti.load_sequences(inputs, model.modalities, orientation=model.config.data.orientation,
+                                  reference=model.config.data.flair)
     result = segment_images(model, images, threshold=threshold, min_lesion_voxels=min_lesion_voxels, method=method,
                             progress=progress)
     reference = images[model.modalities.index(model.config.data.flair)]

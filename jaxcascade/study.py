@@ -109,7 +109,7 @@ def _segment_subject(model: Cascade, subject: StudySubject, out: Path, probabili
     if absent:
         raise UserError(f"{absent[0]}: file not found ({len(absent)} of the model's sequences missing)")
     images = nifti.load_sequences(subject.inputs, model.modalities, subject.participant_id,
-                                  orientation=config.data.orientation)
+                                  orientation=config.data.orientation, reference=config.data.flair)
     reference = images[model.modalities.index(config.data.flair)]
     result = segment_images(model, images, progress=progress)
     out.mkdir(parents=True, exist_ok=True)

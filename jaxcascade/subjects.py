@@ -79,8 +79,8 @@ def load_training_subjects(data_dir, config, num_shards: int = 1) -> list[Subjec
             if shard_of[number] not in mine:
                 continue
             images = nifti.load_sequences({m: folder / f"{m}{suffix}" for m in modalities}, modalities, folder.name,
-                                          orientation=config.data.orientation)
-            lesion = nifti.load_lesion_mask(folder / f"{lesion_name}{suffix}", images[0])
+                                          orientation=config.data.orientation, reference=config.data.flair)
+            lesion = nifti.load_lesion_mask(folder / f"{lesion_name}{suffix}", images[channel])
             volume = normalise_channels([image.data for image in images], config.normalisation)
             subjects.append(Subject(folder.name, volume, lesion, channel, number, shard_of[number]))
         return subjects

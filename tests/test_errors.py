@@ -56,21 +56,27 @@ def test_missing_file(trained_model, cohort, tmp_path, capsys):
                       missing, "not found", out_files=[out])
 
 
-def test_shape_mismatch(trained_model, subject, tmp_path, capsys):
+def test_sequences_on_another_grid_are_resampled_onto_the_flair_grid(trained_model, subject, tmp_path, capsys):
+    """A thick-slice T1 (every other plane, twice the spacing) and a cropped FLAIR: the mask is on the FLAIR's grid."""
+    thick = subject["T1"].affine @ np.diag([1.0, 1.0, 2.0, 1.0])
+    t1 = _save(np.asarray(subject["T1"].dataobj)[:, :, ::2], tmp_path / "T1.nii.gz", thick)
     flair = _save(np.asarray(subject["FLAIR"].dataobj)[:-2], tmp_path / "FLAIR.nii.gz", subject["FLAIR"].affine)
-    t1 = _save(subject["T1"].dataobj, tmp_path / "T1.nii.gz", subject["T1"].affine)
     out = tmp_path / "seg.nii.gz"
-    assert_user_error(capsys, _segment(trained_model, t1, flair, out), flair, "shape", out_files=[out])
+    assert cli.main([str(arg) for arg in _segment(trained_model, t1, flair, out)]) == 0
+    written = nib.load(out)
+    assert written.shape == nib.load(flair).shape
+    np.testing.assert_array_equal(written.affine, nib.load(flair).affine)
 
 
-def test_affine_mismatch_reports_both(trained_model, subject, tmp_path, capsys):
+def test_sequences_that_barely_overlap_are_refused_with_both_affines(trained_model, subject, tmp_path, capsys):
     shifted = subject["FLAIR"].affine.copy()
-    shifted[0, 3] += 2.0
-    flair = _save(subject["FLAIR"].dataobj, tmp_path / "FLAIR.nii.gz", shifted)
-    t1 = _save(subject["T1"].dataobj, tmp_path / "T1.nii.gz", subject["T1"].affine)
+    shifted[0, 3] += 500.0  # half a metre away: not the same scanner space
+    flair = _save(subject["FLAIR"].dataobj, tmp_path / "FLAIR.nii.gz", subject["FLAIR"].affine)
+    t1 = _save(subject["T1"].dataobj, tmp_path / "T1.nii.gz", shifted)
     out = tmp_path / "seg.nii.gz"
-    line = assert_user_error(capsys, _segment(trained_model, t1, flair, out), flair, "affine", out_files=[out])
-    assert line.count("[[") == 2  # both affines printed
+    line = assert_user_error(capsys, _segment(trained_model, t1, flair, out), t1, "not co-registered",
+                             out_files=[out])
+    assert line.count("[[") == 2 and "0%" in line  # both affines printed, the overlap named
 
 
 @pytest.mark.parametrize("inputs, fragment", [
