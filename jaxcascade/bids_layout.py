@@ -3,7 +3,8 @@
 A folder holding dataset_description.json is read as BIDS: the model's modalities map to BIDS suffixes
 (T1 -> T1w, FLAIR -> FLAIR, T2 -> T2w, PD -> PDw, or `--bids-suffix NAME=SUFFIX`), searched as
 sub-*/[ses-*/]anat/*_<suffix>.nii[.gz]. A lesion mask, where one exists for scoring, is a derivatives
-file *_label-lesion_mask.nii[.gz] of the same subject and session. Outputs form a BIDS derivatives
+file *_label-lesion_mask.nii[.gz] of the same subject and session, a brain mask a *_desc-brain_mask one.
+Outputs form a BIDS derivatives
 dataset: dataset_description.json (DatasetType derivative, GeneratedBy jaxcascade and its version) and
 sub-X/[ses-Y/]anat/sub-X[_ses-Y]_desc-lesion_mask.nii.gz and friends (`study.py`). pybids is an extra:
     pip install 'jaxcascade[bids]'
@@ -55,7 +56,7 @@ def sessions(root, modalities: tuple[str, ...], suffixes: dict[str, str]) -> lis
             if session is not None:
                 query["session"] = session
             entry = {"participant_id": f"sub-{subject}", "session_id": f"ses-{session}" if session else "",
-                     "inputs": {}, "truth": None, "problem": None}
+                     "inputs": {}, "truth": None, "brain_mask": None, "problem": None}
             for modality in modalities:
                 files = [f for f in layout.get(suffix=suffixes[modality], datatype="anat", scope="raw", **query)]
                 if len(files) != 1:
@@ -68,6 +69,8 @@ def sessions(root, modalities: tuple[str, ...], suffixes: dict[str, str]) -> lis
                 entry["inputs"][modality] = Path(files[0])
             masks = layout.get(suffix="mask", label="lesion", scope="derivatives", **query)
             entry["truth"] = Path(masks[0]) if len(masks) == 1 else None
+            brains = layout.get(suffix="mask", desc="brain", scope="derivatives", **query)
+            entry["brain_mask"] = Path(brains[0]) if len(brains) == 1 else None
             found.append(entry)
     if not found:
         raise UserError(f"{root}: a BIDS dataset without subjects (expected sub-*/anat/*.nii.gz)")

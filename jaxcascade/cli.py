@@ -38,6 +38,10 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
+def _warn(message: str) -> None:
+    print(f"jaxcascade: warning: {message}", file=sys.stderr, flush=True)
+
+
 def parse_inputs(pairs: list[str]) -> dict[str, str]:
     """['T1=a.nii.gz', 'FLAIR=b.nii.gz'] -> {'T1': 'a.nii.gz', 'FLAIR': 'b.nii.gz'}."""
     inputs: dict[str, str] = {}
@@ -90,13 +94,15 @@ def cmd_segment(args, _overrides) -> None:
                         "or --data DIR --out-dir OUT for a study (see --help)")
     if args.probabilities == "":
         raise UserError("jaxcascade segment --probabilities: give the folder for one subject's maps")
+    if args.shard or args.bids_suffix:
+        raise UserError("jaxcascade segment: --shard and --bids-suffix apply to a study (--data DIR --out-dir OUT)")
     from jaxcascade import pipeline
 
     inputs = parse_inputs(args.input)
     result = pipeline.segment_files(
         args.model, inputs, args.out, probabilities_dir=args.probabilities, threshold=args.threshold,
         min_lesion_voxels=args.min_lesion_voxels, method=args.inference, compute_dtype=args.compute_dtype,
-        overwrite=args.overwrite, progress=_progress,
+        brain_mask=args.brain_mask, overwrite=args.overwrite, progress=_progress, warn=_warn,
     )
     _log(f"{args.out}: {int(result.mask.sum())} lesion voxels "
          f"({result.candidate_count} candidates, {result.stage2_candidate_count} to stage 2)")
@@ -107,6 +113,9 @@ def _segment_study(args) -> None:
 
     if not (args.data and args.out_dir) or args.input or args.out:
         raise UserError("jaxcascade segment: a study takes --data DIR and --out-dir OUT, without --input/--out")
+    if args.brain_mask:
+        raise UserError("jaxcascade segment --data: --brain-mask is for one subject; in a study each subject's "
+                        "mask is brain_mask.nii.gz in its folder (BIDS: a *_desc-brain_mask derivative)")
     if args.probabilities:
         raise UserError("jaxcascade segment --data: --probabilities takes no folder for a study (maps go beside "
                         "each subject's mask)")
@@ -117,11 +126,13 @@ def _segment_study(args) -> None:
 
     rows = study.segment_study(args.model, args.data, args.out_dir, probabilities=args.probabilities is not None,
                                overwrite=args.overwrite, compute_dtype=args.compute_dtype,
-                               bids_suffixes=bids_layout.parse_suffixes(args.bids_suffix), log=_log,
-                               progress=_progress)
-    failed = [row for row in rows if row["status"] != "ok"]
-    _log(f"{args.out_dir}: {len(rows) - len(failed)} of {len(rows)} subjects segmented; "
-         f"lesions.csv and lesion_table.csv written" + (f"; {len(failed)} failed (see lesions.csv)" if failed else ""))
+                               bids_suffixes=bids_layout.parse_suffixes(args.bids_suffix),
+                               shard=study.parse_shard(args.shard), log=_log, progress=_progress)
+    failed = [row for row in rows if row["status"].startswith("error")]
+    pending = [row for row in rows if row["status"].startswith("pending")]
+    _log(f"{args.out_dir}: {len(rows) - len(failed) - len(pending)} of {len(rows)} subjects segmented; "
+         f"lesions.csv and lesion_table.csv written" + (f"; {len(failed)} failed (see lesions.csv)" if failed else "")
+         + (f"; {len(pending)} left to other shards" if pending else ""))
 
 
 def cmd_evaluate(args, _overrides) -> None:
@@ -181,8 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="binary mask to write (.nii.gz) (one subject)")
     p.add_argument("--probabilities", nargs="?", const="", metavar="DIR",
                    help="also write stage1/stage2 probability maps (into DIR; for a study, beside each mask)")
+    p.add_argument("--brain-mask", metavar="PATH",
+                   help="restrict normalisation and candidates to this mask (images that are not skull-stripped)")
     p.add_argument("--data", metavar="DIR", help="a study: one folder per subject, as for training")
     p.add_argument("--out-dir", metavar="OUT", help="a study's outputs: masks, QC pictures, lesions.csv")
+    p.add_argument("--shard", metavar="I/N",
+                   help="a study split over N processes: this one takes subjects I, I+N, ... ('slurm': the array task)")
     p.add_argument("--bids-suffix", action="append", metavar="NAME=SUFFIX",
                    help="BIDS suffix of a modality (defaults T1=T1w, FLAIR=FLAIR, T2=T2w, PD=PDw)")
     p.add_argument("--threshold", type=float, help="t_bin on CNN2's probability (model's config by default)")

@@ -192,6 +192,24 @@ def on_grid_of(image: Image, reference: Image) -> Image:
     return Image(path=image.path, data=resampled, nifti=reference.nifti, orientation=reference.orientation)
 
 
+def load_brain_mask(path: str | os.PathLike, reference: Image) -> np.ndarray:
+    """A brain mask (binary or probabilistic, > 0.5 is brain) on the reference's processing grid, resampled if need be."""
+    mask = on_grid_of(load_image(path, allow_all_zero=True, orientation=reference.orientation), reference).data > 0.5
+    if not mask.any():
+        raise UserError(f"{path}: the brain mask holds no voxel above 0.5 on {reference.path}'s grid")
+    return mask
+
+
+def looks_skull_stripped(data: np.ndarray) -> bool:
+    """False when nonzero voxels cover more than 5 % of four or more of the field of view's six faces.
+
+    The method's statistics and candidates come from nonzero voxels, which presumes a skull-stripped
+    image; an unstripped head (and its background noise) reaches the borders.
+    """
+    faces = (data[0], data[-1], data[:, 0], data[:, -1], data[:, :, 0], data[:, :, -1])
+    return sum(float(np.mean(face != 0)) > 0.05 for face in faces) < 4
+
+
 def load_sequences(inputs: dict[str, str], modalities: tuple[str, ...], source: str = "the model", *,
                    orientation: str = "RAS", reference: str | None = None) -> list[Image]:
     """Load the named sequences in the model's channel order into `orientation`, all on one grid.

@@ -104,19 +104,26 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress:
 
 
 def segment_images(model: Cascade, images: list[nifti.Image], *, threshold=None, min_lesion_voxels=None,
-                   method=None, progress=None) -> Segmentation:
-    """Segment one subject given its images in the model's channel order."""
+                   method=None, brain_mask: np.ndarray | None = None, progress=None) -> Segmentation:
+    """Segment one subject given its images in the model's channel order (restricted to brain_mask if given)."""
     config = model.config
     options = InferenceOptions.from_config(config, threshold=threshold, min_lesion_voxels=min_lesion_voxels,
                                            method=method)
-    volume = normalise_channels([image.data for image in images], config.normalisation)
+    # Outside the mask every image is 0: left out of the normalisation statistics and never a candidate.
+    channels = [image.data if brain_mask is None else image.data * brain_mask for image in images]
+    volume = normalise_channels(channels, config.normalisation)
     return segment_volume(model.stage1, model.stage2, volume, flair_channel(config), options,
                           voxel_volume_ml=images[0].voxel_volume_ml, progress=progress)
 
 
 def segment_files(model_dir, inputs: dict, out, *, probabilities_dir=None, threshold=None, min_lesion_voxels=None,
-                  method=None, compute_dtype=None, overwrite=False, progress=None) -> Segmentation:
-    """Segment NIfTI files and write the mask (and probability maps), all checks first."""
+                  method=None, compute_dtype=None, brain_mask=None, overwrite=False, progress=None,
+                  warn: Callable = _silent) -> Segmentation:
+    """Segment NIfTI files and write the mask (and probability maps), all checks first.
+
+    brain_mask: a mask file restricting normalisation and candidates (for images not skull-stripped);
+    without one, an image that does not look skull-stripped gets a one-line `warn`.
+    """
     model = Cascade.load(model_dir, compute_dtype=compute_dtype)
     out = check_output_path(out, overwrite=overwrite)
     probability_paths = []
@@ -131,9 +138,13 @@ def segment_files(model_dir, inputs: dict, out, *, probabilities_dir=None, thres
         resolve_method(model.stage1, method)  # refuse an impossible --inference before any work
     images = nifti.load_sequences(inputs, model.modalities, orientation=model.config.data.orientation,
                                   reference=model.config.data.flair)
-    result = segment_images(model, images, threshold=threshold, min_lesion_voxels=min_lesion_voxels, method=method,
-                            progress=progress)
     reference = images[model.modalities.index(model.config.data.flair)]
+    mask = nifti.load_brain_mask(brain_mask, reference) if brain_mask else None
+    if mask is None and not nifti.looks_skull_stripped(reference.data):
+        warn(f"{reference.path}: nonzero voxels reach most faces of the field of view; the image does not look "
+             "skull-stripped (pass --brain-mask)")
+    result = segment_images(model, images, threshold=threshold, min_lesion_voxels=min_lesion_voxels, method=method,
+                            brain_mask=mask, progress=progress)
     if probability_paths:
         probabilities_dir.mkdir(exist_ok=True)
         nifti.save_like(result.stage1_probability, reference, probability_paths[0], dtype=np.float32)

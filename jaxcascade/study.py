@@ -22,6 +22,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -36,7 +37,7 @@ from jaxcascade.outputs import check_output_path, write_json, write_text
 from jaxcascade.pipeline import segment_images
 
 SUBJECT_COLUMNS = ("participant_id", "session_id", "status", "lesion_count", "lesion_volume_ml", "voxel_size_mm",
-                   "seconds", "dsc", "ppv", "tpr", "lesion_f1", "true_volume_ml")
+                   "skull_stripped", "seconds", "dsc", "ppv", "tpr", "lesion_f1", "true_volume_ml")
 LESION_COLUMNS = ("participant_id", "session_id", "label", "volume_ml", "centroid_x_mm", "centroid_y_mm",
                   "centroid_z_mm", "voxels", "mean_probability", "max_probability")
 # Lesions are counted as the metrics count them: 26-connected components.
@@ -52,6 +53,7 @@ class StudySubject:
     folder: Path  # outputs, relative to OUT
     prefix: str  # of every output file name
     problem: str | None = None  # a reason it cannot be segmented, found while discovering
+    brain_mask: Path | None = None  # restricts normalisation and candidates
 
 
 def study_subjects(data_dir, config, bids_suffixes: dict | None = None) -> list[StudySubject]:
@@ -64,7 +66,7 @@ def study_subjects(data_dir, config, bids_suffixes: dict | None = None) -> list[
         found = bids_layout.sessions(data_dir, modalities, bids_suffixes or bids_layout.DEFAULT_SUFFIXES)
         return [StudySubject(entry["participant_id"], entry["session_id"], entry["inputs"], entry["truth"],
                              *bids_layout.output_location(entry["participant_id"], entry["session_id"]),
-                             problem=entry["problem"]) for entry in found]
+                             problem=entry["problem"], brain_mask=entry["brain_mask"]) for entry in found]
     names = [f"{m}{config.data.suffix}" for m in modalities]
     folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
                      and any((p / name).exists() for name in names))
@@ -73,9 +75,10 @@ def study_subjects(data_dir, config, bids_suffixes: dict | None = None) -> list[
                         f"{data_dir}/<subject>/{names[0]} ..., or a BIDS dataset with dataset_description.json)")
     subjects = []
     for folder in folders:
-        truth = folder / f"{config.data.lesion}{config.data.suffix}"
+        truth, brain = folder / f"{config.data.lesion}{config.data.suffix}", folder / f"brain_mask{config.data.suffix}"
         subjects.append(StudySubject(folder.name, "", {m: folder / f"{m}{config.data.suffix}" for m in modalities},
-                                     truth if truth.exists() else None, Path(folder.name), folder.name))
+                                     truth if truth.exists() else None, Path(folder.name), folder.name,
+                                     brain_mask=brain if brain.exists() else None))
     return subjects
 
 
@@ -111,7 +114,9 @@ def _segment_subject(model: Cascade, subject: StudySubject, out: Path, probabili
     images = nifti.load_sequences(subject.inputs, model.modalities, subject.participant_id,
                                   orientation=config.data.orientation, reference=config.data.flair)
     reference = images[model.modalities.index(config.data.flair)]
-    result = segment_images(model, images, progress=progress)
+    brain_mask = nifti.load_brain_mask(subject.brain_mask, reference) if subject.brain_mask else None
+    stripped = "masked" if brain_mask is not None else "yes" if nifti.looks_skull_stripped(reference.data) else "no"
+    result = segment_images(model, images, brain_mask=brain_mask, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     nifti.save_like(result.mask, reference, out / f"{subject.prefix}_desc-lesion_mask.nii.gz", dtype=np.uint8)
     if probabilities:
@@ -124,7 +129,8 @@ def _segment_subject(model: Cascade, subject: StudySubject, out: Path, probabili
     row = {"participant_id": subject.participant_id, "session_id": subject.session_id, "status": "ok",
            "lesion_count": len(lesions),
            "lesion_volume_ml": round(float(result.mask.sum()) * reference.voxel_volume_ml, 6),
-           "voxel_size_mm": "x".join(f"{z:g}" for z in reference.nifti.header.get_zooms()[:3])}
+           "voxel_size_mm": "x".join(f"{z:g}" for z in reference.nifti.header.get_zooms()[:3]),
+           "skull_stripped": stripped}
     if truth is not None:
         scores = metrics.segmentation_metrics(result.mask, truth, reference.voxel_volume_ml)
         row.update({key: round(scores[key], 5) for key in ("dsc", "ppv", "tpr", "lesion_f1")},
@@ -143,10 +149,36 @@ def _csv(rows: list[dict], columns: tuple[str, ...]) -> str:
     return buffer.getvalue()
 
 
+def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int]:
+    """'I/N' (0 <= I < N), 'slurm' (this SLURM array task of the array), or None: (0, 1)."""
+    if not text:
+        return 0, 1
+    if text == "slurm":
+        if "SLURM_ARRAY_TASK_ID" not in environ:
+            raise UserError("--shard slurm: SLURM_ARRAY_TASK_ID is not set (run it as a job array, sbatch --array)")
+        first = int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        count = int(environ.get("SLURM_ARRAY_TASK_COUNT") or int(environ["SLURM_ARRAY_TASK_MAX"]) - first + 1)
+        return int(environ["SLURM_ARRAY_TASK_ID"]) - first, count
+    index, sep, count = text.partition("/")
+    try:
+        shard = int(index), int(count)
+    except ValueError:
+        shard = (-1, 0)
+    if not sep or not 0 <= shard[0] < shard[1]:
+        raise UserError(f"--shard {text}: expected I/N with 0 <= I < N (e.g. --shard 0/4), or slurm")
+    return shard
+
+
 def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, overwrite: bool = False,
-                  compute_dtype: str | None = None, bids_suffixes: dict | None = None, log: Callable = print,
+                  compute_dtype: str | None = None, bids_suffixes: dict | None = None,
+                  shard: tuple[int, int] = (0, 1), log: Callable = print,
                   progress: Callable | None = None) -> list[dict]:
-    """Segment every subject of data_dir into out_dir; returns the subject rows (also in OUT/lesions.csv)."""
+    """Segment every subject of data_dir into out_dir; returns the subject rows (also in OUT/lesions.csv).
+
+    With shard (i, n), this process segments subjects i, i + n, ... and reports the others as far as
+    their own processes have finished them; the last process to finish (or a plain rerun, which
+    segments nothing new) writes the complete CSVs. No scheduler: a SLURM array or n shell jobs.
+    """
     out_dir = check_output_path(out_dir, is_dir=True)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a folder; choose another --out-dir")
@@ -155,12 +187,20 @@ def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, 
     out_dir.mkdir(exist_ok=True)
     if bids_layout.is_bids(data_dir):
         bids_layout.describe_derivatives(out_dir, Path(data_dir))
-    reports = []
-    for subject in progress(subjects, "subjects") if progress else subjects:
+    reports, (index, count) = [], shard
+    for number, subject in enumerate(progress(subjects, "subjects") if progress else subjects):
         name = " ".join(part for part in (subject.participant_id, subject.session_id) if part)
         report_path = out_dir / subject.folder / f"{subject.prefix}_desc-lesion_report.json"
-        if report_path.exists() and not overwrite:
+        # A failure is recorded apart from the report: other shards read it, its own shard retries it.
+        failure_path = report_path.with_name(f"{subject.prefix}_desc-lesion_error.json")
+        mine = number % count == index
+        if report_path.exists() and not (overwrite and mine):
             reports.append(json.loads(report_path.read_text()))
+            continue
+        if not mine:
+            pending = {"row": {"participant_id": subject.participant_id, "session_id": subject.session_id,
+                               "status": f"pending: shard {number % count}/{count}"}, "lesions": []}
+            reports.append(json.loads(failure_path.read_text()) if failure_path.exists() else pending)
             continue
         try:
             report = _segment_subject(model, subject, out_dir / subject.folder, probabilities, progress)
@@ -168,10 +208,15 @@ def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, 
             report = {"row": {"participant_id": subject.participant_id, "session_id": subject.session_id,
                               "status": f"error: {error}"}, "lesions": []}
             log(f"{name}: {error}")
+            failure_path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(report, failure_path)
         else:
+            failure_path.unlink(missing_ok=True)
             write_json(report, report_path)  # last: a subject without a report is redone
             log(f"{name}: {report['row']['lesion_count']} lesions, "
-                f"{report['row']['lesion_volume_ml']:.2f} ml ({report['row']['seconds']:.1f} s)")
+                f"{report['row']['lesion_volume_ml']:.2f} ml ({report['row']['seconds']:.1f} s)"
+                + ("; the FLAIR does not look skull-stripped: add a brain mask" if report["row"]["skull_stripped"] == "no"
+                   else ""))
         reports.append(report)
     rows = [report["row"] for report in reports]
     lesions = [{**lesion, "participant_id": report["row"]["participant_id"],

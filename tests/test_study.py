@@ -8,7 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxcascade import cascade, cli, dense, phantom
+from jaxcascade import cascade, cli, dense, phantom, study as study_lib
+from jaxcascade.errors import UserError
 from conftest import held_out_inputs
 
 
@@ -127,3 +128,65 @@ def test_bids_dataset_in_and_derivatives_out(trained_model, tmp_path, capsys):
     lesions = _read(out / "lesion_table.csv")
     assert {(r["participant_id"], r["session_id"]) for r in lesions} <= {(r["participant_id"], r["session_id"])
                                                                          for r in rows[:3]}
+
+
+def test_a_study_split_over_two_shards_ends_in_one_complete_report(trained_model, study, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["segment", "--model", str(trained_model), "--data", str(study), "--out-dir", str(out)]
+    assert cli.main([*argv, "--shard", "0/2"]) == 0
+    statuses = {row["participant_id"]: row["status"] for row in _read(out / "lesions.csv")}
+    # Sorted sub-a, sub-b, sub-c, sub-d: shard 0 takes sub-a and sub-c.
+    assert statuses["sub-a"] == "ok" and statuses["sub-b"] == statuses["sub-d"] == "pending: shard 1/2"
+    assert cli.main([*argv, "--shard", "1/2"]) == 0
+    statuses = {row["participant_id"]: row["status"] for row in _read(out / "lesions.csv")}
+    assert statuses["sub-b"] == statuses["sub-d"] == "ok" and statuses["sub-c"].startswith("error")
+    assert "3 of 4 subjects segmented; lesions.csv and lesion_table.csv written; 1 failed" in capsys.readouterr().out
+
+
+def test_shard_settings():
+    assert study_lib.parse_shard(None) == (0, 1) and study_lib.parse_shard("2/3") == (2, 3)
+    assert study_lib.parse_shard("slurm", {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4",
+                                           "SLURM_ARRAY_TASK_MAX": "7"}) == (1, 4)
+    for bad in ("3/3", "a/b", "1", "-1/2"):
+        with pytest.raises(UserError, match="expected I/N"):
+            study_lib.parse_shard(bad)
+    with pytest.raises(UserError, match="SLURM_ARRAY_TASK_ID is not set"):
+        study_lib.parse_shard("slurm", {})
+
+
+def test_brain_mask_for_an_image_that_is_not_skull_stripped(trained_model, cohort, tmp_path, capsys):
+    """Background noise outside the head: a warning without a mask; with it, the clean image's segmentation."""
+    held_out = cohort / "held_out"
+    head = np.asarray(nib.load(held_out / "FLAIR.nii.gz").dataobj) != 0
+    noisy = {}
+    for name in ("T1", "FLAIR"):
+        image = nib.load(held_out / f"{name}.nii.gz")
+        data = np.asarray(image.dataobj, np.float32)
+        data[~head] = np.random.default_rng(0).uniform(1, 5, int((~head).sum()))
+        noisy[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(data, image.affine, header=image.header), noisy[name])
+    mask_path = tmp_path / "brain.nii.gz"
+    nib.save(nib.Nifti1Image(head.astype(np.uint8), nib.load(held_out / "FLAIR.nii.gz").affine), mask_path)
+    inputs = ["--input", f"T1={noisy['T1']}", "--input", f"FLAIR={noisy['FLAIR']}"]
+    capsys.readouterr()
+    assert cli.main(["segment", "--model", str(trained_model), *inputs, "--out", str(tmp_path / "plain.nii.gz")]) == 0
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "does not look skull-stripped" in warning[0] and "--brain-mask" in warning[0]
+    assert cli.main(["segment", "--model", str(trained_model), *inputs, "--brain-mask", str(mask_path),
+                     "--out", str(tmp_path / "masked.nii.gz")]) == 0
+    assert capsys.readouterr().err == ""
+    clean = tmp_path / "clean.nii.gz"
+    assert cli.main(["segment", "--model", str(trained_model), *held_out_inputs(cohort), "--out", str(clean)]) == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "masked.nii.gz").dataobj),
+                                  np.asarray(nib.load(clean).dataobj))
+    # In a study the mask is the subject's brain_mask.nii.gz, and the report says which subjects had one.
+    data = tmp_path / "data"
+    for subject, with_mask in (("sub-x", True), ("sub-y", False)):
+        (data / subject).mkdir(parents=True)
+        for name in ("T1", "FLAIR"):
+            shutil.copy(noisy[name], data / subject / f"{name}.nii.gz")
+        if with_mask:
+            shutil.copy(mask_path, data / subject / "brain_mask.nii.gz")
+    assert cli.main(["segment", "--model", str(trained_model), "--data", str(data), "--out-dir",
+                     str(tmp_path / "out")]) == 0
+    assert [row["skull_stripped"] for row in _read(tmp_path / "out" / "lesions.csv")] == ["masked", "no"]
