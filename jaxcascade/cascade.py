@@ -89,6 +89,28 @@ class Segmentation:
     mask: np.ndarray
     candidate_count: int
     stage2_candidate_count: int
+    stage2_std: np.ndarray | None = None  # with test-time augmentation: CNN2's spread over the flips
+
+
+# Test-time augmentation: every combination of flips of the three axes (the identity first).
+FLIPS = tuple(tuple(axis for axis in range(3) if code >> axis & 1) for code in range(8))
+
+
+def classify_flipped(stage: Stage, volume: np.ndarray, mask: np.ndarray, options: inference.InferenceOptions,
+                     progress: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation over FLIPS of the stage's probability on mask (0 elsewhere).
+
+    Each flip classifies the flipped volume and is flipped back, so every voxel is averaged over eight
+    views of its neighbourhood; the networks are not flip-invariant, which is what makes the views differ.
+    """
+    views = []
+    for axes in FLIPS:
+        flipped = np.flip(volume, axes) if axes else volume
+        probability = inference.classify(stage, np.ascontiguousarray(flipped),
+                                         np.flip(mask, axes) if axes else mask, options, progress)
+        views.append(np.flip(probability, axes) if axes else probability)
+    stack = np.stack(views)
+    return stack.mean(axis=0) * mask, stack.std(axis=0) * mask
 
 
 def segment_volume(
@@ -106,7 +128,8 @@ def segment_volume(
     CNN1 classifies every candidate (normalised FLAIR > min_th); CNN2 classifies
     the voxels where CNN1 > stage2_min_probability; the mask is CNN2 >= threshold
     with connected components of at most min_lesion_voxels removed (and emptied
-    entirely below min_volume_ml, nicMSlesions' rule; 0 disables it).
+    entirely below min_volume_ml, nicMSlesions' rule; 0 disables it). With
+    options.tta both stages average their probabilities over the eight axis flips.
     """
     candidates = candidate_mask(volume[..., flair_channel], options.min_th)
     if not candidates.any():
@@ -115,10 +138,17 @@ def segment_volume(
             "check that the FLAIR image is the right one or lower --config.candidates.min_th"
         )
     wrap = (lambda it: progress(it, "stage 1")) if progress else None
-    stage1_probability = inference.classify(stage1, volume, candidates, options, wrap)
+    stage2_std = None
+    if options.tta:
+        stage1_probability, _ = classify_flipped(stage1, volume, candidates, options, wrap)
+    else:
+        stage1_probability = inference.classify(stage1, volume, candidates, options, wrap)
     stage2_candidates = stage1_probability > options.stage2_min_probability
     wrap = (lambda it: progress(it, "stage 2")) if progress else None
-    stage2_probability = inference.classify(stage2, volume, stage2_candidates, options, wrap)
+    if options.tta:
+        stage2_probability, stage2_std = classify_flipped(stage2, volume, stage2_candidates, options, wrap)
+    else:
+        stage2_probability = inference.classify(stage2, volume, stage2_candidates, options, wrap)
     mask = postprocess.binarise(stage2_probability, options.threshold)
     mask = postprocess.remove_small_lesions(mask, options.min_lesion_voxels, options.connectivity)
     mask = postprocess.apply_min_volume(mask, options.min_volume_ml, voxel_volume_ml)
@@ -128,4 +158,5 @@ def segment_volume(
         mask=mask,
         candidate_count=int(candidates.sum()),
         stage2_candidate_count=int(stage2_candidates.sum()),
+        stage2_std=stage2_std,
     )

@@ -102,7 +102,7 @@ def cmd_segment(args, _overrides) -> None:
     result = pipeline.segment_files(
         args.model, inputs, args.out, probabilities_dir=args.probabilities, threshold=args.threshold,
         min_lesion_voxels=args.min_lesion_voxels, method=args.inference, compute_dtype=args.compute_dtype,
-        brain_mask=args.brain_mask, overwrite=args.overwrite, progress=_progress, warn=_warn,
+        tta=args.tta or None, brain_mask=args.brain_mask, overwrite=args.overwrite, progress=_progress, warn=_warn,
     )
     _log(f"{args.out}: {int(result.mask.sum())} lesion voxels "
          f"({result.candidate_count} candidates, {result.stage2_candidate_count} to stage 2)")
@@ -127,7 +127,8 @@ def _segment_study(args) -> None:
     rows = study.segment_study(args.model, args.data, args.out_dir, probabilities=args.probabilities is not None,
                                overwrite=args.overwrite, compute_dtype=args.compute_dtype,
                                bids_suffixes=bids_layout.parse_suffixes(args.bids_suffix),
-                               shard=study.parse_shard(args.shard), log=_log, progress=_progress)
+                               shard=study.parse_shard(args.shard), tta=args.tta or None, log=_log,
+                               progress=_progress)
     failed = [row for row in rows if row["status"].startswith("error")]
     pending = [row for row in rows if row["status"].startswith("pending")]
     _log(f"{args.out_dir}: {len(rows) - len(failed) - len(pending)} of {len(rows)} subjects segmented; "
@@ -207,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dense whole-volume kernel (exact; default where the network allows) or patch-wise")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"),
                    help="convolution arithmetic (model's config by default); bfloat16 is faster on GPUs, TPUs, AMX CPUs")
+    p.add_argument("--tta", action="store_true",
+                   help="average both stages over the 8 axis flips (8x slower); with --probabilities also "
+                        "stage2_std.nii.gz, the spread over the flips")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(run=cmd_segment)
 

@@ -43,6 +43,7 @@ class InferenceOptions:
     batch_size: int = 128  # patches per call on the patch path
     tile_size: int = 12  # output block edge on the dense path
     tiles_per_batch: int = 8
+    tta: bool = False  # average both stages over the eight axis flips (cascade.classify_flipped)
 
     @classmethod
     def from_config(cls, config, **overrides) -> "InferenceOptions":
@@ -58,6 +59,7 @@ class InferenceOptions:
             batch_size=inference.batch_size,
             tile_size=inference.tile_size,
             tiles_per_batch=inference.tiles_per_batch,
+            tta=inference.tta,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -104,11 +104,11 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress:
 
 
 def segment_images(model: Cascade, images: list[nifti.Image], *, threshold=None, min_lesion_voxels=None,
-                   method=None, brain_mask: np.ndarray | None = None, progress=None) -> Segmentation:
+                   method=None, tta=None, brain_mask: np.ndarray | None = None, progress=None) -> Segmentation:
     """Segment one subject given its images in the model's channel order (restricted to brain_mask if given)."""
     config = model.config
     options = InferenceOptions.from_config(config, threshold=threshold, min_lesion_voxels=min_lesion_voxels,
-                                           method=method)
+                                           method=method, tta=tta)
     # Outside the mask every image is 0: left out of the normalisation statistics and never a candidate.
     channels = [image.data if brain_mask is None else image.data * brain_mask for image in images]
     volume = normalise_channels(channels, config.normalisation)
@@ -117,7 +117,7 @@ def segment_images(model: Cascade, images: list[nifti.Image], *, threshold=None,
 
 
 def segment_files(model_dir, inputs: dict, out, *, probabilities_dir=None, threshold=None, min_lesion_voxels=None,
-                  method=None, compute_dtype=None, brain_mask=None, overwrite=False, progress=None,
+                  method=None, compute_dtype=None, tta=None, brain_mask=None, overwrite=False, progress=None,
                   warn: Callable = _silent) -> Segmentation:
     """Segment NIfTI files and write the mask (and probability maps), all checks first.
 
@@ -131,6 +131,8 @@ def segment_files(model_dir, inputs: dict, out, *, probabilities_dir=None, thres
         probabilities_dir = Path(probabilities_dir)
         check_output_path(probabilities_dir, is_dir=True)
         probability_paths = [probabilities_dir / "stage1.nii.gz", probabilities_dir / "stage2.nii.gz"]
+        if tta:
+            probability_paths.append(probabilities_dir / "stage2_std.nii.gz")
         for path in probability_paths:
             if path.exists() and not overwrite:
                 raise UserError(f"{path}: already exists; pass --overwrite to replace it")
@@ -144,10 +146,12 @@ def segment_files(model_dir, inputs: dict, out, *, probabilities_dir=None, thres
         warn(f"{reference.path}: nonzero voxels reach most faces of the field of view; the image does not look "
              "skull-stripped (pass --brain-mask)")
     result = segment_images(model, images, threshold=threshold, min_lesion_voxels=min_lesion_voxels, method=method,
-                            brain_mask=mask, progress=progress)
+                            tta=tta, brain_mask=mask, progress=progress)
     if probability_paths:
         probabilities_dir.mkdir(exist_ok=True)
         nifti.save_like(result.stage1_probability, reference, probability_paths[0], dtype=np.float32)
         nifti.save_like(result.stage2_probability, reference, probability_paths[1], dtype=np.float32)
+        if result.stage2_std is not None:
+            nifti.save_like(result.stage2_std, reference, probability_paths[2], dtype=np.float32)
     nifti.save_like(result.mask, reference, out, dtype=np.uint8)
     return result

@@ -190,3 +190,20 @@ def test_brain_mask_for_an_image_that_is_not_skull_stripped(trained_model, cohor
     assert cli.main(["segment", "--model", str(trained_model), "--data", str(data), "--out-dir",
                      str(tmp_path / "out")]) == 0
     assert [row["skull_stripped"] for row in _read(tmp_path / "out" / "lesions.csv")] == ["masked", "no"]
+
+
+def test_test_time_augmentation_averages_eight_flips(trained_model, cohort, tmp_path):
+    """--tta: probabilities are the mean over the flips (the identity view among them), with their spread."""
+    plain, tta = tmp_path / "plain", tmp_path / "tta"
+    for folder, extra in ((plain, []), (tta, ["--tta"])):
+        folder.mkdir()
+        assert cli.main(["segment", "--model", str(trained_model), *held_out_inputs(cohort), "--out",
+                         str(folder / "seg.nii.gz"), "--probabilities", str(folder), *extra]) == 0
+    one = np.asarray(nib.load(plain / "stage1.nii.gz").dataobj)
+    mean = np.asarray(nib.load(tta / "stage1.nii.gz").dataobj)
+    spread = np.asarray(nib.load(tta / "stage2_std.nii.gz").dataobj)
+    candidates = one > 0
+    assert np.array_equal(mean > 0, candidates | (mean > 0)) and not np.allclose(mean, one)
+    assert np.abs(mean - one)[candidates].mean() < 0.1  # eight views of a trained model mostly agree
+    assert spread.max() > 0 and not spread[np.asarray(nib.load(tta / "stage2.nii.gz").dataobj) == 0].any()
+    assert not (tmp_path / "plain" / "stage2_std.nii.gz").exists()

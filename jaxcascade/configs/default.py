@@ -86,4 +86,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.inference.batch_size = 128
     config.inference.tile_size = 12  # dense path: output block edge; small blocks skip empty space (see README)
     config.inference.tiles_per_batch = 8
+    # Test-time augmentation: both stages averaged over the 8 axis flips (8x the inference time).
+    config.inference.tta = False
     return config
