@@ -67,6 +67,7 @@ class Cascade:
     config: object
     stage1: Stage
     stage2: Stage
+    voxel_size_mm: tuple | None = None  # of its training data's FLAIR; None: unknown (never resample)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -79,7 +80,8 @@ class Cascade:
         if compute_dtype is not None:
             config.compute_dtype = compute_dtype
         model_dir_lib.require_stages(model_dir, "is not trained yet; finish `jaxcascade train` first")
-        return cls(config, Stage.load(model_dir, 1, config), Stage.load(model_dir, 2, config))
+        return cls(config, Stage.load(model_dir, 1, config), Stage.load(model_dir, 2, config),
+                   model_dir_lib.recorded_voxel_size(model_dir))
 
 
 @dataclasses.dataclass

@@ -102,7 +102,8 @@ def cmd_segment(args, _overrides) -> None:
     result = pipeline.segment_files(
         args.model, inputs, args.out, probabilities_dir=args.probabilities, threshold=args.threshold,
         min_lesion_voxels=args.min_lesion_voxels, method=args.inference, compute_dtype=args.compute_dtype,
-        tta=args.tta or None, brain_mask=args.brain_mask, overwrite=args.overwrite, progress=_progress, warn=_warn,
+        min_lesion_volume_mm3=args.min_lesion_volume, tta=args.tta or None, brain_mask=args.brain_mask,
+        resample=args.resample, overwrite=args.overwrite, progress=_progress, warn=_warn,
     )
     _log(f"{args.out}: {int(result.mask.sum())} lesion voxels "
          f"({result.candidate_count} candidates, {result.stage2_candidate_count} to stage 2)")
@@ -127,7 +128,8 @@ def _segment_study(args) -> None:
     rows = study.segment_study(args.model, args.data, args.out_dir, probabilities=args.probabilities is not None,
                                overwrite=args.overwrite, compute_dtype=args.compute_dtype,
                                bids_suffixes=bids_layout.parse_suffixes(args.bids_suffix),
-                               shard=study.parse_shard(args.shard), tta=args.tta or None, log=_log,
+                               shard=study.parse_shard(args.shard), tta=args.tta or None,
+                               resample=args.resample, min_lesion_volume_mm3=args.min_lesion_volume, log=_log,
                                progress=_progress)
     failed = [row for row in rows if row["status"].startswith("error")]
     pending = [row for row in rows if row["status"].startswith("pending")]
@@ -204,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="t_bin on CNN2's probability (model's config by default)")
     p.add_argument("--min-lesion-voxels", "--min-lesion-size", dest="min_lesion_voxels", type=int, metavar="N",
                    help="keep lesions (connected components) of more than N voxels (model's config by default)")
+    p.add_argument("--min-lesion-volume", type=float, metavar="MM3",
+                   help="keep lesions larger than this many mm^3 (instead of --min-lesion-voxels)")
+    p.add_argument("--resample", choices=("auto", "never"), default="auto",
+                   help="auto: segment inputs of another voxel size at the model's, results on the input's grid")
     p.add_argument("--inference", choices=("auto", "dense", "patch"),
                    help="dense whole-volume kernel (exact; default where the network allows) or patch-wise")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"),

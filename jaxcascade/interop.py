@@ -55,6 +55,9 @@ LAYER_WEIGHTS = {
 # Weightless layers Keras numbers per session (max_pooling3d_3, flatten_2, ...).
 _WEIGHTLESS_LAYER = re.compile(r"in\d*|input_\d+|max_pooling3d_\d+|flatten_\d+|dr_d\d")
 
+# nicMSlesions' baseline models were trained on 1 mm isotropic MICCAI 2008 / 2016 images.
+NICMS_VOXEL_SIZE_MM = (1.0, 1.0, 1.0)
+
 KNOWN_MODELS = {
     ("f4fb53f1a48c842b59ca0cda18c456aad9a0586740aa99bc07f8dc3a1e099528",
      "14250fae1121ed963882cab7fa7145b14dcfe35f2443d7cffe74f89e9054e13e"):
@@ -254,6 +257,7 @@ def import_keras(model1, model2, modalities: tuple, out_dir) -> dict:
     try:
         model_dir.prepare_workdir(staging, config)  # config.json with the "jaxcascade" stamp
         outputs.write_json(provenance, staging / "provenance.json")
+        model_dir.record_voxel_size(staging, NICMS_VOXEL_SIZE_MM)
         checkpoints.save_weights(staging, 1, keras.stage1)
         checkpoints.save_weights(staging, 2, keras.stage2)
         if out_dir.is_dir():

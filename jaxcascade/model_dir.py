@@ -22,6 +22,8 @@ from jaxcascade.nifti import NATIVE
 from jaxcascade.outputs import write_json
 
 FORMAT_VERSION = 1
+# What the model learnt from, beside its config: the FLAIR voxel size (mm) of its training data.
+TRAINING_DATA = "training_data.json"
 # Settings a fine-tuned model must share with the model it starts from.
 FIXED_WHEN_FINE_TUNING = ("model", "data.modalities", "data.orientation", "normalisation")
 
@@ -73,6 +75,23 @@ def read_model_config(model_dir) -> object:
     # Models saved before data.orientation existed saw images as stored.
     record.setdefault("data", {}).setdefault("orientation", NATIVE)
     return config_lib.from_dict(record, str(path))
+
+
+def record_voxel_size(workdir: Path, voxel_size_mm) -> None:
+    """Write the training data's FLAIR voxel size into the model directory (process 0)."""
+    if distributed.is_primary():
+        write_json({"flair_voxel_size_mm": [round(float(v), 4) for v in voxel_size_mm]}, Path(workdir) / TRAINING_DATA)
+
+
+def recorded_voxel_size(model_dir):
+    """The model's training voxel size (mm, 3 values), or None for models saved before it was recorded."""
+    path = Path(model_dir) / TRAINING_DATA
+    if not path.exists():
+        return None
+    try:
+        return tuple(float(v) for v in json.loads(path.read_text())["flair_voxel_size_mm"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: unreadable; rewrite it as {{\"flair_voxel_size_mm\": [x, y, z]}} or remove it") from None
 
 
 def require_stages(model_dir, problem: str) -> None:

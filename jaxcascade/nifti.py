@@ -46,6 +46,11 @@ class Image:
         transform = _reorientation(self.nifti.affine, self.orientation, inverse=True)
         return array if transform is None else np.ascontiguousarray(nib.orientations.apply_orientation(array, transform))
 
+    def from_file_grid(self, array: np.ndarray) -> np.ndarray:
+        """An array on the file's own voxel grid -> the same values on the processing grid."""
+        transform = _reorientation(self.nifti.affine, self.orientation)
+        return array if transform is None else np.ascontiguousarray(nib.orientations.apply_orientation(array, transform))
+
     @property
     def voxel_volume_ml(self) -> float:
         return float(np.prod(self.nifti.header.get_zooms()[:3])) / 1000.0

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from jaxcascade import batching, checkpoints, distributed, history, model_dir as model_dir_lib, models, nifti
-from jaxcascade import sampling, seeding
+from jaxcascade import resolution, sampling, seeding
 from jaxcascade.cascade import Cascade, Segmentation, Stage, flair_channel, segment_volume
 from jaxcascade.errors import UserError
 from jaxcascade.inference import InferenceOptions, resolve_method
@@ -77,6 +77,7 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress:
     probe = models.build_network(config.model, subjects[0].volume.shape[-1], 0, config.compute_dtype)
     trainable_modules(config.train.trainable, models.split_model(probe)[1]["params"])
     distributed.agree(lambda: model_dir_lib.prepare_workdir(workdir, config), "preparing the workdir")
+    model_dir_lib.record_voxel_size(workdir, np.median([s.voxel_size_mm for s in subjects], axis=0))
     log(f"training on {distributed.describe()}")
     if num_shards == 1:
         log(f"{len(subjects)} training subjects: {', '.join(s.name for s in subjects)}")
@@ -104,8 +105,47 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress:
 
 
 def segment_images(model: Cascade, images: list[nifti.Image], *, threshold=None, min_lesion_voxels=None,
-                   method=None, tta=None, brain_mask: np.ndarray | None = None, progress=None) -> Segmentation:
-    """Segment one subject given its images in the model's channel order (restricted to brain_mask if given)."""
+                   min_lesion_volume_mm3=None, method=None, tta=None, brain_mask: np.ndarray | None = None,
+                   resample: str = "auto", warn: Callable = _silent, progress=None) -> Segmentation:
+    """Segment one subject given its images in the model's channel order (restricted to brain_mask if given).
+
+    Images whose voxel size is not the model's are segmented on a grid of the model's voxel size and the
+    result brought back (`resolution.py`), unless resample is 'never' (then `warn` says so).
+    min_lesion_volume_mm3, if given, sets the smallest kept lesion in mm^3 on the grid the cascade runs on.
+    """
+    if resample not in resolution.RESAMPLE_MODES:
+        raise UserError(f"--resample {resample}: use one of {', '.join(resolution.RESAMPLE_MODES)}")
+    reference = images[flair_channel(model.config)]
+    working = images
+    if resolution.differs(reference, model.voxel_size_mm):
+        zooms = "x".join(f"{z:g}" for z in resolution.voxel_size(reference))
+        trained = "x".join(f"{z:g}" for z in model.voxel_size_mm)
+        if resample == "never":
+            warn(f"{reference.path}: voxel size {zooms} mm, the model was trained at {trained} mm; segmenting at "
+                 "the input's resolution as asked (--resample never)")
+        else:
+            shape, affine = resolution.working_grid(reference, model.voxel_size_mm)
+            working = [resolution.onto(image, shape, affine) for image in images]
+            if brain_mask is not None:
+                mask_image = nifti.Image(reference.path, brain_mask.astype(np.float32), reference.nifti,
+                                         reference.orientation)
+                brain_mask = resolution.onto(mask_image, shape, affine).data > 0.5
+    if min_lesion_volume_mm3 is not None:
+        min_lesion_voxels = int(min_lesion_volume_mm3 // (working[0].voxel_volume_ml * 1000))
+    result = _segment_on_grid(model, working, threshold, min_lesion_voxels, method, tta, brain_mask, progress)
+    if working is images:
+        return result
+    on_grid = working[flair_channel(model.config)]
+    return Segmentation(
+        stage1_probability=resolution.back(result.stage1_probability, on_grid, reference),
+        stage2_probability=resolution.back(result.stage2_probability, on_grid, reference),
+        mask=resolution.back(result.mask.astype(np.float32), on_grid, reference) > 0.5,
+        candidate_count=result.candidate_count, stage2_candidate_count=result.stage2_candidate_count,
+        stage2_std=None if result.stage2_std is None else resolution.back(result.stage2_std, on_grid, reference),
+    )
+
+
+def _segment_on_grid(model, images, threshold, min_lesion_voxels, method, tta, brain_mask, progress) -> Segmentation:
     config = model.config
     options = InferenceOptions.from_config(config, threshold=threshold, min_lesion_voxels=min_lesion_voxels,
                                            method=method, tta=tta)
@@ -117,8 +157,8 @@ def segment_images(model: Cascade, images: list[nifti.Image], *, threshold=None,
 
 
 def segment_files(model_dir, inputs: dict, out, *, probabilities_dir=None, threshold=None, min_lesion_voxels=None,
-                  method=None, compute_dtype=None, tta=None, brain_mask=None, overwrite=False, progress=None,
-                  warn: Callable = _silent) -> Segmentation:
+                  min_lesion_volume_mm3=None, method=None, compute_dtype=None, tta=None, brain_mask=None,
+                  resample="auto", overwrite=False, progress=None, warn: Callable = _silent) -> Segmentation:
     """Segment NIfTI files and write the mask (and probability maps), all checks first.
 
     brain_mask: a mask file restricting normalisation and candidates (for images not skull-stripped);
@@ -145,8 +185,9 @@ def segment_files(model_dir, inputs: dict, out, *, probabilities_dir=None, thres
     if mask is None and not nifti.looks_skull_stripped(reference.data):
         warn(f"{reference.path}: nonzero voxels reach most faces of the field of view; the image does not look "
              "skull-stripped (pass --brain-mask)")
-    result = segment_images(model, images, threshold=threshold, min_lesion_voxels=min_lesion_voxels, method=method,
-                            tta=tta, brain_mask=mask, progress=progress)
+    result = segment_images(model, images, threshold=threshold, min_lesion_voxels=min_lesion_voxels,
+                            min_lesion_volume_mm3=min_lesion_volume_mm3, method=method, tta=tta, brain_mask=mask,
+                            resample=resample, warn=warn, progress=progress)
     if probability_paths:
         probabilities_dir.mkdir(exist_ok=True)
         nifti.save_like(result.stage1_probability, reference, probability_paths[0], dtype=np.float32)

@@ -102,7 +102,8 @@ def lesion_rows(mask: np.ndarray, probability: np.ndarray, reference: nifti.Imag
             for k, n, (x, y, z), m, p in zip(index, voxels, world, mean, peak)]
 
 
-def _segment_subject(model: Cascade, subject: StudySubject, out: Path, probabilities: bool, tta, progress) -> dict:
+def _segment_subject(model: Cascade, subject: StudySubject, out: Path, probabilities: bool, settings: dict,
+                     progress) -> dict:
     """Segment one subject, write its files into out, return its report (row and lesions)."""
     config = model.config
     started = time.perf_counter()
@@ -116,7 +117,7 @@ def _segment_subject(model: Cascade, subject: StudySubject, out: Path, probabili
     reference = images[model.modalities.index(config.data.flair)]
     brain_mask = nifti.load_brain_mask(subject.brain_mask, reference) if subject.brain_mask else None
     stripped = "masked" if brain_mask is not None else "yes" if nifti.looks_skull_stripped(reference.data) else "no"
-    result = segment_images(model, images, tta=tta, brain_mask=brain_mask, progress=progress)
+    result = segment_images(model, images, brain_mask=brain_mask, progress=progress, **settings)
     out.mkdir(parents=True, exist_ok=True)
     nifti.save_like(result.mask, reference, out / f"{subject.prefix}_desc-lesion_mask.nii.gz", dtype=np.uint8)
     if probabilities:
@@ -174,6 +175,7 @@ def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int]:
 
 def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, overwrite: bool = False,
                   compute_dtype: str | None = None, bids_suffixes: dict | None = None, tta: bool | None = None,
+                  resample: str = "auto", min_lesion_volume_mm3: float | None = None,
                   shard: tuple[int, int] = (0, 1), log: Callable = print,
                   progress: Callable | None = None) -> list[dict]:
     """Segment every subject of data_dir into out_dir; returns the subject rows (also in OUT/lesions.csv).
@@ -206,7 +208,8 @@ def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, 
             reports.append(json.loads(failure_path.read_text()) if failure_path.exists() else pending)
             continue
         try:
-            report = _segment_subject(model, subject, out_dir / subject.folder, probabilities, tta, progress)
+            settings = dict(tta=tta, resample=resample, min_lesion_volume_mm3=min_lesion_volume_mm3, warn=log)
+            report = _segment_subject(model, subject, out_dir / subject.folder, probabilities, settings, progress)
         except UserError as error:
             report = {"row": {"participant_id": subject.participant_id, "session_id": subject.session_id,
                               "status": f"error: {error}"}, "lesions": []}

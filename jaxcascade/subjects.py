@@ -29,6 +29,7 @@ class Subject:
     flair_channel: int
     number: int = 0  # position among all training subjects (seeds its sampling)
     shard: int = 0  # its data shard
+    voxel_size_mm: tuple = ()  # of its FLAIR file
 
     @property
     def flair(self) -> np.ndarray:
@@ -82,7 +83,8 @@ def load_training_subjects(data_dir, config, num_shards: int = 1) -> list[Subjec
                                           orientation=config.data.orientation, reference=config.data.flair)
             lesion = nifti.load_lesion_mask(folder / f"{lesion_name}{suffix}", images[channel])
             volume = normalise_channels([image.data for image in images], config.normalisation)
-            subjects.append(Subject(folder.name, volume, lesion, channel, number, shard_of[number]))
+            zooms = tuple(float(z) for z in images[channel].nifti.header.get_zooms()[:3])
+            subjects.append(Subject(folder.name, volume, lesion, channel, number, shard_of[number], zooms))
         return subjects
 
     subjects = distributed.agree(load, "loading its training subjects")

@@ -234,13 +234,15 @@ def test_import_writes_a_stamped_model_directory_with_provenance(model_dir, kera
     assert provenance["channel_order"] == ["T1", "FLAIR"]
 
 
-def test_segment_runs_unchanged_on_the_imported_model(model_dir, tmp_path):
+def test_segment_runs_unchanged_on_the_imported_model(model_dir, tmp_path, capsys):
     phantom.write_cohort(tmp_path / "cohort", 1, seed=0, size="tiny")
     folder = tmp_path / "cohort" / "sub-01"
     out = tmp_path / "seg.nii.gz"
+    # The model records nicMSlesions' 1 mm; at 4 mm it would resample 64-fold, so keep the input's grid here.
     status = cli.main(["segment", "--model", str(model_dir), "--input", f"T1={folder / 'T1.nii.gz'}",
-                       "--input", f"FLAIR={folder / 'FLAIR.nii.gz'}", "--out", str(out)])
+                       "--input", f"FLAIR={folder / 'FLAIR.nii.gz'}", "--out", str(out), "--resample", "never"])
     assert status == 0
+    assert "voxel size 4x4x4 mm, the model was trained at 1x1x1 mm" in capsys.readouterr().err
     mask, flair = nib.load(out), nib.load(folder / "FLAIR.nii.gz")
     assert np.array_equal(mask.affine, flair.affine) and mask.shape == flair.shape
     truth = np.asarray(nib.load(folder / "lesion.nii.gz").dataobj) > 0
