@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.cohort.size = "small"  # tiny 4 mm, small 2 mm, full 1 mm
     config.cohort.subjects = 4  # 4 folds of 3 training subjects: about 12 minutes on 2 CPU cores
     config.cohort.seed = 0
+    # Your own data instead of a phantom: a folder in the training layout (<subject>/T1.nii.gz, FLAIR.nii.gz,
+    # lesion.nii.gz), e.g. --config.cohort.data_dir=/data/study; kind, size, subjects and seed are then unused.
+    config.cohort.data_dir = ""
 
     # The method's config, trained once per fold; --config.cascade.train.max_epochs=200 etc.
     config.cascade = demo.get_config()

@@ -26,6 +26,7 @@ from jaxcascade.cascade import Cascade
 from jaxcascade.inference import InferenceOptions
 from jaxcascade.errors import UserError
 from jaxcascade.outputs import write_json, write_text
+from jaxcascade.subjects import discover_subjects
 
 PROCEDURAL_CONTRASTS = ("T1", "FLAIR")
 
@@ -72,9 +73,25 @@ def training_size_folds(names: list[str], sizes, test_subjects: int, repeats: in
 # ----------------------------------------------------------------------------- cohort
 
 
-def ensure_cohort(cohort_config, modalities, cohort_dir: Path, log: Callable) -> list[str]:
-    """Write the phantom cohort once; a later run checks it is the same cohort and reuses it."""
+def cohort_location(config, results: Path) -> Path:
+    """The subjects' folder: the user's own data (config.cohort.data_dir), or the phantom in results/cohort."""
+    return Path(config.cohort.data_dir) if config.cohort.get("data_dir") else results / "cohort"
+
+
+def ensure_cohort(cohort_config, modalities, cohort_dir: Path, log: Callable, data_config=None) -> list[str]:
+    """The subject names of the cohort in cohort_dir.
+
+    With cohort_config.data_dir that is the user's own data (the training layout; each subject needs
+    every modality and the lesion mask of data_config); otherwise the phantom cohort is written once,
+    and a later run checks it is the same cohort and reuses it.
+    """
     modalities = tuple(modalities)
+    if cohort_config.get("data_dir"):
+        suffix = data_config.suffix if data_config else ".nii.gz"
+        lesion = data_config.lesion if data_config else "lesion"
+        folders = discover_subjects(cohort_dir, [f"{m}{suffix}" for m in modalities] + [f"{lesion}{suffix}"])
+        log(f"cohort: {len(folders)} subjects of {cohort_dir}")
+        return [folder.name for folder in folders]
     record = {**config_lib.to_dict(cohort_config), "contrasts": list(modalities)}
     manifest = cohort_dir / "cohort.json"
     names = [phantom.subject_name(i) for i in range(cohort_config.subjects)]

@@ -27,8 +27,8 @@ HEADERS = {"subject": "subject", "dsc": "DSC", "ppv": "PPV", "tpr": "TPR", "rvd"
 def _folds_and_cohort(config, log: Callable, folds_of: Callable) -> tuple[Path, list[dict]]:
     results = Path(config.results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    cohort_dir = results / "cohort"
-    names = protocol.ensure_cohort(config.cohort, config.cascade.data.modalities, cohort_dir, log)
+    cohort_dir = protocol.cohort_location(config, results)
+    names = protocol.ensure_cohort(config.cohort, config.cascade.data.modalities, cohort_dir, log, config.cascade.data)
     folds = folds_of(names)
     return results, protocol.run_folds(folds, results, cohort_dir, config.cascade, log)
 
@@ -47,11 +47,11 @@ def _finish(results: Path, name: str, summary: dict, started: float, records: li
     return summary
 
 
-def _overlay_worst(rows: list[dict], results: Path, cascade_config, log: Callable) -> None:
+def _overlay_worst(rows: list[dict], results: Path, config, log: Callable) -> None:
     """FLAIR with truth and the cascade's mask for the held-out subject of lowest DSC."""
     worst = min(rows, key=lambda row: row["dsc"])["subject"]
-    data = cascade_config.data
-    subject_dir = results / "cohort" / worst
+    data = config.cascade.data
+    subject_dir = protocol.cohort_location(config, results) / worst
     flair = nifti.load_image(subject_dir / f"{data.flair}{data.suffix}")
     truth = nifti.load_lesion_mask(subject_dir / f"{data.lesion}{data.suffix}", flair)
     prediction = nifti.load_lesion_mask(results / "folds" / worst / f"{worst}_segmentation.nii.gz", flair)
@@ -68,7 +68,7 @@ def leave_one_out(config, log: Callable = print) -> dict:
     means = protocol.summary_row(rows, columns, "mean")
     table = protocol.write_table(rows + [means], columns, results / "leave_one_out", HEADERS)
     figures.per_subject_metrics(rows, results / "leave_one_out.png", "leave-one-out, held-out subject")
-    _overlay_worst(rows, results, config.cascade, log)
+    _overlay_worst(rows, results, config, log)
     log(table)
     return _finish(results, "leave_one_out", {"mean": means, "subjects": rows}, started, records, log)
 

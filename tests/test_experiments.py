@@ -75,6 +75,22 @@ def test_leave_one_out_smoke_writes_sane_tables(leave_one_out_run):
     assert math.isclose(summary["mean"]["dsc"], np.mean([float(r["dsc"]) for r in rows[:3]]), abs_tol=1e-5)
 
 
+def test_leave_one_out_on_the_users_own_data(cohort, tmp_path):
+    """--config.cohort.data_dir: the protocol runs on a folder of the user's subjects, no phantom written."""
+    import shutil
+
+    data = tmp_path / "my_study"
+    for name in ("sub-01", "sub-02", "sub-03"):
+        shutil.copytree(cohort / "train" / name, data / f"patient-{name[-1]}")
+    results = tmp_path / "results"
+    summary = launch.run(smoke_config("leave_one_out", results, f"--config.cohort.data_dir={data}"),
+                         log=lambda _: None)
+    rows = read_csv(results / "leave_one_out.csv")
+    assert [r["subject"] for r in rows] == ["patient-1", "patient-2", "patient-3", "mean"]
+    assert not (results / "cohort").exists() and (results / "leave_one_out_worst.png").exists()
+    assert math.isclose(summary["mean"]["dsc"], np.mean([float(r["dsc"]) for r in rows[:3]]), abs_tol=1e-5)
+
+
 def test_ablation_reuses_the_folds_without_training(leave_one_out_run):
     results, _, _ = leave_one_out_run
     before = weight_mtimes(results)
