@@ -23,17 +23,11 @@ def time_call(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) ->
     """
     for _ in range(warmup):
         fn()
-    times, faults, system = [], [], []
-    for _ in range(repeats):
-        before = resource.getrusage(resource.RUSAGE_SELF)
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        faults.append(after.ru_minflt - before.ru_minflt)
-        system.append(after.ru_stime - before.ru_stime)
+    runs = [measure_once(fn)[1] for _ in range(repeats)]
+    times = [run["s"] for run in runs]
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats,
-            "minor_faults": statistics.median(faults), "system_s": statistics.median(system)}
+            "minor_faults": statistics.median(run["minor_faults"] for run in runs),
+            "system_s": statistics.median(run["system_s"] for run in runs)}
 
 
 def measure_once(fn: Callable[[], object]) -> tuple[object, dict]:

@@ -54,6 +54,11 @@ def main(argv=None):
         b = jnp.asarray(rng.normal(size=(27 * shape[-1], out_channels)).astype(np.float32))
         matmul = jax.jit(jnp.dot)
         results["jax matmul (same FLOPs)"] = time_call(lambda: matmul(a, b).block_until_ready(), repeats=args.repeats)
+        # The same product in bfloat16 with float32 sums (config.compute_dtype): matrix units, where a CPU has them.
+        a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+        matmul16 = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+        results["jax matmul bf16 (same FLOPs)"] = time_call(lambda: matmul16(a16, b16).block_until_ready(),
+                                                            repeats=args.repeats)
         try:
             import torch
 

@@ -46,6 +46,24 @@ def _stages(model_dir, network: str):
     return config, stages[0], stages[1]
 
 
+def _dense_work(stage, candidates, options, seconds: float) -> dict:
+    """Blocks the dense kernel evaluates and its useful GFLOP/s: every block voxel once through the network.
+
+    A voxel's output costs one multiply-add per weight of the dense form (each kernel is applied once
+    per output position), so the useful work is 2 x block voxels x kernel weights.
+    """
+    import jax
+
+    from jaxcascade import dense
+
+    _, origins = dense.tile_geometry(candidates.shape, options.tile_size, stage.dense_halo, stage.patch_size)
+    blocks = len(dense.occupied_tiles(candidates, origins, options.tile_size))
+    weights = sum(int(np.size(leaf)) for path, leaf in jax.tree_util.tree_flatten_with_path(stage.variables["params"])[0]
+                  if jax.tree_util.keystr(path).endswith("['kernel']"))
+    flops = 2.0 * blocks * options.tile_size**3 * weights
+    return {"dense_blocks": blocks, "useful_tflop": flops / 1e12, "useful_gflops_per_s": flops / seconds / 1e9}
+
+
 def run_one(method: str, model_dir, out_dir: Path, subject_seed: int, repeats: int = 3) -> dict:
     """Segment the phantom with one method (stage 1 `repeats` times); save probability maps; return timings."""
     from jaxcascade import cascade, inference, models, phantom
@@ -91,6 +109,7 @@ def run_one(method: str, model_dir, out_dir: Path, subject_seed: int, repeats: i
     seconds = [timing["s"] for _, timing in runs]
     stage1_seconds = statistics.median(seconds)
     result = {"method": method, "candidates": int(candidates.sum()), "stage1_s": stage1_seconds,
+              **(_dense_work(stage1, candidates, options, stage1_seconds) if "dense" in method else {}),
               "stage1_min_s": min(seconds), "stage1_max_s": max(seconds), "repeats": repeats,
               "stage1_minor_faults": statistics.median(t["minor_faults"] for _, t in runs),
               "stage1_system_s": statistics.median(t["system_s"] for _, t in runs),

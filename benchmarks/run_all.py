@@ -69,10 +69,10 @@ def render_inference(payload: dict) -> str:
         rows.append([r["method"], _span(r, "stage1_s", "stage1_min_s", "stage1_max_s"), r["patches_per_s"],
                      r.get("cascade_s"), r["peak_rss_mb"], r.get("stage1_speedup_vs_torch"),
                      r.get("stage1_speedup_vs_torch_SAME"), r.get("max_abs_diff_vs_torch"),
-                     r["stage1_minor_faults"], r["stage1_system_s"]])
+                     r["stage1_minor_faults"], r["stage1_system_s"], r.get("useful_gflops_per_s")])
     return _table(["method", "stage 1 (s), median (min-max)", "voxels/s", "cascade (s)", "peak RSS (MB)",
                    "stage 1 vs torch", "vs torch SAME", "max abs diff vs torch", "page faults / run",
-                   "system (s) / run"], rows)
+                   "system (s) / run", "useful GFLOP/s"], rows)
 
 
 def render_train_step(payload: dict) -> str:

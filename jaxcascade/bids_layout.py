@@ -58,7 +58,7 @@ def sessions(root, modalities: tuple[str, ...], suffixes: dict[str, str]) -> lis
             entry = {"participant_id": f"sub-{subject}", "session_id": f"ses-{session}" if session else "",
                      "inputs": {}, "truth": None, "brain_mask": None, "problem": None}
             for modality in modalities:
-                files = [f for f in layout.get(suffix=suffixes[modality], datatype="anat", scope="raw", **query)]
+                files = layout.get(suffix=suffixes[modality], datatype="anat", scope="raw", **query)
                 if len(files) != 1:
                     where = f"{entry['participant_id']} {entry['session_id']}".strip()
                     entry["problem"] = entry["problem"] or (

@@ -83,7 +83,7 @@ def classify_dense(stage: Stage, volume: np.ndarray, mask: np.ndarray, options: 
     pad, origins = tile_geometry(mask.shape, tile_size, halo, stage.patch_size)
     origins = occupied_tiles(mask, origins, tile_size)
     # Reads stay inside the tiles, so the bucket's extra zeros are never seen.
-    padded = distributed.put_local_replicated(patches_lib.pad_to_bucket(np.pad(volume, pad + [(0, 0)])))
+    padded = distributed.put_local_replicated(patches_lib.pad_bucketed(volume, pad))
     variables = distributed.put_local_replicated(stage.variables)
     predict = make_tile_predictor(stage.graphdef, tile_size, halo)
     blocks = distributed.map_batches(lambda chunk: predict(variables, padded, chunk), origins,

@@ -96,8 +96,8 @@ def classify_patchwise(stage: Stage, volume: np.ndarray, mask: np.ndarray, optio
     if len(centres) == 0:
         return probability
     predict_at = make_centre_predictor(stage.graphdef, stage.patch_size)
-    padded = patches_lib.pad_to_bucket(np.asarray(patches_lib.pad_volume(volume, stage.patch_size)))
-    padded = distributed.put_local_replicated(padded)
+    half = stage.patch_size // 2
+    padded = distributed.put_local_replicated(patches_lib.pad_bucketed(volume, [(half, half)] * 3))
     variables = distributed.put_local_replicated(stage.variables)
     values = distributed.map_batches(lambda chunk: predict_at(variables, padded, chunk), centres,
                                      options.batch_size, progress)

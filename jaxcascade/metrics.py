@@ -47,6 +47,10 @@ METRIC_DEFINITIONS: dict[str, str] = {
 }
 
 
+# A lesion is a 26-connected component (faces, edges and corners), here and in study reports.
+LESION_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+
+
 def _as_binary(mask, name: str) -> np.ndarray:
     """Return `mask` as a bool array, refusing values other than 0 and 1."""
     array = np.asarray(mask)
@@ -106,9 +110,8 @@ def segmentation_metrics(pred, truth, voxel_volume_ml: float | None = None) -> d
     truth_voxels = int(np.count_nonzero(truth_mask))
     overlap_voxels = int(np.count_nonzero(pred_mask & truth_mask))
 
-    full_connectivity = np.ones((3,) * pred_mask.ndim, dtype=bool)
-    truth_labels, true_lesions = ndimage.label(truth_mask, structure=full_connectivity)
-    pred_labels, pred_lesions = ndimage.label(pred_mask, structure=full_connectivity)
+    truth_labels, true_lesions = ndimage.label(truth_mask, structure=LESION_CONNECTIVITY)
+    pred_labels, pred_lesions = ndimage.label(pred_mask, structure=LESION_CONNECTIVITY)
     detected_lesions = _count_hit_labels(truth_labels, pred_mask)
     false_positive_lesions = pred_lesions - _count_hit_labels(pred_labels, truth_mask)
 

@@ -43,8 +43,8 @@ def prepare_workdir(workdir: Path, config) -> None:
     record = {"jaxcascade": {"format_version": FORMAT_VERSION, "version": __version__}, **stored_config(config)}
     path = workdir / "config.json"
     if path.exists():
-        previous = json.loads(path.read_text())
-        previous.pop("jaxcascade", None)
+        # Read as a model is read: settings added since it was written take their defaults.
+        previous = stored_config(read_model_config(workdir))
         changed = config_lib.differences(previous, stored_config(config))
         if changed:
             raise UserError(

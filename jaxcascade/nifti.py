@@ -185,16 +185,25 @@ def on_grid_of(image: Image, reference: Image) -> Image:
             f"(affine {_fmt_affine(image.affine)} vs {_fmt_affine(reference.affine)}); the sequences are not "
             "co-registered: register them first (e.g. ANTs, FSL FLIRT, SPM)"
         )
+    return resample_onto(image, reference.nifti.shape[:3], reference.affine, like=reference.nifti)
+
+
+def resample_onto(image: Image, shape, affine, *, order: int = 1, like=None) -> Image:
+    """The image resampled (spline `order`, through both affines) onto the grid (shape, affine).
+
+    The result keeps the image's processing orientation; its file grid is `like` (a NIfTI image on
+    that grid, whose header outputs will carry) or a bare one in millimetres.
+    """
     from nibabel.processing import resample_from_to
 
-    stored = nib.Nifti1Image(np.asarray(image.nifti.dataobj, np.float32).reshape(image.nifti.shape[:3]),
-                             image.nifti.affine)
-    resampled = np.asarray(resample_from_to(stored, (reference.nifti.shape[:3], reference.affine), order=1).dataobj,
-                           np.float32)
-    transform = _reorientation(reference.affine, reference.orientation)
-    if transform is not None:
-        resampled = np.ascontiguousarray(nib.orientations.apply_orientation(resampled, transform))
-    return Image(path=image.path, data=resampled, nifti=reference.nifti, orientation=reference.orientation)
+    stored = nib.Nifti1Image(image.to_file_grid(image.data).astype(np.float32), image.affine)
+    data = np.asarray(resample_from_to(stored, (tuple(shape), affine), order=order).dataobj, np.float32)
+    if like is None:
+        like = nib.Nifti1Image(np.zeros(tuple(shape), np.uint8), affine)
+        like.header.set_xyzt_units("mm")
+    grid = Image(path=image.path, data=data, nifti=like, orientation=image.orientation)
+    grid.data = grid.from_file_grid(data)
+    return grid
 
 
 def load_brain_mask(path: str | os.PathLike, reference: Image) -> np.ndarray:

@@ -27,10 +27,12 @@ def pad_volume(volume: jax.Array | np.ndarray, patch_size: int) -> jax.Array:
 SHAPE_BUCKET = 32
 
 
-def pad_to_bucket(volume: np.ndarray, multiple: int = SHAPE_BUCKET) -> np.ndarray:
-    """Zero-pad the three spatial axes of a (D, H, W, C) array at their ends up to a multiple of `multiple`."""
-    extra = [(0, -size % multiple) for size in volume.shape[:3]]
-    return np.pad(volume, extra + [(0, 0)] * (volume.ndim - 3)) if any(e for _, e in extra) else volume
+def pad_bucketed(volume: np.ndarray, pad: list[tuple[int, int]], multiple: int = SHAPE_BUCKET) -> np.ndarray:
+    """np.pad of a (D, H, W, C) volume by `pad` on its three spatial axes, each grown at its end to a multiple."""
+    widths = []
+    for size, (before, after) in zip(volume.shape[:3], pad):
+        widths.append((before, after + -(size + before + after) % multiple))
+    return np.pad(volume, widths + [(0, 0)])
 
 
 def with_subject_index(centres: jax.Array, subject: int = 0) -> jax.Array:

@@ -20,7 +20,7 @@ import os
 import numpy as np
 from scipy import ndimage
 
-from jaxcascade import outputs
+from jaxcascade import bids_layout, outputs
 from jaxcascade.errors import UserError
 
 # Tissue labels, in the order the procedural contrast tables are indexed by.
@@ -61,8 +61,7 @@ def subject_seed(seed: int, index: int) -> int:
     return int(state[0]) << 32 | int(state[1])
 
 
-# BIDS suffix of each contrast (the lesion mask goes to a derivatives dataset).
-BIDS_SUFFIXES = {"T1": "T1w", "FLAIR": "FLAIR", "T2": "T2w", "PD": "PDw"}
+# Where a BIDS cohort's lesion masks go (a derivatives dataset); contrasts get bids_layout's suffixes.
 LESION_DERIVATIVE = "derivatives/lesion_masks"
 
 
@@ -99,7 +98,7 @@ def write_cohort(out_dir, subjects: int, seed: int, make_subject, keys, space_co
                 for key in keys:
                     target = (os.path.join(out_dir, LESION_DERIVATIVE, anat, f"{entities}_label-lesion_mask.nii.gz")
                               if key == "lesion" else
-                              os.path.join(out_dir, anat, f"{entities}_{BIDS_SUFFIXES[key]}.nii.gz"))
+                              os.path.join(out_dir, anat, f"{entities}_{bids_layout.DEFAULT_SUFFIXES[key]}.nii.gz"))
                     _write_image(subject, key, space_code, target)
         names.append(name)
     if layout == "bids":

@@ -12,9 +12,8 @@ then > 0.5). Post-processing thresholds in voxels therefore mean what they meant
 from __future__ import annotations
 
 import numpy as np
-import nibabel as nib
 
-from jaxcascade.nifti import Image
+from jaxcascade.nifti import Image, resample_onto
 
 RESAMPLE_TOLERANCE = 0.2
 RESAMPLE_MODES = ("auto", "never")
@@ -54,19 +53,11 @@ def working_grid(reference: Image, model_voxel_mm) -> tuple[tuple[int, int, int]
 
 def onto(image: Image, shape, affine, order: int = 1) -> Image:
     """The image resampled onto the grid (shape, affine), in the same processing orientation."""
-    from nibabel.processing import resample_from_to
-
-    stored = nib.Nifti1Image(image.to_file_grid(image.data).astype(np.float32), image.affine)
-    data = np.asarray(resample_from_to(stored, (shape, affine), order=order).dataobj, np.float32)
-    target = nib.Nifti1Image(np.zeros(shape, np.uint8), affine)
-    target.header.set_xyzt_units("mm")
-    grid = Image(path=image.path, data=data, nifti=target, orientation=image.orientation)
-    grid.data = grid.from_file_grid(data)
-    return grid
+    return resample_onto(image, shape, affine, order=order)
 
 
 def back(values: np.ndarray, working: Image, native: Image) -> np.ndarray:
     """Values on the working grid (processing orientation) -> the native image's processing grid (trilinear)."""
-    moved = onto(Image(path=working.path, data=np.asarray(values, np.float32), nifti=working.nifti,
-                       orientation=working.orientation), native.nifti.shape[:3], native.affine)
+    moved = resample_onto(Image(path=working.path, data=np.asarray(values, np.float32), nifti=working.nifti,
+                                orientation=working.orientation), native.nifti.shape[:3], native.affine)
     return moved.data

@@ -40,8 +40,6 @@ SUBJECT_COLUMNS = ("participant_id", "session_id", "status", "lesion_count", "le
                    "skull_stripped", "seconds", "dsc", "ppv", "tpr", "lesion_f1", "true_volume_ml")
 LESION_COLUMNS = ("participant_id", "session_id", "label", "volume_ml", "centroid_x_mm", "centroid_y_mm",
                   "centroid_z_mm", "voxels", "mean_probability", "max_probability")
-# Lesions are counted as the metrics count them: 26-connected components.
-_COMPONENTS = np.ones((3, 3, 3), bool)
 
 
 @dataclasses.dataclass
@@ -84,7 +82,7 @@ def study_subjects(data_dir, config, bids_suffixes: dict | None = None) -> list[
 
 def lesion_rows(mask: np.ndarray, probability: np.ndarray, reference: nifti.Image) -> list[dict]:
     """One row per 26-connected lesion of mask (processing grid): volume, scanner-space centroid, probabilities."""
-    labels, count = ndimage.label(mask, _COMPONENTS)
+    labels, count = ndimage.label(mask, metrics.LESION_CONNECTIVITY)
     if count == 0:
         return []
     index = np.arange(1, count + 1)
@@ -109,9 +107,6 @@ def _segment_subject(model: Cascade, subject: StudySubject, out: Path, probabili
     started = time.perf_counter()
     if subject.problem:
         raise UserError(subject.problem)
-    absent = [str(path) for path in subject.inputs.values() if not path.exists()]
-    if absent:
-        raise UserError(f"{absent[0]}: file not found ({len(absent)} of the model's sequences missing)")
     images = nifti.load_sequences(subject.inputs, model.modalities, subject.participant_id,
                                   orientation=config.data.orientation, reference=config.data.flair)
     reference = images[model.modalities.index(config.data.flair)]

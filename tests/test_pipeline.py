@@ -67,6 +67,20 @@ def test_rerun_skips_finished_stages(trained_model, cohort, capsys):
     assert before == after
 
 
+def test_workdir_written_before_a_setting_existed_still_resumes(trained_model, cohort, tmp_path, capsys):
+    """A setting added to the defaults later (here inference.tta) takes its default, as when a model is read."""
+    import shutil
+
+    older = tmp_path / "older"
+    shutil.copytree(trained_model, older)
+    record = json.loads((older / "config.json").read_text())
+    del record["inference"]["tta"]
+    (older / "config.json").write_text(json.dumps(record))
+    assert cli.main(["train", "--data", str(cohort / "train"), "--workdir", str(older), "--config", "demo",
+                     *QUICK_OVERRIDES]) == 0
+    assert "stage 2: already trained" in capsys.readouterr().out
+
+
 def test_workdir_with_another_config_is_refused(trained_model, cohort, capsys):
     status = cli.main(["train", "--data", str(cohort / "train"), "--workdir", str(trained_model),
                        "--config", "demo", "--config.train.max_epochs=9"])
