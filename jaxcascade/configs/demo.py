@@ -3,7 +3,7 @@
 Run:
     jaxcascade demo                                  # phantom cohort, train, segment, evaluate
     jaxcascade train --data DIR --workdir WD --config jaxcascade/configs/demo.py
-Expected: `jaxcascade demo` finishes in about 90 s on a 2-core CPU (65 s with a
+Expected: `jaxcascade demo` finishes in about 115 s on a 2-core CPU (85 s with a
 warm compilation cache) with a held-out DSC of 0.93-0.95 depending on the CPU
 model (measured: 0.933 on an Intel Xeon, 0.947 on an AMD EPYC; see the README).
 """
