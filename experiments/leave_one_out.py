@@ -16,6 +16,9 @@ Run (from the repository root; a rerun resumes, finished folds are skipped):
     python experiments/launch.py experiments/leave_one_out.py --config.cohort.kind=mni \
         --config.results_dir=experiments/results/leave_one_out_mni
         the MNI152 phantom (pip install -e '.[nilearn]'): 5 min 55 s; mean DSC 0.884.
+    python experiments/launch.py experiments/leave_one_out.py --config.cohort.data_dir=/data/bids_study \
+        --config.folds=5 --config.results_dir=experiments/results/my_study
+        5-fold cross-validation on your own BIDS dataset (or a training-layout folder).
     python experiments/launch.py experiments/leave_one_out.py --config.smoke=true
         tiny phantom, 3 subjects, 1 epoch: 37 s; checks the plumbing, the scores mean nothing.
 The paper's budget is --config.cascade.train.max_epochs=200 --config.cascade.train.patience=25
@@ -39,8 +42,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.cohort.subjects = 4  # 4 folds of 3 training subjects: about 12 minutes on 2 CPU cores
     config.cohort.seed = 0
     # Your own data instead of a phantom: a folder in the training layout (<subject>/T1.nii.gz, FLAIR.nii.gz,
-    # lesion.nii.gz), e.g. --config.cohort.data_dir=/data/study; kind, size, subjects and seed are then unused.
+    # lesion.nii.gz) or a BIDS dataset (sessions with a derivatives *_label-lesion_mask; see README),
+    # e.g. --config.cohort.data_dir=/data/study; kind, size and subjects are then unused.
     config.cohort.data_dir = ""
+    # 0: leave-one-out; K: K-fold, participants shuffled by cohort.seed. Folds are by participant: all
+    # sessions of a person are held out together.
+    config.folds = 0
 
     # The method's config, trained once per fold; --config.cascade.train.max_epochs=200 etc.
     config.cascade = demo.get_config()

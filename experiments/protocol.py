@@ -21,12 +21,12 @@ from typing import Callable
 
 import numpy as np
 
-from jaxcascade import checkpoints, config as config_lib, metrics, nifti, phantom, pipeline, postprocess
+from jaxcascade import bids_layout, checkpoints, config as config_lib, metrics, nifti, phantom, pipeline, postprocess
 from jaxcascade.cascade import Cascade
 from jaxcascade.inference import InferenceOptions
 from jaxcascade.errors import UserError
 from jaxcascade.outputs import write_json, write_text
-from jaxcascade.subjects import discover_subjects
+from jaxcascade.subjects import discover_subjects, training_files
 
 PROCEDURAL_CONTRASTS = ("T1", "FLAIR")
 
@@ -39,10 +39,36 @@ class Fold:
 
 
 def leave_one_out_folds(names: list[str]) -> list[Fold]:
-    """One fold per subject: trained on all the others, tested on it."""
-    if len(names) < 2:
-        raise UserError(f"leave-one-out needs at least 2 subjects, the cohort has {len(names)}")
-    return [Fold(name, tuple(n for n in names if n != name), (name,)) for name in names]
+    """One fold per participant: trained on all the others, tested on all of its sessions.
+
+    Names are subjects, or BIDS sessions sub-X_ses-Y: two sessions of one person never sit on both
+    sides of a fold, which would let the network meet the test brain in training.
+    """
+    participants = sorted({bids_layout.participant_of(name) for name in names})
+    if len(participants) < 2:
+        raise UserError(f"leave-one-out needs at least 2 subjects, the cohort has {len(participants)}")
+    return [_held_out_fold(held_out, names, [held_out]) for held_out in participants]
+
+
+def k_fold_folds(names: list[str], k: int, seed: int) -> list[Fold]:
+    """k folds of participants shuffled by seed (sizes differ by at most one); k = participants is leave-one-out."""
+    participants = sorted({bids_layout.participant_of(name) for name in names})
+    if not 2 <= k <= len(participants):
+        raise UserError(f"--config.folds={k}: k-fold needs 2 <= k <= {len(participants)} (the cohort's "
+                        "participants); 0 means leave-one-out")
+    order = np.random.default_rng(seed).permutation(len(participants))
+    groups = [sorted(participants[i] for i in order[fold::k]) for fold in range(k)]
+    return [_held_out_fold(f"fold{fold + 1}of{k}", names, group) for fold, group in enumerate(groups)]
+
+
+def _held_out_fold(fold_name: str, names: list[str], held_out: list[str]) -> Fold:
+    test = tuple(n for n in names if bids_layout.participant_of(n) in held_out)
+    return Fold(fold_name, tuple(n for n in names if n not in test), test)
+
+
+def cross_validation_folds(names: list[str], folds: int, seed: int) -> list[Fold]:
+    """Leave-one-out (folds = 0) or k-fold, by participant."""
+    return leave_one_out_folds(names) if folds == 0 else k_fold_folds(names, folds, seed)
 
 
 def training_size_folds(names: list[str], sizes, test_subjects: int, repeats: int, seed: int) -> list[Fold]:
@@ -74,8 +100,37 @@ def training_size_folds(names: list[str], sizes, test_subjects: int, repeats: in
 
 
 def cohort_location(config, results: Path) -> Path:
-    """The subjects' folder: the user's own data (config.cohort.data_dir), or the phantom in results/cohort."""
-    return Path(config.cohort.data_dir) if config.cohort.get("data_dir") else results / "cohort"
+    """The subjects' folder in the training layout.
+
+    The user's own data (config.cohort.data_dir); for a BIDS dataset, results/bids_view, a folder of
+    links to its labelled sessions (`ensure_cohort` makes it); otherwise the phantom in results/cohort.
+    """
+    data_dir = config.cohort.get("data_dir")
+    if not data_dir:
+        return results / "cohort"
+    return results / "bids_view" if bids_layout.is_bids(data_dir) else Path(data_dir)
+
+
+def link_training_view(bids_root: Path, data_config, view: Path) -> list[str]:
+    """results/bids_view/<sub-X_ses-Y>/<MODALITY><suffix> links to a BIDS dataset's labelled sessions.
+
+    The folds and the scoring read the training layout; the links make a BIDS dataset one without copying
+    it. Made afresh each run, so a changed dataset is followed.
+    """
+    entries = training_files(bids_root, data_config)
+    for name, inputs, lesion in entries:
+        files = {**inputs, data_config.lesion: lesion}
+        wrong = [f.name for f in files.values() if not f.name.endswith(data_config.suffix)]
+        if wrong:
+            raise UserError(f"{bids_root}: {name}: {', '.join(wrong)} do not end in {data_config.suffix}; "
+                            f"set --config.cascade.data.suffix to their extension")
+        folder = view / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for key, target in files.items():
+            link = folder / f"{key}{data_config.suffix}"
+            link.unlink(missing_ok=True)
+            link.symlink_to(Path(target).resolve())
+    return [name for name, _, _ in entries]
 
 
 def ensure_cohort(cohort_config, modalities, cohort_dir: Path, log: Callable, data_config=None) -> list[str]:
@@ -86,7 +141,12 @@ def ensure_cohort(cohort_config, modalities, cohort_dir: Path, log: Callable, da
     and a later run checks it is the same cohort and reuses it.
     """
     modalities = tuple(modalities)
-    if cohort_config.get("data_dir"):
+    data_dir = cohort_config.get("data_dir")
+    if data_dir and bids_layout.is_bids(data_dir):
+        names = link_training_view(Path(data_dir), data_config, cohort_dir)
+        log(f"cohort: {len(names)} labelled sessions of the BIDS dataset {data_dir}, linked in {cohort_dir}")
+        return names
+    if data_dir:
         suffix = data_config.suffix if data_config else ".nii.gz"
         lesion = data_config.lesion if data_config else "lesion"
         folders = discover_subjects(cohort_dir, [f"{m}{suffix}" for m in modalities] + [f"{lesion}{suffix}"])

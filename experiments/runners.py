@@ -47,14 +47,21 @@ def _finish(results: Path, name: str, summary: dict, started: float, records: li
     return summary
 
 
-def _overlay_worst(rows: list[dict], results: Path, config, log: Callable) -> None:
+def _cross_validation(config):
+    def folds_of(names):
+        return protocol.cross_validation_folds(names, config.get("folds", 0), config.cohort.seed)
+    return folds_of
+
+
+def _overlay_worst(rows: list[dict], records: list[dict], results: Path, config, log: Callable) -> None:
     """FLAIR with truth and the cascade's mask for the held-out subject of lowest DSC."""
     worst = min(rows, key=lambda row: row["dsc"])["subject"]
+    fold = next(record["fold"] for record in records if worst in record["test"])
     data = config.cascade.data
     subject_dir = protocol.cohort_location(config, results) / worst
     flair = nifti.load_image(subject_dir / f"{data.flair}{data.suffix}")
     truth = nifti.load_lesion_mask(subject_dir / f"{data.lesion}{data.suffix}", flair)
-    prediction = nifti.load_lesion_mask(results / "folds" / worst / f"{worst}_segmentation.nii.gz", flair)
+    prediction = nifti.load_lesion_mask(results / "folds" / fold / f"{worst}_segmentation.nii.gz", flair)
     plots.overlay(flair.data, truth, prediction, results / "leave_one_out_worst.png")
     log(f"lowest held-out DSC: {worst}, drawn in {results / 'leave_one_out_worst.png'}")
 
@@ -62,13 +69,13 @@ def _overlay_worst(rows: list[dict], results: Path, config, log: Callable) -> No
 def leave_one_out(config, log: Callable = print) -> dict:
     """Per-subject and mean held-out metrics of the cascade, each subject held out once."""
     started = time.perf_counter()
-    results, records = _folds_and_cohort(config, log, protocol.leave_one_out_folds)
+    results, records = _folds_and_cohort(config, log, _cross_validation(config))
     rows = _held_out(records, "cascade")
     columns = ["subject", *METRIC_COLUMNS]
     means = protocol.summary_row(rows, columns, "mean")
     table = protocol.write_table(rows + [means], columns, results / "leave_one_out", HEADERS)
     figures.per_subject_metrics(rows, results / "leave_one_out.png", "leave-one-out, held-out subject")
-    _overlay_worst(rows, results, config, log)
+    _overlay_worst(rows, records, results, config, log)
     log(table)
     return _finish(results, "leave_one_out", {"mean": means, "subjects": rows}, started, records, log)
 
@@ -83,7 +90,7 @@ ABLATION_HEADERS = {"subject": "subject", **{f"{who}_{key}": f"{name} {label}" f
 def cascade_ablation(config, log: Callable = print) -> dict:
     """CNN1 alone (same t_bin and post-processing) against the full cascade on the leave-one-out folds."""
     started = time.perf_counter()
-    results, records = _folds_and_cohort(config, log, protocol.leave_one_out_folds)
+    results, records = _folds_and_cohort(config, log, _cross_validation(config))
     rows = []
     for stage1, full in zip(_held_out(records, "stage1"), _held_out(records, "cascade")):
         row = {"subject": stage1["subject"]}

@@ -77,10 +77,39 @@ def sessions(root, modalities: tuple[str, ...], suffixes: dict[str, str]) -> lis
     return found
 
 
+def training_sessions(root, modalities: tuple[str, ...], suffixes: dict[str, str]) -> list[tuple[str, dict, Path]]:
+    """(name, {modality: file}, lesion mask) of every session that can train: all sequences and a lesion mask.
+
+    The name is sub-X_ses-Y (sub-X without sessions). Sessions without a lesion mask are unlabelled and
+    left out; a labelled session that lacks a sequence is an error, since a whole dataset would silently
+    shrink otherwise.
+    """
+    entries = sessions(root, modalities, suffixes)
+    broken = [entry["problem"] for entry in entries if entry["truth"] and entry["problem"]]
+    if broken:
+        raise UserError(f"{root}: labelled sessions with missing sequences: {'; '.join(broken)}")
+    labelled = [(session_name(entry["participant_id"], entry["session_id"]), entry["inputs"], entry["truth"])
+                for entry in entries if entry["truth"]]
+    if not labelled:
+        raise UserError(f"{root}: no session has a lesion mask (derivatives/*/sub-*/[ses-*/]anat/"
+                        "*_label-lesion_mask.nii.gz); training and the experiments need them")
+    return labelled
+
+
+def session_name(participant_id: str, session_id: str) -> str:
+    """sub-X_ses-Y, or sub-X for a dataset without sessions: how reports and folds name a session."""
+    return "_".join(part for part in (participant_id, session_id) if part)
+
+
+def participant_of(name: str) -> str:
+    """The participant of a session name (sub-01_ses-2 -> sub-01); other names are their own participant."""
+    return name.split("_ses-")[0]
+
+
 def output_location(participant_id: str, session_id: str) -> tuple[Path, str]:
     """(folder relative to the derivatives root, file-name prefix) of a session's outputs."""
     folder = Path(participant_id, session_id, "anat") if session_id else Path(participant_id, "anat")
-    return folder, "_".join(part for part in (participant_id, session_id) if part)
+    return folder, session_name(participant_id, session_id)
 
 
 def describe_derivatives(out_dir: Path, source: Path) -> None:
@@ -95,9 +124,11 @@ def describe_derivatives(out_dir: Path, source: Path) -> None:
     }, out_dir / "dataset_description.json")
 
 
-def parse_suffixes(pairs: list[str] | None) -> dict[str, str]:
-    """DEFAULT_SUFFIXES updated by ['FLAIR=FLAIR', 'T1=T1w', ...]."""
+def parse_suffixes(pairs) -> dict[str, str]:
+    """DEFAULT_SUFFIXES updated by ['FLAIR=FLAIR', 'T1=T1w', ...] (or one comma-separated string of them)."""
     suffixes = dict(DEFAULT_SUFFIXES)
+    if isinstance(pairs, str):
+        pairs = [pair.strip() for pair in pairs.split(",") if pair.strip()]
     for pair in pairs or []:
         name, sep, suffix = pair.partition("=")
         if not sep or not name or not suffix:

@@ -1,8 +1,10 @@
 """Training subjects from a data folder: discovery, loading, normalisation, and each process's share.
 
 A data folder holds one folder per subject with `<MODALITY><suffix>` for every
-config.data.modalities and `<lesion><suffix>`. Subjects are numbered in
-sorted folder order; the number seeds the subject's sampling and decides its
+config.data.modalities and `<lesion><suffix>`, or is a BIDS dataset
+(`bids_layout`): each session with a lesion mask is then a subject named
+sub-X_ses-Y, its modalities found through config.data.bids_suffixes.
+Subjects are numbered in sorted name order; the number seeds the subject's sampling and decides its
 data shard (`batching`), so a subject is treated the same whichever process
 loads it.
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxcascade import batching, distributed, nifti
+from jaxcascade import batching, bids_layout, distributed, nifti
 from jaxcascade.cascade import flair_channel
 from jaxcascade.errors import UserError
 from jaxcascade.normalisation import normalise_channels
@@ -54,6 +56,21 @@ def discover_subjects(data_dir: str | os.PathLike, required_files: list[str]) ->
     return subjects
 
 
+def training_files(data_dir, data_config) -> list[tuple[str, dict, Path]]:
+    """(name, {modality: file}, lesion file) of every training subject, in either layout, sorted by name.
+
+    data_config is a config's `data` block.
+    """
+    modalities = tuple(data_config.modalities)
+    if bids_layout.is_bids(data_dir):
+        suffixes = bids_layout.parse_suffixes(data_config.get("bids_suffixes", ""))
+        return sorted(bids_layout.training_sessions(data_dir, modalities, suffixes), key=lambda entry: entry[0])
+    suffix, lesion_name = data_config.suffix, data_config.lesion
+    folders = discover_subjects(data_dir, [f"{m}{suffix}" for m in modalities] + [f"{lesion_name}{suffix}"])
+    return [(folder.name, {m: folder / f"{m}{suffix}" for m in modalities}, folder / f"{lesion_name}{suffix}")
+            for folder in folders]
+
+
 def load_training_subjects(data_dir, config, num_shards: int = 1) -> list[Subject]:
     """This process's training subjects: those of its data shards (every subject with one shard).
 
@@ -64,8 +81,7 @@ def load_training_subjects(data_dir, config, num_shards: int = 1) -> list[Subjec
     nifti.check_orientation(config.data.orientation)
     if len(set(modalities)) != len(modalities):
         raise UserError(f"config data.modalities names a modality twice: {', '.join(modalities)}")
-    suffix, lesion_name = config.data.suffix, config.data.lesion
-    folders = discover_subjects(data_dir, [f"{m}{suffix}" for m in modalities] + [f"{lesion_name}{suffix}"])
+    folders = training_files(data_dir, config.data)
     if len(folders) < num_shards:
         raise UserError(
             f"{data_dir}: {len(folders)} subjects cannot fill {num_shards} data shards (one per process unless "
@@ -76,15 +92,15 @@ def load_training_subjects(data_dir, config, num_shards: int = 1) -> list[Subjec
 
     def load() -> list[Subject]:
         subjects = []
-        for number, folder in enumerate(folders):
+        for number, (name, inputs, lesion_file) in enumerate(folders):
             if shard_of[number] not in mine:
                 continue
-            images = nifti.load_sequences({m: folder / f"{m}{suffix}" for m in modalities}, modalities, folder.name,
+            images = nifti.load_sequences(inputs, modalities, name,
                                           orientation=config.data.orientation, reference=config.data.flair)
-            lesion = nifti.load_lesion_mask(folder / f"{lesion_name}{suffix}", images[channel])
+            lesion = nifti.load_lesion_mask(lesion_file, images[channel])
             volume = normalise_channels([image.data for image in images], config.normalisation)
             zooms = tuple(float(z) for z in images[channel].nifti.header.get_zooms()[:3])
-            subjects.append(Subject(folder.name, volume, lesion, channel, number, shard_of[number], zooms))
+            subjects.append(Subject(name, volume, lesion, channel, number, shard_of[number], zooms))
         return subjects
 
     subjects = distributed.agree(load, "loading its training subjects")
@@ -93,9 +109,9 @@ def load_training_subjects(data_dir, config, num_shards: int = 1) -> list[Subjec
         lesion_voxels[subject.shard] += int(subject.lesion.sum())
     lesion_voxels = distributed.allgather(lesion_voxels).sum(axis=0)
     if not lesion_voxels.any():
-        raise UserError(f"{data_dir}: no lesion voxels in any subject's {lesion_name}{suffix}; nothing to learn from")
+        raise UserError(f"{data_dir}: no lesion voxels in any subject's lesion mask; nothing to learn from")
     for shard in np.flatnonzero(lesion_voxels == 0):
-        names = [folder.name for folder, s in zip(folders, shard_of) if s == shard]
+        names = [entry[0] for entry, s in zip(folders, shard_of) if s == shard]
         raise UserError(
             f"{data_dir}: data shard {shard} of {num_shards} ({', '.join(names)}) has no lesion voxels; "
             "every shard needs some: use fewer --config.distributed.data_shards (or processes)"

@@ -91,6 +91,65 @@ def test_leave_one_out_on_the_users_own_data(cohort, tmp_path):
     assert math.isclose(summary["mean"]["dsc"], np.mean([float(r["dsc"]) for r in rows[:3]]), abs_tol=1e-5)
 
 
+def test_k_fold_on_a_bids_dataset_keeps_each_participants_sessions_together(tmp_path):
+    """--config.cohort.data_dir=BIDS --config.folds=2: sessions are the rows, participants the folds."""
+    data = tmp_path / "bids"
+    phantom.write_cohort(data, 3, seed=5, size="tiny", layout="bids", sessions=2)
+    results = tmp_path / "results"
+    summary = launch.run(smoke_config("leave_one_out", results, f"--config.cohort.data_dir={data}",
+                                      "--config.folds=2"), log=lambda _: None)
+    sessions = [f"sub-0{s}_ses-{n}" for s in (1, 2, 3) for n in (1, 2)]
+    rows = read_csv(results / "leave_one_out.csv")
+    assert sorted(r["subject"] for r in rows[:-1]) == sessions and rows[-1]["subject"] == "mean"
+    records = [protocol.json.loads((results / "folds" / name / "metrics.json").read_text())
+               for name in ("fold1of2", "fold2of2")]
+    assert sorted(n for r in records for n in r["test"]) == sessions  # every session held out exactly once
+    for record in records:
+        tested = {protocol.bids_layout.participant_of(n) for n in record["test"]}
+        trained = {protocol.bids_layout.participant_of(n) for n in record["train"]}
+        assert tested and not tested & trained
+        assert all(f"{p}_ses-{n}" in record["test"] for p in tested for n in (1, 2))
+    # The links point into the BIDS dataset, whose lesion masks are the derivative ones.
+    link = results / "bids_view" / "sub-02_ses-1" / "lesion.nii.gz"
+    assert link.is_symlink() and "derivatives" in str(link.resolve())
+    assert math.isclose(summary["mean"]["dsc"], np.mean([float(r["dsc"]) for r in rows[:-1]]), abs_tol=1e-5)
+
+
+def test_cross_validation_folds_by_participant():
+    names = ["sub-01_ses-1", "sub-01_ses-2", "sub-02_ses-1", "sub-03_ses-1", "sub-03_ses-2", "sub-04_ses-1"]
+    loo = protocol.cross_validation_folds(names, 0, seed=0)
+    assert [f.name for f in loo] == ["sub-01", "sub-02", "sub-03", "sub-04"]
+    assert loo[0].test == ("sub-01_ses-1", "sub-01_ses-2") and "sub-01_ses-2" not in loo[0].train
+    folds = protocol.cross_validation_folds(names, 3, seed=1)
+    assert sorted(n for f in folds for n in f.test) == sorted(names)
+    assert sorted(len({protocol.bids_layout.participant_of(n) for n in f.test}) for f in folds) == [1, 1, 2]
+    assert folds == protocol.cross_validation_folds(names, 3, seed=1)
+    for k in (1, 5):
+        with pytest.raises(UserError, match="2 <= k <= 4"):
+            protocol.cross_validation_folds(names, k, seed=0)
+
+
+def test_training_reads_a_bids_dataset_as_the_training_layout(tmp_path):
+    """The same phantom in both layouts loads to the same training subjects; unlabelled sessions are left out."""
+    from jaxcascade import config as config_lib, subjects
+
+    phantom.write_cohort(tmp_path / "folders", 2, seed=4, size="tiny")
+    phantom.write_cohort(tmp_path / "bids", 2, seed=4, size="tiny", layout="bids")
+    config = config_lib.load_config("demo")
+    from_folders = subjects.load_training_subjects(tmp_path / "folders", config)
+    from_bids = subjects.load_training_subjects(tmp_path / "bids", config)
+    assert [s.name for s in from_bids] == ["sub-01_ses-1", "sub-02_ses-1"]
+    for a, b in zip(from_folders, from_bids):
+        np.testing.assert_array_equal(a.volume, b.volume)
+        np.testing.assert_array_equal(a.lesion, b.lesion)
+    masks = tmp_path / "bids" / "derivatives" / "lesion_masks"
+    (masks / "sub-02" / "ses-1" / "anat" / "sub-02_ses-1_label-lesion_mask.nii.gz").unlink()
+    assert [s.name for s in subjects.load_training_subjects(tmp_path / "bids", config)] == ["sub-01_ses-1"]
+    (tmp_path / "bids" / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_T1w.nii.gz").unlink()
+    with pytest.raises(UserError, match="labelled sessions with missing sequences: sub-01 ses-1: no \\*_T1w"):
+        subjects.load_training_subjects(tmp_path / "bids", config)
+
+
 def test_ablation_reuses_the_folds_without_training(leave_one_out_run):
     results, _, _ = leave_one_out_run
     before = weight_mtimes(results)

@@ -24,6 +24,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.flair = "FLAIR"  # the modality that selects candidates
     config.data.lesion = "lesion"
     config.data.suffix = ".nii.gz"
+    # A BIDS dataset instead (it has dataset_description.json): each session with a derivatives
+    # *_label-lesion_mask is a training subject; modalities map to suffixes T1w, FLAIR, T2w, PDw unless
+    # overridden here, e.g. "T1=T1w,FLAIR=FLAIR".
+    config.data.bids_suffixes = ""
     # Voxel orientation the networks see: images are permuted/flipped (exactly,
     # no resampling) into it, and outputs back to each file's own grid. "native"
     # uses the stored voxel order, as nicMSlesions did (imported models use it).
