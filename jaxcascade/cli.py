@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 
+from jaxcascade import scanners
 from jaxcascade.errors import TrainingInterrupted, UserError
 
 EXIT_USER_ERROR = 2
@@ -65,10 +66,11 @@ def cmd_phantom(args, _overrides) -> None:
     if args.kind == "mni":
         from jaxcascade import phantom_mni as generator
     names = generator.write_cohort(args.out, args.subjects, args.seed, args.size, layout=args.layout,
-                                   sessions=args.sessions)
+                                   sessions=args.sessions, scanner=args.scanner)
     layout = f" as a BIDS dataset ({args.sessions} session{'s' if args.sessions > 1 else ''} each)" \
         if args.layout == "bids" else ""
-    _log(f"wrote {len(names)} {args.size} {args.kind} phantom subjects to {args.out}{layout}: {', '.join(names)}")
+    _log(f"wrote {len(names)} {args.size} {args.kind} phantom subjects (scanner {args.scanner}) to "
+         f"{args.out}{layout}: {', '.join(names)}")
 
 
 def cmd_train(args, overrides) -> None:
@@ -179,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=("folders", "bids"), default="folders",
                    help="one folder per subject (for training), or a BIDS dataset with lesion masks as a derivative")
     p.add_argument("--sessions", type=int, default=1, help="sessions per subject (BIDS layout)")
+    p.add_argument("--scanner", choices=tuple(scanners.SCANNERS), default=scanners.DEFAULT.name,
+                   help="acquisition settings: lesion contrast, noise, bias field, FLAIR slices (README, The phantom)")
     p.set_defaults(run=cmd_phantom)
 
     p = commands.add_parser("train", help="train both stages (resumes an interrupted run)")

@@ -2,7 +2,8 @@
 
 Each subject is an analytic brain (a deformed ellipsoid with a folded cortical
 ribbon, lateral ventricles and deep grey nuclei) rendered with sequence-typical
-contrast, partial-volume blur, a multiplicative bias field and Rician noise.
+contrast, partial-volume blur, a multiplicative bias field and Rician noise
+at a named scanner's settings (scanners.py).
 White-matter lesions are irregular blobs, some periventricular, always inside
 white matter. FLAIR-bright non-lesions (cortex, periventricular caps, choroid
 plexus) make lesion detection a real classification task rather than a
@@ -19,7 +20,7 @@ import functools
 
 import numpy as np
 
-from jaxcascade import phantom_core
+from jaxcascade import phantom_core, scanners
 from jaxcascade.errors import UserError
 from jaxcascade.phantom_core import BG, CAP, CHOROID, CSF, DEEP_GM, GM, WM
 # Re-exported: callers name a cohort's subjects through this module.
@@ -33,22 +34,25 @@ SIZES = {
 
 # Intensity relative to white matter, indexed by label. T1: WM > deep GM > GM
 # > CSF. FLAIR: CSF suppressed, GM brighter than WM; periventricular caps and
-# choroid plexus are FLAIR-hyperintense non-lesions (hard negatives).
+# choroid plexus are FLAIR-hyperintense non-lesions (hard negatives). The GM
+# entry is the default scanner's; make_subject takes the scanner's GM, and its
+# lesion intensities (scanners.py).
 _T1_CONTRAST = np.array([0.0, 0.25, 0.62, 1.0, 0.78, 0.93, 0.55])
 _FLAIR_CONTRAST = np.array([0.0, 0.18, 1.2, 1.0, 1.07, 1.3, 1.25])
-_FLAIR_LESION = (1.4, 1.8)
-_T1_LESION = (0.6, 0.85)
 
 
-def make_subject(seed: int, size: str = "small") -> dict:
-    """Generate one synthetic subject on the grid named `size` (see SIZES).
+def make_subject(seed: int, size: str = "small", scanner: str | scanners.Scanner = "default") -> dict:
+    """Generate one synthetic subject on the grid named `size` (see SIZES), imaged by `scanner`.
 
+    `scanner` names one of scanners.SCANNERS (or is a Scanner); the anatomy
+    and lesions depend only on `seed`, the intensities also on the scanner.
     Returns {"T1", "FLAIR": float32 arrays, exactly 0 outside the
     intracranial mask; "lesion": uint8 0/1 array; "affine": 4x4 float64 RAS
     voxel-to-mm matrix with the grid centre at the origin}.
     """
     if size not in SIZES:
         raise UserError(f"phantom size {size!r} is unknown; use one of {sorted(SIZES)}")
+    scanner = scanners.get_scanner(scanner)
     shape, voxel = SIZES[size]
     rng = np.random.default_rng(seed)
     affine = np.diag([voxel, voxel, voxel, 1.0])
@@ -58,16 +62,16 @@ def make_subject(seed: int, size: str = "small") -> dict:
     lesion_id, n_lesions = phantom_core.place_lesions(rng, label, ventricles, voxel, size)
     head = label != BG
     images = {}
-    for name, contrast, lesion_range, gain in (
-        ("T1", _T1_CONTRAST, _T1_LESION, (400.0, 1200.0)),
-        ("FLAIR", _FLAIR_CONTRAST, _FLAIR_LESION, (200.0, 800.0)),
-    ):
+    for name, table, gain in (("T1", _T1_CONTRAST, (400.0, 1200.0)), ("FLAIR", _FLAIR_CONTRAST, (200.0, 800.0))):
+        contrast = table.copy()
+        contrast[GM] = scanner.grey_matter[name]
         # Per-subject tissue contrast varies a little; WM stays the reference.
         jitter = rng.uniform(0.97, 1.03, contrast.size)
         jitter[WM] = 1.0
-        lesion_factor = rng.uniform(*lesion_range, n_lesions)
+        lesion_factor = rng.uniform(*scanner.lesion[name], n_lesions)
         clean = _tissue_image(label, lesion_id, contrast * jitter, lesion_factor)
-        images[name] = phantom_core.acquire(rng, clean, head, voxel) * rng.uniform(*gain)
+        images[name] = (phantom_core.acquire(rng, clean, head, voxel, scanner, scanner.slice_mm(name))
+                        * rng.uniform(*gain))
     return {
         "T1": images["T1"],
         "FLAIR": images["FLAIR"],
@@ -77,15 +81,17 @@ def make_subject(seed: int, size: str = "small") -> dict:
 
 
 def write_cohort(out_dir, subjects: int, seed: int, size: str = "small", *, layout: str = "folders",
-                 sessions: int = 1) -> list[str]:
+                 sessions: int = 1, scanner: str | scanners.Scanner = "default") -> list[str]:
     """Write `subjects` phantoms as out_dir/<name>/{T1,FLAIR,lesion}.nii.gz (or BIDS, see phantom_core).
 
     Names and per-subject seeds are phantom_core's, so subject k depends only
-    on (seed, k). Every file is written atomically. Returns the names.
+    on (seed, k) and `scanner`. Every file is written atomically. Returns the names.
     """
-    return phantom_core.write_cohort(out_dir, subjects, seed, functools.partial(make_subject, size=size),
+    scanner = scanners.get_scanner(scanner)
+    return phantom_core.write_cohort(out_dir, subjects, seed,
+                                     functools.partial(make_subject, size=size, scanner=scanner),
                                      ("T1", "FLAIR", "lesion"), phantom_core.SCANNER_SPACE, layout=layout,
-                                     sessions=sessions)
+                                     sessions=sessions, scanner_name=scanner.name)
 
 
 def anatomy(rng, shape, voxel):

@@ -9,7 +9,8 @@ map on they are the same generator. This module holds that common part:
 - smooth random fields and rotations, the building blocks of warps, bias
   fields and lesion shapes;
 - lesion placement in white matter, with its per-grid size table;
-- acquisition: partial volume, bias field and Rician noise;
+- acquisition: partial volume, 2D slice profile, bias field and Rician noise,
+  at a scanner's settings (scanners.py);
 - the cohort writer, which stores subjects as NIfTI files atomically.
 """
 
@@ -20,7 +21,7 @@ import os
 import numpy as np
 from scipy import ndimage
 
-from jaxcascade import bids_layout, outputs
+from jaxcascade import bids_layout, outputs, scanners
 from jaxcascade.errors import UserError
 
 # Tissue labels, in the order the procedural contrast tables are indexed by.
@@ -66,7 +67,7 @@ LESION_DERIVATIVE = "derivatives/lesion_masks"
 
 
 def write_cohort(out_dir, subjects: int, seed: int, make_subject, keys, space_code: int, *,
-                 layout: str = "folders", sessions: int = 1) -> list[str]:
+                 layout: str = "folders", sessions: int = 1, scanner_name: str = "default") -> list[str]:
     """Write `subjects` phantoms: out_dir/<name>/<key>.nii.gz, or a BIDS dataset.
 
     `make_subject(subject_seed)` returns a dict holding `keys` and "affine";
@@ -79,6 +80,7 @@ def write_cohort(out_dir, subjects: int, seed: int, make_subject, keys, space_co
     `sessions` sessions (each a fresh draw: session s of subject k is draw
     k * sessions + s), dataset_description.json, and the lesion masks as
     LESION_DERIVATIVE/sub-XX/ses-N/anat/sub-XX_ses-N_label-lesion_mask.nii.gz.
+    Both dataset descriptions name `scanner_name` (see scanners.py) under GeneratedBy.
     """
     if layout not in ("folders", "bids"):
         raise UserError(f"--layout {layout}: use folders or bids")
@@ -102,10 +104,11 @@ def write_cohort(out_dir, subjects: int, seed: int, make_subject, keys, space_co
                     _write_image(subject, key, space_code, target)
         names.append(name)
     if layout == "bids":
-        description = {"Name": "jaxcascade phantom cohort", "BIDSVersion": "1.9.0", "DatasetType": "raw"}
+        generated_by = [{"Name": "jaxcascade phantom", "Description": f"scanner {scanner_name}"}]
+        description = {"Name": "jaxcascade phantom cohort", "BIDSVersion": "1.9.0", "DatasetType": "raw",
+                       "GeneratedBy": generated_by}
         outputs.write_json(description, os.path.join(out_dir, "dataset_description.json"))
-        outputs.write_json({**description, "Name": "phantom lesion masks", "DatasetType": "derivative",
-                            "GeneratedBy": [{"Name": "jaxcascade phantom"}]},
+        outputs.write_json({**description, "Name": "phantom lesion masks", "DatasetType": "derivative"},
                            os.path.join(out_dir, LESION_DERIVATIVE, "dataset_description.json"))
     return names
 
@@ -247,17 +250,39 @@ def _lesion_blob(rng, centre, radius, voxel, shape):
     return box, blob
 
 
-def acquire(rng, clean, head, voxel):
-    """Partial volume, bias field and Rician noise; exactly 0 outside `head`."""
+def acquire(rng, clean, head, voxel, scanner: scanners.Scanner = scanners.DEFAULT, slice_mm=None):
+    """Partial volume, slice profile, bias field and Rician noise; exactly 0 outside `head`.
+
+    `scanner` sets the noise and bias ranges; `slice_mm` (None: a 3D
+    acquisition) the thickness of 2D slices stacked along the last axis.
+    The random draws are the same whatever the scanner, so one seed gives the
+    same bias field shape and noise pattern, only scaled differently.
+    """
     # Blur by half a voxel: border voxels mix the tissues they straddle.
     image = ndimage.gaussian_filter(clean, 0.5)
+    if slice_mm is not None:
+        image = _slice_profile(image, slice_mm, voxel)
     bias = smooth_field(rng, clean.shape, voxel, 70.0)
     low, high = bias[head].min(), bias[head].max()
-    peak_to_peak = rng.uniform(0.04, 0.15)
+    peak_to_peak = rng.uniform(*scanner.bias_peak_to_peak)
     image *= 1.0 + peak_to_peak * ((bias - low) / (high - low) - 0.5)
-    sigma = np.float32(rng.uniform(0.02, 0.04))
+    sigma = np.float32(rng.uniform(*scanner.noise_sigma))
     real = image + sigma * rng.standard_normal(clean.shape, np.float32)
     imaginary = sigma * rng.standard_normal(clean.shape, np.float32)
     image = np.hypot(real, imaginary)
     image[~head] = 0.0
     return image.astype(np.float32)
+
+
+def _slice_profile(image, slice_mm, voxel):
+    """`image` as if acquired in `slice_mm`-thick slices along its last axis, on the same grid.
+
+    A slice averages a slab `slice_mm` thick; a voxel already averages one
+    `voxel` thick. A Gaussian with the variance the slab adds to the voxel's
+    own ((slice^2 - voxel^2) / 12, as for box profiles) blurs through-plane
+    only; noise is added afterwards, as the scanner's noise is per voxel.
+    """
+    extra_variance_mm2 = (slice_mm**2 - voxel**2) / 12.0
+    if extra_variance_mm2 <= 0:
+        return image  # slices no thicker than the voxels: nothing to add
+    return ndimage.gaussian_filter1d(image, np.sqrt(extra_variance_mm2) / voxel, axis=-1)

@@ -6,7 +6,8 @@ downloaded), deforms them with a random affine, a smooth warp and a
 ventricular enlargement, places 5-40 white-matter lesions (a share of them
 periventricular, via phantom_core's lesion drawing), and renders T1, FLAIR and
 optionally T2 and PD from the tissue fractions with phantom_core's partial
-volume, bias field and Rician noise. Needs the `nilearn` extra:
+volume, bias field and Rician noise at a named scanner's settings
+(scanners.py). Needs the `nilearn` extra:
     pip install -e '.[nilearn]'
 The API mirrors phantom.py: `make_subject(seed, size)` and `write_cohort(...)`.
 This module holds what is MNI-specific: the template, its deformation, the
@@ -20,7 +21,7 @@ import functools
 import numpy as np
 from scipy import ndimage
 
-from jaxcascade import phantom_core
+from jaxcascade import phantom_core, scanners
 from jaxcascade.errors import UserError
 from jaxcascade.phantom_core import BG, CSF, GM, WM
 
@@ -31,16 +32,16 @@ from jaxcascade.phantom_core import BG, CSF, GM, WM
 SIZES = {"tiny": (2, 2), "small": (2, 1), "full": (1, 1)}
 CONTRASTS = ("T1", "FLAIR", "T2", "PD")
 
-# Intensity relative to normal white matter per tissue (CSF, GM, WM), the
-# lesion range and the periventricular-rim range, typical of skull-stripped
-# 3T MPRAGE, 3D FLAIR, T2 and PD images. The rim (FLAIR/T2-bright ependymal
-# lining) and the cortex are the hard negatives a FLAIR threshold cannot
-# separate from lesions.
+# Intensity relative to normal white matter of CSF and the periventricular-rim
+# range, typical of skull-stripped 3T MPRAGE, 3D FLAIR, T2 and PD images; grey
+# matter and lesions are the scanner's (scanners.py). The rim (FLAIR/T2-bright
+# ependymal lining) and the cortex are the hard negatives a FLAIR threshold
+# cannot separate from lesions.
 _CONTRAST = {
-    "T1": {"tissue": (0.25, 0.62, 1.0), "lesion": (0.6, 0.85), "rim": (0.97, 1.0), "gain": (400.0, 1200.0)},
-    "FLAIR": {"tissue": (0.18, 1.2, 1.0), "lesion": (1.4, 1.8), "rim": (1.1, 1.3), "gain": (200.0, 800.0)},
-    "T2": {"tissue": (3.0, 1.4, 1.0), "lesion": (1.7, 2.4), "rim": (1.2, 1.5), "gain": (100.0, 400.0)},
-    "PD": {"tissue": (1.4, 1.2, 1.0), "lesion": (1.25, 1.45), "rim": (1.05, 1.15), "gain": (300.0, 900.0)},
+    "T1": {"csf": 0.25, "rim": (0.97, 1.0), "gain": (400.0, 1200.0)},
+    "FLAIR": {"csf": 0.18, "rim": (1.1, 1.3), "gain": (200.0, 800.0)},
+    "T2": {"csf": 3.0, "rim": (1.2, 1.5), "gain": (100.0, 400.0)},
+    "PD": {"csf": 1.4, "rim": (1.05, 1.15), "gain": (300.0, 900.0)},
 }
 _WM_HOST_FRACTION = 0.6  # lesions grow only where white matter dominates
 _VENTRICLE_DEPTH_MM = 12.0  # CSF deeper than this below the brain surface is ventricular
@@ -94,18 +95,21 @@ def _block_mean(data: np.ndarray, block: int) -> np.ndarray:
     return data.reshape(shape[0], block, shape[1], block, shape[2], block).mean(axis=(1, 3, 5))
 
 
-def make_subject(seed: int, size: str = "small", contrasts=("T1", "FLAIR")) -> dict:
-    """Generate one subject on the MNI grid named `size` (see SIZES).
+def make_subject(seed: int, size: str = "small", contrasts=("T1", "FLAIR"),
+                 scanner: str | scanners.Scanner = "default") -> dict:
+    """Generate one subject on the MNI grid named `size` (see SIZES), imaged by `scanner`.
 
     Returns {<contrast>: float32 arrays, exactly 0 outside the brain mask;
     "lesion": uint8 0/1; "affine": the template's 4x4 voxel-to-MNI-mm
     matrix}. The anatomy and lesions depend only on `seed`, and each
     contrast only on (seed, contrast), so asking for more contrasts never
-    changes the others.
+    changes the others. `scanner` (a name in scanners.SCANNERS, or a
+    Scanner) changes the intensities only, never the anatomy or lesions.
     """
     unknown = [c for c in contrasts if c not in CONTRASTS]
     if unknown or not contrasts:
         raise UserError(f"MNI phantom contrasts {', '.join(contrasts) or 'none'}: use some of {', '.join(CONTRASTS)}")
+    scanner = scanners.get_scanner(scanner)
     base = template(size)
     voxel = float(abs(base["affine"][0, 0]))
     rng = np.random.default_rng(seed)
@@ -126,13 +130,14 @@ def make_subject(seed: int, size: str = "small", contrasts=("T1", "FLAIR")) -> d
         crng = np.random.default_rng([seed, 1 + CONTRASTS.index(contrast)])
         spec = _CONTRAST[contrast]
         # Per-subject tissue contrast varies a little; WM stays the reference.
-        csf_c, gm_c = np.array(spec["tissue"][:2]) * crng.uniform(0.97, 1.03, 2)
-        lesion_factor = np.concatenate([[0.0], crng.uniform(*spec["lesion"], n_lesions)]).astype(np.float32)
+        csf_c, gm_c = np.array((spec["csf"], scanner.grey_matter[contrast])) * crng.uniform(0.97, 1.03, 2)
+        lesion_factor = np.concatenate([[0.0], crng.uniform(*scanner.lesion[contrast], n_lesions)]).astype(np.float32)
         white = np.where(rim, np.float32(crng.uniform(*spec["rim"])), np.float32(1.0))
         # A lesion replaces the white matter of its voxels; their GM/CSF share stays.
         clean = (fractions["csf"] * csf_c + fractions["gm"] * gm_c
                  + fractions["wm"] * np.where(lesion, lesion_factor[lesion_id], white))
-        subject[contrast] = phantom_core.acquire(crng, clean.astype(np.float32), head, voxel) * crng.uniform(*spec["gain"])
+        image = phantom_core.acquire(crng, clean.astype(np.float32), head, voxel, scanner, scanner.slice_mm(contrast))
+        subject[contrast] = image * crng.uniform(*spec["gain"])
     subject["lesion"] = lesion.astype(np.uint8)
     subject["affine"] = base["affine"].copy()
     return subject
@@ -187,13 +192,15 @@ def _periventricular_rim(ventricles: np.ndarray, voxel: float) -> np.ndarray:
 
 
 def write_cohort(out_dir, subjects: int, seed: int, size: str = "small", contrasts=("T1", "FLAIR"), *,
-                 layout: str = "folders", sessions: int = 1) -> list[str]:
+                 layout: str = "folders", sessions: int = 1, scanner: str | scanners.Scanner = "default") -> list[str]:
     """Write `subjects` MNI phantoms as out_dir/<name>/{<contrast>...,lesion}.nii.gz.
 
     Names and per-subject seeds are phantom_core's, as for phantom.py, so
-    subject k depends only on (seed, k). Every file is written atomically.
-    Returns the names.
+    subject k depends only on (seed, k) and `scanner`. Every file is written
+    atomically. Returns the names.
     """
+    scanner = scanners.get_scanner(scanner)
     return phantom_core.write_cohort(out_dir, subjects, seed,
-                                     functools.partial(make_subject, size=size, contrasts=contrasts),
-                                     (*contrasts, "lesion"), phantom_core.MNI152_SPACE, layout=layout, sessions=sessions)
+                                     functools.partial(make_subject, size=size, contrasts=contrasts, scanner=scanner),
+                                     (*contrasts, "lesion"), phantom_core.MNI152_SPACE, layout=layout,
+                                     sessions=sessions, scanner_name=scanner.name)
