@@ -77,3 +77,27 @@ def training_set_size(points: list[tuple[int, float]], summary: list[dict], path
     axis.legend(fontsize=8)
     axis.set_title(title)
     _save(figure, path)
+
+
+def new_scanner(rows: list[dict], subject_rows: list[dict], path: Path, title: str) -> None:
+    """Mean DSC on scanner A and B per variant, and predicted against true lesion volume on B."""
+    figure, (bars, volumes) = plt.subplots(1, 2, figsize=(13.0, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
+    _grouped_bars(bars, [r["variant"] for r in rows],
+                  {"DSC scanner A (seen)": [r["a_dsc"] for r in rows], "DSC scanner B (unseen)": [r["b_dsc"] for r in rows]})
+    bars.set_xticks(bars.get_xticks(), bars.get_xticklabels(), rotation=30, ha="right")
+    bars.set_ylim(0, 1.05)
+    bars.set_ylabel("mean held-out DSC")
+    largest = 1.0
+    for k, row in enumerate(rows):
+        points = [(s["truth_volume_ml"], s["pred_volume_ml"]) for s in subject_rows
+                  if s["variant"] == row["variant"] and s["subject"].startswith("B/")]
+        if points:
+            true, predicted = zip(*points)
+            volumes.scatter(true, predicted, s=18, color=f"C{k % 10}", label=row["variant"])
+            largest = max(largest, *true, *predicted)
+    volumes.plot([0, largest], [0, largest], color="0.6", linewidth=1, zorder=0)
+    volumes.set_xlabel("true lesion volume, scanner B (ml)")
+    volumes.set_ylabel("predicted lesion volume (ml)")
+    volumes.legend(fontsize=7)
+    figure.suptitle(title)
+    _save(figure, path)

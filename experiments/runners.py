@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from experiments import figures, protocol
+from experiments import figures, protocol, scanner_shift
 from jaxcascade import nifti, plots
 from jaxcascade.outputs import write_json
 
@@ -158,4 +158,5 @@ def training_set_size(config, log: Callable = print) -> dict:
     return _finish(results, "training_set_size", {"sizes": summary_rows, "folds": fold_rows}, started, records, log)
 
 
-RUNNERS = {"leave_one_out": leave_one_out, "cascade_ablation": cascade_ablation, "training_set_size": training_set_size}
+RUNNERS = {"leave_one_out": leave_one_out, "cascade_ablation": cascade_ablation, "training_set_size": training_set_size,
+           "new_scanner": scanner_shift.new_scanner}

@@ -25,7 +25,7 @@ FORMAT_VERSION = 1
 # What the model learnt from, beside its config: the FLAIR voxel size (mm) of its training data.
 TRAINING_DATA = "training_data.json"
 # Settings a fine-tuned model must share with the model it starts from.
-FIXED_WHEN_FINE_TUNING = ("model", "data.modalities", "data.orientation", "normalisation")
+FIXED_WHEN_FINE_TUNING = ("model", "data.modalities", "data.orientation", "normalisation", "bias_correction")
 
 
 def stored_config(config) -> dict:

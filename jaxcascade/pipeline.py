@@ -20,7 +20,8 @@ from jaxcascade import resolution, sampling, seeding
 from jaxcascade.cascade import Cascade, Segmentation, Stage, flair_channel, segment_volume
 from jaxcascade.errors import UserError
 from jaxcascade.inference import InferenceOptions, resolve_method
-from jaxcascade.normalisation import normalise_channels
+from jaxcascade.intensity_augmentation import IntensityAugmentation
+from jaxcascade.normalisation import check_settings as check_preprocessing, normalise_channels
 from jaxcascade.optimizer import trainable_modules
 from jaxcascade.outputs import check_output_path
 from jaxcascade.subjects import load_training_subjects
@@ -72,6 +73,8 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress:
     distributed.check_divisible(config.train.eval_batch_size, "train.eval_batch_size", num_shards)
     if not distributed.is_primary():
         log, progress = _silent, None
+    check_preprocessing(config)
+    IntensityAugmentation.from_config(config.train.get("intensity_augmentation"))
     subjects = load_training_subjects(data_dir, config, num_shards)
     # Settings that can only be checked against a built network fail before the workdir exists.
     probe = models.build_network(config.model, subjects[0].volume.shape[-1], 0, config.compute_dtype)
@@ -151,7 +154,7 @@ def _segment_on_grid(model, images, threshold, min_lesion_voxels, method, tta, b
                                            method=method, tta=tta)
     # Outside the mask every image is 0: left out of the normalisation statistics and never a candidate.
     channels = [image.data if brain_mask is None else image.data * brain_mask for image in images]
-    volume = normalise_channels(channels, config.normalisation)
+    volume = normalise_channels(channels, config.normalisation, bias_correction=config.bias_correction)
     return segment_volume(model.stage1, model.stage2, volume, flair_channel(config), options,
                           voxel_volume_ml=images[0].voxel_volume_ml, progress=progress)
 

@@ -98,7 +98,8 @@ def load_training_subjects(data_dir, config, num_shards: int = 1) -> list[Subjec
             images = nifti.load_sequences(inputs, modalities, name,
                                           orientation=config.data.orientation, reference=config.data.flair)
             lesion = nifti.load_lesion_mask(lesion_file, images[channel])
-            volume = normalise_channels([image.data for image in images], config.normalisation)
+            volume = normalise_channels([image.data for image in images], config.normalisation,
+                                        bias_correction=config.bias_correction)
             zooms = tuple(float(z) for z in images[channel].nifti.header.get_zooms()[:3])
             subjects.append(Subject(name, volume, lesion, channel, number, shard_of[number], zooms))
         return subjects

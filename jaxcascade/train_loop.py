@@ -22,6 +22,7 @@ import numpy as np
 from jaxcascade import batching, checkpoints, distributed, models, train_steps
 from jaxcascade.batching import TrainingSet, training_batch
 from jaxcascade.errors import TrainingInterrupted, UserError
+from jaxcascade.intensity_augmentation import IntensityAugmentation
 from jaxcascade.optimizer import OptimizerSettings, make_optimizer, trainable_modules
 
 
@@ -64,7 +65,8 @@ def fit_stage(
         variables = initial_variables
     trainable = trainable_modules(train_config.trainable, variables["params"])
     tx = make_optimizer(OptimizerSettings.from_config(train_config, trainable))
-    train_step = train_steps.make_train_step(graphdef, train_config.augmentation, trainable)
+    intensity = IntensityAugmentation.from_config(train_config.get("intensity_augmentation"))
+    train_step = train_steps.make_train_step(graphdef, train_config.augmentation, trainable, intensity=intensity)
     eval_step = train_steps.make_eval_step(graphdef)
     base_key = jax.random.fold_in(jax.random.key(config.seed), stage)
     run_key = jax.random.wrap_key_data(distributed.put_replicated(jax.random.key_data(base_key)))

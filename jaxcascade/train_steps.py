@@ -5,7 +5,7 @@ static graph definition and pure-dict variables (`models.split_model`), so the
 state is a plain pytree that jit, orbax and sharding all understand; it
 carries its optimiser (`optimizer.make_optimizer`) as static data. The epoch
 loop that calls these steps is `train_loop.py`; the augmentations they apply
-are `augment` below.
+are `augment` below (geometric) and `intensity_augmentation.augment_intensity`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxcascade import intensity_augmentation
+from jaxcascade.intensity_augmentation import IntensityAugmentation, augment_intensity
+
 AUGMENTATIONS = ("none", "seed", "flips3d", "rot90")
+INTENSITY_STREAM = 1  # fold_in data of the step key's intensity-augmentation key
 
 
 @flax.struct.dataclass
@@ -85,7 +89,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 # fit in a process (tests, experiment launchers).
 @functools.lru_cache(maxsize=None)
 def make_train_step(graphdef, augmentation: str, trainable: tuple[str, ...] = (),
-                    per_sample_loss: Callable = cross_entropy):
+                    per_sample_loss: Callable = cross_entropy,
+                    intensity: IntensityAugmentation = intensity_augmentation.OFF):
     """A jitted `train_step(state, batch, rng) -> (state, measurements)`.
 
     batch = {'patches': (B, p, p, p, C) float32, 'labels': (B,) int32}. The rng
@@ -93,11 +98,17 @@ def make_train_step(graphdef, augmentation: str, trainable: tuple[str, ...] = ()
     key is threaded through the loop and a resumed run draws the same keys.
     `per_sample_loss(logits, labels)` gives the losses that are averaged over the batch.
     With `trainable` set, frozen modules also keep their BatchNorm statistics.
+    `intensity` (off by default) randomises intensities after the geometric `augmentation`.
     """
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
-        augment_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, state.step))
+        step_rng = jax.random.fold_in(rng, state.step)
+        augment_rng, dropout_rng = jax.random.split(step_rng)
         patches = augment(batch["patches"], augment_rng, augmentation)
+        if intensity.enabled:
+            # A key of its own beside the split, so the geometric and dropout
+            # keys are those of a run without intensity augmentation.
+            patches = augment_intensity(patches, jax.random.fold_in(step_rng, INTENSITY_STREAM), intensity)
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, state.batch_stats)

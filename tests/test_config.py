@@ -69,3 +69,9 @@ def test_a_model_saved_before_data_orientation_existed_keeps_the_stored_voxel_or
     (tmp_path / "config.json").write_text(json.dumps(record))
     assert model_dir.read_model_config(tmp_path).data.orientation == "native"
     assert config_lib.load_config("default").data.orientation == "RAS"
+
+
+def test_robust_config_changes_only_preprocessing_and_augmentation():
+    robust = config_lib.to_dict(config_lib.load_config("robust"))
+    assert config_lib.differences(config_lib.to_dict(config_lib.load_config()), robust) == [
+        "bias_correction", "train.augmentation", "train.intensity_augmentation.enabled"]

@@ -288,3 +288,44 @@ def test_mni_cohort_through_the_command_line(tmp_path, mni_subjects):
     lesion = nifti.load_lesion_mask(out / "sub-01" / "lesion.nii.gz", flair)
     assert lesion.any() and nifti.load_image(out / "sub-01" / "T1.nii.gz").data.shape == flair.data.shape
     assert int(flair.nifti.header["sform_code"]) == 4  # MNI152 space
+
+
+# ----------------------------------------------------------------------------- new scanner
+
+
+def test_new_scanner_smoke_rows_one_shot_and_resume(tmp_path):
+    """Every variant, the one-shot model and the FLAIR floor get a row; one-shot trains only the dense layers."""
+    from jaxcascade import checkpoints, config as config_lib
+    from jaxcascade.cascade import Stage
+
+    results = tmp_path / "scanner"
+    summary = launch.run(smoke_config("new_scanner", results), log=lambda _: None)
+    rows = read_csv(results / "new_scanner.csv")
+    assert [r["variant"] for r in rows] == ["faithful", "n4", "percentile", "robust", "wm_peak",
+                                            "faithful+one-shot", "FLAIR threshold"]
+    for row in rows:
+        for key in ("a_dsc", "b_dsc", "b_tpr", "b_lesion_f1"):
+            assert 0.0 <= float(row[key]) <= 1.0, (row["variant"], key)
+    manifest_b = protocol.json.loads((results / "cohort_b" / "cohort.json").read_text())
+    assert manifest_b["scanner"] == "low_contrast" and manifest_b["subjects"] == 3
+    subjects = read_csv(results / "new_scanner_subjects.csv")
+    assert {s["subject"] for s in subjects} == {"A/sub-03", "B/sub-02", "B/sub-03"}
+    for s in subjects:  # the volumes the rows summarise are the masks' volumes
+        assert float(s["truth_volume_ml"]) > 0 and float(s["pred_volume_ml"]) >= 0
+    models = results / "models"
+    config = config_lib.load_config("demo")
+    for stage in (1, 2):
+        template = Stage.load(models / "faithful", stage, config).variables
+        base = checkpoints.load_weights(models / "faithful", stage, template)["params"]
+        tuned = checkpoints.load_weights(models / "faithful+one-shot", stage, template)["params"]
+        assert np.array_equal(base["conv1"]["kernel"], tuned["conv1"]["kernel"])
+        assert not np.array_equal(base["out"]["kernel"], tuned["out"]["kernel"])
+    assert set(summary["targets"]) >= {"unseen_scanner_dsc", "one_shot_dsc", "robust_minus_faithful_on_a"}
+    assert (results / "new_scanner.png").stat().st_size > 1000
+    def weights():
+        return {str(p): p.stat().st_mtime_ns for p in sorted(models.rglob("*")) if "weights" in p.parts}
+
+    before = weights()
+    messages: list[str] = []
+    launch.run(smoke_config("new_scanner", results), log=messages.append)
+    assert before and weights() == before and not any("epoch" in m for m in messages)

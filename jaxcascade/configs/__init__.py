@@ -1,1 +1,1 @@
-"""Config files shipped with the package (`default.py`, `demo.py`)."""
+"""Config files shipped with the package (`default.py`, `demo.py`, `robust.py`)."""

@@ -41,8 +41,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.bn_epsilon = 1e-4  # Lasagne batch_norm default
     config.model.conv_implementation = "auto"  # "lax" | "slices" | "auto" (per backend)
 
-    # (x - mean(nonzero)) / std(nonzero) per image; "nicms" is nicMSlesions' variant.
+    # (x - mean(nonzero)) / std(nonzero) per image; "nicms" is nicMSlesions' variant; "percentile" and
+    # "wm_peak" centre on the median or the white-matter peak and scale by a robust spread (normalisation.py).
     config.normalisation = "nonzero"
+    # Bias-field correction of every image before its normalisation: "none" (the seed) or "n4"
+    # (N4 through SimpleITK: pip install 'jaxcascade[n4]'; settings in bias_field.py).
+    config.bias_correction = "none"
     config.candidates = ml_collections.ConfigDict()
     config.candidates.min_th = 0.5  # normalised FLAIR above this is a candidate
 
@@ -61,6 +65,23 @@ def get_config() -> ml_collections.ConfigDict:
     # "seed": half of each batch flipped along one of three flips of the last two axes;
     # "flips3d": independent flips of all three axes; "rot90": flips and axis permutations; "none".
     config.train.augmentation = "seed"
+    # Random intensity transforms per sample and channel inside the train step, after the geometric
+    # augmentation (intensity_augmentation.py). Off: the seed has none; configs/robust.py turns it on.
+    # Each transform fires with its probability; ranges are (low, high), values in normalised (z) units.
+    config.train.intensity_augmentation = ml_collections.ConfigDict()
+    intensity = config.train.intensity_augmentation
+    intensity.enabled = False
+    intensity.bias_field_probability = 0.3
+    intensity.bias_field_max_log = 0.1  # a smooth field across the patch within [exp(-0.1), exp(0.1)]
+    intensity.gamma_probability = 0.3
+    intensity.gamma = (0.7, 1.5)  # on the patch rescaled to [0, 1]; log-uniform
+    intensity.contrast_probability = 0.2
+    intensity.contrast = (0.75, 1.25)  # about the patch mean
+    intensity.brightness_probability = 0.2
+    intensity.brightness_scale = (0.9, 1.1)
+    intensity.brightness_shift = (-0.1, 0.1)
+    intensity.noise_probability = 0.2
+    intensity.noise_std = (0.0, 0.1)  # additive Gaussian noise
     config.train.eval_batch_size = 1024
     # Fine-tuning: start from a model directory's weights (`train --init-from`), and train only
     # these top-level modules ("all", or e.g. "dense1,out"; nicMSlesions' one-shot: its last dense layers).
