@@ -2,8 +2,8 @@
 
 Rows, on the same subjects: the faithful cascade (the demo budget of the seed's method); the `robust`
 config (N4, 3D flips, intensity augmentation); each normalisation option and N4 alone; the faithful and
-robust models fine-tuned on one labelled subject of scanner B (one-shot: Valverde et al. 2019's recipe,
-only the dense layers); nicMSlesions' pretrained baseline_2ch model (real MICCAI 2008 + 2016 scans,
+robust models fine-tuned on one labelled subject of scanner B (one-shot, as Valverde et al. 2019, but
+every layer: see one_shot.trainable); nicMSlesions' pretrained baseline_2ch model (real MICCAI 2008 + 2016 scans,
 imported from ../shared/interop/ when its files are there); and a floor: FLAIR above a threshold inside a
 T1 white-matter mask, the threshold fitted on scanner A's training subjects. Scores: DSC, PPV, TPR,
 lesion F1, and predicted against true total lesion volume (Pearson r, mean absolute difference in ml).
@@ -31,7 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.cohort = ml_collections.ConfigDict()
     config.cohort.kind = "mni"  # or "procedural"
     config.cohort.size = "small"
-    config.cohort.seed = 0  # scanner A's subjects; scanner B's are drawn with seed + 1 (other brains)
+    # Scanner A's subjects; B's are drawn with seed + 1 (other brains). The robust config's settings were
+    # developed on seed 0's cohort; seed 1 gives brains none of its choices saw, for the reported table.
+    config.cohort.seed = 1
     config.cohort.scanner_a = "default"
     config.cohort.scanner_b = "low_contrast"
     config.cohort.train_subjects = 4
@@ -52,7 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
     # One-shot adaptation: these variants fine-tuned on scanner B's labelled subject(s), only `trainable`.
     config.one_shot = ml_collections.ConfigDict()
     config.one_shot.variants = "faithful,robust"
-    config.one_shot.trainable = "dense1,out"
+    # Every layer: the dense layers alone (Valverde et al. 2019, nicMSlesions) measured far lower here.
+    config.one_shot.trainable = "all"
     config.one_shot.max_epochs = 12
     config.one_shot.patience = 4
 

@@ -6,6 +6,9 @@ channel, and leaves their geometry (hence their labels) alone. Each transform
 fires with its own probability and draws its parameter uniformly from its
 range; the order is that of an acquisition followed by a normalisation:
 
+  tail         x' = k + s * (x - k) above the knee k (z units), x below it: the
+               brightest tissue's contrast to the rest compressed (s < 1) or
+               stretched (s > 1), as lesion contrast differs between scanners
   bias field   x' = lo + (x - lo) * exp(f), f trilinear between 8 random corner
                values in [-bias_field_max_log, +bias_field_max_log]
   gamma        x' = lo + (hi - lo) * ((x - lo) / (hi - lo)) ** gamma, log(gamma) uniform
@@ -39,6 +42,9 @@ class IntensityAugmentation:
     """
 
     enabled: bool = False
+    tail_probability: float = 0.0
+    tail_knee: tuple[float, float] = (0.0, 0.0)
+    tail_slope: tuple[float, float] = (1.0, 1.0)
     bias_field_probability: float = 0.0
     bias_field_max_log: float = 0.0  # the field stays within [exp(-m), exp(m)]
     gamma_probability: float = 0.0
@@ -83,7 +89,7 @@ def _checked(key: str, value, name: str):
     low, high = (_number(key, v) for v in value)
     if low > high:
         raise UserError(f"{key}={value!r}: low end above high end")
-    if name in ("gamma", "contrast", "brightness_scale") and low <= 0:
+    if name in ("gamma", "contrast", "brightness_scale", "tail_slope") and low <= 0:
         raise UserError(f"{key}={value!r}: factors must be > 0")
     if name == "noise_std" and low < 0:
         raise UserError(f"{key}={value!r}: a standard deviation is >= 0")
@@ -101,7 +107,8 @@ def augment_intensity(patches: jax.Array, rng: jax.Array, settings: IntensityAug
     """Randomly transformed intensities of (B, p, p, p, C) patches; see the module docstring."""
     if not settings.enabled:
         return patches
-    bias_rng, gamma_rng, contrast_rng, brightness_rng, noise_rng = jax.random.split(rng, 5)
+    bias_rng, gamma_rng, contrast_rng, brightness_rng, noise_rng, tail_rng = jax.random.split(rng, 6)
+    patches = _tail(patches, tail_rng, settings)
     patches = _bias_field(patches, bias_rng, settings)
     patches = _gamma(patches, gamma_rng, settings)
     patches = _contrast(patches, contrast_rng, settings)
@@ -123,6 +130,18 @@ def _where_drawn(rng: jax.Array, probability: float, patches: jax.Array, transfo
 
 def _spatial_min_max(patches: jax.Array) -> tuple[jax.Array, jax.Array]:
     return patches.min(axis=(1, 2, 3), keepdims=True), patches.max(axis=(1, 2, 3), keepdims=True)
+
+
+def _tail(patches, rng, settings):
+    # In the normalised units the whole image shares (not per patch, unlike gamma), so one
+    # knee means the same tissue in every patch: above it lie lesions on FLAIR, white matter on T1.
+    apply_rng, knee_rng, slope_rng = jax.random.split(rng, 3)
+    knee = jax.random.uniform(knee_rng, _per_image_shape(patches), minval=settings.tail_knee[0],
+                              maxval=settings.tail_knee[1])
+    log_slope = jax.random.uniform(slope_rng, _per_image_shape(patches), minval=jnp.log(settings.tail_slope[0]),
+                                   maxval=jnp.log(settings.tail_slope[1]))
+    remapped = jnp.where(patches > knee, knee + jnp.exp(log_slope) * (patches - knee), patches)
+    return _where_drawn(apply_rng, settings.tail_probability, patches, remapped)
 
 
 def _bias_field(patches, rng, settings):

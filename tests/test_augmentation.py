@@ -108,6 +108,24 @@ def test_contrast_and_brightness_are_affine_with_factors_in_range():
             assert 0.9 - 1e-4 <= scale <= 1.1 + 1e-4 and -0.1 - 1e-4 <= shift <= 0.1 + 1e-4
 
 
+def test_tail_remaps_only_values_above_the_knee_monotonically_with_slope_in_range():
+    patches = _patches()
+    out = augment_intensity(patches, jax.random.key(9), _only(tail_probability=1.0, tail_knee=(0.5, 1.0),
+                                                              tail_slope=(0.25, 0.5)))
+    x, y = _per_image(patches), _per_image(out)
+    below = x <= 0.5
+    np.testing.assert_array_equal(y[below], x[below])  # below the lowest knee nothing moves
+    above = x > 1.0  # above the highest knee: compressed towards the knee by the slope
+    assert (y[above] < x[above]).all() and (y[above] > 0.5).all()
+    for b in range(BATCH):
+        for c in range(CHANNELS):
+            order = np.argsort(x[b, c])
+            assert (np.diff(y[b, c][order]) >= -1e-6).all()  # monotone: tissue order is kept
+            top = x[b, c] > 1.2
+            slope = np.polyfit(x[b, c][top], y[b, c][top], 1)[0]
+            assert 0.25 - 1e-4 <= slope <= 0.5 + 1e-4
+
+
 def test_noise_std_in_range_and_independent_per_sample_and_channel():
     patches = _patches()
     out = augment_intensity(patches, jax.random.key(7), _only(noise_probability=1.0, noise_std=(0.05, 0.2)))

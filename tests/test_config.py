@@ -71,7 +71,8 @@ def test_a_model_saved_before_data_orientation_existed_keeps_the_stored_voxel_or
     assert config_lib.load_config("default").data.orientation == "RAS"
 
 
-def test_robust_config_changes_only_preprocessing_and_augmentation():
+def test_robust_config_changes_only_preprocessing_augmentation_and_thresholds():
     robust = config_lib.to_dict(config_lib.load_config("robust"))
     assert config_lib.differences(config_lib.to_dict(config_lib.load_config()), robust) == [
-        "bias_correction", "train.augmentation", "train.intensity_augmentation.enabled"]
+        "bias_correction", "inference.stage2_min_probability", "inference.threshold", "train.augmentation",
+        "train.intensity_augmentation.enabled"]

@@ -71,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.intensity_augmentation = ml_collections.ConfigDict()
     intensity = config.train.intensity_augmentation
     intensity.enabled = False
+    intensity.tail_probability = 0.5
+    intensity.tail_knee = (0.3, 1.5)  # z units: above it, contrast to the rest x tail_slope
+    intensity.tail_slope = (0.25, 1.2)  # log-uniform
     intensity.bias_field_probability = 0.3
     intensity.bias_field_max_log = 0.1  # a smooth field across the patch within [exp(-0.1), exp(0.1)]
     intensity.gamma_probability = 0.3
@@ -80,8 +83,8 @@ def get_config() -> ml_collections.ConfigDict:
     intensity.brightness_probability = 0.2
     intensity.brightness_scale = (0.9, 1.1)
     intensity.brightness_shift = (-0.1, 0.1)
-    intensity.noise_probability = 0.2
-    intensity.noise_std = (0.0, 0.1)  # additive Gaussian noise
+    intensity.noise_probability = 0.5
+    intensity.noise_std = (0.0, 0.35)  # additive Gaussian noise (z units: 3x the phantom's default noise)
     config.train.eval_batch_size = 1024
     # Fine-tuning: start from a model directory's weights (`train --init-from`), and train only
     # these top-level modules ("all", or e.g. "dense1,out"; nicMSlesions' one-shot: its last dense layers).
