@@ -6,7 +6,7 @@ Run from the repository root (after `pip install -e ".[bench,interop]"`):
 Steps: `demo` (trains the model the inference benchmark uses, resuming if present; skipped with --model),
 `convs`, `train_step`, `scaling` (train step over forced host devices and local processes), `inference`
 (whole 1 mm brain), `startup` (a whole `segment` command, with and without the compilation cache),
-`nicms` (needs ../shared/interop). Each benchmark warms up, repeats (>= 3) and reports
+`study` (a BIDS cohort in one `segment --data` command against one call per session), `nicms` (needs ../shared/interop). Each benchmark warms up, repeats (>= 3) and reports
 medians with min-max, page faults and system time; its JSON goes to --out. The README's text between
 `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` is replaced by the table, under a line naming the machine.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 from benchmarks.common import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("demo", "convs", "train_step", "scaling", "inference", "startup", "nicms")
+STEPS = ("demo", "convs", "train_step", "scaling", "inference", "startup", "study", "nicms")
 
 
 def _command(step: str, args) -> list[str] | None:
@@ -39,6 +39,7 @@ def _command(step: str, args) -> list[str] | None:
         "inference": python + ["benchmarks.inference", "--model", model, "--repeats", str(args.repeats), *out],
         "startup": python + ["benchmarks.startup", "--model", model, "--subject",
                              str(args.out / "demo" / "cohort" / "held_out" / "sub-06"), *out],
+        "study": python + ["benchmarks.study", "--model", model, *out],
         "nicms": python + ["benchmarks.nicms_inference", *out],
     }[step]
 
@@ -109,10 +110,16 @@ def render_startup(payload: dict) -> str:
     return _table(["`jaxcascade segment`", "calls", "seconds, median (min-max)", "vs no cache"], rows)
 
 
+def render_study(payload: dict) -> str:
+    rows = [[r["run"], r["repeats"], _span(r, "median_s", "min_s", "max_s"), r["per_session_s"]] for r in payload["rows"]]
+    table = _table(["`jaxcascade segment`", "repeats", "seconds, median (min-max)", "per session"], rows)
+    return table + f"\n\nThe study command is {payload['speedup']:.2f}x faster than one call per session."
+
+
 RENDER = {"inference": ("inference", render_inference), "train_step": ("train_step", render_train_step),
           "scaling": ("train_step_devices", render_scaling), "convs": ("convs", render_convs),
           "nicms": ("nicms_inference", render_nicms),
-          "startup": ("startup", render_startup)}
+          "startup": ("startup", render_startup), "study": ("study", render_study)}
 
 
 def machine_line(payload: dict) -> str:

@@ -79,6 +79,9 @@ def training_size_folds(names: list[str], sizes, test_subjects: int, repeats: in
     only adds subjects, which keeps the curve free of set-to-set noise. A
     training set drawn again by a later repeat is not trained twice.
     """
+    if len({bids_layout.participant_of(name) for name in names}) < len(names):
+        raise UserError("training_set_size counts subjects, and this cohort has several sessions of one participant; "
+                        "use leave_one_out.py (--config.folds=K), whose folds keep a participant's sessions together")
     pool, test = names[: len(names) - test_subjects], tuple(names[len(names) - test_subjects :])
     if test_subjects < 1 or not sizes or min(sizes) < 1 or max(sizes) > len(pool):
         raise UserError(
@@ -103,7 +106,7 @@ def cohort_location(config, results: Path) -> Path:
     """The subjects' folder in the training layout.
 
     The user's own data (config.cohort.data_dir); for a BIDS dataset, results/bids_view, a folder of
-    links to its labelled sessions (`ensure_cohort` makes it); otherwise the phantom in results/cohort.
+    links to its labelled sessions (`ensure_cohort` makes it afresh each run); otherwise the phantom in results/cohort.
     """
     data_dir = config.cohort.get("data_dir")
     if not data_dir:
@@ -111,25 +114,44 @@ def cohort_location(config, results: Path) -> Path:
     return results / "bids_view" if bids_layout.is_bids(data_dir) else Path(data_dir)
 
 
+def link_folder(folder: Path, targets: dict[str, Path]) -> Path:
+    """folder/<name> -> target for exactly these names: links to anything else removed, changed ones re-pointed.
+
+    The folders of links the experiments train from must hold their split and nothing left over from an
+    interrupted run with another one.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in folder.iterdir():
+        if entry.name in targets and entry.is_symlink() and Path(os.readlink(entry)) == Path(targets[entry.name]):
+            continue
+        if not entry.is_symlink():
+            raise UserError(f"{entry}: not a link the experiments made; move it out of {folder}")
+        entry.unlink()
+    for name, target in targets.items():
+        link = folder / name
+        if not link.is_symlink():
+            link.symlink_to(target)
+    return folder
+
+
 def link_training_view(bids_root: Path, data_config, view: Path) -> list[str]:
     """results/bids_view/<sub-X_ses-Y>/<MODALITY><suffix> links to a BIDS dataset's labelled sessions.
 
     The folds and the scoring read the training layout; the links make a BIDS dataset one without copying
-    it. Made afresh each run, so a changed dataset is followed.
+    it. Brought up to date each run, so a changed dataset is followed.
     """
     entries = training_files(bids_root, data_config)
+    wanted = {name for name, _, _ in entries}
+    for stale in [p for p in view.iterdir() if p.name not in wanted] if view.is_dir() else []:
+        link_folder(stale, {})  # sessions gone from the dataset, or no longer labelled
+        stale.rmdir()
     for name, inputs, lesion in entries:
         files = {**inputs, data_config.lesion: lesion}
         wrong = [f.name for f in files.values() if not f.name.endswith(data_config.suffix)]
         if wrong:
             raise UserError(f"{bids_root}: {name}: {', '.join(wrong)} do not end in {data_config.suffix}; "
                             f"set --config.cascade.data.suffix to their extension")
-        folder = view / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for key, target in files.items():
-            link = folder / f"{key}{data_config.suffix}"
-            link.unlink(missing_ok=True)
-            link.symlink_to(Path(target).resolve())
+        link_folder(view / name, {f"{key}{data_config.suffix}": Path(target).resolve() for key, target in files.items()})
     return [name for name, _, _ in entries]
 
 
@@ -238,13 +260,16 @@ def run_fold(fold: Fold, cohort_dir: Path, folds_dir: Path, cascade_config, log:
         return record
 
     # train_cascade reads every subject folder of its data dir, so the fold
-    # gets a folder of links to just its training subjects.
-    train_dir = fold_dir / "train"
-    train_dir.mkdir(parents=True, exist_ok=True)
-    for name in fold.train:
-        link = train_dir / name
-        if not link.exists():  # relative, so the results folder can be moved
-            link.symlink_to(os.path.relpath(cohort_dir / name, train_dir), target_is_directory=True)
+    # gets a folder of links to just its training subjects (relative, so the results folder can move).
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    split = {"train": list(fold.train), "test": list(fold.test)}
+    split_path = fold_dir / "split.json"
+    if split_path.exists() and json.loads(split_path.read_text()) != split:
+        raise UserError(f"{fold_dir}: an unfinished fold of another split (the cohort or --config.folds changed); "
+                        "use a new --config.results_dir")
+    write_json(split, split_path)
+    train_dir = link_folder(fold_dir / "train", {name: Path(os.path.relpath(cohort_dir / name, fold_dir / "train"))
+                                                 for name in fold.train})
     log(f"fold {fold.name}: training on {', '.join(fold.train)}; testing on {', '.join(fold.test)}")
     started = time.perf_counter()
     summary = pipeline.train_cascade(train_dir, fold_dir / "model", cascade_config,

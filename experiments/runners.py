@@ -1,4 +1,4 @@
-"""The three experiments: folds in, tables, figures and a summary JSON out.
+"""The experiments: folds in, tables, figures and a summary JSON out (new_scanner's runner is scanner_shift.py).
 
 Each runner takes the experiment config (see experiments/*.py) and a log
 function, writes everything under config.results_dir and returns the summary

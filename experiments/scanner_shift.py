@@ -60,8 +60,15 @@ def write_scanner_cohorts(cohort, results: Path, modalities, log: Callable) -> d
 
 
 def variant_config(spec: str, budget):
-    """A packaged method ("robust [--config.x=y ...]") with the budget's departures from default laid over it."""
-    name, *overrides = shlex.split(spec)
+    """A packaged method ("robust [--config.x=y ...]") with the budget's departures from default laid over it.
+
+    Only departures count: a budget setting equal to default's leaves the method's own value (robust's
+    t_bin 0.5 survives a demo budget); settings for one variant go in its spec.
+    """
+    try:
+        name, *overrides = shlex.split(spec)
+    except ValueError as error:  # an empty spec unpacks nothing; an open quote fails to split
+        raise UserError(f"variant {spec!r}: expected 'PACKAGED_CONFIG [--config.key=value ...]' ({error})") from None
     config = config_lib.load_config(name)
     default, wanted = config_lib.to_dict(config_lib.load_config(None)), config_lib.to_dict(budget)
     for key in config_lib.differences(default, wanted):
@@ -76,24 +83,25 @@ def variant_config(spec: str, budget):
     return config_lib.apply_overrides(config, overrides)
 
 
-def _linked_folder(subjects: list[Path], where: Path) -> Path:
-    """A folder of links to these subjects: train_cascade reads every subject of its data folder."""
-    where.mkdir(parents=True, exist_ok=True)
-    for subject in subjects:
-        link = where / subject.name
-        if not link.exists():
-            link.symlink_to(subject.resolve(), target_is_directory=True)
-    return where
-
-
 def _train(model: Path, data: Path, config, log: Callable) -> float:
-    """Train (or resume) one model; seconds spent, also kept beside it so a rerun still reports them."""
+    """Train (or resume) one model; seconds spent, also kept beside it so a rerun still reports them.
+
+    A model trained earlier with other settings is refused, never reported as this run's; a resumed
+    training reports nan seconds (only part of it was timed).
+    """
     timing = model.parent / f"{model.name}_train_seconds.json"
-    if all(checkpoints.stage_done(model, stage) for stage in (1, 2)) and timing.exists():
-        return json.loads(timing.read_text())["seconds"]
+    if (model / "config.json").exists():
+        changed = config_lib.differences(model_dir.stored_config(model_dir.read_model_config(model)),
+                                         model_dir.stored_config(config))
+        if changed:
+            raise UserError(f"{model}: trained with other settings ({', '.join(changed[:4])}); "
+                            "use a new --config.results_dir")
+        if all(checkpoints.stage_done(model, stage) for stage in (1, 2)):
+            return json.loads(timing.read_text())["seconds"] if timing.exists() else float("nan")
+    resumed = model.exists()
     started = time.perf_counter()
     pipeline.train_cascade(data, model, config, log=lambda message: log(f"  [{model.name}] {message}"))
-    seconds = time.perf_counter() - started
+    seconds = float("nan") if resumed else time.perf_counter() - started
     write_json({"seconds": seconds}, timing)
     return seconds
 
@@ -101,11 +109,11 @@ def _train(model: Path, data: Path, config, log: Callable) -> float:
 def trained_models(config, split: dict, results: Path, log: Callable) -> dict[str, tuple[Path, float]]:
     """{variant: (model folder, training seconds)} for every variant and one-shot fine-tuning."""
     models, trained = results / "models", {}
-    train_dir = _linked_folder(split["train"], results / "train_a")
+    train_dir = protocol.link_folder(results / "train_a", {s.name: s.resolve() for s in split["train"]})
     for name, spec in config.variants.items():
         log(f"variant {name}: {spec}")
         trained[name] = (models / name, _train(models / name, train_dir, variant_config(spec, config.cascade), log))
-    one_shot_dir = _linked_folder(split["one_shot"], results / "one_shot_b")
+    one_shot_dir = protocol.link_folder(results / "one_shot_b", {s.name: s.resolve() for s in split["one_shot"]})
     for name in [n.strip() for n in config.one_shot.variants.split(",") if n.strip()]:
         if name not in trained:
             raise UserError(f"--config.one_shot.variants: {name} is not a variant ({', '.join(trained)})")
@@ -119,7 +127,8 @@ def trained_models(config, split: dict, results: Path, log: Callable) -> dict[st
         source = Path(config.nicms_dir)
         files = [source / f"model_{stage}.hdf5" for stage in (1, 2)]
         if not all(f.is_file() for f in files):
-            raise UserError(f"{source}: no model_1.hdf5 and model_2.hdf5 (set --config.nicms_dir= to leave nicMSlesions out)")
+            log(f"nicMSlesions: no model_1.hdf5 and model_2.hdf5 in {source}; its row is left out")
+            return trained
         if not (models / "nicMSlesions").exists():
             interop.import_keras(*files, tuple(config.nicms_modalities.split(",")), models / "nicMSlesions")
         trained["nicMSlesions"] = (models / "nicMSlesions", float("nan"))
@@ -129,9 +138,14 @@ def trained_models(config, split: dict, results: Path, log: Callable) -> dict[st
 def scores_of(name: str, model: Path, subjects: list[Path], results: Path, log: Callable) -> dict[str, dict]:
     """{subject key: cascade metrics} of one model, read back where scored before."""
     path = results / "scores" / f"{name}.json"
-    scores = json.loads(path.read_text()) if path.exists() else {}
+    # The model's settings beside its scores: scores of a model since replaced are dropped.
+    settings_path = path.with_suffix(".config.json")
+    settings = model_dir.stored_config(model_dir.read_model_config(model))
+    fresh = not settings_path.exists() or json.loads(settings_path.read_text()) == settings
+    scores = json.loads(path.read_text()) if path.exists() and fresh else {}
     missing = [s for s in subjects if _key(s) not in scores]
     path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(settings, settings_path)
     if missing:
         cascade = Cascade.load(model)
         for subject in missing:
@@ -184,14 +198,16 @@ def new_scanner(config, log: Callable = print) -> dict:
                         f"trained on scanner {config.cohort.scanner_a}, tested on {config.cohort.scanner_b}")
     log(table)
     by_name = {row["variant"]: row for row in rows}
-    unseen = by_name.get("robust", by_name["faithful"])["b_dsc"]
+    nan_row = {"a_dsc": float("nan"), "b_dsc": float("nan")}
+    faithful = by_name.get("faithful", nan_row)
+    robust = by_name.get("robust", faithful)
+    unseen = robust["b_dsc"]
     one_shot = max((row["b_dsc"] for row in rows if row["variant"].endswith("+one-shot")), default=float("nan"))
     summary = {"experiment": "new_scanner", "results_dir": str(results), "rows": rows,
                "flair_threshold": threshold, "wall_seconds_this_run": time.perf_counter() - started,
                "targets": {"unseen_scanner_dsc": unseen, "unseen_scanner_met": bool(unseen >= 0.70),
                            "one_shot_dsc": one_shot, "one_shot_met": bool(one_shot >= 0.80),
-                           "robust_minus_faithful_on_a": by_name.get("robust", by_name["faithful"])["a_dsc"]
-                           - by_name["faithful"]["a_dsc"]}}
+                           "robust_minus_faithful_on_a": robust["a_dsc"] - faithful["a_dsc"]}}
     write_json(summary, results / "new_scanner_summary.json")
     log(f"new_scanner: results in {results}")
     return summary

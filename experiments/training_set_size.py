@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.cohort.subjects = 12  # max(train_subjects) + test_subjects
     config.cohort.seed = 0
     # Your own data instead of a phantom: a folder in the training layout (<subject>/T1.nii.gz, FLAIR.nii.gz,
-    # lesion.nii.gz) or a BIDS dataset (each labelled session counts as a subject here), e.g.
+    # lesion.nii.gz) or a BIDS dataset with one labelled session per participant, e.g.
     # --config.cohort.data_dir=/data/study; kind, size and subjects are then unused.
     config.cohort.data_dir = ""
 

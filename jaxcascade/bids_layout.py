@@ -47,7 +47,8 @@ def sessions(root, modalities: tuple[str, ...], suffixes: dict[str, str]) -> lis
     root = Path(root)
     unknown = [m for m in modalities if m not in suffixes]
     if unknown:
-        raise UserError(f"{root}: no BIDS suffix for modality {', '.join(unknown)}; give --bids-suffix NAME=SUFFIX")
+        raise UserError(f"{root}: no BIDS suffix for modality {', '.join(unknown)}; give --bids-suffix NAME=SUFFIX "
+                        "(segment) or --config.data.bids_suffixes=NAME=SUFFIX (train)")
     layout = _layout(root)
     found = []
     for subject in sorted(layout.get_subjects()):
@@ -69,6 +70,7 @@ def sessions(root, modalities: tuple[str, ...], suffixes: dict[str, str]) -> lis
                 entry["inputs"][modality] = Path(files[0])
             masks = layout.get(suffix="mask", label="lesion", scope="derivatives", **query)
             entry["truth"] = Path(masks[0]) if len(masks) == 1 else None
+            entry["lesion_masks"] = [Path(m) for m in masks]  # several (raters?): segmented, not scored
             brains = layout.get(suffix="mask", desc="brain", scope="derivatives", **query)
             entry["brain_mask"] = Path(brains[0]) if len(brains) == 1 else None
             found.append(entry)
@@ -86,8 +88,11 @@ def training_sessions(root, modalities: tuple[str, ...], suffixes: dict[str, str
     """
     entries = sessions(root, modalities, suffixes)
     broken = [entry["problem"] for entry in entries if entry["truth"] and entry["problem"]]
+    broken += [f"{entry['participant_id']} {entry['session_id']}".strip() + f": {len(entry['lesion_masks'])} "
+               f"*_label-lesion_mask derivatives ({', '.join(m.name for m in entry['lesion_masks'])}); keep one"
+               for entry in entries if len(entry["lesion_masks"]) > 1]
     if broken:
-        raise UserError(f"{root}: labelled sessions with missing sequences: {'; '.join(broken)}")
+        raise UserError(f"{root}: labelled sessions that cannot train: {'; '.join(broken)}")
     labelled = [(session_name(entry["participant_id"], entry["session_id"]), entry["inputs"], entry["truth"])
                 for entry in entries if entry["truth"]]
     if not labelled:

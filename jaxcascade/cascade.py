@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 from flax import nnx
 
-from jaxcascade import checkpoints, inference, model_dir as model_dir_lib, models, postprocess
+from jaxcascade import checkpoints, inference, model_dir as model_dir_lib, models, normalisation, postprocess
 from jaxcascade.errors import UserError
 
 
@@ -80,6 +80,8 @@ class Cascade:
         if compute_dtype is not None:
             config.compute_dtype = compute_dtype
         model_dir_lib.require_stages(model_dir, "is not trained yet; finish `jaxcascade train` first")
+        # Before any subject: a model that needs N4 fails once here, not once per subject of a study.
+        normalisation.check_settings(config)
         return cls(config, Stage.load(model_dir, 1, config), Stage.load(model_dir, 2, config),
                    model_dir_lib.recorded_voxel_size(model_dir))
 

@@ -23,7 +23,9 @@ from jaxcascade import intensity_augmentation
 from jaxcascade.intensity_augmentation import IntensityAugmentation, augment_intensity
 
 AUGMENTATIONS = ("none", "seed", "flips3d", "rot90")
-INTENSITY_STREAM = 1  # fold_in data of the step key's intensity-augmentation key
+# fold_in data of the step key's intensity-augmentation key. Not 0 or 1: with JAX's partitionable
+# threefry (the default), split(k, 2)[i] == fold_in(k, i), so those are the geometric and dropout keys.
+INTENSITY_STREAM = 2
 
 
 @flax.struct.dataclass

@@ -203,3 +203,12 @@ def test_train_step_augments_patches_and_leaves_labels_alone(network):
     # The network saw other patches than without the augmentation: its first BatchNorm's statistics moved apart.
     off_state, _ = train_steps.make_train_step(graphdef, "seed")(fresh_state(), batch, jax.random.key(0))
     assert not np.allclose(state.batch_stats["bn1"]["mean"], off_state.batch_stats["bn1"]["mean"])
+
+
+def test_the_intensity_key_is_neither_the_geometric_nor_the_dropout_key():
+    from jaxcascade.train_steps import INTENSITY_STREAM
+
+    step_key = jax.random.fold_in(jax.random.key(0), 5)
+    intensity = np.asarray(jax.random.key_data(jax.random.fold_in(step_key, INTENSITY_STREAM)))
+    for other in jax.random.split(step_key):
+        assert not np.array_equal(intensity, np.asarray(jax.random.key_data(other)))

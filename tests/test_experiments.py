@@ -127,10 +127,28 @@ def test_cross_validation_folds_by_participant():
     for k in (1, 5):
         with pytest.raises(UserError, match="2 <= k <= 4"):
             protocol.cross_validation_folds(names, k, seed=0)
+    with pytest.raises(UserError, match="several sessions of one participant"):
+        protocol.training_size_folds(names, (1, 2), test_subjects=1, repeats=1, seed=0)
+
+
+def test_link_folder_holds_exactly_the_split(tmp_path):
+    """A folder of links trained from never keeps a link of an earlier split."""
+    for name in ("a", "b", "c"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+    links = tmp_path / "train"
+    protocol.link_folder(links, {"a": tmp_path / "data" / "a", "b": tmp_path / "data" / "b"})
+    protocol.link_folder(links, {"b": tmp_path / "data" / "c", "c": tmp_path / "data" / "c"})
+    assert sorted(p.name for p in links.iterdir()) == ["b", "c"]
+    assert (links / "b").resolve() == (tmp_path / "data" / "c").resolve()
+    (links / "stray").mkdir()
+    with pytest.raises(UserError, match="not a link the experiments made"):
+        protocol.link_folder(links, {})
 
 
 def test_training_reads_a_bids_dataset_as_the_training_layout(tmp_path):
     """The same phantom in both layouts loads to the same training subjects; unlabelled sessions are left out."""
+    import shutil
+
     from jaxcascade import config as config_lib, subjects
 
     phantom.write_cohort(tmp_path / "folders", 2, seed=4, size="tiny")
@@ -145,8 +163,13 @@ def test_training_reads_a_bids_dataset_as_the_training_layout(tmp_path):
     masks = tmp_path / "bids" / "derivatives" / "lesion_masks"
     (masks / "sub-02" / "ses-1" / "anat" / "sub-02_ses-1_label-lesion_mask.nii.gz").unlink()
     assert [s.name for s in subjects.load_training_subjects(tmp_path / "bids", config)] == ["sub-01_ses-1"]
+    second_rater = masks / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_label-lesion_desc-rater2_mask.nii.gz"
+    shutil.copy(masks / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_label-lesion_mask.nii.gz", second_rater)
+    with pytest.raises(UserError, match="sub-01 ses-1: 2 \\*_label-lesion_mask derivatives"):
+        subjects.load_training_subjects(tmp_path / "bids", config)
+    second_rater.unlink()
     (tmp_path / "bids" / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_T1w.nii.gz").unlink()
-    with pytest.raises(UserError, match="labelled sessions with missing sequences: sub-01 ses-1: no \\*_T1w"):
+    with pytest.raises(UserError, match="labelled sessions that cannot train: sub-01 ses-1: no \\*_T1w"):
         subjects.load_training_subjects(tmp_path / "bids", config)
 
 
@@ -299,7 +322,8 @@ def test_new_scanner_smoke_rows_one_shot_and_resume(tmp_path):
     from jaxcascade.cascade import Stage
 
     results = tmp_path / "scanner"
-    summary = launch.run(smoke_config("new_scanner", results), log=lambda _: None)
+    dense_only = "--config.one_shot.trainable=dense1,out"  # the 2019 paper's layers; the default is all
+    summary = launch.run(smoke_config("new_scanner", results, dense_only), log=lambda _: None)
     rows = read_csv(results / "new_scanner.csv")
     assert [r["variant"] for r in rows] == ["faithful", "n4", "percentile", "robust", "wm_peak",
                                             "faithful+one-shot", "FLAIR threshold"]
@@ -327,5 +351,7 @@ def test_new_scanner_smoke_rows_one_shot_and_resume(tmp_path):
 
     before = weights()
     messages: list[str] = []
-    launch.run(smoke_config("new_scanner", results), log=messages.append)
+    launch.run(smoke_config("new_scanner", results, dense_only), log=messages.append)
     assert before and weights() == before and not any("epoch" in m for m in messages)
+    with pytest.raises(UserError, match="trained with other settings"):  # never reported as this run's model
+        launch.run(smoke_config("new_scanner", results), log=lambda _: None)
