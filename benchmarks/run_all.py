@@ -1,6 +1,6 @@
 """Every benchmark, each in its own process, and the README's benchmark tables rewritten from their results.
 
-Run from the repository root (after `pip install -e ".[bench,interop]"`):
+Run from the repository root (after `pip install -e ".[bench,interop,bids]"`):
     python -m benchmarks.run_all                        # about 30 minutes on a 2-core CPU
     python -m benchmarks.run_all --only convs,train_step  # some steps; the other tables stay as they are
 Steps: `demo` (trains the model the inference benchmark uses, resuming if present; skipped with --model),
@@ -39,7 +39,7 @@ def _command(step: str, args) -> list[str] | None:
         "inference": python + ["benchmarks.inference", "--model", model, "--repeats", str(args.repeats), *out],
         "startup": python + ["benchmarks.startup", "--model", model, "--subject",
                              str(args.out / "demo" / "cohort" / "held_out" / "sub-06"), *out],
-        "study": python + ["benchmarks.study", "--model", model, *out],
+        "study": python + ["benchmarks.study", "--model", model, "--repeats", str(args.repeats), *out],
         "nicms": python + ["benchmarks.nicms_inference", *out],
     }[step]
 

@@ -26,7 +26,9 @@ CLI = [sys.executable, "-m", "jaxcascade.cli", "segment"]
 
 def _timed(command: list[str]) -> float:
     started = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True)
+    finished = subprocess.run(command, capture_output=True, text=True)
+    if finished.returncode:
+        sys.exit(f"study benchmark: {' '.join(command)} failed:\n{finished.stderr.strip()}")
     return time.perf_counter() - started
 
 
@@ -34,7 +36,11 @@ def study_seconds(model: str, data: Path, out: Path) -> tuple[float, list[float]
     """Wall seconds of the whole study command, and the per-session seconds of its report."""
     seconds = _timed([*CLI, "--model", model, "--data", str(data), "--out-dir", str(out), "--overwrite"])
     with open(out / "lesions.csv", newline="") as file:
-        return seconds, [float(row["seconds"]) for row in csv.DictReader(file)]
+        rows = list(csv.DictReader(file))
+    failed = [row["participant_id"] + " " + row["session_id"] + ": " + row["status"] for row in rows if row["status"] != "ok"]
+    if failed:
+        sys.exit(f"study benchmark: sessions failed: {'; '.join(failed)}")
+    return seconds, [float(row["seconds"]) for row in rows]
 
 
 def separate_seconds(model: str, data: Path, out: Path) -> float:
@@ -55,6 +61,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if not (Path(args.model) / "config.json").is_file():
+        sys.exit(f"{args.model}: not a model directory; run `jaxcascade demo` first or give --model")
     with tempfile.TemporaryDirectory() as scratch:
         data, out = Path(scratch) / "study-bids", Path(scratch) / "out"
         phantom.write_cohort(data, args.subjects, seed=5, size="small", layout="bids", sessions=args.sessions)

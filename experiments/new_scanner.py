@@ -7,11 +7,11 @@ every layer: see one_shot.trainable); nicMSlesions' pretrained baseline_2ch mode
 imported from ../shared/interop/ when its files are there); and a floor: FLAIR above a threshold inside a
 T1 white-matter mask, the threshold fitted on scanner A's training subjects. Scores: DSC, PPV, TPR,
 lesion F1, and predicted against true total lesion volume (Pearson r, mean absolute difference in ml).
-Writes new_scanner.{csv,md,png}, new_scanner_subjects.csv and new_scanner_summary.json under results_dir.
+Writes new_scanner.{csv,md,png}, new_scanner_subjects.{csv,md} and new_scanner_summary.json under results_dir.
 
 Run (from the repository root; a rerun reuses the cohorts, the trained models and the scores):
     python experiments/launch.py experiments/new_scanner.py
-        MNI phantom at 2 mm (pip install -e '.[nilearn,n4]'): scanner A `default`, B `low_contrast`;
+        MNI phantom at 2 mm (pip install -e '.[nilearn,n4,interop]'): scanner A `default`, B `low_contrast`;
         4 training subjects, 3 test subjects of A, 1 one-shot + 4 test subjects of B. See
         experiments/README.md for the measured table, the figure and the run time.
     python experiments/launch.py experiments/new_scanner.py --config.smoke=true
@@ -32,7 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.cohort.kind = "mni"  # or "procedural"
     config.cohort.size = "small"
     # Scanner A's subjects; B's are drawn with seed + 1 (other brains). The robust config's settings were
-    # developed on seed 0's cohort; seed 1 gives brains none of its choices saw, for the reported table.
+    # developed on seed 0's cohort (A: seed 0, B: seed 1). The reported table uses seed 1: its scanner-B
+    # brains (seed 2) are ones no choice saw; its scanner-A brains are the development run's B brains,
+    # imaged now with scanner A.
     config.cohort.seed = 1
     config.cohort.scanner_a = "default"
     config.cohort.scanner_b = "low_contrast"

@@ -12,7 +12,7 @@ Settings, chosen to cost seconds rather than minutes on CPU:
   - the fit runs on the image shrunk by an integer factor so that its longest
     axis has about 64 voxels (at most 4, ANTs' usual factor for 1 mm brains);
     the field, a B-spline, is then evaluated at full resolution;
-  - 3 fitting levels (B-spline meshes of 4, 8, 16 control points per axis) of
+  - 3 fitting levels (SimpleITK's default 4 control points per axis, its B-spline mesh doubled at each level) of
     at most 30 iterations each, convergence threshold 1e-3 (SimpleITK's default);
     N4's field is smooth across the brain whatever the voxel size.
 """
