@@ -12,10 +12,13 @@ Writes new_scanner.{csv,md,png}, new_scanner_subjects.{csv,md} and new_scanner_s
 Run (from the repository root; a rerun reuses the cohorts, the trained models and the scores):
     python experiments/launch.py experiments/new_scanner.py
         MNI phantom at 2 mm (pip install -e '.[nilearn,n4,interop]'): scanner A `default`, B `low_contrast`;
-        4 training subjects, 3 test subjects of A, 1 one-shot + 4 test subjects of B. See
-        experiments/README.md for the measured table, the figure and the run time.
+        4 training subjects, 3 test subjects of A, 1 one-shot + 4 test subjects of B. Measured on a 2-core
+        Intel Xeon: about 12 min, plus 58 min for nicMSlesions' scoring (1 mm, patch-wise). Mean DSC on
+        A / B: faithful 0.935 / 0.155, robust 0.951 / 0.687, faithful+one-shot 0.885 / 0.703,
+        robust+one-shot 0.763 / 0.795, nicMSlesions 0.817 / 0.000, FLAIR threshold 0.960 / 0.195
+        (experiments/README.md, "A new scanner": the table, the figure, what it shows).
     python experiments/launch.py experiments/new_scanner.py --config.smoke=true
-        tiny procedural phantom, 1 epoch, no nicMSlesions row: checks the plumbing in about a minute.
+        tiny procedural phantom, 1 epoch, no nicMSlesions row: checks the plumbing (about 35 s in the tests).
 """
 
 import ml_collections

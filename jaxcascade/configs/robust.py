@@ -5,7 +5,10 @@ Run:
     jaxcascade train --data DIR --workdir WD --config robust
     jaxcascade train --data DIR --workdir WD --config robust --config.bias_correction=none   # without SimpleITK
     python experiments/launch.py experiments/new_scanner.py   # the measurement below
-Expected: MEASURED-BELOW
+Expected (experiments/new_scanner.py: demo budget, four 2 mm MNI phantoms of scanner `default` for
+training, 93 s on a 2-core Intel Xeon): held-out DSC 0.951 on the training scanner (faithful 0.935) and
+0.687 on four subjects of the unseen `low_contrast` scanner (faithful 0.155); fine-tuned on one labelled
+subject of that scanner (38 s), 0.795.
 
 What changes from default.py, and why:
 - bias_correction = "n4": every image is N4-corrected before its normalisation
@@ -20,9 +23,10 @@ What changes from default.py, and why:
   (intensity_augmentation.py, ranges in default.py), so the network does not
   learn one scanner's lesion contrast and noise.
 - inference.threshold and stage2_min_probability 0.5 instead of the seed's
-  0.8: a network that has not seen a scanner is less sure of its lesions, and
-  on the training scanner 0.5 was as good or better (DSC 0.956 vs 0.946 on the
-  development cohort of experiments/new_scanner.py).
+  0.8: a network that has not seen a scanner is less sure of its lesions
+  (on the development cohort CNN2 gave 58-72 % of the new scanner's lesion
+  voxels more than 0.5 but only 17-47 % more than 0.8), and on the training
+  scanner 0.5 cost nothing (DSC 0.956 at 0.5 against 0.946 at 0.8 there).
 The normalisation stays the seed's "nonzero": "percentile" and "wm_peak" keep
 fewer lesion voxels above min_th on the low-contrast scanner, and their
 spread is about half the standard deviation, so min_th and the hard-negative
