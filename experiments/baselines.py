@@ -17,7 +17,8 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from jaxcascade import metrics, nifti, postprocess
+from experiments.protocol import load_subject
+from jaxcascade import metrics, postprocess
 from jaxcascade.normalisation import normalise
 
 THRESHOLDS = np.round(np.arange(0.5, 4.01, 0.1), 2)  # normalised FLAIR (z units of the nonzero voxels)
@@ -39,10 +40,7 @@ def threshold_mask(flair_z: np.ndarray, white_matter: np.ndarray, threshold: flo
 
 
 def _load(subject: Path, cascade_config):
-    data = cascade_config.data
-    images = nifti.load_sequences({m: subject / f"{m}{data.suffix}" for m in ("T1", data.flair)}, ("T1", data.flair),
-                                  subject.name, orientation=data.orientation, reference=data.flair)
-    truth = nifti.load_lesion_mask(subject / f"{data.lesion}{data.suffix}", images[1])
+    images, truth = load_subject(subject, cascade_config.data, ("T1", cascade_config.data.flair))
     flair_z = normalise(images[1].data, cascade_config.normalisation)
     return white_matter_mask(images[0].data), flair_z, truth, images[1].voxel_volume_ml
 

@@ -26,7 +26,7 @@ from jaxcascade.cascade import Cascade
 from jaxcascade.inference import InferenceOptions
 from jaxcascade.errors import UserError
 from jaxcascade.outputs import write_json, write_text
-from jaxcascade.subjects import discover_subjects, training_files
+from jaxcascade.subjects import training_files
 
 PROCEDURAL_CONTRASTS = ("T1", "FLAIR")
 
@@ -169,14 +169,22 @@ def ensure_cohort(cohort_config, modalities, cohort_dir: Path, log: Callable, da
         log(f"cohort: {len(names)} labelled sessions of the BIDS dataset {data_dir}, linked in {cohort_dir}")
         return names
     if data_dir:
-        suffix = data_config.suffix if data_config else ".nii.gz"
-        lesion = data_config.lesion if data_config else "lesion"
-        folders = discover_subjects(cohort_dir, [f"{m}{suffix}" for m in modalities] + [f"{lesion}{suffix}"])
-        log(f"cohort: {len(folders)} subjects of {cohort_dir}")
-        return [folder.name for folder in folders]
+        names = [name for name, _, _ in training_files(cohort_dir, data_config)]
+        log(f"cohort: {len(names)} subjects of {cohort_dir}")
+        return names
     record = {**config_lib.to_dict(cohort_config), "contrasts": list(modalities)}
+    write_phantom_cohort(cohort_dir, record, log)
+    return [phantom.subject_name(i) for i in range(cohort_config.subjects)]
+
+
+def write_phantom_cohort(cohort_dir: Path, record: dict, log: Callable, scanner: str = "default") -> None:
+    """Write the phantom cohort `record` describes (kind, size, subjects, seed, contrasts) once.
+
+    Its manifest, cohort.json, is written last, so an interrupted write is redone; a later run checks
+    that the folder holds the same cohort and reuses it.
+    """
     manifest = cohort_dir / "cohort.json"
-    names = [phantom.subject_name(i) for i in range(cohort_config.subjects)]
+    kind, size, subjects, seed = record["kind"], record["size"], record["subjects"], record["seed"]
     if manifest.exists():
         changed = config_lib.differences(json.loads(manifest.read_text()), record)
         if changed:
@@ -184,24 +192,23 @@ def ensure_cohort(cohort_config, modalities, cohort_dir: Path, log: Callable, da
                 f"{manifest}: this results folder holds another cohort ({', '.join(changed)} differ); "
                 "use a new --config.results_dir"
             )
-        log(f"cohort: {len(names)} subjects already in {cohort_dir}")
-        return names
-    kind = cohort_config.kind
-    log(f"cohort: writing {len(names)} {kind} {cohort_config.size} phantom subjects to {cohort_dir}")
+        log(f"cohort: {subjects} subjects already in {cohort_dir}")
+        return
+    log(f"cohort: writing {subjects} {kind} {size} phantom subjects (scanner {scanner}) to {cohort_dir}")
     cohort_dir.mkdir(parents=True, exist_ok=True)
+    contrasts = tuple(record["contrasts"])
     if kind == "procedural":
-        if not set(modalities) <= set(PROCEDURAL_CONTRASTS):
-            raise UserError(f"the procedural phantom has only T1 and FLAIR, the cascade asks for {', '.join(modalities)}; "
+        if not set(contrasts) <= set(PROCEDURAL_CONTRASTS):
+            raise UserError(f"the procedural phantom has only T1 and FLAIR, the cascade asks for {', '.join(contrasts)}; "
                             "use --config.cohort.kind=mni for T2 and PD")
-        phantom.write_cohort(cohort_dir, len(names), cohort_config.seed, cohort_config.size)
+        phantom.write_cohort(cohort_dir, subjects, seed, size, scanner=scanner)
     elif kind == "mni":
         from jaxcascade import phantom_mni
 
-        phantom_mni.write_cohort(cohort_dir, len(names), cohort_config.seed, cohort_config.size, modalities)
+        phantom_mni.write_cohort(cohort_dir, subjects, seed, size, contrasts, scanner=scanner)
     else:
         raise UserError(f"--config.cohort.kind={kind}: unknown phantom; use procedural or mni")
-    write_json(record, manifest)  # last, so an interrupted write is redone
-    return names
+    write_json(record, manifest)
 
 
 # ----------------------------------------------------------------------------- one fold
@@ -214,14 +221,19 @@ def stage1_alone_mask(stage1_probability, options: InferenceOptions, voxel_volum
     return postprocess.apply_min_volume(mask, options.min_volume_ml, voxel_volume_ml)
 
 
+def load_subject(subject_dir: Path, data_config, modalities) -> tuple[list, np.ndarray]:
+    """(images in `modalities` order on the FLAIR's grid, lesion mask) of one training-layout subject."""
+    images = nifti.load_sequences({m: subject_dir / f"{m}{data_config.suffix}" for m in modalities},
+                                  tuple(modalities), subject_dir.name, orientation=data_config.orientation,
+                                  reference=data_config.flair)
+    truth = nifti.load_lesion_mask(subject_dir / f"{data_config.lesion}{data_config.suffix}", images[0])
+    return images, truth
+
+
 def score_subject(model: Cascade, subject_dir: Path, segmentation_path: Path) -> dict:
     """{"cascade": metrics, "stage1": metrics} of one subject; writes the cascade's mask."""
     config = model.config
-    images = nifti.load_sequences({m: subject_dir / f"{m}{config.data.suffix}" for m in model.modalities},
-                                  model.modalities, subject_dir.name, orientation=config.data.orientation,
-                                  reference=config.data.flair)
-    lesion_path = subject_dir / f"{config.data.lesion}{config.data.suffix}"
-    truth = nifti.load_lesion_mask(lesion_path, images[0])
+    images, truth = load_subject(subject_dir, config.data, model.modalities)
     result = pipeline.segment_images(model, images)
     voxel_ml = images[0].voxel_volume_ml
     stage1_mask = stage1_alone_mask(result.stage1_probability, InferenceOptions.from_config(config), voxel_ml)

@@ -38,21 +38,7 @@ def write_scanner_cohorts(cohort, results: Path, modalities, log: Callable) -> d
         where = results / f"cohort_{key}"
         record = {"kind": cohort.kind, "size": cohort.size, "seed": seed, "subjects": sizes[key],
                   "scanner": scanner[key], "contrasts": list(modalities)}
-        manifest = where / "cohort.json"
-        if manifest.exists():
-            if config_lib.differences(json.loads(manifest.read_text()), record):
-                raise UserError(f"{manifest}: this results folder holds another cohort; use a new --config.results_dir")
-        else:
-            log(f"cohort {key.upper()}: writing {sizes[key]} {cohort.kind} {cohort.size} subjects, scanner {scanner[key]}")
-            if cohort.kind == "mni":
-                from jaxcascade import phantom_mni
-
-                phantom_mni.write_cohort(where, sizes[key], seed, cohort.size, tuple(modalities), scanner=scanner[key])
-            elif cohort.kind == "procedural":
-                phantom.write_cohort(where, sizes[key], seed, cohort.size, scanner=scanner[key])
-            else:
-                raise UserError(f"--config.cohort.kind={cohort.kind}: use procedural or mni")
-            write_json(record, manifest)
+        protocol.write_phantom_cohort(where, record, lambda message: log(f"{key.upper()} {message}"), scanner[key])
         folders[key] = [where / phantom.subject_name(i) for i in range(sizes[key])]
     split_a, split_b = cohort.train_subjects, cohort.one_shot_subjects
     return {"train": folders["a"][:split_a], "test_a": folders["a"][split_a:],
