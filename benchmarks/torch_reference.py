@@ -63,16 +63,17 @@ def from_jax(variables: dict, in_channels: int, padding: str, bn_epsilon: float)
 
 
 def classify_candidates(model: nn.Module, volume: np.ndarray, mask: np.ndarray, batch_size: int = 256,
-                        patch_size: int = 11) -> np.ndarray:
+                        patch_size: int = 11, device=None) -> np.ndarray:
     """Patch-wise probabilities at mask voxels (0 elsewhere), patches cut with torch indexing.
 
     Patches are gathered channels-last, which is already channels_last_3d
     memory once permuted (no copy); batch 256 was PyTorch's fastest here.
     """
     half = patch_size // 2
-    padded = torch.from_numpy(np.pad(volume, ((half, half),) * 3 + ((0, 0),)))
-    centres = torch.from_numpy(np.argwhere(mask))
-    offsets = torch.arange(patch_size)
+    device = device or torch.device("cpu")
+    padded = torch.from_numpy(np.pad(volume, ((half, half),) * 3 + ((0, 0),))).to(device)
+    centres = torch.from_numpy(np.argwhere(mask)).to(device)
+    offsets = torch.arange(patch_size, device=device)
     probability = np.zeros(mask.shape, np.float32)
     outputs = []
     with torch.no_grad():
@@ -82,6 +83,6 @@ def classify_candidates(model: nn.Module, volume: np.ndarray, mask: np.ndarray, 
             y = (c[:, 1, None] + offsets)[:, None, :, None]
             x = (c[:, 2, None] + offsets)[:, None, None, :]
             patches = padded[z, y, x].permute(0, 4, 1, 2, 3)  # (B, C, p, p, p), channels_last_3d strides
-            outputs.append(model(patches).numpy())
-    probability[mask] = np.concatenate(outputs) if outputs else []
+            outputs.append(model(patches))
+    probability[mask] = torch.cat(outputs).cpu().numpy() if outputs else []
     return probability

@@ -55,18 +55,19 @@ def jax_step(network: str, batch_size: int, implementation: str, repeats: int, c
     return time_call(run, warmup=3, repeats=repeats)
 
 
-def torch_step(network: str, batch_size: int, repeats: int) -> dict:
+def torch_step(network: str, batch_size: int, repeats: int, device=None) -> dict:
     import torch
 
     from benchmarks.torch_reference import TorchValverde2017
 
     padding = "SAME" if network == "valverde2017" else "VALID"
-    model = TorchValverde2017(2, padding, 512 if padding == "SAME" else 64, 1e-4).train()
+    device = device or torch.device("cpu")
+    model = TorchValverde2017(2, padding, 512 if padding == "SAME" else 64, 1e-4).train().to(device)
     dropout = torch.nn.Dropout(0.5)
     optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0, rho=0.95, eps=1e-6)
     rng = np.random.default_rng(0)
-    x = torch.from_numpy(rng.normal(size=(batch_size, 2, 11, 11, 11)).astype(np.float32))
-    y = torch.from_numpy(np.arange(batch_size) % 2)
+    x = torch.from_numpy(rng.normal(size=(batch_size, 2, 11, 11, 11)).astype(np.float32)).to(device)
+    y = torch.from_numpy(np.arange(batch_size) % 2).to(device)
 
     def forward_logits(patches):
         h = torch.nn.functional.max_pool3d(torch.relu(model.bn1(model.conv1(patches))), 2)
@@ -75,13 +76,15 @@ def torch_step(network: str, batch_size: int, repeats: int) -> dict:
         return model.out(torch.relu(model.dense1(h)))
 
     def run():
-        half = torch.randperm(batch_size)[: batch_size // 2]
+        half = torch.randperm(batch_size, device=device)[: batch_size // 2]
         patches = x.clone()
         patches[half] = torch.flip(patches[half], dims=(3,))
         optimizer.zero_grad()
         loss = torch.nn.functional.cross_entropy(forward_logits(patches), y)
         loss.backward()
         optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     return time_call(run, warmup=3, repeats=repeats)
 

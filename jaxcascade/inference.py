@@ -46,7 +46,8 @@ class InferenceOptions:
     tta: bool = False  # average both stages over the eight axis flips (cascade.classify_flipped)
 
     @classmethod
-    def from_config(cls, config, **overrides) -> "InferenceOptions":
+    def from_config(cls, config, platform: str | None = None, **overrides) -> "InferenceOptions":
+        """Options from config.inference; call sizes for `platform` (default: JAX's backend)."""
         inference = config.inference
         values = dict(
             min_th=config.candidates.min_th,
@@ -56,11 +57,12 @@ class InferenceOptions:
             connectivity=inference.connectivity,
             min_volume_ml=inference.min_volume_ml,
             method=inference.method,
-            batch_size=inference.batch_size,
-            tile_size=inference.tile_size,
-            tiles_per_batch=inference.tiles_per_batch,
             tta=inference.tta,
         )
+        # Call sizes are tuned per platform: CPU caches want small calls, accelerators large ones.
+        prefix = "" if (platform or jax.default_backend()) == "cpu" else "accelerator_"
+        for name in ("batch_size", "tile_size", "tiles_per_batch"):
+            values[name] = inference[prefix + name]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -97,7 +99,7 @@ def classify_patchwise(stage: Stage, volume: np.ndarray, mask: np.ndarray, optio
         return probability
     predict_at = make_centre_predictor(stage.graphdef, stage.patch_size)
     half = stage.patch_size // 2
-    padded = distributed.put_local_replicated(patches_lib.pad_bucketed(volume, [(half, half)] * 3))
+    padded = patches_lib.put_padded(volume, [(half, half)] * 3)
     variables = distributed.put_local_replicated(stage.variables)
     values = distributed.map_batches(lambda chunk: predict_at(variables, padded, chunk), centres,
                                      options.batch_size, progress)

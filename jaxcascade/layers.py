@@ -23,6 +23,8 @@ glorot = jax.nn.initializers.glorot_uniform()
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# Dense layers' products in true float32 on every platform (NVIDIA GPUs would use TF32; see convs.conv3d).
+FLOAT32 = jax.lax.Precision.HIGHEST
 
 
 class Conv3D(nnx.Module):

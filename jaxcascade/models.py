@@ -29,7 +29,8 @@ from flax import nnx
 
 from jaxcascade import nicms
 from jaxcascade.errors import UserError
-from jaxcascade.layers import COMPUTE_DTYPES, Conv3D, Window, dense_max_pool, dilations, glorot, max_pool_2x2x2, receptive_halo
+from jaxcascade.layers import (COMPUTE_DTYPES, FLOAT32, Conv3D, Window, dense_max_pool, dilations, glorot, max_pool_2x2x2,
+                               receptive_halo)
 
 
 class Valverde2017(nnx.Module):
@@ -57,8 +58,8 @@ class Valverde2017(nnx.Module):
         self.bn2 = nnx.BatchNorm(64, **bn)
         self.dropout = nnx.Dropout(dropout_rate)
         flat_size = _flat_size(patch_size, padding) * 64
-        self.dense1 = nnx.Linear(flat_size, 256, kernel_init=glorot, rngs=rngs)
-        self.out = nnx.Linear(256, 2, kernel_init=glorot, rngs=rngs)
+        self.dense1 = nnx.Linear(flat_size, 256, kernel_init=glorot, precision=FLOAT32, rngs=rngs)
+        self.out = nnx.Linear(256, 2, kernel_init=glorot, precision=FLOAT32, rngs=rngs)
         self.padding = padding
         self.patch_size = patch_size
         self.pooled_size = _pooled_size(patch_size, padding)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxcascade.layers import Conv3D, PReLU, glorot, max_pool_2x2x2
+from jaxcascade.layers import FLOAT32, Conv3D, PReLU, glorot, max_pool_2x2x2
 
 
 def _flatten_channels_first(x):
@@ -68,13 +68,13 @@ class NicMS(nnx.Module):
         self.bn_2_2 = nnx.BatchNorm(64, **bn)
         self.prelu_conv2_2 = PReLU((pooled,) * 3 + (64,))
         self.dropout = nnx.Dropout(dropout_rate)
-        self.d1 = nnx.Linear(flat_size, 256, kernel_init=glorot, rngs=rngs)
+        self.d1 = nnx.Linear(flat_size, 256, kernel_init=glorot, precision=FLOAT32, rngs=rngs)
         self.prelu_d1 = PReLU((256,))
-        self.d2 = nnx.Linear(256, 128, kernel_init=glorot, rngs=rngs)
+        self.d2 = nnx.Linear(256, 128, kernel_init=glorot, precision=FLOAT32, rngs=rngs)
         self.prelu_d2 = PReLU((128,))
-        self.d3 = nnx.Linear(128, 64, kernel_init=glorot, rngs=rngs)
+        self.d3 = nnx.Linear(128, 64, kernel_init=glorot, precision=FLOAT32, rngs=rngs)
         self.prelu_d3 = PReLU((64,))
-        self.out = nnx.Linear(64, 2, kernel_init=glorot, rngs=rngs)
+        self.out = nnx.Linear(64, 2, kernel_init=glorot, precision=FLOAT32, rngs=rngs)
 
     @property
     def dense_halo(self) -> None:

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxcascade import distributed
+
 
 def pad_volume(volume: jax.Array | np.ndarray, patch_size: int) -> jax.Array:
     """Zero-pad the three spatial axes of a (D, H, W, C) volume by patch_size // 2."""
@@ -27,12 +29,31 @@ def pad_volume(volume: jax.Array | np.ndarray, patch_size: int) -> jax.Array:
 SHAPE_BUCKET = 32
 
 
+def bucketed_widths(shape, pad: list[tuple[int, int]], multiple: int = SHAPE_BUCKET) -> tuple:
+    """np.pad widths of a (D, H, W, C) volume: `pad` on its spatial axes, each grown at its end to a multiple."""
+    widths = []
+    for size, (before, after) in zip(shape[:3], pad):
+        widths.append((int(before), int(after + -(size + before + after) % multiple)))
+    return tuple(widths) + ((0, 0),)
+
+
 def pad_bucketed(volume: np.ndarray, pad: list[tuple[int, int]], multiple: int = SHAPE_BUCKET) -> np.ndarray:
     """np.pad of a (D, H, W, C) volume by `pad` on its three spatial axes, each grown at its end to a multiple."""
-    widths = []
-    for size, (before, after) in zip(volume.shape[:3], pad):
-        widths.append((before, after + -(size + before + after) % multiple))
-    return np.pad(volume, widths + [(0, 0)])
+    return np.pad(volume, bucketed_widths(volume.shape, pad, multiple))
+
+
+def put_padded(volume: np.ndarray, pad: list[tuple[int, int]]) -> jax.Array:
+    """`pad_bucketed(volume, pad)` on this process's devices, padded there.
+
+    The host sends the volume, not its padded copy (up to 1.5x larger for a
+    1 mm brain): 3x less host time on a CPU, less to transfer to a GPU.
+    """
+    return _padder(bucketed_widths(volume.shape, pad))(distributed.put_local_replicated(volume))
+
+
+@functools.lru_cache(maxsize=None)
+def _padder(widths: tuple):
+    return jax.jit(lambda volume: jnp.pad(volume, widths))
 
 
 def with_subject_index(centres: jax.Array, subject: int = 0) -> jax.Array:

@@ -76,3 +76,24 @@ def test_robust_config_changes_only_preprocessing_augmentation_and_thresholds():
     assert config_lib.differences(config_lib.to_dict(config_lib.load_config()), robust) == [
         "bias_correction", "inference.stage2_min_probability", "inference.threshold", "train.augmentation",
         "train.intensity_augmentation.enabled"]
+
+
+def test_inference_call_sizes_follow_the_platform():
+    import jax
+
+    from jaxcascade.inference import InferenceOptions
+
+    stored = config_lib.to_dict(config_lib.load_config())
+    del stored["inference"]["accelerator_tile_size"]  # a model saved before the accelerator settings
+    config = config_lib.from_dict(stored)
+    cpu, gpu = InferenceOptions.from_config(config, "cpu"), InferenceOptions.from_config(config, "gpu")
+    assert (cpu.batch_size, cpu.tile_size, cpu.tiles_per_batch) == (config.inference.batch_size,
+                                                                    config.inference.tile_size,
+                                                                    config.inference.tiles_per_batch)
+    assert (gpu.batch_size, gpu.tile_size, gpu.tiles_per_batch) == (config.inference.accelerator_batch_size,
+                                                                    config.inference.accelerator_tile_size,
+                                                                    config.inference.accelerator_tiles_per_batch)
+    assert gpu.tile_size > cpu.tile_size and gpu.batch_size > cpu.batch_size
+    here = InferenceOptions.from_config(config)  # JAX's own backend when none is named
+    assert here == InferenceOptions.from_config(config, jax.default_backend())
+    assert InferenceOptions.from_config(config, "tpu", tile_size=16).tile_size == 16  # explicit wins
