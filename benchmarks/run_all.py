@@ -3,10 +3,13 @@
 Run from the repository root (after `pip install -e ".[bench,interop,bids]"`):
     python -m benchmarks.run_all                        # about 30 minutes on a 2-core CPU
     python -m benchmarks.run_all --only convs,train_step  # some steps; the other tables stay as they are
+    python -m benchmarks.run_all --only gpu --render-only # README tables from a gpu.json already in --out
 Steps: `demo` (trains the model the inference benchmark uses, resuming if present; skipped with --model),
 `convs`, `train_step`, `scaling` (train step over forced host devices and local processes), `inference`
 (whole 1 mm brain), `startup` (a whole `segment` command, with and without the compilation cache),
-`study` (a BIDS cohort in one `segment --data` command against one call per session), `nicms` (needs ../shared/interop). Each benchmark warms up, repeats (>= 3) and reports
+`study` (a BIDS cohort in one `segment --data` command against one call per session), `nicms` (needs
+../shared/interop), `gpu` (benchmarks/gpu.py; skipped without a GPU for JAX and PyTorch). Each benchmark warms up,
+repeats (>= 3) and reports
 medians with min-max, page faults and system time; its JSON goes to --out. The README's text between
 `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` is replaced by the table, under a line naming the machine.
 """
@@ -23,7 +26,7 @@ from pathlib import Path
 from benchmarks.common import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("demo", "convs", "train_step", "scaling", "inference", "startup", "study", "nicms")
+STEPS = ("demo", "convs", "train_step", "scaling", "inference", "startup", "study", "nicms", "gpu")
 
 
 def _command(step: str, args) -> list[str] | None:
@@ -41,7 +44,14 @@ def _command(step: str, args) -> list[str] | None:
                              str(args.out / "demo" / "cohort" / "held_out" / "sub-06"), *out],
         "study": python + ["benchmarks.study", "--model", model, "--repeats", str(args.repeats), *out],
         "nicms": python + ["benchmarks.nicms_inference", *out],
+        "gpu": python + ["benchmarks.gpu", "--model", model, *out],
     }[step]
+
+
+def _has_gpu() -> bool:
+    """A CUDA GPU for both frameworks, asked in a child process (this one must not start a JAX backend)."""
+    code = "import jax, torch; raise SystemExit(0 if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 1)"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
 def _number(value, digits: int = 3) -> str:
@@ -116,14 +126,45 @@ def render_study(payload: dict) -> str:
     return table + f"\n\nThe study command is {payload['speedup']:.2f}x faster than one call per session."
 
 
+def _gpu_rows(payload: dict, section: str) -> list[dict]:
+    return [r for r in payload["rows"] if r["section"] == section]
+
+
+def render_gpu_inference(payload: dict) -> str:
+    rows = [[r["name"], _span(r, "median_s", "min_s", "max_s"), r["voxels_per_s"], r["vs_torch_patch"],
+             r["vs_torch_same"], r.get("max_abs_diff_vs_float32_torch"), r.get("useful_gflops_per_s")]
+            for r in _gpu_rows(payload, "inference")]
+    return _table(["method", "stage 1 (s), median (min-max)", "voxels/s", "vs torch patch, batch 4096",
+                   "vs torch SAME", "max abs diff vs float32 torch", "useful GFLOP/s"], rows)
+
+
+def render_gpu_train_step(payload: dict) -> str:
+    rows = [[r["name"], r["batch"], _span(r, "median_s", "min_s", "max_s", 1e3), r["patches_per_s"], r["vs_torch"]]
+            for r in _gpu_rows(payload, "train_step")]
+    return _table(["network, framework, dtype", "batch", "step (ms), median (min-max)", "patches/s", "vs torch"], rows)
+
+
+def render_gpu_convs(payload: dict) -> str:
+    rows = [[*r["name"].split(" | "), _span(r, "median_s", "min_s", "max_s", 1e3), r["tflops"]]
+            for r in _gpu_rows(payload, "convs")]
+    return _table(["case", "implementation", "ms, median (min-max)", "TFLOP/s"], rows)
+
+
+# README block name -> (results JSON, renderer); a step's blocks are those named after it.
 RENDER = {"inference": ("inference", render_inference), "train_step": ("train_step", render_train_step),
           "scaling": ("train_step_devices", render_scaling), "convs": ("convs", render_convs),
           "nicms": ("nicms_inference", render_nicms),
-          "startup": ("startup", render_startup), "study": ("study", render_study)}
+          "startup": ("startup", render_startup), "study": ("study", render_study),
+          "gpu_inference": ("gpu", render_gpu_inference), "gpu_train_step": ("gpu", render_gpu_train_step),
+          "gpu_convs": ("gpu", render_gpu_convs)}
+BLOCKS = {"gpu": ("gpu_inference", "gpu_train_step", "gpu_convs")}
 
 
 def machine_line(payload: dict) -> str:
     info = payload["machine"]
+    if "gpu" in payload:
+        return (f"*{payload['gpu']} (host: {info.get('cpu_model', '?')}, {info['cpus']} cores), JAX {info['jax']} "
+                f"({info['jax_backend']}), PyTorch {info.get('torch')} (CUDA {payload.get('torch_cuda')}).*")
     torch = f", PyTorch {info['torch']} ({info.get('torch_threads')} threads)" if info.get("torch") else ""
     runtime = info.get("jaxcascade_runtime", {})
     return (f"*{info.get('cpu_model', '?')}, {info['cpus']} cores, JAX {info['jax']} ({info['jax_backend']}){torch}; "
@@ -133,7 +174,7 @@ def machine_line(payload: dict) -> str:
 def rewrite_readme(readme: Path, out: Path, steps) -> list[str]:
     """Replace each finished step's marked block; returns the names rewritten."""
     text, done = readme.read_text(), []
-    for step in steps:
+    for step in [block for step in steps for block in BLOCKS.get(step, (step,))]:
         if step not in RENDER:
             continue
         result, render = RENDER[step]
@@ -154,20 +195,29 @@ def rewrite_readme(readme: Path, out: Path, steps) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default=",".join(STEPS), help=f"comma list of {', '.join(STEPS)}")
+    parser.add_argument("--only", help=f"comma list of {', '.join(STEPS)} (default: all, gpu where there is one)")
     parser.add_argument("--model", help="a trained model dir for the inference benchmark (default: train the demo)")
     parser.add_argument("--repeats", type=int, default=3, help="inference repetitions per method")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--readme", type=Path, default=REPO / "README.md")
     parser.add_argument("--no-readme", action="store_true", help="leave README.md alone")
+    parser.add_argument("--render-only", action="store_true",
+                        help="run nothing: rewrite the README tables from the JSON results already in --out "
+                             "(e.g. a gpu.json brought back from a GPU machine)")
     args = parser.parse_args(argv)
-    steps = [step.strip() for step in args.only.split(",") if step.strip()]
+    steps = [step.strip() for step in (args.only or ",".join(STEPS)).split(",") if step.strip()]
     unknown = [step for step in steps if step not in STEPS]
     if unknown:
         parser.error(f"unknown steps {', '.join(unknown)}; use some of {', '.join(STEPS)}")
     if "nicms" in steps and not (REPO.parent / "shared" / "interop" / "nicmslesions_baseline_2ch").is_dir():
         print("nicms: skipped (../shared/interop/nicmslesions_baseline_2ch not found)")
         steps.remove("nicms")
+    if args.render_only:
+        print(f"rewrote the README tables: {', '.join(rewrite_readme(args.readme, args.out, steps)) or 'none'}")
+        return 0
+    if "gpu" in steps and not _has_gpu():
+        print("gpu: skipped (no GPU for both JAX and PyTorch here)")
+        steps.remove("gpu")
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"{cpu_model()}: running {', '.join(steps)}", flush=True)
     for step in steps:
