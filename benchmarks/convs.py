@@ -45,7 +45,7 @@ def main(argv=None):
         k = jnp.asarray(rng.normal(size=(3, 3, 3, shape[-1], out_channels)).astype(np.float32))
         flops = conv_flops(shape, out_channels, dilation)
         results = {}
-        for implementation in ("lax", "slices", "im2col"):
+        for implementation in ("lax", "slices", "im2col", "gather"):
             fn = jax.jit(lambda x, k, i=implementation: convs.conv3d(x, k, dilation=dilation, implementation=i))
             results[f"jax {implementation}"] = time_call(lambda: fn(x, k).block_until_ready(), repeats=args.repeats)
         # The practical ceiling: one matmul with the same number of FLOPs.

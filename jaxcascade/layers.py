@@ -45,13 +45,17 @@ class Conv3D(nnx.Module):
         self.implementation = implementation
         self.compute_dtype = compute_dtype
 
-    def __call__(self, x, *, dilation: int = 1):
-        return self.apply(x, self.kernel[...], dilation=dilation) + self.bias[...]
+    def __call__(self, x, *, dilation: int = 1, inference: bool = False):
+        return self.apply(x, self.kernel[...], dilation=dilation, inference=inference) + self.bias[...]
 
-    def apply(self, x, kernel, *, dilation: int = 1, padding: str | None = None):
-        """This layer's convolution arithmetic on any kernel (the dense form reuses it)."""
+    def apply(self, x, kernel, *, dilation: int = 1, padding: str | None = None, inference: bool = False):
+        """This layer's convolution arithmetic on any kernel (the dense form reuses it).
+
+        inference: nothing will differentiate the result, so 'auto' may use the
+        formulation that is fastest forward only (convs.conv3d).
+        """
         return convs.conv3d(x, kernel, padding=padding or self.padding, dilation=dilation,
-                            implementation=self.implementation,
+                            implementation=self.implementation, inference=inference,
                             compute_dtype=None if self.compute_dtype == "float32" else self.compute_dtype)
 
 
@@ -81,11 +85,19 @@ def max_pool_2x2x2(x):
 
 
 def dense_max_pool(x, dilation: int):
-    """A 2^3 max-pool evaluated at every position (stride 1), taps `dilation` apart."""
-    return jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, 2, 2, 2, 1), (1, 1, 1, 1, 1), "VALID",
-        window_dilation=(1, dilation, dilation, dilation, 1),
-    )
+    """A 2^3 max-pool evaluated at every position (stride 1), taps `dilation` apart.
+
+    One axis at a time (max is exact: the values equal one 2x2x2 window's), 2.2x
+    faster on XLA:CPU. Kept as reduce_window rather than jnp.maximum of slices:
+    XLA would fuse that cheap elementwise form into the next convolution's tap
+    gather and recompute it for every tap (convs.py).
+    """
+    for axis in (1, 2, 3):
+        window, spacing = [1] * 5, [1] * 5
+        window[axis], spacing[axis] = 2, dilation
+        x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, tuple(window), (1,) * 5, "VALID",
+                                  window_dilation=tuple(spacing))
+    return x
 
 
 @dataclasses.dataclass(frozen=True)

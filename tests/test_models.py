@@ -74,7 +74,7 @@ def test_initial_weights_depend_only_on_the_seed():
     assert not np.array_equal(a.conv1.kernel[...], c.conv1.kernel[...])
 
 
-@pytest.mark.parametrize("implementation", ["slices", "im2col", "auto"])
+@pytest.mark.parametrize("implementation", ["slices", "im2col", "gather", "auto"])
 @pytest.mark.parametrize("padding", ["VALID", "SAME"])
 @pytest.mark.parametrize("dilation", [1, 2])
 def test_gemm_convolutions_equal_lax(implementation, padding, dilation):
@@ -98,6 +98,33 @@ def test_auto_picks_by_buffer_size_on_cpu():
     assert convs.default_implementation((128, 4, 4, 4, 32), (3, 3, 3, 32, 64)) == "im2col"
     # The SAME network's padded conv2 on a training batch: 5^3 outputs are too few for lax.conv.
     assert convs.default_implementation((128, 7, 7, 7, 32), (3, 3, 3, 32, 64)) == "im2col"
+    # Inference gathers the taps of inputs with 8+ channels (no gradient will be taken).
+    assert convs.default_implementation((128, 7, 7, 7, 32), (3, 3, 3, 32, 64), inference=True) == "gather"
+    assert convs.default_implementation((8, 18, 18, 18, 32), (3, 3, 3, 32, 64), 2, inference=True) == "gather"
+    assert convs.default_implementation((8, 21, 21, 21, 2), (3, 3, 3, 2, 32), inference=True) == "im2col"
+    assert convs.default_implementation((8, 1, 1, 1, 64), (1, 1, 1, 64, 256), inference=True) == "im2col"
+
+
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_gathered_columns_equal_im2col_bit_for_bit(dilation):
+    """The gather builds im2col's columns exactly: same products, same sums, identical outputs and gradients."""
+    x = jax.random.normal(jax.random.key(2), (2, 12, 11, 13, 16))
+    kernel = jax.random.normal(jax.random.key(3), (3, 3, 3, 16, 8))
+    outputs = {i: jax.jit(lambda x, k, i=i: convs.conv3d(x, k, dilation=dilation, implementation=i))(x, kernel)
+               for i in ("im2col", "gather")}
+    assert np.array_equal(np.asarray(outputs["im2col"]), np.asarray(outputs["gather"]))
+    grads = {i: jax.jit(jax.grad(lambda x, k, i=i: (convs.conv3d(x, k, dilation=dilation, implementation=i) ** 2).sum(),
+                                 argnums=(0, 1)))(x, kernel) for i in ("im2col", "gather")}
+    for a, b in zip(grads["im2col"], grads["gather"]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
+
+
+def test_dense_pool_equals_one_2x2x2_window():
+    x = jax.random.normal(jax.random.key(4), (2, 9, 8, 10, 3))
+    for dilation in (1, 2):
+        window = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 2, 1), (1,) * 5, "VALID",
+                                       window_dilation=(1, dilation, dilation, dilation, 1))
+        assert np.array_equal(np.asarray(layers.dense_max_pool(x, dilation)), np.asarray(window))
 
 
 @pytest.mark.parametrize("shape", [(3, 9, 9, 9, 4), (2, 11, 10, 5, 3), (1, 2, 2, 2, 1)])
