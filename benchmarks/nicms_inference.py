@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import markdown_table, torch_or_exit, write_results
+from benchmarks.common import markdown_table, time_call, torch_or_exit, write_results
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "interop" / "nicmslesions_baseline_2ch"
 
@@ -83,6 +82,7 @@ def main(argv=None):
     parser.add_argument("--voxels", type=int, default=20000, help="candidates to classify (default subset)")
     parser.add_argument("--all", action="store_true", help="classify every candidate of the brain")
     parser.add_argument("--seed", type=int, default=0, help="phantom subject seed")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch = torch_or_exit()
@@ -110,23 +110,29 @@ def main(argv=None):
     warm = np.zeros_like(mask)
     warm[tuple(np.argwhere(mask)[:512].T)] = True
     options = InferenceOptions(method="patch", batch_size=interop.network_config().inference.batch_size)
-    classify(stage1, volume, warm, options)
-    started = time.perf_counter()
-    jax_probability = classify(stage1, volume, mask, options)
-    jax_seconds = time.perf_counter() - started
+    maps = {}  # the last run's probabilities per framework
 
+    def run_jax():
+        maps["jax"] = classify(stage1, volume, mask, options)
+
+    def run_torch():
+        maps["torch"] = classify_candidates(model, volume, mask)
+
+    classify(stage1, volume, warm, options)  # warm-up: compiles the one batch shape
+    jax_timing = time_call(run_jax, warmup=0, repeats=args.repeats)
     model = torch_nicms(stage1.variables)
     classify_candidates(model, volume, warm)
-    started = time.perf_counter()
-    torch_probability = classify_candidates(model, volume, mask)
-    torch_seconds = time.perf_counter() - started
+    torch_timing = time_call(run_torch, warmup=0, repeats=args.repeats)
+    jax_probability, torch_probability = maps["jax"], maps["torch"]
 
     n, total = int(mask.sum()), int(candidates.sum())
     rows = []
-    for name, seconds in (("jaxcascade patch", jax_seconds), ("torch patch", torch_seconds)):
-        rows.append({"method": name, "voxels": n, "seconds": seconds, "patches_per_s": n / seconds,
+    for name, timing in (("jaxcascade patch", jax_timing), ("torch patch", torch_timing)):
+        seconds = timing["median_s"]
+        rows.append({"method": name, "voxels": n, "seconds": seconds, "min_s": timing["min_s"],
+                     "max_s": timing["max_s"], "repeats": timing["repeats"], "patches_per_s": n / seconds,
                      "whole_brain_s" + ("" if args.all else " (extrapolated)"): seconds * total / n,
-                     "speedup_vs_torch": torch_seconds / seconds})
+                     "speedup_vs_torch": torch_timing["median_s"] / seconds})
     difference = float(np.abs(jax_probability - torch_probability).max())
     print(markdown_table(rows, list(rows[0])))
     print(f"\nbrain candidates: {total}; max |jax - torch| probability: {difference:.2e}; torch threads "

@@ -81,8 +81,12 @@ def conv3d(
       padding: 'VALID' or 'SAME' (zero padding, output size = input size).
       dilation: spacing between kernel taps (used by dense a-trous inference).
       implementation: 'auto', 'lax', 'slices' or 'im2col'.
-      inference: the result will not be differentiated, so 'auto' may gather
-        the taps (fastest forward; its gradient would be a slow scatter-add).
+      inference: the result will not be differentiated and x comes straight
+        from a pool (or another op XLA does not fuse into its consumers), so
+        'auto' may gather the taps: fastest forward, but its gradient would be
+        a slow scatter-add, and an elementwise producer of x (a normalisation,
+        an activation, a pad) would be fused into the gather and recomputed
+        for every tap (nicMSlesions' PReLU layers: 4-10x slower).
       compute_dtype: multiply in this dtype (e.g. bfloat16, whose GEMMs run
         4-8x faster on CPUs with AMX and on GPUs/TPUs) and sum in x's dtype;
         None: x's dtype throughout.

@@ -66,8 +66,9 @@ class Valverde2017(nnx.Module):
 
     def __call__(self, patches, *, train: bool = False, rngs: nnx.Rngs | None = None):
         """(batch, p, p, p, channels) patches -> (batch, 2) logits."""
-        x = jax.nn.relu(self.bn1(self.conv1(patches, inference=not train), use_running_average=not train))
+        x = jax.nn.relu(self.bn1(self.conv1(patches), use_running_average=not train))
         x = max_pool_2x2x2(x)
+        # conv2 reads a pool's output, which its taps may be gathered from in inference (convs.conv3d).
         x = jax.nn.relu(self.bn2(self.conv2(x, inference=not train), use_running_average=not train))
         x = max_pool_2x2x2(x)
         x = self.dropout(x, deterministic=not train, rngs=rngs)
@@ -97,7 +98,7 @@ class Valverde2017(nnx.Module):
         if self.dense_halo is None:
             raise ValueError("dense evaluation is exact only for VALID padding")
         conv1, pool1, conv2, pool2, flat = dilations(self.windows)  # 1, 1, 2, 2, 4
-        x = jax.nn.relu(self.bn1(self.conv1(tiles, dilation=conv1, inference=True), use_running_average=True))
+        x = jax.nn.relu(self.bn1(self.conv1(tiles, dilation=conv1), use_running_average=True))
         x = dense_max_pool(x, pool1)
         x = jax.nn.relu(self.bn2(self.conv2(x, dilation=conv2, inference=True), use_running_average=True))
         x = dense_max_pool(x, pool2)
@@ -105,7 +106,7 @@ class Valverde2017(nnx.Module):
         # The patch network flattens (size, size, size, 64) in C order: dense1 is
         # a size^3 convolution whose taps sit `flat` voxels apart.
         kernel = self.dense1.kernel[...].reshape(size, size, size, 64, -1)
-        x = self.conv1.apply(x, kernel, dilation=flat, padding="VALID", inference=True)
+        x = self.conv1.apply(x, kernel, dilation=flat, padding="VALID")
         x = jax.nn.relu(x + self.dense1.bias[...])
         return self.out(x)
 
