@@ -32,11 +32,10 @@ IMPLEMENTATIONS = ("auto", "lax", "slices", "im2col", "gather")
 # training batch (55 MB) is 15-20 % faster as im2col, the dense kernel's conv2
 # (152 MB per 16 tiles) 15 % faster as slices.
 IM2COL_MAX_BYTES = 128 * 2**20
-GATHER_MIN_CHANNELS = 8
 
 
 def default_implementation(x_shape, kernel_shape, dilation: int = 1, itemsize: int = 4,
-                           inference: bool = False) -> str:
+                           gather_taps: bool = False) -> str:
     """The formulation 'auto' uses on CPU for these shapes (off CPU it is always 'lax': cuDNN, TPU).
 
     XLA:CPU's own convolution (Eigen) never wins once the GEMM buffers stay
@@ -52,9 +51,7 @@ def default_implementation(x_shape, kernel_shape, dilation: int = 1, itemsize: i
     im2col_bytes = out_voxels * kernel_size**3 * in_channels * itemsize
     if im2col_bytes > IM2COL_MAX_BYTES:
         return "slices"
-    # A gather moves one voxel's channels per index: worth it from 8 channels up (the dense kernel's
-    # conv2: 4.02 -> 3.28 s per brain); a 2-channel input is faster as slices (2.90 vs 3.20 s).
-    return "gather" if inference and in_channels >= GATHER_MIN_CHANNELS else "im2col"
+    return "gather" if gather_taps else "im2col"
 
 
 def same_padding(kernel_size: int, dilation: int = 1) -> tuple[int, int]:
@@ -71,7 +68,7 @@ def conv3d(
     dilation: int = 1,
     implementation: str = "auto",
     compute_dtype=None,
-    inference: bool = False,
+    gather_taps: bool = False,
 ) -> jax.Array:
     """Cross-correlate channels-last volumes with a (k, k, k, in, out) kernel.
 
@@ -81,12 +78,12 @@ def conv3d(
       padding: 'VALID' or 'SAME' (zero padding, output size = input size).
       dilation: spacing between kernel taps (used by dense a-trous inference).
       implementation: 'auto', 'lax', 'slices' or 'im2col'.
-      inference: the result will not be differentiated and x comes straight
-        from a pool (or another op XLA does not fuse into its consumers), so
-        'auto' may gather the taps: fastest forward, but its gradient would be
-        a slow scatter-add, and an elementwise producer of x (a normalisation,
-        an activation, a pad) would be fused into the gather and recomputed
-        for every tap (nicMSlesions' PReLU layers: 4-10x slower).
+      gather_taps: 'auto' may build im2col's columns with one gather (the
+        fastest forward pass). The caller vouches that nothing differentiates
+        x (the gather's gradient is a slow scatter-add) and that x's producer
+        does not fuse into the gather: XLA fuses an elementwise producer (a
+        normalisation, an activation, a pad) or another gather into it and
+        recomputes it for every tap (nicMSlesions' PReLU layers: 4-10x slower).
       compute_dtype: multiply in this dtype (e.g. bfloat16, whose GEMMs run
         4-8x faster on CPUs with AMX and on GPUs/TPUs) and sum in x's dtype;
         None: x's dtype throughout.
@@ -114,7 +111,7 @@ def conv3d(
         # Chosen when the computation is lowered for a platform, not when it is
         # traced: an exported or cross-compiled step gets cuDNN/TPU convolutions
         # even when traced on a CPU machine.
-        on_cpu = _FORMULATIONS[default_implementation(x.shape, kernel.shape, dilation, x.dtype.itemsize, inference)]
+        on_cpu = _FORMULATIONS[default_implementation(x.shape, kernel.shape, dilation, x.dtype.itemsize, gather_taps)]
         return lax.platform_dependent(
             x, kernel, cpu=functools.partial(on_cpu, dilation=dilation, accumulate=accumulate, precision=precision),
             default=functools.partial(_conv3d_lax, dilation=dilation, accumulate=accumulate, precision=precision))
@@ -195,8 +192,8 @@ def _conv3d_gather(x: jax.Array, kernel: jax.Array, dilation: int, accumulate=No
     concatenating them (the tap buffer is written twice); a gather with
     constant indices is one loop fusion. Dense stage 1 of a 1 mm brain: 4.02 ->
     3.28 s (Intel Xeon, 2 cores). Its gradient is a scatter-add, slow on CPU
-    (a training step was 1.3-1.5x slower), so 'auto' gathers only for
-    inference (conv3d's `inference`) and trains with im2col.
+    (a training step was 1.3-1.5x slower), so 'auto' gathers only where the
+    caller says x is not differentiated (conv3d's `gather_taps`).
     """
     kernel_size, _, _, in_channels, out_channels = kernel.shape
     batch, depth, height, width, channels = x.shape

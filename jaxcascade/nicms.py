@@ -88,7 +88,7 @@ class NicMS(nnx.Module):
         x = self.prelu_conv1_2(self.bn_1_2(self.conv1_2(x), use_running_average=average))
         x = max_pool_2x2x2(x)  # Keras MaxPooling3D: 2, stride 2, valid (11 -> 5 -> 2)
         # Only conv2_1 reads a pool's output, the one input a tap gather may read (convs.conv3d).
-        x = self.prelu_conv2_1(self.bn_2_1(self.conv2_1(x, inference=average), use_running_average=average))
+        x = self.prelu_conv2_1(self.bn_2_1(self.conv2_1(x, gather_taps=average), use_running_average=average))
         x = self.prelu_conv2_2(self.bn_2_2(self.conv2_2(x), use_running_average=average))
         x = max_pool_2x2x2(x)
         x = _flatten_channels_first(x)

@@ -98,11 +98,11 @@ def test_auto_picks_by_buffer_size_on_cpu():
     assert convs.default_implementation((128, 4, 4, 4, 32), (3, 3, 3, 32, 64)) == "im2col"
     # The SAME network's padded conv2 on a training batch: 5^3 outputs are too few for lax.conv.
     assert convs.default_implementation((128, 7, 7, 7, 32), (3, 3, 3, 32, 64)) == "im2col"
-    # Inference gathers the taps of inputs with 8+ channels (no gradient will be taken).
-    assert convs.default_implementation((128, 7, 7, 7, 32), (3, 3, 3, 32, 64), inference=True) == "gather"
-    assert convs.default_implementation((8, 18, 18, 18, 32), (3, 3, 3, 32, 64), 2, inference=True) == "gather"
-    assert convs.default_implementation((8, 21, 21, 21, 2), (3, 3, 3, 2, 32), inference=True) == "im2col"
-    assert convs.default_implementation((8, 1, 1, 1, 64), (1, 1, 1, 64, 256), inference=True) == "im2col"
+    # Where the caller allows it (no gradient wrt x, no fusible producer), the taps are gathered.
+    assert convs.default_implementation((128, 7, 7, 7, 32), (3, 3, 3, 32, 64), gather_taps=True) == "gather"
+    assert convs.default_implementation((8, 18, 18, 18, 32), (3, 3, 3, 32, 64), 2, gather_taps=True) == "gather"
+    assert convs.default_implementation((4, 40, 40, 40, 32), (3, 3, 3, 32, 64), 2, gather_taps=True) == "slices"
+    assert convs.default_implementation((8, 1, 1, 1, 64), (1, 1, 1, 64, 256), gather_taps=True) == "im2col"
 
 
 @pytest.mark.parametrize("dilation", [1, 2])

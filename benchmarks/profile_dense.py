@@ -1,0 +1,77 @@
+"""Where the dense kernel's time goes: stage 1 of a whole 1 mm brain under JAX's profiler, time per XLA op.
+
+Run (after `jaxcascade demo`, or with seeded random weights):
+    python -m benchmarks.profile_dense [--model jaxcascade-demo/model] [--top 15]
+Prints each compiled op's total time over one stage-1 run (after a warm-up), the
+share of the kernel's op time, and what the op is (its JAX source name). The
+trace itself slows the run a little; the shares are what to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import re
+import tempfile
+from pathlib import Path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="a trained model dir (default: seeded random weights)")
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args(argv)
+
+    import jax
+
+    from benchmarks.inference import _stages
+    from jaxcascade import cascade, inference, phantom
+    from jaxcascade.normalisation import normalise_channels
+
+    subject = phantom.make_subject(0, "full")
+    volume = normalise_channels([subject["T1"], subject["FLAIR"]], "nonzero")
+    candidates = cascade.candidate_mask(volume[..., 1], 0.5)
+    config, stage1, _ = _stages(args.model, "valverde2017_valid")
+    options = inference.InferenceOptions.from_config(config, method="dense")
+    inference.classify(stage1, volume, candidates, options)  # compile
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+        inference.classify(stage1, volume, candidates, options)
+        jax.profiler.stop_trace()
+        trace = json.loads(gzip.decompress(next(Path(trace_dir).rglob("*.trace.json.gz")).read_bytes()))
+    totals, names = collections.Counter(), {}
+    for event in trace["traceEvents"]:
+        # XLA ops are the complete events without a Python frame ("$file:line") or runtime prefix.
+        name = event.get("name", "")
+        if event.get("ph") != "X" or name.startswith(("$", "Pjit", "Thunk", "Common", "ExecuteHelper")):
+            continue
+        totals[name] += event["dur"]
+        names.setdefault(name, event.get("args", {}).get("long_name", ""))
+    sources = _op_sources(stage1, volume.shape, options)
+    total = sum(totals.values())
+    print(f"{total / 1e6:.2f} s in XLA ops over one stage-1 run ({int(candidates.sum()):,} candidates)")
+    for name, micros in totals.most_common(args.top):
+        print(f"{micros / 1e3:9.1f} ms  {micros / total:6.1%}  {name:28s} {sources.get(name, '')}")
+
+
+def _op_sources(stage, shape, options) -> dict[str, str]:
+    """XLA op name -> the JAX operation it came from, read from the compiled tile predictor."""
+    import jax
+    import numpy as np
+
+    from jaxcascade import dense, distributed, patches
+
+    pad, _ = dense.tile_geometry(shape, options.tile_size, stage.dense_halo, stage.patch_size)
+    widths = patches.bucketed_widths(shape, pad)
+    padded = jax.ShapeDtypeStruct(tuple(s + a + b for s, (a, b) in zip(shape, widths)), np.float32)
+    origins = jax.ShapeDtypeStruct((distributed.round_up_to_devices(options.tiles_per_batch), 3), np.int32)
+    predict = dense.make_tile_predictor(stage.graphdef, options.tile_size, stage.dense_halo)
+    text = predict.lower(stage.variables, padded, origins).compile().as_text()
+    found = re.findall(r'%([\w.-]+) = .*?op_name="([^"]+)"', text)
+    return {name: source.split("/")[-1] for name, source in found}
+
+
+if __name__ == "__main__":
+    main()
