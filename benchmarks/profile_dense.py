@@ -63,14 +63,14 @@ def _op_sources(stage, shape, options) -> dict[str, str]:
 
     from jaxcascade import dense, distributed, patches
 
-    pad, _ = dense.tile_geometry(shape, options.tile_size, stage.dense_halo, stage.patch_size)
+    pad, _ = dense.tile_geometry(shape[:3], options.tile_size, stage.dense_halo, stage.patch_size)
     widths = patches.bucketed_widths(shape, pad)
     padded = jax.ShapeDtypeStruct(tuple(s + a + b for s, (a, b) in zip(shape, widths)), np.float32)
     origins = jax.ShapeDtypeStruct((distributed.round_up_to_devices(options.tiles_per_batch), 3), np.int32)
     predict = dense.make_tile_predictor(stage.graphdef, options.tile_size, stage.dense_halo)
     text = predict.lower(stage.variables, padded, origins).compile().as_text()
     found = re.findall(r'%([\w.-]+) = .*?op_name="([^"]+)"', text)
-    return {name: source.split("/")[-1] for name, source in found}
+    return {name: "/".join(part for part in source.split("/")[-2:] if "branch" not in part) for name, source in found}
 
 
 if __name__ == "__main__":
