@@ -77,7 +77,7 @@ def conv3d(
       kernel: (k, k, k, in_channels, out_channels).
       padding: 'VALID' or 'SAME' (zero padding, output size = input size).
       dilation: spacing between kernel taps (used by dense a-trous inference).
-      implementation: 'auto', 'lax', 'slices' or 'im2col'.
+      implementation: 'auto', 'lax', 'slices', 'im2col' or 'gather'.
       gather_taps: 'auto' may build im2col's columns with one gather (the
         fastest forward pass). The caller vouches that nothing differentiates
         x (the gather's gradient is a slow scatter-add) and that x's producer
@@ -199,8 +199,8 @@ def _conv3d_gather(x: jax.Array, kernel: jax.Array, dilation: int, accumulate=No
     batch, depth, height, width, channels = x.shape
     span = (kernel_size - 1) * dilation
     index = _tap_index((depth, height, width), kernel_size, dilation)
-    # x's producer must not be cheap elementwise work (a separable max-pool was): XLA would fuse it into
-    # the gather's loop and recompute it for each of the k^3 taps that read a voxel (dense kernel 4x slower).
+    # x's producer must not fuse into this gather (conv3d's gather_taps): XLA would recompute it for each
+    # of the k^3 taps that read a voxel (a separable max-pool there made the dense kernel 4x slower).
     flat = x.reshape(batch, depth * height * width, channels)
     columns = flat.at[:, index].get(mode="promise_in_bounds")  # indices in bounds by construction
     columns = columns.reshape(batch, depth - span, height - span, width - span, kernel_size**3 * in_channels)

@@ -115,7 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.inference.tile_size = 12  # dense path: output block edge; small blocks skip empty space (see README)
     config.inference.tiles_per_batch = 8
     # The same three on a GPU or TPU, where per-call overhead, not cache, sets the best size (NVIDIA
-    # H200: 24^3 blocks x 16 per call 1.9x faster than 12^3 x 8; 4,096 patches per call 8.5x faster
+    # H200: 24^3 blocks x 16 per call 1.9x faster than 12^3 x 8; 4,096 patches per call 9.5x faster
     # than 128; benchmarks/gpu.py).
     config.inference.accelerator_batch_size = 4096
     config.inference.accelerator_tile_size = 24
