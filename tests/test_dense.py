@@ -63,6 +63,18 @@ def test_dense_equals_patchwise_everywhere(network, tile_size, tiles_per_batch):
     assert np.abs(dense_result - patchwise).max() <= 1e-4
 
 
+def test_blocks_pair_along_x_once_each():
+    rng = np.random.default_rng(4)
+    occupied = rng.random((5, 4, 7)) < 0.6
+    origins = np.argwhere(occupied).astype(np.int32) * 8
+    pairs, singles = dense.pair_along_x(rng.permutation(origins), 8)
+    halves = np.concatenate([pairs, pairs + [0, 0, 8], singles])
+    assert len(pairs) > 0 and len(singles) > 0
+    # Every occupied block exactly once: as a pair's first or second half, or alone.
+    assert sorted(map(tuple, halves)) == sorted(map(tuple, origins))
+    assert all(occupied[tuple((p + [0, 0, 8]) // 8)] for p in pairs)
+
+
 def test_dense_respects_the_mask_and_skips_empty_tiles():
     stage = _random_stage()
     volume = np.random.default_rng(2).normal(size=(20, 20, 20, 2)).astype(np.float32)
