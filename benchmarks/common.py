@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 
-def time_call(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -> dict:
+def time_call(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5, keep_result: bool = False) -> dict:
     """Median (min, max) wall time of fn() after warm-up calls (fn must block until its result is ready).
 
     Beside the time, each call's minor page faults and system CPU time (medians):
@@ -23,11 +23,15 @@ def time_call(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) ->
     """
     for _ in range(warmup):
         fn()
-    runs = [measure_once(fn)[1] for _ in range(repeats)]
+    measured = [measure_once(fn) for _ in range(repeats)]
+    runs = [run for _, run in measured]
     times = [run["s"] for run in runs]
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats,
-            "minor_faults": statistics.median(run["minor_faults"] for run in runs),
-            "system_s": statistics.median(run["system_s"] for run in runs)}
+    timing = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats,
+              "minor_faults": statistics.median(run["minor_faults"] for run in runs),
+              "system_s": statistics.median(run["system_s"] for run in runs)}
+    if keep_result:  # the last call's output, for the caller to compare (not JSON)
+        timing["result"] = measured[-1][0]
+    return timing
 
 
 def measure_once(fn: Callable[[], object]) -> tuple[object, dict]:

@@ -23,30 +23,14 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
-from typing import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import markdown_table, write_results  # noqa: E402
+from benchmarks.common import markdown_table, time_call, write_results  # noqa: E402
 
 # (tile_size, tiles_per_batch) of the dense kernel; the CPU default is (12, 8).
 DENSE_TILINGS = ((12, 8), (12, 64), (24, 16), (32, 8), (48, 4))
-
-
-def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict:
-    """Median (min-max) seconds of fn(), which must return only once the device is done."""
-    result = None
-    for _ in range(warmup):
-        result = fn()
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        result = fn()
-        seconds.append(time.perf_counter() - started)
-    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds),
-            "repeats": repeats, "result": result}
 
 
 def _row(section: str, name: str, timing: dict, **extra) -> dict:
@@ -57,7 +41,7 @@ def _row(section: str, name: str, timing: dict, **extra) -> dict:
 def inference_rows(model_dir, repeats: int, log, size: str = "full") -> list[dict]:
     import torch
 
-    from benchmarks.inference import _dense_work, _stages
+    from benchmarks.inference import dense_work, load_stages
     from benchmarks.torch_reference import classify_candidates, from_jax
     from jaxcascade import cascade, inference, models, phantom
     from jaxcascade.cascade import Stage
@@ -68,17 +52,18 @@ def inference_rows(model_dir, repeats: int, log, size: str = "full") -> list[dic
     candidates = cascade.candidate_mask(volume[..., 1], 0.5)
     count = int(candidates.sum())
     try:
-        config, stage1, _ = _stages(model_dir, "valverde2017_valid")
+        config, stage1, _ = load_stages(model_dir, "valverde2017_valid")
     except Exception as error:  # e.g. a checkpoint this JAX/orbax cannot read: time random weights instead
         log(f"model {model_dir} not loaded ({type(error).__name__}: {error}); seeded random weights instead")
         model_dir = None
-        config, stage1, _ = _stages(model_dir, "valverde2017_valid")
+        config, stage1, _ = load_stages(model_dir, "valverde2017_valid")
     rows, maps = [], {}
 
     def jax_row(name, stage, options, extra=None):
-        timing = timed(lambda: inference.classify(stage, volume, candidates, options), repeats)
+        timing = time_call(lambda: inference.classify(stage, volume, candidates, options), repeats=repeats,
+                           keep_result=True)
         maps[name] = timing["result"]
-        work = _dense_work(stage, candidates, options, timing["median_s"]) if options.method == "dense" else {}
+        work = dense_work(stage, candidates, options, timing["median_s"]) if options.method == "dense" else {}
         rows.append(_row("inference", name, timing, voxels_per_s=count / timing["median_s"], **work, **(extra or {})))
         log(f"{name}: {timing['median_s']:.3f} s")
 
@@ -103,11 +88,11 @@ def inference_rows(model_dir, repeats: int, log, size: str = "full") -> list[dic
     device = _torch_device()
     torch.backends.cudnn.benchmark = True
     for network, padding, batches in (("valverde2017_valid", "VALID", (256, 4096)), ("valverde2017", "SAME", (4096,))):
-        _, torch_stage1, _ = _stages(model_dir, network)
+        _, torch_stage1, _ = load_stages(model_dir, network)
         model = from_jax(torch_stage1.variables, 2, padding, config.model.bn_epsilon).to(device)
         for batch in batches:
-            timing = timed(lambda: classify_candidates(model, volume, candidates, batch_size=batch, device=device),
-                           repeats)
+            timing = time_call(lambda: classify_candidates(model, volume, candidates, batch_size=batch, device=device),
+                               repeats=repeats, keep_result=True)
             name = f"torch {'patch' if padding == 'VALID' else 'SAME'}, batch {batch}"
             maps[name] = timing["result"]
             rows.append(_row("inference", name, timing, voxels_per_s=count / timing["median_s"]))
@@ -115,7 +100,8 @@ def inference_rows(model_dir, repeats: int, log, size: str = "full") -> list[dic
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     model = from_jax(stage1.variables, 2, "VALID", config.model.bn_epsilon).to(device)
     name = "torch patch, batch 4096, no TF32"
-    timing = timed(lambda: classify_candidates(model, volume, candidates, batch_size=4096, device=device), repeats)
+    timing = time_call(lambda: classify_candidates(model, volume, candidates, batch_size=4096, device=device),
+                       repeats=repeats, keep_result=True)
     maps[name] = timing["result"]
     rows.append(_row("inference", name, timing, voxels_per_s=count / timing["median_s"]))
     log(f"{name}: {timing['median_s']:.3f} s")
@@ -177,7 +163,7 @@ def conv_rows(repeats: int, log) -> list[dict]:
         for dtype in ("float32", "bfloat16"):
             fn = jax.jit(lambda a, b, d=dtype: convs.conv3d(a, b, dilation=dilation, implementation="lax",
                                                             compute_dtype=None if d == "float32" else d))
-            timing = timed(lambda: fn(jx, jk).block_until_ready(), repeats * 4, warmup=3)
+            timing = time_call(lambda: fn(jx, jk).block_until_ready(), warmup=3, repeats=repeats * 4)
             rows.append(_row("convs", f"{name} | jax lax.conv {dtype}", timing, tflops=flops / timing["median_s"] / 1e12))
         tx = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1))).to(_torch_device())
         tk = torch.from_numpy(np.ascontiguousarray(k.transpose(4, 3, 0, 1, 2))).to(_torch_device())
@@ -189,7 +175,7 @@ def conv_rows(repeats: int, log) -> list[dict]:
                 torch.cuda.synchronize()
 
         torch.backends.cudnn.benchmark = True
-        timing = timed(run, repeats * 4, warmup=3)
+        timing = time_call(run, warmup=3, repeats=repeats * 4)
         rows.append(_row("convs", f"{name} | torch conv3d float32", timing, tflops=flops / timing["median_s"] / 1e12))
         log(f"{name}: " + ", ".join(f"{r['name'].split(' | ')[1]} {r['tflops']:.2f} TFLOP/s" for r in rows[-3:]))
     return rows

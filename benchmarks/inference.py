@@ -34,7 +34,7 @@ METHODS = ("jax dense", "jax dense 16^3 x 4", "jax dense 24^3 x 2", "jax dense b
            "torch SAME")
 
 
-def _stages(model_dir, network: str):
+def load_stages(model_dir, network: str):
     """(config, stage1, stage2) from a model dir, or seeded random weights for `network`."""
     from jaxcascade import config as config_lib, models
     from jaxcascade.cascade import Cascade, Stage
@@ -48,7 +48,7 @@ def _stages(model_dir, network: str):
     return config, stages[0], stages[1]
 
 
-def _dense_work(stage, candidates, options, seconds: float) -> dict:
+def dense_work(stage, candidates, options, seconds: float) -> dict:
     """Blocks the dense kernel evaluates and its useful GFLOP/s: every block voxel once through the network.
 
     A voxel's output costs one multiply-add per weight of the dense form (each kernel is applied once
@@ -76,7 +76,7 @@ def run_one(method: str, model_dir, out_dir: Path, subject_seed: int, repeats: i
     volume = normalise_channels([subject["T1"], subject["FLAIR"]], "nonzero")
     candidates = cascade.candidate_mask(volume[..., 1], 0.5)
     network = "valverde2017" if method == "torch SAME" else "valverde2017_valid"
-    config, stage1, stage2 = _stages(model_dir, network)
+    config, stage1, stage2 = load_stages(model_dir, network)
     options = inference.InferenceOptions.from_config(config, method="dense" if "dense" in method else "patch")
     if "^3 x " in method:  # another block size: "jax dense 16^3 x 4" (edge, blocks per call)
         edge, per_call = method.split()[2].removesuffix("^3"), method.split()[-1]
@@ -115,7 +115,7 @@ def run_one(method: str, model_dir, out_dir: Path, subject_seed: int, repeats: i
     seconds = [timing["s"] for _, timing in runs]
     stage1_seconds = statistics.median(seconds)
     result = {"method": method, "candidates": int(candidates.sum()), "stage1_s": stage1_seconds,
-              **(_dense_work(stage1, candidates, options, stage1_seconds) if "dense" in method else {}),
+              **(dense_work(stage1, candidates, options, stage1_seconds) if "dense" in method else {}),
               "stage1_min_s": min(seconds), "stage1_max_s": max(seconds), "repeats": repeats,
               "stage1_minor_faults": statistics.median(t["minor_faults"] for _, t in runs),
               "stage1_system_s": statistics.median(t["system_s"] for _, t in runs),

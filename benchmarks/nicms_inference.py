@@ -110,20 +110,14 @@ def main(argv=None):
     warm = np.zeros_like(mask)
     warm[tuple(np.argwhere(mask)[:512].T)] = True
     options = InferenceOptions(method="patch", batch_size=interop.network_config().inference.batch_size)
-    maps = {}  # the last run's probabilities per framework
-
-    def run_jax():
-        maps["jax"] = classify(stage1, volume, mask, options)
-
-    def run_torch():
-        maps["torch"] = classify_candidates(model, volume, mask)
-
     classify(stage1, volume, warm, options)  # warm-up: compiles the one batch shape
-    jax_timing = time_call(run_jax, warmup=0, repeats=args.repeats)
+    jax_timing = time_call(lambda: classify(stage1, volume, mask, options), warmup=0, repeats=args.repeats,
+                           keep_result=True)
     model = torch_nicms(stage1.variables)
     classify_candidates(model, volume, warm)
-    torch_timing = time_call(run_torch, warmup=0, repeats=args.repeats)
-    jax_probability, torch_probability = maps["jax"], maps["torch"]
+    torch_timing = time_call(lambda: classify_candidates(model, volume, mask), warmup=0, repeats=args.repeats,
+                             keep_result=True)
+    jax_probability, torch_probability = jax_timing.pop("result"), torch_timing.pop("result")
 
     n, total = int(mask.sum()), int(candidates.sum())
     rows = []

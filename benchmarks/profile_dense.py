@@ -27,14 +27,14 @@ def main(argv=None):
 
     import jax
 
-    from benchmarks.inference import _stages
-    from jaxcascade import cascade, inference, phantom
+    from benchmarks.inference import load_stages
+    from jaxcascade import cascade, dense, inference, phantom
     from jaxcascade.normalisation import normalise_channels
 
     subject = phantom.make_subject(0, "full")
     volume = normalise_channels([subject["T1"], subject["FLAIR"]], "nonzero")
     candidates = cascade.candidate_mask(volume[..., 1], 0.5)
-    config, stage1, _ = _stages(args.model, "valverde2017_valid")
+    config, stage1, _ = load_stages(args.model, "valverde2017_valid")
     options = inference.InferenceOptions.from_config(config, method="dense")
     for _ in range(2):  # compile, then a run that settles the heap (jaxcascade.runtime's malloc settings)
         inference.classify(stage1, volume, candidates, options)
@@ -58,7 +58,10 @@ def main(argv=None):
         names.setdefault(name, event.get("args", {}).get("long_name", ""))
     sources = _op_sources(stage1, volume.shape, options)
     total = sum(totals.values())
-    print(f"stage 1 ({int(candidates.sum()):,} candidates): {plain:.2f} s, {traced:.2f} s while traced; "
+    _, origins = dense.tile_geometry(candidates.shape, options.tile_size, stage1.dense_halo, stage1.patch_size)
+    pairs, singles = dense.pair_along_x(dense.occupied_tiles(candidates, origins, options.tile_size), options.tile_size)
+    print(f"stage 1 ({int(candidates.sum()):,} candidates, {2 * len(pairs) + len(singles)} blocks of "
+          f"{options.tile_size}^3, {2 * len(pairs)} of them in x-pairs): {plain:.2f} s, {traced:.2f} s while traced; "
           f"{total / 1e6:.2f} s in XLA ops (summed over threads)")
     for name, micros in totals.most_common(args.top):
         print(f"{micros / 1e3:9.1f} ms  {micros / total:6.1%}  {name:28s} {sources.get(name, '')}")

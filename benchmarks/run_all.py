@@ -109,8 +109,8 @@ def render_convs(payload: dict) -> str:
 
 
 def render_nicms(payload: dict) -> str:
-    rows = [[r["method"], r["voxels"], _span(r, "seconds", "min_s", "max_s") if "min_s" in r else r["seconds"],
-             r["patches_per_s"], r["speedup_vs_torch"]] for r in payload["rows"]]
+    rows = [[r["method"], r["voxels"], _span(r, "seconds", "min_s", "max_s"), r["patches_per_s"], r["speedup_vs_torch"]]
+            for r in payload["rows"]]
     table = _table(["method", "voxels", "seconds, median (min-max)", "patches/s", "vs torch"], rows)
     return table + f"\n\nBrain candidates {payload['brain_candidates']:,}; max |jax - torch| {payload['max_abs_diff']:.1e}."
 

@@ -74,11 +74,10 @@ def pair_along_x(origins: np.ndarray, tile_size: int) -> tuple[np.ndarray, np.nd
 @functools.lru_cache(maxsize=None)
 def make_tile_predictor(graphdef, tile_size: int, halo: int, run: int = 1) -> Callable:
     """jitted (variables, padded_volume, origins (B, 3)) -> (B, T, T, run * T) lesion probability."""
-    spatial = (tile_size + halo, tile_size + halo, run * tile_size + halo)
+    box = (tile_size + halo, tile_size + halo, run * tile_size + halo)
 
     def predict_tiles(variables, padded_volume, origins):
-        size = spatial + (padded_volume.shape[-1],)
-        tiles = jax.vmap(lambda origin: jax.lax.dynamic_slice(padded_volume, (*origin, 0), size))(origins)
+        tiles = patches_lib.gather_patches(padded_volume[None], patches_lib.with_subject_index(origins), box)
         model = nnx.merge(graphdef, variables["params"], variables["batch_stats"])
         return jax.nn.softmax(model.dense(tiles), axis=-1)[..., 1]
 
@@ -103,9 +102,8 @@ def classify_dense(stage: Stage, volume: np.ndarray, mask: np.ndarray, options: 
     if stage.dense_halo is None:
         raise ValueError("this stage's network has no exact dense form")
     tile_size, halo = options.tile_size, stage.dense_halo
-    probability = np.zeros(mask.shape, np.float32)
     if not mask.any():
-        return probability
+        return np.zeros(mask.shape, np.float32)
     pad, origins = tile_geometry(mask.shape, tile_size, halo, stage.patch_size)
     origins = occupied_tiles(mask, origins, tile_size)
     # Reads stay inside the tiles, so the bucket's extra zeros are never seen.

@@ -37,13 +37,8 @@ def bucketed_widths(shape, pad: list[tuple[int, int]], multiple: int = SHAPE_BUC
     return tuple(widths) + ((0, 0),)
 
 
-def pad_bucketed(volume: np.ndarray, pad: list[tuple[int, int]], multiple: int = SHAPE_BUCKET) -> np.ndarray:
-    """np.pad of a (D, H, W, C) volume by `pad` on its three spatial axes, each grown at its end to a multiple."""
-    return np.pad(volume, bucketed_widths(volume.shape, pad, multiple))
-
-
 def put_padded(volume: np.ndarray, pad: list[tuple[int, int]]) -> jax.Array:
-    """`pad_bucketed(volume, pad)` on this process's devices, padded there.
+    """A (D, H, W, C) volume on this process's devices, padded there by `bucketed_widths(volume.shape, pad)`.
 
     The host sends the volume, not its padded copy (up to 1.5x larger for a
     1 mm brain): 3x less host time on a CPU, less to transfer to a GPU.
@@ -62,23 +57,25 @@ def with_subject_index(centres: jax.Array, subject: int = 0) -> jax.Array:
     return jnp.concatenate([jnp.full((centres.shape[0], 1), subject, jnp.int32), centres], axis=1)
 
 
-def gather_patches(padded_volumes: jax.Array, index: jax.Array, patch_size: int) -> jax.Array:
+def gather_patches(padded_volumes: jax.Array, index: jax.Array, patch_size: int | tuple[int, int, int]) -> jax.Array:
     """Patches from a stack of padded volumes.
 
     Args:
       padded_volumes: (subjects, D + 2h, H + 2h, W + 2h, C), h = patch_size // 2.
-      index: (N, 4) int rows (subject, z, y, x) of centres in unpadded coordinates.
-      patch_size: p.
+      index: (N, 4) int rows (subject, z, y, x) of centres in unpadded coordinates
+        (equivalently: of patch corners in padded coordinates).
+      patch_size: p, or a (p_z, p_y, p_x) box (the dense kernel's blocks).
 
     Returns:
       (N, p, p, p, C) patches.
     """
     channels = padded_volumes.shape[-1]
+    box = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
 
     def one(row):
         # In padded coordinates the patch corner is the unpadded centre.
         start = (row[0], row[1], row[2], row[3], jnp.zeros((), row.dtype))
-        patch = lax.dynamic_slice(padded_volumes, start, (1, patch_size, patch_size, patch_size, channels))
+        patch = lax.dynamic_slice(padded_volumes, start, (1, *box, channels))
         return patch[0]
 
     return jax.vmap(one)(index)
