@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcascade import dense, inference, models, optimizer, train_steps
+from jaxcascade import cpu_kernel, dense, inference, models, optimizer, train_steps
 from jaxcascade.configs import default
 
 
@@ -21,8 +21,11 @@ def _abstract(tree):
 
 
 def _exported_ops(function, args, platforms) -> dict:
-    text = jax.export.export(function, platforms=platforms)(*args).mlir_module()
-    return {op: text.count(f"stablehlo.{op}") for op in ("convolution", "dot_general")}
+    # jaxcascade's CPU kernel is an FFI custom call, which jax.export refuses unless told.
+    checks = [jax.export.DisabledSafetyCheck.custom_call(cpu_kernel.TARGET)]
+    text = jax.export.export(function, platforms=platforms, disabled_checks=checks)(*args).mlir_module()
+    ops = {op: text.count(f"stablehlo.{op}") for op in ("convolution", "dot_general")}
+    return ops | {"cpu kernel": text.count(f"@{cpu_kernel.TARGET}(")}
 
 
 def _train_step_args(config, graphdef, variables):
@@ -41,7 +44,8 @@ def test_train_step_exports_with_convolutions_for_accelerators_and_gemms_for_cpu
         # Forward, and the gradients for the input and the kernel, of both conv layers.
         assert ops["convolution"] >= 4, (platform, ops)
     cpu = _exported_ops(step, args, ("cpu",))
-    assert cpu["convolution"] == 0 and cpu["dot_general"] > 4, cpu
+    # Training differentiates every convolution: GEMM formulations, not the forward-only kernel.
+    assert cpu["convolution"] == 0 and cpu["dot_general"] > 4 and cpu["cpu kernel"] == 0, cpu
 
 
 def test_inference_kernels_export_for_cuda_and_tpu_in_one_module(network):
@@ -52,7 +56,11 @@ def test_inference_kernels_export_for_cuda_and_tpu_in_one_module(network):
     patches = inference.make_centre_predictor(graphdef, 11)
     patch_args = (_abstract(variables), jax.ShapeDtypeStruct((60, 60, 60, 2), np.float32),
                   jax.ShapeDtypeStruct((256, 3), np.int32))
+    assert cpu_kernel.available(), "the CPU kernel did not build here (a C++ compiler is needed)"
     for function, args, convolutions in ((tiles, tile_args, 3), (patches, patch_args, 2)):
         ops = _exported_ops(function, args, ("cuda", "tpu"))
         assert ops["convolution"] >= 2 * convolutions, ops  # each platform's branch has its own
-        assert _exported_ops(function, args, ("cpu",))["convolution"] == 0
+        assert ops["cpu kernel"] == 0, ops
+        cpu = _exported_ops(function, args, ("cpu",))
+        # Both 3^3 convolutions run in the C++ kernel on CPU (the dense form's third is a 1^3 matmul).
+        assert cpu["convolution"] == 0 and cpu["cpu kernel"] == 2, cpu
