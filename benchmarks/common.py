@@ -64,6 +64,7 @@ def machine() -> dict:
     import jax
 
     import jaxcascade
+    import jaxcascade.cpu_kernel
 
     info = {
         "python": sys.version.split()[0],
@@ -71,6 +72,7 @@ def machine() -> dict:
         "cpu_model": cpu_model(),
         "cpus": os.cpu_count(),
         "jaxcascade_runtime": dict(jaxcascade.runtime.STATUS),
+        "cpu_kernel": "on" if jaxcascade.cpu_kernel.available() else "off",
         "jax": jax.__version__,
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],

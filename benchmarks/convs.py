@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import markdown_table, time_call, write_results
-from jaxcascade import convs
+from jaxcascade import convs, cpu_kernel
 
 # (name, input shape NDHWC, out channels, dilation)
 CASES = [
@@ -24,6 +24,7 @@ CASES = [
     ("train conv2: 128 x 4^3 x 32 -> 64", (128, 4, 4, 4, 32), 64, 1),
     ("dense conv1: 41^3 x 2 -> 32", (1, 41, 41, 41, 2), 32, 1),
     ("dense conv2: 38^3 x 32 -> 64, dilation 2", (1, 38, 38, 38, 32), 64, 2),
+    ("nicMS conv1_2: 32 x 13^3 x 32 -> 32", (32, 13, 13, 13, 32), 32, 1),
 ]
 
 
@@ -45,7 +46,9 @@ def main(argv=None):
         k = jnp.asarray(rng.normal(size=(3, 3, 3, shape[-1], out_channels)).astype(np.float32))
         flops = conv_flops(shape, out_channels, dilation)
         results = {}
-        for implementation in ("lax", "slices", "im2col", "gather"):
+        # 'direct' is jaxcascade's C++ kernel (cpu_kernel.py), what inference runs on CPU.
+        implementations = ("lax", "slices", "im2col", "gather") + (("direct",) if cpu_kernel.available() else ())
+        for implementation in implementations:
             fn = jax.jit(lambda x, k, i=implementation: convs.conv3d(x, k, dilation=dilation, implementation=i))
             results[f"jax {implementation}"] = time_call(lambda: fn(x, k).block_until_ready(), repeats=args.repeats)
         # The practical ceiling: one matmul with the same number of FLOPs.

@@ -4,10 +4,12 @@ Run:
     pip install -e ".[bench]"
     python -m benchmarks.inference [--model WD]       # ~12 minutes on a 2-core CPU
 Compares, on the same candidates with the same weights:
-  jax dense   - jaxcascade's exact dense kernel (tiles with candidate voxels only; 12^3 blocks, 8 per call)
+  jax dense   - jaxcascade's exact dense kernel (tiles with candidate voxels only; 12^3 blocks, 8 per call),
+                its convolutions in jaxcascade's C++ CPU kernel (jaxcascade/cpu_kernel.py)
   jax dense 16^3 x 4, 24^3 x 2 - the same with larger blocks (less halo recomputed, more empty space)
   jax dense bf16 - the same with bfloat16 products and float32 sums (config.compute_dtype)
   jax patch   - jaxcascade's vectorised patch path
+  ... (XLA GEMMs) - the same with JAXCASCADE_CPU_KERNEL=0: XLA's GEMM formulations (convs.py)
   torch patch - PyTorch classifying each candidate's patch (the seed's method)
   torch SAME  - PyTorch running the seed's own SAME-padded network patch-wise (stage 1)
 Each method runs in its own process so its peak RSS is its own. Without --model
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -29,9 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import markdown_table, measure_once, peak_rss_mb, write_results
+from jaxcascade import cpu_kernel
 
-METHODS = ("jax dense", "jax dense 16^3 x 4", "jax dense 24^3 x 2", "jax dense bf16", "jax patch", "torch patch",
-           "torch SAME")
+METHODS = ("jax dense", "jax dense 16^3 x 4", "jax dense 24^3 x 2", "jax dense bf16", "jax dense (XLA GEMMs)",
+           "jax patch", "jax patch (XLA GEMMs)", "torch patch", "torch SAME")
+# Methods run with jaxcascade's C++ convolution kernel turned off (cpu_kernel.py): XLA's GEMM formulations.
+WITHOUT_KERNEL = "(XLA GEMMs)"
 
 
 def load_stages(model_dir, network: str):
@@ -154,7 +160,8 @@ def main(argv=None):
                        "--repeats", str(args.repeats)]
             if args.model:
                 command += ["--model", args.model]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            env = os.environ | ({cpu_kernel.KERNEL_ENV: "0"} if WITHOUT_KERNEL in method else {})
+            output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
             row = json.loads(output.strip().splitlines()[-1])
             rows.append(row)
             print(f"{method}: stage 1 {row['stage1_s']:.1f} s ({row['patches_per_s']:.0f} voxels/s), "

@@ -169,7 +169,7 @@ def machine_line(payload: dict) -> str:
     torch = f", PyTorch {info['torch']} ({info.get('torch_threads')} threads)" if info.get("torch") else ""
     runtime = info.get("jaxcascade_runtime", {})
     return (f"*{info.get('cpu_model', '?')}, {info['cpus']} cores, JAX {info['jax']} ({info['jax_backend']}){torch}; "
-            f"malloc settings {runtime.get('malloc', '?')}.*")
+            f"malloc settings {runtime.get('malloc', '?')}; CPU convolution kernel {info.get('cpu_kernel', 'off')}.*")
 
 
 def rewrite_readme(readme: Path, out: Path, steps) -> list[str]:

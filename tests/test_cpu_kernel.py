@@ -1,0 +1,140 @@
+"""jaxcascade's C++ CPU convolution (cpu_kernel.py): the same cross-correlation as lax.conv, built on first use,
+deterministic, differentiable, and replaced by the GEMM formulations where it is off or cannot be built."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcascade import convs, cpu_kernel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _random(shape, seed):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape).astype(np.float32))
+
+
+def _lax(x, kernel, dilation):
+    return convs.conv3d(x, kernel, dilation=dilation, implementation="lax")
+
+
+def test_the_kernel_builds_on_this_machine():
+    # CI and the developers' machines have a C++ compiler: a build failure here must not pass unnoticed
+    # as a silent fallback.
+    assert cpu_kernel.available(), "the CPU kernel did not build (see the warning above)"
+
+
+# (input NDHWC, out channels, kernel size, dilation): each register width (16-64 channels), 2-64 input channels,
+# dilations of the dense kernel, odd extents, a 5^3 kernel.
+CASES = [
+    ((2, 7, 8, 13, 3), 16, 3, 1),
+    ((1, 9, 9, 11, 32), 64, 3, 2),
+    ((3, 6, 6, 6, 5), 48, 3, 1),
+    ((2, 10, 9, 12, 64), 32, 3, 4),
+    ((1, 8, 7, 9, 2), 32, 5, 1),
+]
+
+
+@pytest.mark.parametrize("shape,out_channels,kernel_size,dilation", CASES)
+def test_direct_equals_lax_convolution(shape, out_channels, kernel_size, dilation):
+    x = _random(shape, 0)
+    kernel = _random((kernel_size,) * 3 + (shape[-1], out_channels), 1) * 0.2
+    direct = jax.jit(lambda x, k: convs.conv3d(x, k, dilation=dilation, implementation="direct"))(x, kernel)
+    reference = jax.jit(lambda x, k: _lax(x, k, dilation))(x, kernel)
+    assert direct.shape == reference.shape
+    scale = float(jnp.max(jnp.abs(reference)))
+    assert float(jnp.max(jnp.abs(direct - reference))) <= 2e-6 * scale * np.sqrt(kernel_size**3 * shape[-1])
+
+
+@pytest.mark.parametrize("width", range(1, 8))
+def test_every_row_tail_width(width):
+    # The kernel keeps 6 outputs of 64 channels in registers; rows of 1-7 outputs end in each narrower block.
+    x = _random((1, 3, 3, width + 2, 4), width)
+    kernel = _random((3, 3, 3, 4, 64), 7)
+    direct = convs.conv3d(x, kernel, implementation="direct")
+    np.testing.assert_allclose(direct, _lax(x, kernel, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_direct_is_deterministic_and_differentiable():
+    x, kernel = _random((2, 8, 8, 8, 32), 3), _random((3, 3, 3, 32, 32), 4) * 0.1
+    run = jax.jit(lambda x, k: convs.conv3d(x, k, dilation=2, implementation="direct"))
+    assert np.array_equal(run(x, kernel), run(x, kernel))
+
+    def loss(implementation):
+        return lambda x, k: jnp.sum(jnp.sin(convs.conv3d(x, k, dilation=2, implementation=implementation)))
+
+    got = jax.grad(loss("direct"), argnums=(0, 1))(x, kernel)
+    want = jax.grad(loss("lax"), argnums=(0, 1))(x, kernel)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_uses_the_kernel_only_where_nothing_differentiates():
+    x, kernel = jax.ShapeDtypeStruct((4, 11, 11, 11, 2), jnp.float32), jax.ShapeDtypeStruct((3, 3, 3, 2, 32),
+                                                                                                jnp.float32)
+
+    def lowered(forward_only):
+        function = jax.jit(lambda x, k: convs.conv3d(x, k, forward_only=forward_only))
+        return function.lower(x, kernel).as_text()
+
+    assert cpu_kernel.TARGET in lowered(True)
+    assert cpu_kernel.TARGET not in lowered(False)
+    # bfloat16 products, and output widths the kernel has no registers for, keep the GEMM formulations.
+    assert not cpu_kernel.supports((4, 11, 11, 11, 2), (3, 3, 3, 2, 8), jnp.float32)
+    assert not cpu_kernel.supports((4, 11, 11, 11, 2), (3, 3, 3, 2, 32), jnp.bfloat16)
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=ROOT,
+                          env=os.environ | env, timeout=300)
+
+
+PROBE = """
+    import jax, numpy as np
+    from jaxcascade import convs, cpu_kernel
+    x = jax.numpy.asarray(np.random.default_rng(0).normal(size=(2, 9, 9, 9, 32)).astype(np.float32))
+    k = jax.numpy.asarray(np.random.default_rng(1).normal(size=(3, 3, 3, 32, 64)).astype(np.float32))
+    auto = convs.conv3d(x, k, dilation=2, forward_only=True)
+    gemm = convs.conv3d(x, k, dilation=2, implementation="gather")
+    print(cpu_kernel.available(), bool(np.array_equal(auto, gemm)))
+    try:
+        convs.conv3d(x, k, implementation="direct")
+    except ValueError as error:
+        print("refused:", error)
+"""
+
+
+def test_turned_off_the_results_are_the_gemm_formulations_bit_for_bit():
+    result = _python(PROBE, JAXCASCADE_CPU_KERNEL="0")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "False True", result.stdout
+    assert lines[1].startswith("refused: the CPU kernel cannot run"), result.stdout
+    assert "warning" not in result.stderr
+
+
+def test_a_failed_build_warns_once_and_falls_back(tmp_path):
+    result = _python(PROBE, XDG_CACHE_HOME=str(tmp_path), CXX="/bin/false")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "False True", result.stdout
+    warnings = [line for line in result.stderr.splitlines() if "CPU convolution kernel is unavailable" in line]
+    assert len(warnings) == 1 and "false failed" in warnings[0], result.stderr
+    assert not list(tmp_path.rglob("*.so*")), "no partial library may be left behind"
+
+
+def test_a_fresh_build_lands_whole_in_the_user_cache(tmp_path):
+    result = _python("""
+        from jaxcascade import cpu_kernel
+        print(cpu_kernel.available(), cpu_kernel.kernel_dir())
+    """, XDG_CACHE_HOME=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    built, folder = result.stdout.split()
+    assert built == "True" and Path(folder).is_relative_to(tmp_path)
+    assert [p.name for p in Path(folder).iterdir()] == ["libjaxcascade_conv3d.so"]
