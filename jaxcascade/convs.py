@@ -2,14 +2,19 @@
 
 `lax.conv_general_dilated` is the obvious choice and wins where cuDNN runs it,
 but XLA's CPU backend reaches only a fraction of its matmul throughput on 3D
-convolutions. The same convolution written as shifted slices concatenated
-along channels turns into large GEMMs, which XLA:CPU runs several times
-faster: 'im2col' puts all k^3 taps side by side (one GEMM; best while the
+convolutions. On CPU, 'auto' runs float32 convolutions with 16-64 output
+channels in jaxcascade's own C++ kernel ('direct', cpu_kernel.py: forward and
+both gradients, no tap buffer, 2-4x faster). Elsewhere on CPU (bfloat16
+products, other widths, or where the kernel cannot be built) the same
+convolution is written as shifted slices concatenated along channels, which
+turns into large GEMMs that XLA:CPU runs several times faster than its own
+convolution: 'im2col' puts all k^3 taps side by side (one GEMM; best while the
 buffer is small), 'slices' only the k^2 in-plane taps (one GEMM per depth tap;
-9x less buffer for large volumes). All are the same cross-correlation;
-`tests/test_models.py` checks them against lax.conv. 'auto' picks per
-platform when the computation is lowered (`lax.platform_dependent`): the
-GEMM formulation for the shape on CPU, `lax.conv` everywhere else, so a step
+9x less buffer for large volumes), 'gather' builds im2col's columns with one
+gather. All are the same cross-correlation; `tests/test_models.py` and
+`tests/test_cpu_kernel.py` check them against lax.conv. 'auto' picks per
+platform when the computation is lowered (`lax.platform_dependent`): CPU
+kernel or GEMM formulation on CPU, `lax.conv` everywhere else, so a step
 traced on a CPU machine and exported or compiled for a GPU or TPU gets real
 convolutions (`tests/test_export.py`).
 """
@@ -71,7 +76,6 @@ def conv3d(
     implementation: str = "auto",
     compute_dtype=None,
     gather_taps: bool = False,
-    forward_only: bool = False,
 ) -> jax.Array:
     """Cross-correlate channels-last volumes with a (k, k, k, in, out) kernel.
 
@@ -87,11 +91,6 @@ def conv3d(
         does not fuse into the gather: XLA fuses an elementwise producer (a
         normalisation, an activation, a pad) or another gather into it and
         recomputes it for every tap (nicMSlesions' PReLU layers: 4-10x slower).
-      forward_only: nothing differentiates this call (inference), so 'auto'
-        runs it with jaxcascade's C++ kernel on CPU where it is available
-        (cpu_kernel.py; 2-4x faster than the GEMM formulations). Training
-        keeps the GEMM formulations: the kernel has no backward pass of its
-        own, and a step with its forward measured no faster.
       compute_dtype: multiply in this dtype (e.g. bfloat16, whose GEMMs run
         4-8x faster on CPUs with AMX and on GPUs/TPUs) and sum in x's dtype;
         None: x's dtype throughout.
@@ -123,8 +122,7 @@ def conv3d(
         # traced: an exported or cross-compiled step gets cuDNN/TPU convolutions
         # even when traced on a CPU machine.
         on_cpu = _FORMULATIONS[default_implementation(x.shape, kernel.shape, dilation, x.dtype.itemsize, gather_taps)]
-        if (forward_only and accumulate is None and cpu_kernel.supports(x.shape, kernel.shape, x.dtype)
-                and cpu_kernel.available()):
+        if accumulate is None and cpu_kernel.supports(x.shape, kernel.shape, x.dtype) and cpu_kernel.available():
             on_cpu = _FORMULATIONS["direct"]
         return lax.platform_dependent(
             x, kernel, cpu=functools.partial(on_cpu, dilation=dilation, accumulate=accumulate, precision=precision),

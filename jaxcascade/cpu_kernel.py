@@ -36,7 +36,9 @@ from jaxcascade import runtime
 KERNEL_ENV = "JAXCASCADE_CPU_KERNEL"
 SOURCE = Path(__file__).with_name("kernels") / "conv3d.cc"
 TARGET = "jaxcascade_conv3d"
+GRADIENT_TARGET = "jaxcascade_conv3d_kernel_gradient"
 OUT_CHANNELS = (16, 32, 48, 64)  # output blocks the kernel keeps in registers
+CHUNK_FLOATS, MAX_CHUNKS = 2**17, 256  # the kernel gradient's chunks of cotangent: 512 KB each
 
 
 def kernel_dir() -> Path:
@@ -75,6 +77,8 @@ def available() -> bool:
     try:
         library = ctypes.cdll.LoadLibrary(str(build(kernel_dir())))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JaxcascadeConv3d), platform="cpu")
+        jax.ffi.register_ffi_target(GRADIENT_TARGET, jax.ffi.pycapsule(library.JaxcascadeConv3dKernelGradient),
+                                    platform="cpu")
     except (OSError, RuntimeError, AttributeError) as error:
         print(f"jaxcascade: warning: the CPU convolution kernel is unavailable ({error}); using XLA's GEMM "
               f"formulations, about 2x slower ({KERNEL_ENV}=0 silences this)", file=sys.stderr)
@@ -89,19 +93,35 @@ def supports(x_shape, kernel_shape, dtype) -> bool:
             and len(x_shape) == 5)
 
 
-def _ffi_conv3d(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
+def _ffi_conv3d(x: jax.Array, kernel: jax.Array, dilation: int, padding: int = 0) -> jax.Array:
+    """The kernel's convolution of x with `padding` zeros around each spatial axis (read, never stored)."""
     batch, depth, height, width, _ = x.shape
-    span = (kernel.shape[0] - 1) * dilation
+    span = (kernel.shape[0] - 1) * dilation - 2 * padding
     out = jax.ShapeDtypeStruct((batch, depth - span, height - span, width - span, kernel.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(x, kernel, dilation=np.int64(dilation))
+    return jax.ffi.ffi_call(TARGET, out)(x, kernel, dilation=np.int64(dilation), padding=np.int64(padding))
+
+
+def _ffi_kernel_gradient(x: jax.Array, cotangent: jax.Array, kernel_shape, dilation: int) -> jax.Array:
+    kernel_size, _, _, in_channels, out_channels = kernel_shape
+    positions = int(np.prod(cotangent.shape[:4]))
+    # Partial sums per chunk of output positions, added in chunk order: fixed by the shapes alone (so results
+    # do not depend on the thread count), each chunk's cotangent small enough to stay in cache while every
+    # (tap, channel) row of the gradient passes over it.
+    chunks = int(np.clip(-(-positions * out_channels // CHUNK_FLOATS), 1, MAX_CHUNKS))
+    outputs = (jax.ShapeDtypeStruct(kernel_shape, jnp.float32),
+               jax.ShapeDtypeStruct((chunks, kernel_size**3 * in_channels * out_channels), jnp.float32))
+    gradient, _ = jax.ffi.ffi_call(GRADIENT_TARGET, outputs)(x, cotangent, dilation=np.int64(dilation))
+    return gradient
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv3d(x: jax.Array, kernel: jax.Array, dilation: int, gradient) -> jax.Array:
     """VALID cross-correlation of (N, D, H, W, C) with (k, k, k, C, O) by the C++ kernel.
 
-    gradient: a pure-JAX formulation (x, kernel, dilation) -> y whose VJP
-    serves as this one's (the kernel computes forward passes only).
+    Its gradient is the kernel's too: the kernel's by a register-blocked
+    reduction, the input's as the convolution of the padded cotangent with the
+    flipped kernel. `gradient`, a pure-JAX formulation (x, kernel, dilation) ->
+    y, serves the input's where the kernel has no registers for its channels.
     """
     return _ffi_conv3d(x, kernel, dilation)
 
@@ -112,8 +132,16 @@ def _conv3d_forward(x, kernel, dilation, gradient):
 
 def _conv3d_backward(dilation, gradient, residuals, cotangent):
     x, kernel = residuals
-    _, vjp = jax.vjp(lambda x, kernel: gradient(x, kernel, dilation), x, kernel)
-    return vjp(cotangent)
+    kernel_gradient = _ffi_kernel_gradient(x, cotangent, kernel.shape, dilation)
+    span = (kernel.shape[0] - 1) * dilation
+    if kernel.shape[3] in OUT_CHANNELS:
+        # The transposed convolution: the cotangent read with `span` zeros around it (the kernel skips
+        # taps that fall on them), the kernel flipped, its channels swapped.
+        input_gradient = _ffi_conv3d(cotangent, jnp.flip(kernel, (0, 1, 2)).swapaxes(3, 4), dilation, padding=span)
+    else:  # e.g. a 2-channel input layer, whose input (data) nothing differentiates: XLA drops this
+        _, vjp = jax.vjp(lambda x: gradient(x, kernel, dilation), x)
+        (input_gradient,) = vjp(cotangent)
+    return input_gradient, kernel_gradient
 
 
 conv3d.defvjp(_conv3d_forward, _conv3d_backward)

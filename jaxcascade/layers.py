@@ -45,20 +45,17 @@ class Conv3D(nnx.Module):
         self.implementation = implementation
         self.compute_dtype = compute_dtype
 
-    def __call__(self, x, *, dilation: int = 1, gather_taps: bool = False, forward_only: bool = False):
-        return self.apply(x, self.kernel[...], dilation=dilation, gather_taps=gather_taps,
-                          forward_only=forward_only) + self.bias[...]
+    def __call__(self, x, *, dilation: int = 1, gather_taps: bool = False):
+        return self.apply(x, self.kernel[...], dilation=dilation, gather_taps=gather_taps) + self.bias[...]
 
-    def apply(self, x, kernel, *, dilation: int = 1, padding: str | None = None, gather_taps: bool = False,
-              forward_only: bool = False):
+    def apply(self, x, kernel, *, dilation: int = 1, padding: str | None = None, gather_taps: bool = False):
         """This layer's convolution arithmetic on any kernel (the dense form reuses it).
 
-        gather_taps, forward_only: see convs.conv3d (x is not differentiated,
-        and its producer does not fuse into a gather; nothing differentiates
-        this call: inference).
+        gather_taps: see convs.conv3d (x is not differentiated, and its producer
+        does not fuse into a gather).
         """
         return convs.conv3d(x, kernel, padding=padding or self.padding, dilation=dilation,
-                            implementation=self.implementation, gather_taps=gather_taps, forward_only=forward_only,
+                            implementation=self.implementation, gather_taps=gather_taps,
                             compute_dtype=None if self.compute_dtype == "float32" else self.compute_dtype)
 
 

@@ -70,10 +70,9 @@ class Valverde2017(nnx.Module):
         # never differentiated; in inference the patch gather would fuse into it; bfloat16 steps were 1.6x
         # slower with it), conv2 in inference (a pool's output).
         gather_conv1 = train and self.conv1.compute_dtype == "float32"
-        x = self.conv1(patches, gather_taps=gather_conv1, forward_only=not train)
-        x = max_pool_2x2x2(jax.nn.relu(self.bn1(x, use_running_average=not train)))
-        x = jax.nn.relu(self.bn2(self.conv2(x, gather_taps=not train, forward_only=not train),
-                                 use_running_average=not train))
+        x = jax.nn.relu(self.bn1(self.conv1(patches, gather_taps=gather_conv1), use_running_average=not train))
+        x = max_pool_2x2x2(x)
+        x = jax.nn.relu(self.bn2(self.conv2(x, gather_taps=not train), use_running_average=not train))
         x = max_pool_2x2x2(x)
         x = self.dropout(x, deterministic=not train, rngs=rngs)
         x = x.reshape(x.shape[0], -1)
@@ -102,10 +101,9 @@ class Valverde2017(nnx.Module):
         if self.dense_halo is None:
             raise ValueError("dense evaluation is exact only for VALID padding")
         conv1, pool1, conv2, pool2, flat = dilations(self.windows)  # 1, 1, 2, 2, 4
-        x = jax.nn.relu(self.bn1(self.conv1(tiles, dilation=conv1, forward_only=True), use_running_average=True))
+        x = jax.nn.relu(self.bn1(self.conv1(tiles, dilation=conv1), use_running_average=True))
         x = dense_max_pool(x, pool1)
-        x = self.conv2(x, dilation=conv2, gather_taps=True, forward_only=True)
-        x = jax.nn.relu(self.bn2(x, use_running_average=True))
+        x = jax.nn.relu(self.bn2(self.conv2(x, dilation=conv2, gather_taps=True), use_running_average=True))
         x = dense_max_pool(x, pool2)
         size = self.pooled_size
         # The patch network flattens (size, size, size, 64) in C order: dense1 is

@@ -84,13 +84,12 @@ class NicMS(nnx.Module):
     def __call__(self, patches, *, train: bool = False, rngs: nnx.Rngs | None = None):
         """(batch, p, p, p, channels) patches -> (batch, 2) logits (Keras applied the softmax in `out`)."""
         average = not train
-        x = self.prelu_conv1_1(self.bn_1_1(self.conv1_1(patches, forward_only=average), use_running_average=average))
-        x = self.prelu_conv1_2(self.bn_1_2(self.conv1_2(x, forward_only=average), use_running_average=average))
+        x = self.prelu_conv1_1(self.bn_1_1(self.conv1_1(patches), use_running_average=average))
+        x = self.prelu_conv1_2(self.bn_1_2(self.conv1_2(x), use_running_average=average))
         x = max_pool_2x2x2(x)  # Keras MaxPooling3D: 2, stride 2, valid (11 -> 5 -> 2)
         # Only conv2_1 reads a pool's output, the one input a tap gather may read (convs.conv3d).
-        x = self.conv2_1(x, gather_taps=average, forward_only=average)
-        x = self.prelu_conv2_1(self.bn_2_1(x, use_running_average=average))
-        x = self.prelu_conv2_2(self.bn_2_2(self.conv2_2(x, forward_only=average), use_running_average=average))
+        x = self.prelu_conv2_1(self.bn_2_1(self.conv2_1(x, gather_taps=average), use_running_average=average))
+        x = self.prelu_conv2_2(self.bn_2_2(self.conv2_2(x), use_running_average=average))
         x = max_pool_2x2x2(x)
         x = _flatten_channels_first(x)
         for dense, prelu in ((self.d1, self.prelu_d1), (self.d2, self.prelu_d2), (self.d3, self.prelu_d3)):

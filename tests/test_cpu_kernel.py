@@ -62,6 +62,16 @@ def test_every_row_tail_width(width):
     np.testing.assert_allclose(direct, _lax(x, kernel, 1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel_size,dilation,padding", [(3, 1, 1), (3, 1, 2), (3, 2, 3), (5, 1, 4)])
+def test_zero_padding_read_in_place(kernel_size, dilation, padding):
+    # The input gradient reads the cotangent with zeros around it, skipping taps that fall on them.
+    x = _random((2, 5, 4, 9, 32), padding)
+    kernel = _random((kernel_size,) * 3 + (32, 48), 8) * 0.1
+    got = jax.jit(lambda x, k: cpu_kernel._ffi_conv3d(x, k, dilation, padding))(x, kernel)
+    pads = ((0, 0),) + ((padding, padding),) * 3 + ((0, 0),)
+    np.testing.assert_allclose(got, _lax(jnp.pad(x, pads), kernel, dilation), rtol=1e-5, atol=2e-5)
+
+
 def test_direct_is_deterministic_and_differentiable():
     x, kernel = _random((2, 8, 8, 8, 32), 3), _random((3, 3, 3, 32, 32), 4) * 0.1
     run = jax.jit(lambda x, k: convs.conv3d(x, k, dilation=2, implementation="direct"))
@@ -76,16 +86,18 @@ def test_direct_is_deterministic_and_differentiable():
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
-def test_auto_uses_the_kernel_only_where_nothing_differentiates():
-    x, kernel = jax.ShapeDtypeStruct((4, 11, 11, 11, 2), jnp.float32), jax.ShapeDtypeStruct((3, 3, 3, 2, 32),
-                                                                                                jnp.float32)
+def test_auto_uses_the_kernel_for_float32_forward_and_gradients():
+    x, kernel = _random((4, 11, 11, 11, 2), 5), _random((3, 3, 3, 2, 32), 6)
 
-    def lowered(forward_only):
-        function = jax.jit(lambda x, k: convs.conv3d(x, k, forward_only=forward_only))
-        return function.lower(x, kernel).as_text()
+    def lowered(function, **options):
+        return jax.jit(function).lower(x, kernel).as_text()
 
-    assert cpu_kernel.TARGET in lowered(True)
-    assert cpu_kernel.TARGET not in lowered(False)
+    forward = lowered(lambda x, k: convs.conv3d(x, k))
+    gradient = lowered(jax.grad(lambda x, k: jnp.sum(convs.conv3d(x, k) ** 2), argnums=1))
+    bfloat16 = lowered(lambda x, k: convs.conv3d(x, k, compute_dtype=jnp.bfloat16))
+    assert f"@{cpu_kernel.TARGET}(" in forward
+    assert f"@{cpu_kernel.GRADIENT_TARGET}(" in gradient
+    assert cpu_kernel.TARGET not in bfloat16
     # bfloat16 products, and output widths the kernel has no registers for, keep the GEMM formulations.
     assert not cpu_kernel.supports((4, 11, 11, 11, 2), (3, 3, 3, 2, 8), jnp.float32)
     assert not cpu_kernel.supports((4, 11, 11, 11, 2), (3, 3, 3, 2, 32), jnp.bfloat16)
@@ -101,7 +113,7 @@ PROBE = """
     from jaxcascade import convs, cpu_kernel
     x = jax.numpy.asarray(np.random.default_rng(0).normal(size=(2, 9, 9, 9, 32)).astype(np.float32))
     k = jax.numpy.asarray(np.random.default_rng(1).normal(size=(3, 3, 3, 32, 64)).astype(np.float32))
-    auto = convs.conv3d(x, k, dilation=2, forward_only=True)
+    auto = convs.conv3d(x, k, dilation=2)
     gemm = convs.conv3d(x, k, dilation=2, implementation="gather")
     print(cpu_kernel.available(), bool(np.array_equal(auto, gemm)))
     try:

@@ -35,30 +35,49 @@ struct Geometry {
   int64_t n, d, h, w, c;       // input
   int64_t k, o, dilation;      // kernel
   int64_t od, oh, ow;          // output
+  int64_t pad = 0;             // zeros before the input on each spatial axis (the output sizes say how many after)
 };
 
-// R consecutive outputs along W, NV * 16 output channels, kept in registers.
+// R consecutive outputs along W, NV * 16 output channels, kept in registers; taps c in [c_first, c_last)
+// (all of them but where a tap would read the zero padding left or right of the row).
 template <int NV, int R>
 inline void output_block(const Geometry& g, const float* x, const float* w, float* y, int64_t batch,
-                         int64_t z, int64_t row, int64_t col) {
+                         int64_t z, int64_t row, int64_t col, int64_t c_first, int64_t c_last) {
   v16 acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NV; ++j) acc[r][j] = v16{};
   const int64_t sh = g.w * g.c, sd = g.h * sh, sb = g.d * sd;
   const int64_t tap_stride = g.c * g.o;
   for (int64_t a = 0; a < g.k; ++a) {
+    const int64_t zi = z + a * g.dilation - g.pad;
+    if (zi < 0 || zi >= g.d) continue;  // a plane of padding: zeros add nothing
     for (int64_t b = 0; b < g.k; ++b) {
-      const float* xab = x + batch * sb + (z + a * g.dilation) * sd + (row + b * g.dilation) * sh + col * g.c;
+      const int64_t yi = row + b * g.dilation - g.pad;
+      if (yi < 0 || yi >= g.h) continue;
+      const float* x_row = x + batch * sb + zi * sd + yi * sh;
       const float* wab = w + (a * g.k + b) * g.k * tap_stride;
-      for (int64_t c = 0; c < g.k; ++c) {
-        const float* xt = xab + c * g.dilation * g.c;
+      if (g.dilation == 1) {
+        // Taps (c, ci) of one row are one contiguous run in x and in w: one loop (long for 2-channel input).
+        const float* xt = x_row + (col - g.pad) * g.c;
+        for (int64_t j = c_first * g.c; j < c_last * g.c; ++j) {
+          v16 wv[NV];
+          for (int v = 0; v < NV; ++v) wv[v] = *reinterpret_cast<const v16u*>(wab + j * g.o + 16 * v);
+          for (int r = 0; r < R; ++r) {
+            const float s = xt[r * g.c + j];
+            for (int v = 0; v < NV; ++v) acc[r][v] += s * wv[v];
+          }
+        }
+        continue;
+      }
+      for (int64_t c = c_first; c < c_last; ++c) {
+        const float* xt = x_row + (col + c * g.dilation - g.pad) * g.c;
         const float* wt = wab + c * tap_stride;
         for (int64_t ci = 0; ci < g.c; ++ci) {
           v16 wv[NV];
-          for (int j = 0; j < NV; ++j) wv[j] = *reinterpret_cast<const v16u*>(wt + ci * g.o + 16 * j);
+          for (int v = 0; v < NV; ++v) wv[v] = *reinterpret_cast<const v16u*>(wt + ci * g.o + 16 * v);
           for (int r = 0; r < R; ++r) {
             const float s = xt[r * g.c + ci];
-            for (int j = 0; j < NV; ++j) acc[r][j] += s * wv[j];
+            for (int v = 0; v < NV; ++v) acc[r][v] += s * wv[v];
           }
         }
       }
@@ -66,29 +85,43 @@ inline void output_block(const Geometry& g, const float* x, const float* w, floa
   }
   float* out = y + (((batch * g.od + z) * g.oh + row) * g.ow + col) * g.o;
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NV; ++j) *reinterpret_cast<v16u*>(out + r * g.o + 16 * j) = acc[r][j];
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<v16u*>(out + r * g.o + 16 * v) = acc[r][v];
 }
 
-// The last outputs of a row (fewer than R), as one block of exactly that width.
+// Outputs [col, col + width) with every tap c inside the row (no padding read along W).
 template <int NV, int R>
-void row_tail(const Geometry& g, const float* x, const float* w, float* y, int64_t batch, int64_t z,
-              int64_t row, int64_t col, int64_t left) {
+void interior_block(const Geometry& g, const float* x, const float* w, float* y, int64_t batch, int64_t z,
+                    int64_t row, int64_t col, int64_t width) {
   if constexpr (R > 0) {
-    if (left == R)
-      output_block<NV, R>(g, x, w, y, batch, z, row, col);
+    if (width == R)
+      output_block<NV, R>(g, x, w, y, batch, z, row, col, 0, g.k);
     else
-      row_tail<NV, R - 1>(g, x, w, y, batch, z, row, col, left);
+      interior_block<NV, R - 1>(g, x, w, y, batch, z, row, col, width);
   }
 }
 
 template <int NV>
 void output_rows(const Geometry& g, const float* x, const float* w, float* y, int64_t first, int64_t last) {
   constexpr int R = 24 / NV;  // 24 accumulators + NV weight registers of the 32 AVX-512 has
+  const int64_t span = (g.k - 1) * g.dilation;
+  // Outputs whose taps all fall inside the row: [interior_first, interior_last).
+  const int64_t interior_first = std::min(g.ow, g.pad);
+  const int64_t interior_last = std::max(interior_first, std::min(g.ow, g.w + g.pad - span));
   for (int64_t index = first; index < last; ++index) {
     const int64_t row = index % g.oh, z = (index / g.oh) % g.od, batch = index / (g.oh * g.od);
-    int64_t col = 0;
-    for (; col + R <= g.ow; col += R) output_block<NV, R>(g, x, w, y, batch, z, row, col);
-    if (col < g.ow) row_tail<NV, R - 1>(g, x, w, y, batch, z, row, col, g.ow - col);
+    for (int64_t col = 0; col < g.ow;) {
+      if (col >= interior_first && col < interior_last) {
+        const int64_t width = std::min<int64_t>(R, interior_last - col);
+        interior_block<NV, R>(g, x, w, y, batch, z, row, col, width);
+        col += width;
+        continue;
+      }
+      // One output at the padded edge: only the taps that read the row.
+      const int64_t c_first = std::max<int64_t>(0, (g.pad - col + g.dilation - 1) / g.dilation);
+      const int64_t c_last = std::min<int64_t>(g.k, (g.w - 1 - col + g.pad) / g.dilation + 1);
+      output_block<NV, 1>(g, x, w, y, batch, z, row, col, c_first, std::max(c_first, c_last));
+      ++col;
+    }
   }
 }
 
@@ -101,54 +134,175 @@ void run_rows(const Geometry& g, const float* x, const float* w, float* y, int64
   }
 }
 
-// Rows handed out in chunks from a shared counter: the calling thread works too,
-// so nothing waits on a pool thread that has not started.
+// Tasks handed out from a shared counter to the pool's threads and the calling one (which so never waits
+// on a pool thread that has not started). Which thread runs a task never changes what it computes.
 struct Work {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
-  int64_t rows = 0, chunk = 1;
+  int64_t tasks = 0;
   std::mutex mutex;
   std::condition_variable finished;
 };
 
-void work_on(const std::shared_ptr<Work>& work, const Geometry& g, const float* x, const float* w, float* y) {
-  for (;;) {
-    const int64_t first = work->next.fetch_add(work->chunk);
-    if (first >= work->rows) return;
-    const int64_t last = std::min(work->rows, first + work->chunk);
-    run_rows(g, x, w, y, first, last);
-    if (work->done.fetch_add(last - first) + (last - first) == work->rows) {
-      std::lock_guard<std::mutex> lock(work->mutex);
-      work->finished.notify_all();
+template <typename Task>
+void run_tasks(ffi::ThreadPool& pool, int64_t tasks, Task task) {
+  if (tasks <= 0) return;
+  auto work = std::make_shared<Work>();
+  work->tasks = tasks;
+  // `task` may refer to the caller's frame: a worker calls it only while tasks are left, i.e. before
+  // this function returns; a worker the pool starts later finds none and only touches `work`.
+  auto worker = [work, task] {
+    for (;;) {
+      const int64_t index = work->next.fetch_add(1);
+      if (index >= work->tasks) return;
+      task(index);
+      if (work->done.fetch_add(1) + 1 == work->tasks) {
+        std::lock_guard<std::mutex> lock(work->mutex);
+        work->finished.notify_all();
+      }
     }
-  }
+  };
+  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), tasks - 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([worker] { worker(); });
+  worker();
+  std::unique_lock<std::mutex> lock(work->mutex);
+  work->finished.wait(lock, [&] { return work->done.load() == work->tasks; });
 }
 
 ffi::Error Conv3dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                      ffi::ResultBuffer<ffi::F32> y, int64_t dilation) {
+                      ffi::ResultBuffer<ffi::F32> y, int64_t dilation, int64_t padding) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 5 || wd.size() != 5 || yd.size() != 5) return ffi::Error::InvalidArgument("rank 5 expected");
-  Geometry g{xd[0], xd[1], xd[2], xd[3], xd[4], wd[0], wd[4], dilation, yd[1], yd[2], yd[3]};
+  Geometry g{xd[0], xd[1], xd[2], xd[3], xd[4], wd[0], wd[4], dilation, yd[1], yd[2], yd[3], padding};
   const int64_t span = (g.k - 1) * g.dilation;
+  // Zeros pad before each axis; the output extends at most as far past the input.
+  auto fits = [&](int64_t in, int64_t out) { return out > 0 && out + span <= in + 2 * padding; };
   if (wd[1] != g.k || wd[2] != g.k || wd[3] != g.c || g.o % 16 != 0 || g.o > 64 || yd[0] != g.n ||
-      yd[4] != g.o || g.od != g.d - span || g.oh != g.h - span || g.ow != g.w - span)
+      yd[4] != g.o || padding < 0 || padding > span || !fits(g.d, g.od) || !fits(g.h, g.oh) || !fits(g.w, g.ow))
     return ffi::Error::InvalidArgument("conv3d: inconsistent shapes");
-  auto work = std::make_shared<Work>();
-  work->rows = g.n * g.od * g.oh;
-  if (work->rows == 0) return ffi::Error::Success();
+  const int64_t rows = g.n * g.od * g.oh;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // A few chunks per thread balance rows of unequal cost without much contention.
-  work->chunk = std::max<int64_t>(1, work->rows / (4 * (threads + 1)));
+  // A few tasks per thread balance rows of unequal cost without much contention.
+  const int64_t chunk = std::max<int64_t>(1, rows / (4 * (threads + 1)));
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
-  for (int64_t t = 0; t < threads; ++t) pool.Schedule([work, g, xp, wp, yp] { work_on(work, g, xp, wp, yp); });
-  work_on(work, g, xp, wp, yp);
-  std::unique_lock<std::mutex> lock(work->mutex);
-  work->finished.wait(lock, [&] { return work->done.load() == work->rows; });
+  run_tasks(pool, (rows + chunk - 1) / chunk, [&g, xp, wp, yp, rows, chunk](int64_t task) {
+    run_rows(g, xp, wp, yp, task * chunk, std::min(rows, (task + 1) * chunk));
+  });
   return ffi::Error::Success();
 }
 
+
+// The kernel's gradient: dw[a, b, c, ci, o] = sum over n and outputs p of x[n, p + (a, b, c) * dilation, ci] * dy[n, p, o].
+// R rows (tap, input channel) x O channels in registers, one pass over a chunk of output positions. Chunks
+// and row blocks are fixed by the shapes alone and partial sums are added in chunk order, so the result
+// does not depend on the thread count either.
+struct Gradient {
+  Geometry g;
+  int64_t chunks, positions_per_chunk;
+};
+
+template <int NV, int R>
+void gradient_block(const Gradient& q, const float* x, const float* dy, float* partial, int64_t first_row,
+                    int64_t chunk) {
+  const Geometry& g = q.g;
+  const int64_t sh = g.w * g.c, sd = g.h * sh, sb = g.d * sd;
+  int64_t offset[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = first_row + r, tap = row / g.c, ci = row % g.c;
+    const int64_t a = tap / (g.k * g.k), b = (tap / g.k) % g.k, c = tap % g.k;
+    offset[r] = (a * sd + b * sh + c * g.c) * g.dilation + ci;
+  }
+  v16 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = v16{};
+  const int64_t total = g.n * g.od * g.oh * g.ow;
+  const int64_t begin = chunk * q.positions_per_chunk, end = std::min(total, begin + q.positions_per_chunk);
+  int64_t w = begin % g.ow, rest = begin / g.ow;
+  int64_t y = rest % g.oh, z = (rest / g.oh) % g.od, n = rest / (g.oh * g.od);
+  const float* base = x + n * sb + z * sd + y * sh + w * g.c;
+  for (int64_t p = begin; p < end; ++p) {
+    v16 gv[NV];
+    for (int j = 0; j < NV; ++j) gv[j] = *reinterpret_cast<const v16u*>(dy + p * g.o + 16 * j);
+    for (int r = 0; r < R; ++r) {
+      const float s = base[offset[r]];
+      for (int j = 0; j < NV; ++j) acc[r][j] += s * gv[j];
+    }
+    // the next output position, and where its taps start in x
+    if (++w == g.ow) {
+      w = 0;
+      if (++y == g.oh) {
+        y = 0;
+        if (++z == g.od) {
+          z = 0;
+          ++n;
+        }
+      }
+      base = x + n * sb + z * sd + y * sh;
+    } else {
+      base += g.c;
+    }
+  }
+  float* out = partial + (chunk * g.k * g.k * g.k * g.c + first_row) * g.o;
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) *reinterpret_cast<v16u*>(out + r * g.o + 16 * j) = acc[r][j];
+}
+
+template <int NV, int R>
+void gradient_rows(const Gradient& q, const float* x, const float* dy, float* partial, int64_t first_row,
+                   int64_t rows, int64_t chunk) {
+  if constexpr (R > 0) {
+    if (rows == R)
+      gradient_block<NV, R>(q, x, dy, partial, first_row, chunk);
+    else
+      gradient_rows<NV, R - 1>(q, x, dy, partial, first_row, rows, chunk);
+  }
+}
+
+constexpr int kGradientRows = 6;  // rows per block: 6 x 4 registers at 64 channels
+
+void gradient_task(const Gradient& q, const float* x, const float* dy, float* partial, int64_t task) {
+  const int64_t rows = q.g.k * q.g.k * q.g.k * q.g.c;
+  const int64_t blocks = (rows + kGradientRows - 1) / kGradientRows;
+  const int64_t chunk = task / blocks, first = (task % blocks) * kGradientRows;
+  const int64_t count = std::min<int64_t>(kGradientRows, rows - first);
+  switch (q.g.o / 16) {
+    case 1: gradient_rows<1, kGradientRows>(q, x, dy, partial, first, count, chunk); break;
+    case 2: gradient_rows<2, kGradientRows>(q, x, dy, partial, first, count, chunk); break;
+    case 3: gradient_rows<3, kGradientRows>(q, x, dy, partial, first, count, chunk); break;
+    default: gradient_rows<4, kGradientRows>(q, x, dy, partial, first, count, chunk); break;
+  }
+}
+
+ffi::Error KernelGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                              ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> partial,
+                              int64_t dilation) {
+  auto xd = x.dimensions(), yd = dy.dimensions(), wd = dw->dimensions(), pd = partial->dimensions();
+  if (xd.size() != 5 || yd.size() != 5 || wd.size() != 5 || pd.size() != 2)
+    return ffi::Error::InvalidArgument("conv3d kernel gradient: bad ranks");
+  Gradient q{{xd[0], xd[1], xd[2], xd[3], xd[4], wd[0], wd[4], dilation, yd[1], yd[2], yd[3]}, pd[0], 0};
+  const Geometry& g = q.g;
+  const int64_t span = (g.k - 1) * g.dilation, rows = g.k * g.k * g.k * g.c;
+  if (wd[1] != g.k || wd[2] != g.k || wd[3] != g.c || g.o % 16 != 0 || g.o > 64 || yd[0] != g.n ||
+      yd[4] != g.o || g.od != g.d - span || g.oh != g.h - span || g.ow != g.w - span ||
+      pd[1] != rows * g.o || q.chunks < 1)
+    return ffi::Error::InvalidArgument("conv3d kernel gradient: inconsistent shapes");
+  const int64_t total = g.n * g.od * g.oh * g.ow;
+  q.positions_per_chunk = (total + q.chunks - 1) / q.chunks;
+  const int64_t blocks = (rows + kGradientRows - 1) / kGradientRows;
+  const float* xp = x.typed_data();
+  const float* yp = dy.typed_data();
+  float* pp = partial->typed_data();
+  float* out = dw->typed_data();
+  run_tasks(pool, q.chunks * blocks, [&q, xp, yp, pp](int64_t task) { gradient_task(q, xp, yp, pp, task); });
+  // chunk partial sums, added in chunk order
+  const int64_t size = rows * g.o;
+  std::memcpy(out, pp, size * sizeof(float));
+  for (int64_t chunk = 1; chunk < q.chunks; ++chunk)
+    for (int64_t i = 0; i < size; ++i) out[i] += pp[chunk * size + i];
+  return ffi::Error::Success();
+}
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcascadeConv3d, Conv3dImpl,
@@ -156,5 +310,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcascadeConv3d, Conv3dImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("dilation")
+                                  .Attr<int64_t>("padding"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcascadeConv3dKernelGradient, KernelGradientImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("dilation"));
