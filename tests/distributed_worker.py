@@ -3,7 +3,8 @@
     python tests/distributed_worker.py fit OUT.npz WORKDIR [COORDINATOR NUM_PROCESSES PROCESS_ID]
         CNN1 for one short epoch on a fixed tiny patch set; the best weights go to OUT.npz.
     python tests/distributed_worker.py cascade DATA WORKDIR SUMMARY.json DATA_SHARDS [COORDINATOR ...]
-        `train_cascade` (both stages, one epoch each); this process's summary goes to SUMMARY.json.<process index>.
+        `train_cascade` (both stages, one epoch each); this process's summary goes to SUMMARY.json.<process index>,
+        the stage-2 training centres and labels it mined to SUMMARY.json.<process index>.stage2.npz.
 The caller sets XLA_FLAGS=--xla_force_host_platform_device_count=N before this process imports jax.
 """
 
@@ -56,8 +57,16 @@ def fit(out, workdir, *distributed_args):
 def cascade(data, workdir, summary_path, data_shards, *distributed_args):
     import jax
 
-    from jaxcascade import config as config_lib, pipeline
+    from jaxcascade import config as config_lib, pipeline, sampling
 
+    mine = sampling.stage2_training_centres
+
+    def mine_and_keep(subjects, stage1, config):  # the real mining; its result is also written for the test
+        centres, labels = mine(subjects, stage1, config)
+        np.savez(f"{summary_path}.{jax.process_index()}.stage2.npz", *centres, *labels)
+        return centres, labels
+
+    sampling.stage2_training_centres = mine_and_keep
     config = config_lib.load_config("default")
     config.train.max_epochs = 1
     config.distributed.data_shards = int(data_shards)

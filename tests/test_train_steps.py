@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcascade import inference, models, optimizer, train_steps
+from jaxcascade import cpu_kernel, inference, models, optimizer, train_steps
 from jaxcascade.configs import default
 
 
@@ -75,23 +75,44 @@ def test_augmentations_are_label_preserving_symmetries():
     np.testing.assert_array_equal(train_steps.augment(patches, jax.random.key(3), "none"), patches)
 
 
-def test_gathered_conv1_trains_bit_for_bit_like_im2col():
-    """'auto' gathers conv1's taps in training (convs.conv3d): the weights after two steps equal im2col's exactly."""
+def _two_steps(implementation: str, batch) -> tuple[list, int]:
+    """(parameters after two train steps, gathers in the lowered step) with config.model.conv_implementation."""
+    config = default.get_config()
+    config.model.conv_implementation = implementation
+    graphdef, variables = models.split_model(models.build_network(config.model, 2, 0))
+    tx = optimizer.make_optimizer(optimizer.OptimizerSettings.from_config(config.train))
+    state = train_steps.create_train_state(variables, tx)
+    step = train_steps.make_train_step(graphdef, "seed")
+    gathers = step.lower(state, batch, jax.random.key(0)).as_text().count("gather")
+    for i in range(2):
+        state, _ = step(state, batch, jax.random.key(i))
+    return jax.tree.leaves(state.params), gathers
+
+
+def test_kernel_trained_weights_match_im2col():
+    """'auto' trains with jaxcascade's CPU kernel (forward and both gradients): after two steps the weights
+    equal XLA's im2col formulation's to float32 rounding."""
+    batch = _fixed_batch()
+    kernel, _ = _two_steps("auto", batch)
+    im2col, _ = _two_steps("im2col", batch)
+    for a, b in zip(kernel, im2col):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_gathered_conv1_trains_bit_for_bit_like_im2col(monkeypatch):
+    """Without the CPU kernel (JAXCASCADE_CPU_KERNEL=0, or no compiler), 'auto' gathers conv1's taps in training
+    (convs.conv3d): the weights after two steps equal im2col's exactly."""
     if jax.default_backend() != "cpu":
         pytest.skip("the GEMM formulations are chosen on CPU only (lax.conv elsewhere)")
+    monkeypatch.setattr(cpu_kernel, "available", lambda: False)  # what the off switch makes it return
     batch = _fixed_batch()
     trained, gathers = {}, {}
-    for implementation in ("auto", "im2col"):
-        config = default.get_config()
-        config.model.conv_implementation = implementation
-        graphdef, variables = models.split_model(models.build_network(config.model, 2, 0))
-        tx = optimizer.make_optimizer(optimizer.OptimizerSettings.from_config(config.train))
-        state = train_steps.create_train_state(variables, tx)
-        step = train_steps.make_train_step(graphdef, "seed")
-        gathers[implementation] = step.lower(state, batch, jax.random.key(0)).as_text().count("gather")
-        for i in range(2):
-            state, _ = step(state, batch, jax.random.key(i))
-        trained[implementation] = jax.tree.leaves(state.params)
+    train_steps.make_train_step.cache_clear()  # steps traced with the kernel must not be reused here, nor these later
+    try:
+        for implementation in ("auto", "im2col"):
+            trained[implementation], gathers[implementation] = _two_steps(implementation, batch)
+    finally:
+        train_steps.make_train_step.cache_clear()
     assert gathers["auto"] > gathers["im2col"]  # the step really gathers (in its CPU branch)
     for a, b in zip(trained["auto"], trained["im2col"]):
         assert np.array_equal(np.asarray(a), np.asarray(b))
