@@ -34,16 +34,19 @@ import numpy as np
 from jaxcascade import runtime
 
 KERNEL_ENV = "JAXCASCADE_CPU_KERNEL"
-SOURCE = Path(__file__).with_name("kernels") / "conv3d.cc"
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = (KERNELS / "conv3d.cc", KERNELS / "dense_head.cc")  # and the header they share, parallel.h
 TARGET = "jaxcascade_conv3d"
 GRADIENT_TARGET = "jaxcascade_conv3d_kernel_gradient"
+HEAD_TARGET = "jaxcascade_dense_head"
 OUT_CHANNELS = (16, 32, 48, 64)  # output blocks the kernel keeps in registers
 CHUNK_FLOATS, MAX_CHUNKS = 2**17, 256  # the kernel gradient's chunks of cotangent: 512 KB each
 
 
 def kernel_dir() -> Path:
     """Where this machine's build lives: beside the compilation cache, one folder per CPU and source."""
-    source_hash = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    source_hash = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(KERNELS.iterdir())
+                                          if path.suffix in (".cc", ".h"))).hexdigest()[:12]
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "jaxcascade" / "kernels" / runtime.machine_tag() / source_hash
 
@@ -59,7 +62,7 @@ def build(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / f".{library.name}.{os.getpid()}"
     command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-               f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(partial)]
+               f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", str(partial)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         partial.unlink(missing_ok=True)
@@ -79,6 +82,7 @@ def available() -> bool:
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JaxcascadeConv3d), platform="cpu")
         jax.ffi.register_ffi_target(GRADIENT_TARGET, jax.ffi.pycapsule(library.JaxcascadeConv3dKernelGradient),
                                     platform="cpu")
+        jax.ffi.register_ffi_target(HEAD_TARGET, jax.ffi.pycapsule(library.JaxcascadeDenseHead), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as error:
         print(f"jaxcascade: warning: the CPU convolution kernel is unavailable ({error}); using XLA's GEMM "
               f"formulations, about 2x slower ({KERNEL_ENV}=0 silences this)", file=sys.stderr)
@@ -145,3 +149,20 @@ def _conv3d_backward(dilation, gradient, residuals, cotangent):
 
 
 conv3d.defvjp(_conv3d_forward, _conv3d_backward)
+
+
+def head_supported(in_channels: int, hidden: int, outputs: int) -> bool:
+    """Whether dense_head runs this head (hidden units in blocks of 64, up to 4 outputs)."""
+    return hidden % 64 == 0 and 0 < outputs <= 4 and in_channels > 0
+
+
+def dense_head(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array) -> jax.Array:
+    """relu(x @ w1 + b1) @ w2 + b2 over the last axis of x, the hidden layer kept in registers (inference only).
+
+    The dense form's head: XLA would write the hidden layer of every voxel to memory and read it back.
+    """
+    *batch, channels = x.shape
+    flat = x.reshape(-1, channels)
+    out = jax.ShapeDtypeStruct((flat.shape[0], w2.shape[1]), jnp.float32)
+    logits = jax.ffi.ffi_call(HEAD_TARGET, out)(flat, w1, b1, jnp.asarray(w2).T, b2)
+    return logits.reshape(*batch, w2.shape[1])

@@ -27,7 +27,7 @@ from typing import Callable
 import jax
 from flax import nnx
 
-from jaxcascade import nicms
+from jaxcascade import cpu_kernel, nicms
 from jaxcascade.errors import UserError
 from jaxcascade.layers import (COMPUTE_DTYPES, FLOAT32, Conv3D, Window, dense_max_pool, dilations, glorot, max_pool_2x2x2,
                                receptive_halo)
@@ -109,9 +109,22 @@ class Valverde2017(nnx.Module):
         # The patch network flattens (size, size, size, 64) in C order: dense1 is
         # a size^3 convolution whose taps sit `flat` voxels apart.
         kernel = self.dense1.kernel[...].reshape(size, size, size, 64, -1)
-        x = self.conv1.apply(x, kernel, dilation=flat, padding="VALID")
-        x = jax.nn.relu(x + self.dense1.bias[...])
-        return self.out(x)
+
+        def head(x):
+            x = self.conv1.apply(x, kernel, dilation=flat, padding="VALID")
+            return self.out(jax.nn.relu(x + self.dense1.bias[...]))
+
+        hidden, outputs = self.dense1.kernel.shape[1], self.out.kernel.shape[1]
+        if (size == 1 and self.conv1.compute_dtype == "float32" and cpu_kernel.head_supported(64, hidden, outputs)
+                and cpu_kernel.available()):
+            # On CPU both dense layers run in one C++ kernel that keeps the hidden layer in registers
+            # (cpu_kernel.dense_head); elsewhere, and lowered for a GPU/TPU, the layers above.
+            def fused(x):
+                return cpu_kernel.dense_head(x, self.dense1.kernel[...], self.dense1.bias[...], self.out.kernel[...],
+                                             self.out.bias[...])
+
+            return jax.lax.platform_dependent(x, cpu=fused, default=head)
+        return head(x)
 
 
 def _pooled_size(patch_size: int, padding: str) -> int:

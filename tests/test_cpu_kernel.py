@@ -72,6 +72,17 @@ def test_zero_padding_read_in_place(kernel_size, dilation, padding):
     np.testing.assert_allclose(got, _lax(jnp.pad(x, pads), kernel, dilation), rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("voxels,hidden,outputs", [(1, 64, 2), (7, 128, 3), (1030, 256, 2), (13, 64, 4)])
+def test_dense_head_equals_its_two_layers(voxels, hidden, outputs):
+    # Voxel counts around the kernel's blocks of 4 and tasks of 1,024.
+    x, w1, b1 = _random((voxels, 64), 1), _random((64, hidden), 2) * 0.2, _random((hidden,), 3) * 0.2
+    w2, b2 = _random((hidden, outputs), 4) * 0.2, _random((outputs,), 5)
+    got = jax.jit(cpu_kernel.dense_head)(x, w1, b1, w2, b2)
+    hidden_layer = jax.nn.relu(jnp.dot(x, w1, precision="highest") + b1)
+    np.testing.assert_allclose(got, jnp.dot(hidden_layer, w2, precision="highest") + b2, rtol=1e-5, atol=1e-5)
+    assert not cpu_kernel.head_supported(64, 96, 2) and not cpu_kernel.head_supported(64, 64, 5)
+
+
 def test_direct_is_deterministic_and_differentiable():
     x, kernel = _random((2, 8, 8, 8, 32), 3), _random((3, 3, 3, 32, 32), 4) * 0.1
     run = jax.jit(lambda x, k: convs.conv3d(x, k, dilation=2, implementation="direct"))

@@ -14,22 +14,13 @@
 // 16, 32, 48 or 64 (the Python side checks).
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 
-#include "xla/ffi/api/ffi.h"
+#include "parallel.h"
 
-namespace ffi = xla::ffi;
-
+namespace jaxcascade {
 namespace {
-
-// 16 floats: one AVX-512 register (GCC splits it where the CPU has narrower ones).
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
 
 struct Geometry {
   int64_t n, d, h, w, c;       // input
@@ -132,41 +123,6 @@ void run_rows(const Geometry& g, const float* x, const float* w, float* y, int64
     case 3: output_rows<3>(g, x, w, y, first, last); break;
     default: output_rows<4>(g, x, w, y, first, last); break;
   }
-}
-
-// Tasks handed out from a shared counter to the pool's threads and the calling one (which so never waits
-// on a pool thread that has not started). Which thread runs a task never changes what it computes.
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t tasks = 0;
-  std::mutex mutex;
-  std::condition_variable finished;
-};
-
-template <typename Task>
-void run_tasks(ffi::ThreadPool& pool, int64_t tasks, Task task) {
-  if (tasks <= 0) return;
-  auto work = std::make_shared<Work>();
-  work->tasks = tasks;
-  // `task` may refer to the caller's frame: a worker calls it only while tasks are left, i.e. before
-  // this function returns; a worker the pool starts later finds none and only touches `work`.
-  auto worker = [work, task] {
-    for (;;) {
-      const int64_t index = work->next.fetch_add(1);
-      if (index >= work->tasks) return;
-      task(index);
-      if (work->done.fetch_add(1) + 1 == work->tasks) {
-        std::lock_guard<std::mutex> lock(work->mutex);
-        work->finished.notify_all();
-      }
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), tasks - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([worker] { worker(); });
-  worker();
-  std::unique_lock<std::mutex> lock(work->mutex);
-  work->finished.wait(lock, [&] { return work->done.load() == work->tasks; });
 }
 
 ffi::Error Conv3dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -304,8 +260,9 @@ ffi::Error KernelGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   return ffi::Error::Success();
 }
 }  // namespace
+}  // namespace jaxcascade
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcascadeConv3d, Conv3dImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcascadeConv3d, jaxcascade::Conv3dImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -314,7 +271,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcascadeConv3d, Conv3dImpl,
                                   .Attr<int64_t>("dilation")
                                   .Attr<int64_t>("padding"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcascadeConv3dKernelGradient, KernelGradientImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcascadeConv3dKernelGradient, jaxcascade::KernelGradientImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

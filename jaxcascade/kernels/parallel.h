@@ -1,0 +1,59 @@
+// What jaxcascade's CPU kernels share: 16-float vectors and a task runner on XLA's thread pool.
+#ifndef JAXCASCADE_KERNELS_PARALLEL_H_
+#define JAXCASCADE_KERNELS_PARALLEL_H_
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jaxcascade {
+
+// 16 floats: one AVX-512 register (GCC splits it where the CPU has narrower ones).
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+
+// Tasks handed out from a shared counter to the pool's threads and the calling one (which so never waits
+// on a pool thread that has not started). Which thread runs a task never changes what it computes.
+struct Work {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t tasks = 0;
+  std::mutex mutex;
+  std::condition_variable finished;
+};
+
+template <typename Task>
+void run_tasks(ffi::ThreadPool& pool, int64_t tasks, Task task) {
+  if (tasks <= 0) return;
+  auto work = std::make_shared<Work>();
+  work->tasks = tasks;
+  // `task` may refer to the caller's frame: a worker calls it only while tasks are left, i.e. before
+  // this function returns; a worker the pool starts later finds none and only touches `work`.
+  auto worker = [work, task] {
+    for (;;) {
+      const int64_t index = work->next.fetch_add(1);
+      if (index >= work->tasks) return;
+      task(index);
+      if (work->done.fetch_add(1) + 1 == work->tasks) {
+        std::lock_guard<std::mutex> lock(work->mutex);
+        work->finished.notify_all();
+      }
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), tasks - 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([worker] { worker(); });
+  worker();
+  std::unique_lock<std::mutex> lock(work->mutex);
+  work->finished.wait(lock, [&] { return work->done.load() == work->tasks; });
+}
+
+}  // namespace jaxcascade
+
+#endif  // JAXCASCADE_KERNELS_PARALLEL_H_
