@@ -83,6 +83,15 @@ def test_dense_head_equals_its_two_layers(voxels, hidden, outputs):
     assert not cpu_kernel.head_supported(64, 96, 2) and not cpu_kernel.head_supported(64, 64, 5)
 
 
+@pytest.mark.parametrize("shape,dilation", [((2, 5, 6, 7, 32), 1), ((1, 9, 8, 10, 64), 2), ((3, 6, 6, 6, 16), 4)])
+def test_max_pool_equals_xla_bit_for_bit(shape, dilation):
+    x = _random(shape, dilation)
+    window = (1, 2, 2, 2, 1)
+    reference = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, (1,) * 5, "VALID",
+                                      window_dilation=(1, dilation, dilation, dilation, 1))
+    assert np.array_equal(jax.jit(cpu_kernel.max_pool, static_argnums=1)(x, dilation), reference)
+
+
 def test_direct_is_deterministic_and_differentiable():
     x, kernel = _random((2, 8, 8, 8, 32), 3), _random((3, 3, 3, 32, 32), 4) * 0.1
     run = jax.jit(lambda x, k: convs.conv3d(x, k, dilation=2, implementation="direct"))
