@@ -1,11 +1,13 @@
-"""jaxcascade's own CPU convolution (kernels/conv3d.cc), built on first use and called through XLA's FFI.
+"""jaxcascade's own CPU kernels (kernels/*.cc), built on first use and called through XLA's FFI.
 
 Every GEMM formulation of a 3D convolution (convs.py) writes and reads a tap
 buffer 27x its input, and that memory traffic kept XLA:CPU at 25-55 % of its
-matmul rate and 2-4x behind PyTorch's oneDNN. The C++ kernel keeps a block of
-outputs in registers and never builds the buffer (280-310 GFLOP/s on the dense
-kernel's and nicMSlesions' layers on a 2-core AVX-512 Xeon, about what a
-matmul reaches there: `python -m benchmarks.convs`).
+matmul rate and 2-4x behind PyTorch's oneDNN. The C++ convolution keeps a
+block of outputs in registers and never builds the buffer (170-310 GFLOP/s,
+121-201 % of a matmul of equal FLOPs on a 2-core AVX-512 Xeon:
+`python -m benchmarks.convs`), with both gradients. For the dense form it
+also runs the head (dense1 + ReLU + output layer, the hidden layer kept in
+registers) and the dilated 2^3 max-pools in one pass each.
 
 It is compiled once per machine with the system's C++ compiler (`c++`, or
 $CXX) for this CPU's instruction set, against the FFI headers that ship inside
