@@ -13,7 +13,9 @@ It is compiled once per machine with the system's C++ compiler (`c++`, or
 $CXX) for this CPU's instruction set, against the FFI headers that ship inside
 jaxlib, into the per-user cache beside JAX's compiled functions; nothing is
 downloaded. Where it cannot be built (no compiler), jaxcascade says so once
-and uses the GEMM formulations. JAXCASCADE_CPU_KERNEL=0 turns it off (the
+and uses the GEMM formulations. It is used by default on x86-64 CPUs with
+AVX-512 (see `wanted`); JAXCASCADE_CPU_KERNEL=1 forces it elsewhere,
+JAXCASCADE_CPU_KERNEL=0 turns it off (the
 results then are bit-identical to jaxcascade before it; with it, they differ
 by float32 rounding, ~1e-6). Results do not depend on the thread count.
 """
@@ -24,6 +26,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -67,7 +70,11 @@ def build(folder: Path) -> Path:
     partial = folder / f".{library.name}.{os.getpid()}"
     command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
                f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", str(partial)]
-    result = subprocess.run(command, capture_output=True, text=True)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"{Path(compiler).name} took over 10 minutes") from None
     if result.returncode != 0:
         partial.unlink(missing_ok=True)
         last = (result.stderr.strip().splitlines() or ["failed"])[-1]
@@ -76,10 +83,34 @@ def build(folder: Path) -> Path:
     return library
 
 
+def wanted(setting: str, machine: str, cpu_flags: set[str]) -> bool:
+    """Whether to use the kernels: JAXCASCADE_CPU_KERNEL=0/1 decides; by default x86-64 CPUs with AVX-512.
+
+    Its register blocking assumes AVX-512's 32 vector registers of 16 floats; elsewhere (AVX2, ARM) it
+    would spill, and it has not been measured there, so the GEMM formulations stay unless asked.
+    """
+    setting = setting.strip().lower()
+    if setting in ("0", "off", "false", "no"):
+        return False
+    if setting in ("1", "on", "true", "yes"):
+        return True
+    return machine in ("x86_64", "AMD64") and "avx512f" in cpu_flags
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Whether the kernel is built and registered with XLA (builds it the first time on a machine)."""
-    if os.environ.get(KERNEL_ENV, "").strip().lower() in ("0", "off", "false", "no"):
+    if not wanted(os.environ.get(KERNEL_ENV, ""), platform.machine(), _cpu_flags()):
         return False
     try:
         library = ctypes.cdll.LoadLibrary(str(build(kernel_dir())))
