@@ -84,7 +84,8 @@ def conv3d(
       kernel: (k, k, k, in_channels, out_channels).
       padding: 'VALID' or 'SAME' (zero padding, output size = input size).
       dilation: spacing between kernel taps (used by dense a-trous inference).
-      implementation: 'auto', 'lax', 'slices', 'im2col' or 'gather'.
+      implementation: 'auto', 'lax', 'slices', 'im2col', 'gather' or 'direct'
+        (the C++ kernel; a ValueError where it cannot run).
       gather_taps: 'auto' may build im2col's columns with one gather (the
         fastest forward pass). The caller vouches that nothing differentiates
         x (the gather's gradient is a slow scatter-add) and that x's producer
@@ -221,7 +222,8 @@ def _conv3d_gather(x: jax.Array, kernel: jax.Array, dilation: int, accumulate=No
 
 
 def _conv3d_direct(x: jax.Array, kernel: jax.Array, dilation: int, accumulate=None, precision=None) -> jax.Array:
-    """jaxcascade's C++ kernel (cpu_kernel.py) forward; gradients through the GEMM formulation for the shape."""
+    """jaxcascade's C++ kernel (cpu_kernel.py), gradients included; the GEMM formulation for the shape serves
+    the input gradient where the kernel has no registers for the input's channels (a 2-channel first layer)."""
     gradient = _FORMULATIONS[default_implementation(x.shape, kernel.shape, dilation, x.dtype.itemsize)]
     return cpu_kernel.conv3d(x, kernel, dilation, gradient)
 

@@ -91,7 +91,8 @@ def classify_dense(stage: Stage, volume: np.ndarray, mask: np.ndarray, options: 
     The inference kernel interface (see `inference.py`); options.tile_size
     and options.tiles_per_batch set the blocks. Peak memory grows with
     tiles_per_batch * (tile_size + halo)^3 times the widest layer (64
-    channels, x9 or x27 for the taps of the CPU convolution). Small tiles
+    channels; x9 or x27 for the taps where the GEMM formulations run instead
+    of jaxcascade's CPU kernel). Small tiles
     waste more on halos but skip more empty space and stay in cache: 12^3
     blocks, 8 per call, were fastest on a 2-core CPU (benchmarks/inference.py);
     accelerators prefer larger ones. Occupied blocks that neighbour along x
