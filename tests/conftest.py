@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# jaxcascade's C++ kernels are on by default only on CPUs with AVX-512 (cpu_kernel.wanted); the tests run
+# them on whatever CPU they land on (a test that needs them off says so), subprocesses included.
+os.environ.setdefault("JAXCASCADE_CPU_KERNEL", "1")
 
-from jaxcascade import cli, phantom
+import pytest  # noqa: E402
+
+from jaxcascade import cli, phantom  # noqa: E402
 
 TRAIN_SUBJECTS = 4
 QUICK_OVERRIDES = ["--config.train.max_epochs=4", "--config.train.patience=4"]
