@@ -1,5 +1,6 @@
-"""jaxcascade's C++ CPU convolution (cpu_kernel.py): the same cross-correlation as lax.conv, built on first use,
-deterministic, differentiable, and replaced by the GEMM formulations where it is off or cannot be built."""
+"""jaxcascade's C++ CPU kernels (cpu_kernel.py): the convolution is the same cross-correlation as lax.conv,
+deterministic and differentiable; the dense head and pool equal their XLA forms; they are built on first use and
+replaced by the GEMM formulations where they are off or cannot be built."""
 
 import os
 import subprocess
