@@ -138,7 +138,9 @@ def _ffi_conv3d(x: jax.Array, kernel: jax.Array, dilation: int, padding: int = 0
     batch, depth, height, width, _ = x.shape
     span = (kernel.shape[0] - 1) * dilation - 2 * padding
     out = jax.ShapeDtypeStruct((batch, depth - span, height - span, width - span, kernel.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(x, kernel, dilation=np.int64(dilation), padding=np.int64(padding))
+    # Under vmap, one call per example (the kernels take fixed ranks).
+    call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
+    return call(x, kernel, dilation=np.int64(dilation), padding=np.int64(padding))
 
 
 def _ffi_kernel_gradient(x: jax.Array, cotangent: jax.Array, kernel_shape, dilation: int) -> jax.Array:
@@ -150,7 +152,8 @@ def _ffi_kernel_gradient(x: jax.Array, cotangent: jax.Array, kernel_shape, dilat
     chunks = int(np.clip(-(-positions * out_channels // CHUNK_FLOATS), 1, MAX_CHUNKS))
     outputs = (jax.ShapeDtypeStruct(kernel_shape, jnp.float32),
                jax.ShapeDtypeStruct((chunks, kernel_size**3 * in_channels * out_channels), jnp.float32))
-    gradient, _ = jax.ffi.ffi_call(GRADIENT_TARGET, outputs)(x, cotangent, dilation=np.int64(dilation))
+    call = jax.ffi.ffi_call(GRADIENT_TARGET, outputs, vmap_method="sequential")
+    gradient, _ = call(x, cotangent, dilation=np.int64(dilation))
     return gradient
 
 
@@ -200,7 +203,7 @@ def dense_head(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: ja
     *batch, channels = x.shape
     flat = x.reshape(-1, channels)
     out = jax.ShapeDtypeStruct((flat.shape[0], w2.shape[1]), jnp.float32)
-    logits = jax.ffi.ffi_call(HEAD_TARGET, out)(flat, w1, b1, jnp.asarray(w2).T, b2)
+    logits = jax.ffi.ffi_call(HEAD_TARGET, out, vmap_method="sequential")(flat, w1, b1, jnp.asarray(w2).T, b2)
     return logits.reshape(*batch, w2.shape[1])
 
 
@@ -208,4 +211,4 @@ def max_pool(x: jax.Array, dilation: int) -> jax.Array:
     """The 2^3 max over taps `dilation` apart at every position of (N, D, H, W, C), C a multiple of 16, in one pass."""
     batch, depth, height, width, channels = x.shape
     out = jax.ShapeDtypeStruct((batch, depth - dilation, height - dilation, width - dilation, channels), x.dtype)
-    return jax.ffi.ffi_call(POOL_TARGET, out)(x, dilation=np.int64(dilation))
+    return jax.ffi.ffi_call(POOL_TARGET, out, vmap_method="sequential")(x, dilation=np.int64(dilation))

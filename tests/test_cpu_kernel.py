@@ -101,6 +101,14 @@ def test_max_pool_equals_xla_bit_for_bit(shape, dilation):
     assert np.array_equal(jax.jit(cpu_kernel.max_pool, static_argnums=1)(x, dilation), reference)
 
 
+def test_vmapped_kernels_run_per_example():
+    x, kernel = _random((3, 2, 6, 6, 6, 4), 9), _random((3, 3, 3, 4, 16), 10)
+    got = jax.vmap(lambda x: convs.conv3d(x, kernel, implementation="direct"))(x)
+    np.testing.assert_allclose(got, jnp.stack([_lax(example, kernel, 1) for example in x]), rtol=1e-5, atol=1e-5)
+    pooled = jax.vmap(lambda x: cpu_kernel.max_pool(x, 1))(jnp.tile(x, (1, 1, 1, 1, 1, 4)))
+    assert pooled.shape == (3, 2, 5, 5, 5, 16)
+
+
 def test_direct_is_deterministic_and_differentiable():
     x, kernel = _random((2, 8, 8, 8, 32), 3), _random((3, 3, 3, 32, 32), 4) * 0.1
     run = jax.jit(lambda x, k: convs.conv3d(x, k, dilation=2, implementation="direct"))
