@@ -45,7 +45,10 @@ TARGET = "jaxcascade_conv3d"
 GRADIENT_TARGET = "jaxcascade_conv3d_kernel_gradient"
 HEAD_TARGET = "jaxcascade_dense_head"
 POOL_TARGET = "jaxcascade_max_pool"
-TARGETS = (TARGET, GRADIENT_TARGET, HEAD_TARGET, POOL_TARGET)
+# XLA custom-call target -> the handler symbol the library exports (XLA_FFI_DEFINE_HANDLER_SYMBOL).
+HANDLERS = {TARGET: "JaxcascadeConv3d", GRADIENT_TARGET: "JaxcascadeConv3dKernelGradient",
+            HEAD_TARGET: "JaxcascadeDenseHead", POOL_TARGET: "JaxcascadeMaxPool"}
+TARGETS = tuple(HANDLERS)
 OUT_CHANNELS = (16, 32, 48, 64)  # output blocks the kernel keeps in registers
 CHUNK_FLOATS, MAX_CHUNKS = 2**17, 256  # the kernel gradient's chunks of cotangent: 512 KB each
 
@@ -54,8 +57,7 @@ def kernel_dir() -> Path:
     """Where this machine's build lives: beside the compilation cache, one folder per CPU and source."""
     source_hash = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(KERNELS.iterdir())
                                           if path.suffix in (".cc", ".h"))).hexdigest()[:12]
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "jaxcascade" / "kernels" / runtime.machine_tag() / source_hash
+    return runtime.cache_root() / "kernels" / runtime.machine_tag() / source_hash
 
 
 def build(folder: Path) -> Path:
@@ -114,11 +116,8 @@ def available() -> bool:
         return False
     try:
         library = ctypes.cdll.LoadLibrary(str(build(kernel_dir())))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JaxcascadeConv3d), platform="cpu")
-        jax.ffi.register_ffi_target(GRADIENT_TARGET, jax.ffi.pycapsule(library.JaxcascadeConv3dKernelGradient),
-                                    platform="cpu")
-        jax.ffi.register_ffi_target(HEAD_TARGET, jax.ffi.pycapsule(library.JaxcascadeDenseHead), platform="cpu")
-        jax.ffi.register_ffi_target(POOL_TARGET, jax.ffi.pycapsule(library.JaxcascadeMaxPool), platform="cpu")
+        for target, symbol in HANDLERS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as error:
         print(f"jaxcascade: warning: the CPU convolution kernel is unavailable ({error}); using XLA's GEMM "
               f"formulations, about 2x slower ({KERNEL_ENV}=0 silences this)", file=sys.stderr)

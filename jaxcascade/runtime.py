@@ -100,9 +100,13 @@ def machine_tag() -> str:
     return f"{platform.machine()}-jaxlib{jax_version}-{digest}"
 
 
+def cache_root() -> Path:
+    """jaxcascade's per-user cache folder (compiled functions, built kernels)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxcascade"
+
+
 def default_cache_dir() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "jaxcascade" / "xla" / machine_tag()
+    return cache_root() / "xla" / machine_tag()
 
 
 def configure_compilation_cache() -> str:

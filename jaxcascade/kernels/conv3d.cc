@@ -136,16 +136,11 @@ ffi::Error Conv3dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (wd[1] != g.k || wd[2] != g.k || wd[3] != g.c || g.o % 16 != 0 || g.o > 64 || yd[0] != g.n ||
       yd[4] != g.o || padding < 0 || padding > span || !fits(g.d, g.od) || !fits(g.h, g.oh) || !fits(g.w, g.ow))
     return ffi::Error::InvalidArgument("conv3d: inconsistent shapes");
-  const int64_t rows = g.n * g.od * g.oh;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // A few tasks per thread balance rows of unequal cost without much contention.
-  const int64_t chunk = std::max<int64_t>(1, rows / (4 * (threads + 1)));
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
-  run_tasks(pool, (rows + chunk - 1) / chunk, [&g, xp, wp, yp, rows, chunk](int64_t task) {
-    run_rows(g, xp, wp, yp, task * chunk, std::min(rows, (task + 1) * chunk));
-  });
+  run_row_chunks(pool, g.n * g.od * g.oh,
+                 [&g, xp, wp, yp](int64_t first, int64_t last) { run_rows(g, xp, wp, yp, first, last); });
   return ffi::Error::Success();
 }
 

@@ -49,13 +49,10 @@ ffi::Error MaxPoolImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Resul
   if (p.c % 16 != 0 || dilation < 1 || yd[0] != p.n || yd[1] != p.d - dilation || yd[2] != p.h - dilation ||
       yd[3] != p.w - dilation || yd[4] != p.c || yd[1] < 1 || yd[2] < 1 || yd[3] < 1)
     return ffi::Error::InvalidArgument("max pool: inconsistent shapes");
-  const int64_t rows = yd[0] * yd[1] * yd[2];
-  const int64_t chunk = std::max<int64_t>(1, rows / (4 * (std::max<int64_t>(1, pool.num_threads()) + 1)));
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
-  run_tasks(pool, (rows + chunk - 1) / chunk, [&p, xp, yp, rows, chunk](int64_t task) {
-    pool_rows(p, xp, yp, task * chunk, std::min(rows, (task + 1) * chunk));
-  });
+  run_row_chunks(pool, yd[0] * yd[1] * yd[2],
+                 [&p, xp, yp](int64_t first, int64_t last) { pool_rows(p, xp, yp, first, last); });
   return ffi::Error::Success();
 }
 

@@ -54,6 +54,17 @@ void run_tasks(ffi::ThreadPool& pool, int64_t tasks, Task task) {
   work->finished.wait(lock, [&] { return work->done.load() == work->tasks; });
 }
 
+// `rows` independent rows in a few chunks per thread (rows of unequal cost balance without much contention);
+// rows(first, last) computes [first, last).
+template <typename Rows>
+void run_row_chunks(ffi::ThreadPool& pool, int64_t rows, Rows compute) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunk = std::max<int64_t>(1, rows / (4 * (threads + 1)));
+  run_tasks(pool, (rows + chunk - 1) / chunk, [compute, rows, chunk](int64_t task) {
+    compute(task * chunk, std::min(rows, (task + 1) * chunk));
+  });
+}
+
 }  // namespace jaxcascade
 
 #endif  // JAXCASCADE_KERNELS_PARALLEL_H_
