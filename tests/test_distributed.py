@@ -95,7 +95,8 @@ def test_two_hosts_each_load_half_the_subjects_and_train_like_one_process(two_ho
     equals one single-device process that loads all subjects into the same two data shards: the same CNN1,
     the same hard negatives mined with it, and CNN2 trained on them.
 
-    CNN1's 10 Adadelta steps let float32 summation-order differences grow to 5.7e-7 here, hence 5e-5. CNN2's
+    CNN1's 10 Adadelta steps let float32 summation-order differences grow to 5.7e-7 in its weights (Intel
+    Xeon), hence 5e-5; its BatchNorm variances differ by up to 7.8e-5 of 1.0 (AMD EPYC), hence 2e-4 of their size. CNN2's
     are compared by their inputs: its 10 steps on hard negatives near the decision boundary amplify the same
     last-bit differences into visibly different weights on some cohorts whichever convolution runs (measured
     on cohort seeds 5, 6 and 7: 1.6e-2, 1.3 and 0.22 with jaxcascade's CPU kernel; 2e-6, 0.17 and 2e-6 with
@@ -120,8 +121,12 @@ def test_two_hosts_each_load_half_the_subjects_and_train_like_one_process(two_ho
     stage1_hosts, stage1_one = (jax_leaves(weights[0]) for weights in (_weights(two_hosts / "hosts"),
                                                                        _weights(tmp_path / "one")))
     assert stage1_hosts.keys() == stage1_one.keys()
-    worst = max(float(np.abs(stage1_hosts[k] - stage1_one[k]).max()) for k in stage1_one)
-    assert worst <= 5e-5, worst
+    # Weights to 5e-5; BatchNorm's running statistics relative to their size, since a variance summed in
+    # another order loses more (E[x^2] - E[x]^2): 7.8e-5 on a variance of 1.0 on an AMD EPYC.
+    for key in stage1_one:
+        scale = 1.0 if "batch_stats" not in key else max(1.0, float(np.abs(stage1_one[key]).max()))
+        worst = float(np.abs(stage1_hosts[key] - stage1_one[key]).max())
+        assert worst <= (5e-5 if "batch_stats" not in key else 2e-4) * scale, (key, worst)
     # Each host mined its own subject's hard negatives with its CNN1: exactly what the one process mined.
     one = np.load(tmp_path / "one.json.0.stage2.npz")
     for index in (0, 1):
