@@ -43,13 +43,13 @@ def inference_rows(model_dir, repeats: int, log, size: str = "full") -> list[dic
 
     from benchmarks.inference import dense_work, load_stages
     from benchmarks.torch_reference import classify_candidates, from_jax
-    from jaxcascade import cascade, inference, models, phantom
+    from jaxcascade import inference, models, phantom
     from jaxcascade.cascade import Stage
-    from jaxcascade.normalisation import normalise_channels
+    from jaxcascade.normalisation import candidate_mask, normalise_channels
 
     subject = phantom.make_subject(0, size)
     volume = normalise_channels([subject["T1"], subject["FLAIR"]], "nonzero")
-    candidates = cascade.candidate_mask(volume[..., 1], 0.5)
+    candidates = candidate_mask(volume[..., 1], 0.5)
     count = int(candidates.sum())
     try:
         config, stage1, _ = load_stages(model_dir, "valverde2017_valid")

@@ -74,13 +74,13 @@ def dense_work(stage, candidates, options, seconds: float) -> dict:
 
 def run_one(method: str, model_dir, out_dir: Path, subject_seed: int, repeats: int = 3) -> dict:
     """Segment the phantom with one method (stage 1 `repeats` times); save probability maps; return timings."""
-    from jaxcascade import cascade, inference, models, phantom
+    from jaxcascade import inference, models, phantom
     from jaxcascade.cascade import Stage
-    from jaxcascade.normalisation import normalise_channels
+    from jaxcascade.normalisation import candidate_mask, normalise_channels
 
     subject = phantom.make_subject(subject_seed, "full")
     volume = normalise_channels([subject["T1"], subject["FLAIR"]], "nonzero")
-    candidates = cascade.candidate_mask(volume[..., 1], 0.5)
+    candidates = candidate_mask(volume[..., 1], 0.5)
     network = "valverde2017" if method == "torch SAME" else "valverde2017_valid"
     config, stage1, stage2 = load_stages(model_dir, network)
     options = inference.InferenceOptions.from_config(config, method="dense" if "dense" in method else "patch")

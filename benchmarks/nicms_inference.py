@@ -92,7 +92,7 @@ def main(argv=None):
     from benchmarks.torch_reference import classify_candidates
     from jaxcascade import cascade, interop, phantom
     from jaxcascade.inference import InferenceOptions, classify
-    from jaxcascade.normalisation import normalise_channels
+    from jaxcascade.normalisation import candidate_mask, normalise_channels
 
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = Path(scratch) / "nicms"
@@ -100,7 +100,7 @@ def main(argv=None):
         stage1 = cascade.Stage.load(model_dir, 1)
     subject = phantom.make_subject(args.seed, "full")
     volume = normalise_channels([subject["T1"], subject["FLAIR"]], "nicms")
-    candidates = cascade.candidate_mask(volume[..., 1], 0.5)
+    candidates = candidate_mask(volume[..., 1], 0.5)
     mask = candidates
     if not args.all:
         chosen = np.random.default_rng(0).permutation(np.argwhere(candidates))[: args.voxels]

@@ -28,12 +28,12 @@ def main(argv=None):
     import jax
 
     from benchmarks.inference import load_stages
-    from jaxcascade import cascade, dense, inference, phantom
-    from jaxcascade.normalisation import normalise_channels
+    from jaxcascade import dense, inference, phantom
+    from jaxcascade.normalisation import candidate_mask, normalise_channels
 
     subject = phantom.make_subject(0, "full")
     volume = normalise_channels([subject["T1"], subject["FLAIR"]], "nonzero")
-    candidates = cascade.candidate_mask(volume[..., 1], 0.5)
+    candidates = candidate_mask(volume[..., 1], 0.5)
     config, stage1, _ = load_stages(args.model, "valverde2017_valid")
     options = inference.InferenceOptions.from_config(config, method="dense")
     for _ in range(2):  # compile, then a run that settles the heap (jaxcascade.runtime's malloc settings)

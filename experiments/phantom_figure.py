@@ -12,10 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxcascade import phantom, phantom_mni, plots
-from jaxcascade.outputs import atomic_path
+import matplotlib
 
-plt = plots.plt
+matplotlib.use("Agg")  # a script: never ask for a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from jaxcascade import phantom, phantom_mni  # noqa: E402
+from jaxcascade.outputs import atomic_path  # noqa: E402
+
 
 
 def main(argv=None):

@@ -32,7 +32,6 @@ import numpy as np
 from jaxcascade import distributed, seeding
 from jaxcascade import patches as patches_lib
 from jaxcascade.errors import UserError
-from jaxcascade.sampling import stratified_split
 
 
 def shard_count(config) -> int:
@@ -44,17 +43,6 @@ def shard_count(config) -> int:
             f"--config.distributed.data_shards={shards} must be a positive multiple of the {processes} processes"
         )
     return shards
-
-
-def owned(num_shards: int) -> range:
-    """The data shards this process trains on."""
-    per_process = num_shards // jax.process_count()
-    first = jax.process_index() * per_process
-    return range(first, first + per_process)
-
-
-def subject_shard(subject_number: int, num_shards: int) -> int:
-    return subject_number % num_shards
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +87,9 @@ def schedule(shard_rows: dict[int, np.ndarray], labels: np.ndarray, *, num_shard
     """
     distributed.check_divisible(batch_size, "train.batch_size", num_shards)
     distributed.check_divisible(validation_batch_size, "train.eval_batch_size", num_shards)
-    if sorted(shard_rows) != list(owned(num_shards)):
+    if sorted(shard_rows) != list(distributed.owned_shards(num_shards)):
         raise ValueError(f"process {jax.process_index()} holds shards {sorted(shard_rows)}, "
-                         f"expected {list(owned(num_shards))}")
+                         f"expected {list(distributed.owned_shards(num_shards))}")
     train_rows, validation_rows = {}, {}
     for shard, rows in shard_rows.items():
         rng = seeding.stream(seed, "split", stage=stage, shard=shard)
@@ -154,7 +142,7 @@ class TrainingSet:
         """subject_shards[i] is volume i's data shard, of num_shards (default: one shard per process,
         every volume in this process's)."""
         num_shards = num_shards or jax.process_count()
-        mine = owned(num_shards)
+        mine = distributed.owned_shards(num_shards)
         if subject_shards is None:
             subject_shards = [mine[0]] * len(volumes)
         shape = np.max([v.shape for v in volumes], axis=0)
@@ -187,3 +175,14 @@ def training_batch(data: TrainingSet, rows: np.ndarray, weights: np.ndarray | No
     if weights is not None:
         local["weights"] = weights
     return distributed.global_batch(local)
+
+
+def stratified_split(labels: np.ndarray, validation_fraction: float, rng: np.random.Generator):
+    """Indices (train, validation) with each class split in the same proportion."""
+    train, validation = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        n_val = int(round(len(members) * validation_fraction))
+        validation.append(members[:n_val])
+        train.append(members[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(validation))

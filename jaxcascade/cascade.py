@@ -1,9 +1,9 @@
-"""The two-stage cascade: candidates, `Stage` and `Cascade` (two ways to build each), and `segment_volume`.
+"""The two-stage cascade: `Cascade` (a model directory's two stages) and `segment_volume`.
 
-Arrays in, arrays out; no file writing. A `Stage` is one trained patch
-classifier: its graph definition, variables, patch size and dense halo. Build
-one from a network in memory (`Stage.from_network(model, variables)`) or from
-a model directory (`Stage.load(model_dir, 1)`); likewise `Cascade.load`.
+Arrays in, arrays out; no file writing. A `Stage` (stage.py) is one trained
+patch classifier: its graph definition, variables, patch size and dense halo.
+Build one from a network in memory (`Stage.from_network(model, variables)`) or
+from a model directory (`Stage.load(model_dir, 1)`); likewise `Cascade.load`.
 `segment_volume` chains two stages the way the seed code does; each stage
 runs through an inference kernel (`inference.py`).
 """
@@ -14,50 +14,11 @@ import dataclasses
 from typing import Callable
 
 import numpy as np
-from flax import nnx
 
-from jaxcascade import checkpoints, inference, model_dir as model_dir_lib, models, normalisation, postprocess
+from jaxcascade import inference, model_dir as model_dir_lib, normalisation, postprocess
+from jaxcascade.normalisation import candidate_mask
+from jaxcascade.stage import Stage
 from jaxcascade.errors import UserError
-
-
-def flair_channel(config) -> int:
-    """The channel that selects candidates (config.data.flair among config.data.modalities)."""
-    modalities = tuple(config.data.modalities)
-    if config.data.flair not in modalities:
-        raise UserError(
-            f"config data.modalities {', '.join(modalities)} lacks {config.data.flair!r}: "
-            "FLAIR is required (candidate selection uses it)"
-        )
-    return modalities.index(config.data.flair)
-
-
-def candidate_mask(flair_normalised: np.ndarray, min_th: float) -> np.ndarray:
-    """Voxels worth classifying: normalised FLAIR above min_th."""
-    return flair_normalised > min_th
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """One trained patch classifier; dense_halo is None where it has no exact dense form."""
-
-    graphdef: object
-    variables: dict
-    patch_size: int
-    dense_halo: int | None = None
-
-    @classmethod
-    def from_network(cls, model: nnx.Module, variables: dict | None = None) -> "Stage":
-        """A stage of a network in memory, with its own variables or the given ones (same structure)."""
-        graphdef, own = models.split_model(model)
-        return cls(graphdef, own if variables is None else variables, model.patch_size, model.dense_halo)
-
-    @classmethod
-    def load(cls, model_dir, stage: int, config=None) -> "Stage":
-        """Stage 1 or 2 of a model directory (its config is read unless given)."""
-        config = config if config is not None else model_dir_lib.read_model_config(model_dir)
-        model = models.build_network(config.model, len(config.data.modalities), 0, config.compute_dtype)
-        _, template = models.split_model(model)
-        return cls.from_network(model, checkpoints.load_weights(model_dir, stage, template))
 
 
 @dataclasses.dataclass

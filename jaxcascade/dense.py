@@ -23,7 +23,7 @@ from jaxcascade import distributed
 from jaxcascade import patches as patches_lib
 
 if TYPE_CHECKING:
-    from jaxcascade.cascade import Stage
+    from jaxcascade.stage import Stage
     from jaxcascade.inference import InferenceOptions
 
 

@@ -217,3 +217,14 @@ def agree(action: Callable, what: str):
     if error is not None:
         raise error
     return result
+
+
+def owned_shards(num_shards: int) -> range:
+    """The data shards this process trains on (a contiguous share of num_shards, see batching)."""
+    per_process = num_shards // jax.process_count()
+    first = jax.process_index() * per_process
+    return range(first, first + per_process)
+
+
+def subject_shard(subject_number: int, num_shards: int) -> int:
+    return subject_number % num_shards

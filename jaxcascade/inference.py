@@ -1,7 +1,7 @@
 """Inference kernels: a stage's lesion probability at the voxels of a mask, all with one call signature.
 
 A kernel is `kernel(stage, volume, mask, options, progress=None) -> probability`:
-stage a `cascade.Stage`, volume a normalised (D, H, W, C) array, mask a bool
+stage a `stage.Stage`, volume a normalised (D, H, W, C) array, mask a bool
 (D, H, W) array, options `InferenceOptions`; it returns float32 (D, H, W),
 0 outside the mask. `classify` picks one by `options.method`:
     'patch'  `classify_patchwise` below: one 11^3 patch per voxel, any network;
@@ -26,7 +26,7 @@ from jaxcascade import patches as patches_lib
 from jaxcascade.errors import UserError
 
 if TYPE_CHECKING:
-    from jaxcascade.cascade import Stage
+    from jaxcascade.stage import Stage
 
 
 @dataclasses.dataclass(frozen=True)

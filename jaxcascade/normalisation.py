@@ -127,3 +127,19 @@ def normalise_channels(channels: list[np.ndarray], method: str, *, bias_correcti
     stay out of every statistic and of the bias-field fit.
     """
     return np.stack([normalise(bias_field.correct(image, bias_correction), method) for image in channels], axis=-1)
+
+
+def flair_channel(config) -> int:
+    """The channel that selects candidates (config.data.flair among config.data.modalities)."""
+    modalities = tuple(config.data.modalities)
+    if config.data.flair not in modalities:
+        raise UserError(
+            f"config data.modalities {', '.join(modalities)} lacks {config.data.flair!r}: "
+            "FLAIR is required (candidate selection uses it)"
+        )
+    return modalities.index(config.data.flair)
+
+
+def candidate_mask(flair_normalised: np.ndarray, min_th: float) -> np.ndarray:
+    """Voxels worth classifying: normalised FLAIR above min_th."""
+    return flair_normalised > min_th

@@ -17,9 +17,10 @@ import numpy as np
 
 from jaxcascade import batching, checkpoints, distributed, history, model_dir as model_dir_lib, models, nifti
 from jaxcascade import resolution, sampling, seeding
-from jaxcascade.cascade import Cascade, Segmentation, Stage, flair_channel, segment_volume
+from jaxcascade.cascade import Cascade, Segmentation, Stage, segment_volume
+from jaxcascade.normalisation import candidate_mask, flair_channel
 from jaxcascade.errors import UserError
-from jaxcascade.inference import InferenceOptions, resolve_method
+from jaxcascade.inference import InferenceOptions, classify, resolve_method
 from jaxcascade.intensity_augmentation import IntensityAugmentation
 from jaxcascade.normalisation import check_settings as check_preprocessing, normalise_channels
 from jaxcascade.optimizer import trainable_modules
@@ -101,7 +102,13 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress:
     if checkpoints.stage_done(workdir, 2):
         log("stage 2: already trained, skipping")
     else:
-        centres, labels = sampling.stage2_training_centres(subjects, stage1, config)
+        options = InferenceOptions.from_config(config)
+
+        def stage1_probability(subject):
+            candidates = candidate_mask(subject.flair, options.min_th)
+            return classify(stage1, subject.volume, candidates, options)
+
+        centres, labels = sampling.stage2_training_centres(subjects, stage1_probability, config)
         _fit(2, centres=centres, labels=labels, **fit)
     return {"workdir": str(workdir), "subjects": [s.name for s in subjects], "epochs": {
         stage: len(h) for stage, h in histories.items()}}

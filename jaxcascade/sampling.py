@@ -1,4 +1,4 @@
-"""Which voxels each stage trains on: the seed's balanced sampling, CNN2's hard negatives, the validation split.
+"""Which voxels each stage trains on: the seed's balanced sampling and CNN2's hard negatives.
 
 CNN1 trains on every lesion voxel plus as many random non-lesion candidates;
 CNN2 on every lesion voxel plus as many of CNN1's hard negatives (non-lesion
@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxcascade import cascade, inference, seeding
+from typing import Callable
+
+from jaxcascade import seeding
+from jaxcascade.normalisation import candidate_mask
 
 
 def stage1_training_centres(subjects, config) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per subject: CNN1's training centres (N, 3) and labels (N,)."""
     centres, labels = [], []
     for subject in subjects:
-        candidates = cascade.candidate_mask(subject.flair, config.candidates.min_th)
+        candidates = candidate_mask(subject.flair, config.candidates.min_th)
         rng = seeding.stream(config.seed, "sampling", stage=1, subject=subject.number)
         c, l = stage1_centres(subject.lesion, candidates, rng)
         centres.append(c)
@@ -27,13 +30,15 @@ def stage1_training_centres(subjects, config) -> tuple[list[np.ndarray], list[np
     return centres, labels
 
 
-def stage2_training_centres(subjects, stage1: cascade.Stage, config) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per subject: CNN2's training centres and labels, mined with the trained CNN1 on its candidates."""
-    options = inference.InferenceOptions.from_config(config)
+def stage2_training_centres(subjects, stage1_probability: Callable, config) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per subject: CNN2's training centres and labels, mined with the trained CNN1.
+
+    stage1_probability(subject) is CNN1's lesion probability over the subject's volume (0 off its
+    candidates); the caller runs the network, so choosing voxels needs no inference code.
+    """
     centres, labels = [], []
     for subject in subjects:
-        candidates = cascade.candidate_mask(subject.flair, options.min_th)
-        probability = inference.classify(stage1, subject.volume, candidates, options)
+        probability = stage1_probability(subject)
         hard = hard_negative_mask(
             subject.lesion, probability, subject.flair,
             probability_threshold=config.sampling.hard_negative_probability,
@@ -82,14 +87,3 @@ def hard_negative_mask(lesion_mask, stage1_probability, flair_normalised, *, pro
 def stage2_centres(lesion_mask, hard_negatives, rng):
     """CNN2's training voxels: all lesion voxels + the same number of CNN1's hard negatives."""
     return balanced_centres(lesion_mask, hard_negatives, rng)
-
-
-def stratified_split(labels: np.ndarray, validation_fraction: float, rng: np.random.Generator):
-    """Indices (train, validation) with each class split in the same proportion."""
-    train, validation = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        n_val = int(round(len(members) * validation_fraction))
-        validation.append(members[:n_val])
-        train.append(members[n_val:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(validation))

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxcascade import batching, bids_layout, distributed, nifti
-from jaxcascade.cascade import flair_channel
+from jaxcascade import bids_layout, distributed, nifti
+
 from jaxcascade.errors import UserError
-from jaxcascade.normalisation import normalise_channels
+from jaxcascade.normalisation import flair_channel, normalise_channels
 
 
 @dataclasses.dataclass
@@ -87,8 +87,8 @@ def load_training_subjects(data_dir, config, num_shards: int = 1) -> list[Subjec
             f"{data_dir}: {len(folders)} subjects cannot fill {num_shards} data shards (one per process unless "
             f"--config.distributed.data_shards says otherwise); use at most {len(folders)}"
         )
-    shard_of = [batching.subject_shard(number, num_shards) for number in range(len(folders))]
-    mine = batching.owned(num_shards)
+    shard_of = [distributed.subject_shard(number, num_shards) for number in range(len(folders))]
+    mine = distributed.owned_shards(num_shards)
 
     def load() -> list[Subject]:
         subjects = []

@@ -23,9 +23,9 @@ def _join(config, distributed_args):
 
 
 def fit(out, workdir, *distributed_args):
-    from jaxcascade import cascade, config as config_lib, distributed, models, phantom, sampling
+    from jaxcascade import config as config_lib, distributed, models, phantom, sampling
     from jaxcascade.batching import TrainingSet
-    from jaxcascade.normalisation import normalise_channels
+    from jaxcascade.normalisation import candidate_mask, normalise_channels
     from jaxcascade.train_loop import fit_stage
 
     config = config_lib.load_config("default")
@@ -37,7 +37,7 @@ def fit(out, workdir, *distributed_args):
     subject = phantom.make_subject(11, "tiny")
     volume = normalise_channels([subject["T1"], subject["FLAIR"]], "nonzero")
     lesion = subject["lesion"] > 0
-    centres, labels = sampling.stage1_centres(lesion, cascade.candidate_mask(volume[..., 1], 0.5),
+    centres, labels = sampling.stage1_centres(lesion, candidate_mask(volume[..., 1], 0.5),
                                               np.random.default_rng(0))
     keep = np.random.default_rng(1).permutation(len(labels))[:512]  # 384 train = 3 steps of 128
     data = TrainingSet.from_subjects([volume], [centres[keep]], [labels[keep]], 11)
@@ -61,8 +61,8 @@ def cascade(data, workdir, summary_path, data_shards, *distributed_args):
 
     mine = sampling.stage2_training_centres
 
-    def mine_and_keep(subjects, stage1, config):  # the real mining; its result is also written for the test
-        centres, labels = mine(subjects, stage1, config)
+    def mine_and_keep(subjects, stage1_probability, config):  # the real mining; its result is also written for the test
+        centres, labels = mine(subjects, stage1_probability, config)
         np.savez(f"{summary_path}.{jax.process_index()}.stage2.npz", *centres, *labels)
         return centres, labels
 

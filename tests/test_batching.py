@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxcascade import batching, config as config_lib
+from jaxcascade import batching, config as config_lib, distributed
 from jaxcascade.errors import UserError
 
 from test_errors import assert_user_error
@@ -71,11 +71,11 @@ def test_a_shard_without_lesions_and_bad_shard_settings_are_clear_errors():
     config = config_lib.load_config("default")
     assert batching.shard_count(config) == 1
     config.distributed.data_shards = 3
-    assert batching.shard_count(config) == 3 and list(batching.owned(3)) == [0, 1, 2]
+    assert batching.shard_count(config) == 3 and list(distributed.owned_shards(3)) == [0, 1, 2]
     config.distributed.data_shards = -1
     with pytest.raises(UserError, match="data_shards=-1 must be a positive multiple of the 1 processes"):
         batching.shard_count(config)
-    assert [batching.subject_shard(i, 3) for i in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    assert [distributed.subject_shard(i, 3) for i in range(7)] == [0, 1, 2, 0, 1, 2, 0]
 
 
 def test_training_with_more_shards_than_subjects_or_a_lesion_free_shard(cohort, tmp_path, capsys):

@@ -22,7 +22,7 @@ import scipy.special
 from flax import nnx
 
 from jaxcascade import cascade, checkpoints, cli, inference, interop, layers, model_dir as model_dir_lib, models, phantom
-from jaxcascade.normalisation import normalise_channels
+from jaxcascade.normalisation import candidate_mask, normalise_channels
 from jaxcascade.errors import UserError
 
 h5py = pytest.importorskip("h5py", reason="the Keras reference reads HDF5: pip install 'jaxcascade[interop]'")
@@ -140,7 +140,7 @@ def _keras_forward(layers: dict, patches_channels_first: np.ndarray) -> np.ndarr
 def _parity_patches(volume, lesion) -> np.ndarray:
     """Channels-last patches: real ones at lesion and non-lesion candidates, plus unit-normal noise."""
     rng = np.random.default_rng(0)
-    candidates = cascade.candidate_mask(volume[..., 1], 0.5)
+    candidates = candidate_mask(volume[..., 1], 0.5)
     centres = np.concatenate([
         np.argwhere(candidates & lesion)[rng.choice((candidates & lesion).sum(), 3, replace=False)],
         np.argwhere(candidates & ~lesion)[rng.choice((candidates & ~lesion).sum(), 3, replace=False)],
@@ -201,7 +201,7 @@ def test_stage1_separates_lesions_only_in_t1_flair_order(imported, subject):
     """The real-data weights must find phantom lesions, and only with the channels in their order."""
     volume, lesion = subject
     rng = np.random.default_rng(1)
-    candidates = cascade.candidate_mask(volume[..., 1], 0.5)
+    candidates = candidate_mask(volume[..., 1], 0.5)
     # A random subset keeps the test fast: 0.12 GFLOP per patch on a CPU.
     subset = np.zeros_like(candidates)
     for pool, count in ((candidates & lesion, 150), (candidates & ~lesion, 350)):

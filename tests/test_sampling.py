@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from jaxcascade import sampling
+from jaxcascade import batching, sampling
 
 
 def test_stage1_sampling_is_balanced_and_seeded():
@@ -51,7 +51,7 @@ def test_hard_negatives_and_fallback():
 @pytest.mark.parametrize("fraction", [0.25, 0.5])
 def test_stratified_split_keeps_class_proportions(fraction):
     labels = np.array([1] * 40 + [0] * 80)
-    train, validation = sampling.stratified_split(labels, fraction, np.random.default_rng(0))
+    train, validation = batching.stratified_split(labels, fraction, np.random.default_rng(0))
     assert len(np.intersect1d(train, validation)) == 0 and len(train) + len(validation) == 120
     assert labels[validation].sum() == round(40 * fraction)
     assert (labels[validation] == 0).sum() == round(80 * fraction)
