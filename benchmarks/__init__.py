@@ -1,1 +1,1 @@
-"""Benchmarks: run from the repository root as `python -m benchmarks.NAME` (see README)."""
+"""Benchmarks: run from the repository root as `python -m benchmarks.NAME` (see docs/benchmarks.md)."""

@@ -60,6 +60,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def source_commit() -> str | None:
+    """The repository's commit (short hash, '-dirty' with uncommitted changes), so each result names its code."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True)
+    except OSError:
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def machine() -> dict:
     import jax
 
@@ -73,6 +89,8 @@ def machine() -> dict:
         "cpus": os.cpu_count(),
         "jaxcascade_runtime": dict(jaxcascade.runtime.STATUS),
         "cpu_kernel": "on" if jaxcascade.cpu_kernel.available() else "off",
+        "jaxcascade": jaxcascade.__version__,
+        "commit": source_commit(),
         "jax": jax.__version__,
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],

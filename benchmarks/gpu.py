@@ -12,7 +12,7 @@ frameworks share the card), every figure after a warm-up and the median of
   train_step - one jitted step (forward, backward, Adadelta, augmentation, dropout) vs PyTorch's, batch 128
                and 1024, both networks
   convs      - the convolution cases of benchmarks/convs.py: lax.conv (cuDNN) vs torch conv3d
-Writes gpu.json (read by benchmarks/run_all.py for the README's GPU tables).
+Writes gpu.json (read by benchmarks/run_all.py for docs/benchmarks.md's GPU tables).
 """
 
 from __future__ import annotations

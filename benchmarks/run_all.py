@@ -1,23 +1,25 @@
-"""Every benchmark, each in its own process, and the README's benchmark tables rewritten from their results.
+"""Every benchmark, each in its own process, and the documentation's benchmark tables rewritten from their results.
 
 Run from the repository root (after `pip install -e ".[bench,interop,bids]"`):
     python -m benchmarks.run_all                        # about 30 minutes on a 2-core CPU
     python -m benchmarks.run_all --only convs,train_step  # some steps; the other tables stay as they are
-    python -m benchmarks.run_all --only gpu --render-only # README tables from a gpu.json already in --out
+    python -m benchmarks.run_all --only gpu --render-only # tables from a gpu.json already in --out
 Steps: `demo` (trains the model the inference benchmark uses, resuming if present; skipped with --model),
 `convs`, `train_step`, `scaling` (train step over forced host devices and local processes), `inference`
 (whole 1 mm brain), `startup` (a whole `segment` command, with and without the compilation cache),
 `study` (a BIDS cohort in one `segment --data` command against one call per session), `nicms` (needs
 ../shared/interop), `gpu` (benchmarks/gpu.py; skipped without a GPU for JAX and PyTorch). Each benchmark warms up,
 repeats (>= 3) and reports
-medians with min-max, page faults and system time; its JSON goes to --out. The README's text between
-`<!-- bench:NAME -->` and `<!-- /bench:NAME -->` is replaced by the table, under a line naming the machine.
+medians with min-max, page faults and system time; its JSON goes to --out. In docs/benchmarks.md the text
+between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` is replaced by the table, under a line naming the
+machine and the jaxcascade version and commit that measured it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -151,7 +153,7 @@ def render_gpu_convs(payload: dict) -> str:
     return _table(["case", "implementation", "ms, median (min-max)", "TFLOP/s"], rows)
 
 
-# README block name -> (results JSON, renderer); a step's blocks are those named after it.
+# Page block name -> (results JSON, renderer); a step's blocks are those named after it.
 RENDER = {"inference": ("inference", render_inference), "train_step": ("train_step", render_train_step),
           "scaling": ("train_step_devices", render_scaling), "convs": ("convs", render_convs),
           "nicms": ("nicms_inference", render_nicms),
@@ -161,20 +163,52 @@ RENDER = {"inference": ("inference", render_inference), "train_step": ("train_st
 BLOCKS = {"gpu": ("gpu_inference", "gpu_train_step", "gpu_convs")}
 
 
-def machine_line(payload: dict) -> str:
+def recorded_commit(path: Path) -> str | None:
+    """'jaxcascade V, commit C': the commit that last changed a results file in git, and the version there.
+
+    None outside a repository or for an uncommitted file. For results whose JSON predates the
+    machine record's own "commit" field.
+    """
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(["git", *args], cwd=path.parent, capture_output=True, text=True, check=False)
+        except OSError:
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("log", "-1", "--format=%h", "--", path.name)
+    if not commit:
+        return None
+    version = re.search(r'__version__ = "([^"]+)"', git("show", f"{commit}:jaxcascade/__init__.py"))
+    return f"jaxcascade {version.group(1) if version else '?'}, commit {commit}"
+
+
+def provenance(payload: dict, recorded: str | None = None) -> str:
+    """Which jaxcascade measured a result: as the JSON records it, else the commit that recorded the JSON."""
     info = payload["machine"]
+    if info.get("commit"):
+        return f"jaxcascade {info.get('jaxcascade', '?')} at commit {info['commit']}"
+    if recorded:
+        return f"results recorded with {recorded}"
+    return "jaxcascade commit not recorded"
+
+
+def machine_line(payload: dict, recorded: str | None = None) -> str:
+    info = payload["machine"]
+    source = provenance(payload, recorded)
     if "gpu" in payload:
         return (f"*{payload['gpu']} (host: {info.get('cpu_model', '?')}, {info['cpus']} cores), JAX {info['jax']} "
-                f"({info['jax_backend']}), PyTorch {info.get('torch')} (CUDA {payload.get('torch_cuda')}).*")
+                f"({info['jax_backend']}), PyTorch {info.get('torch')} (CUDA {payload.get('torch_cuda')}); {source}.*")
     torch = f", PyTorch {info['torch']} ({info.get('torch_threads')} threads)" if info.get("torch") else ""
     runtime = info.get("jaxcascade_runtime", {})
     return (f"*{info.get('cpu_model', '?')}, {info['cpus']} cores, JAX {info['jax']} ({info['jax_backend']}){torch}; "
-            f"malloc settings {runtime.get('malloc', '?')}; CPU convolution kernel {info.get('cpu_kernel', 'off')}.*")
+            f"malloc settings {runtime.get('malloc', '?')}; CPU convolution kernel {info.get('cpu_kernel', 'off')}; "
+            f"{source}.*")
 
 
-def rewrite_readme(readme: Path, out: Path, steps) -> list[str]:
-    """Replace each finished step's marked block; returns the names rewritten."""
-    text, done = readme.read_text(), []
+def rewrite_tables(page: Path, out: Path, steps) -> list[str]:
+    """Replace each finished step's marked block in page (docs/benchmarks.md); returns the names rewritten."""
+    text, done = page.read_text(), []
     for step in [block for step in steps for block in BLOCKS.get(step, (step,))]:
         if step not in RENDER:
             continue
@@ -184,13 +218,13 @@ def rewrite_readme(readme: Path, out: Path, steps) -> list[str]:
         if not path.exists() or start not in text:
             continue
         payload = json.loads(path.read_text())
-        block = f"{start}\n{machine_line(payload)}\n\n{render(payload)}\n{end}"
+        block = f"{start}\n{machine_line(payload, recorded_commit(path))}\n\n{render(payload)}\n{end}"
         before, rest = text.split(start, 1)
         text = before + block + rest.split(end, 1)[1]
         done.append(step)
-    temporary = readme.with_suffix(".md.tmp")
+    temporary = page.with_suffix(".md.tmp")
     temporary.write_text(text)
-    temporary.replace(readme)
+    temporary.replace(page)
     return done
 
 
@@ -200,22 +234,23 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="a trained model dir for the inference benchmark (default: train the demo)")
     parser.add_argument("--repeats", type=int, default=3, help="inference repetitions per method")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    parser.add_argument("--readme", type=Path, default=REPO / "README.md")
-    parser.add_argument("--no-readme", action="store_true", help="leave README.md alone")
+    parser.add_argument("--page", type=Path, default=REPO / "docs" / "benchmarks.md",
+                        help="the page whose marked tables are rewritten")
+    parser.add_argument("--no-page", action="store_true", help="leave the tables' page alone")
     parser.add_argument("--render-only", action="store_true",
-                        help="run nothing: rewrite the README tables from the JSON results already in --out "
+                        help="run nothing: rewrite the tables from the JSON results already in --out "
                              "(e.g. a gpu.json brought back from a GPU machine)")
     args = parser.parse_args(argv)
     steps = [step.strip() for step in (args.only or ",".join(STEPS)).split(",") if step.strip()]
     unknown = [step for step in steps if step not in STEPS]
     if unknown:
         parser.error(f"unknown steps {', '.join(unknown)}; use some of {', '.join(STEPS)}")
+    if args.render_only:
+        print(f"rewrote the tables in {args.page}: {', '.join(rewrite_tables(args.page, args.out, steps)) or 'none'}")
+        return 0
     if "nicms" in steps and not (REPO.parent / "shared" / "interop" / "nicmslesions_baseline_2ch").is_dir():
         print("nicms: skipped (../shared/interop/nicmslesions_baseline_2ch not found)")
         steps.remove("nicms")
-    if args.render_only:
-        print(f"rewrote the README tables: {', '.join(rewrite_readme(args.readme, args.out, steps)) or 'none'}")
-        return 0
     if "gpu" in steps and not _has_gpu():
         print("gpu: skipped (no GPU for both JAX and PyTorch here)")
         steps.remove("gpu")
@@ -231,8 +266,8 @@ def main(argv=None) -> int:
             print(f"{step}: failed with status {finished.returncode}: {' '.join(command)}", file=sys.stderr)
             return 1
         print(f"{step}: {time.perf_counter() - started:.0f} s", flush=True)
-    if not args.no_readme:
-        print(f"rewrote the README tables: {', '.join(rewrite_readme(args.readme, args.out, steps)) or 'none'}")
+    if not args.no_page:
+        print(f"rewrote the tables in {args.page}: {', '.join(rewrite_tables(args.page, args.out, steps)) or 'none'}")
     return 0
 
 

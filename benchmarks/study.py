@@ -2,7 +2,7 @@
 
 Run (after `jaxcascade demo`, whose model it uses):
     python -m benchmarks.study [--model jaxcascade-demo/model] [--subjects 2 --sessions 2]
-Writes a BIDS phantom (2 mm, seed 5: the README's "Segmenting a study" example) to a scratch folder, warms
+Writes a BIDS phantom (2 mm, seed 5: the example of docs/studies.md) to a scratch folder, warms
 the compilation cache with one study run, then times, in fresh processes, the study command and one
 `segment` call per session, `--repeats` times each. Prints a table, writes benchmarks/results/study.json.
 """

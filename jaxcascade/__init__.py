@@ -7,3 +7,15 @@ __version__ = "0.1.0"
 from jaxcascade import runtime as _runtime  # noqa: E402
 
 _runtime.configure()
+
+__all__ = ["train", "segment", "segment_study", "load_model", "evaluate"]
+
+
+def __getattr__(name: str):
+    # The public API (jaxcascade/api.py) imports JAX and Flax: loaded on first use, so that
+    # `import jaxcascade` and `jaxcascade --help` stay quick.
+    if name in __all__:
+        from jaxcascade import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'jaxcascade' has no attribute {name!r}")

@@ -1,0 +1,160 @@
+"""The public API: train a cascade, load it, segment one subject or a whole study, score a mask.
+
+Thin, keyword-only wrappers over the modules that do the work (`pipeline`, `study`, `cascade`,
+`metrics`), so that a script, a notebook and the command line make the same calls:
+
+    model = jaxcascade.train("data", "runs/a", config="demo")
+    result = jaxcascade.segment(model, {"T1": "t1.nii.gz", "FLAIR": "flair.nii.gz"}, out="seg.nii.gz")
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from jaxcascade import config as config_lib, metrics, model_dir as model_dir_lib, nifti, pipeline, study
+from jaxcascade.cascade import Cascade, Segmentation
+from jaxcascade.errors import UserError
+from jaxcascade.outputs import check_output_path
+
+PathLike = str | os.PathLike
+
+
+def load_model(model_dir: PathLike, *, compute_dtype: str | None = None) -> Cascade:
+    """A trained (or imported) model directory as a `Cascade` (both stages and the model's config).
+
+    Args:
+        model_dir: a `jaxcascade train` workdir or a `jaxcascade import-keras` output.
+        compute_dtype: 'float32' or 'bfloat16' for the convolutions' products; the model's own by default.
+    """
+    return Cascade.load(model_dir, compute_dtype=compute_dtype)
+
+
+def train(data_dir: PathLike, workdir: PathLike, *, config: str | object = "default", overrides: Sequence[str] = (),
+          init_from: PathLike | None = None, log: Callable[[str], None] = print,
+          progress: Callable | None = None) -> Cascade:
+    """Train both stages on data_dir's subjects in workdir (resuming whatever a previous run left).
+
+    Args:
+        data_dir: one folder per subject (`T1.nii.gz`, `FLAIR.nii.gz`, ..., `lesion.nii.gz`) or a BIDS dataset.
+        workdir: where the config, metrics, checkpoints and final weights go; rerunning resumes.
+        config: a packaged config name ('default', 'demo', 'robust'), a file with `get_config()`, or a
+            `ml_collections.ConfigDict`. Ignored with init_from (the model's own config is used).
+        overrides: `--config.a.b=value` strings, type-checked like the command line's.
+        init_from: a model directory to fine-tune instead of training from scratch.
+        log: called with one line per event (epochs, resumes).
+        progress: wraps iterables for a progress bar (e.g. `tqdm.auto.tqdm`); None shows none.
+
+    Returns:
+        The trained cascade, loaded from workdir.
+    """
+    if init_from is not None:
+        settings = model_dir_lib.fine_tuning_config(init_from, list(overrides))
+    else:
+        base = config_lib.load_config(config) if isinstance(config, str) else config
+        settings = config_lib.apply_overrides(base, list(overrides))
+    pipeline.train_cascade(data_dir, workdir, settings, log=log, progress=progress)
+    return load_model(workdir)
+
+
+def segment(model: Cascade | PathLike, inputs: Mapping[str, PathLike | nib.Nifti1Image], *,
+            out: PathLike | None = None, brain_mask: PathLike | None = None, threshold: float | None = None,
+            min_lesion_voxels: int | None = None, min_lesion_volume_mm3: float | None = None,
+            method: str | None = None, tta: bool | None = None, resample: str = "auto", overwrite: bool = False,
+            warn: Callable[[str], None] = print, progress: Callable | None = None) -> Segmentation:
+    """Segment one subject: its sequences by modality name, as NIfTI paths or nibabel images.
+
+    Every input is checked as the command line checks it (in-memory images are written to a temporary
+    folder and read back through the same checks). The mask is on the FLAIR's own voxel grid.
+
+    Args:
+        model: a `Cascade` (from `load_model` or `train`) or a model directory.
+        inputs: exactly the model's modalities, e.g. `{"T1": "t1.nii.gz", "FLAIR": "flair.nii.gz"}`.
+        out: where to write the mask (.nii.gz, with the FLAIR's header); None writes nothing.
+        brain_mask: a mask file for images that are not skull-stripped.
+        threshold, min_lesion_voxels, min_lesion_volume_mm3, method, tta: override the model's config
+            (t_bin, the smallest lesion kept, 'auto'/'dense'/'patch', test-time augmentation).
+        resample: 'auto' segments inputs of another voxel size at the model's; 'never' keeps their grid.
+        overwrite: replace an existing `out`.
+        warn: called with a one-line warning (an image that does not look skull-stripped, ...).
+
+    Returns:
+        A `Segmentation`: `mask`, `stage1_probability`, `stage2_probability` (on the FLAIR's grid, in
+        the model's processing orientation) and the candidate counts.
+    """
+    model = model if isinstance(model, Cascade) else load_model(model)
+    if out is not None:
+        out = check_output_path(out, overwrite=overwrite)
+    with tempfile.TemporaryDirectory(prefix="jaxcascade-inputs-") as folder:
+        paths = {}
+        for name, value in inputs.items():
+            if isinstance(value, nib.Nifti1Image):
+                paths[name] = Path(folder) / f"{name}.nii.gz"
+                nib.save(value, str(paths[name]))
+            elif isinstance(value, (str, os.PathLike)):
+                paths[name] = value
+            else:
+                raise UserError(f"input {name}: give a NIfTI path or a nibabel.Nifti1Image, not {type(value).__name__}")
+        flair = model.config.data.flair
+        images = nifti.load_sequences(paths, model.modalities, orientation=model.config.data.orientation,
+                                      reference=flair)
+    reference = images[model.modalities.index(flair)]
+    mask = nifti.load_brain_mask(brain_mask, reference) if brain_mask else None
+    if mask is None and not nifti.looks_skull_stripped(reference.data):
+        warn(f"{reference.path}: nonzero voxels reach most faces of the field of view; the image does not look "
+             "skull-stripped (pass brain_mask)")
+    result = pipeline.segment_images(model, images, threshold=threshold, min_lesion_voxels=min_lesion_voxels,
+                                     min_lesion_volume_mm3=min_lesion_volume_mm3, method=method, tta=tta,
+                                     brain_mask=mask, resample=resample, warn=warn, progress=progress)
+    if out is not None:
+        nifti.save_like(result.mask, reference, out, dtype=np.uint8)
+    return result
+
+
+def segment_study(model: PathLike, data_dir: PathLike, out_dir: PathLike, *, probabilities: bool = False,
+                  overwrite: bool = False, **options) -> list[dict]:
+    """Segment every subject (or BIDS session) of data_dir into out_dir, the model compiled once.
+
+    Args:
+        model: a model directory.
+        data_dir: one folder per subject, or a BIDS dataset.
+        out_dir: per-subject masks, QC pictures and reports, `lesions.csv` and `lesion_table.csv`
+            (a BIDS derivatives dataset when data_dir is BIDS). Rerunning skips finished subjects.
+        probabilities: also write both stages' probability maps.
+        overwrite: redo subjects already finished.
+        options: as `jaxcascade.study.segment_study` (compute_dtype, bids_suffixes, tta, resample,
+            min_lesion_volume_mm3, shard, log, progress).
+
+    Returns:
+        One row per subject (the rows of `lesions.csv`): status, lesion count and volume, and the
+        scores where a lesion mask exists.
+    """
+    return study.segment_study(model, data_dir, out_dir, probabilities=probabilities, overwrite=overwrite, **options)
+
+
+def evaluate(prediction: PathLike | np.ndarray, truth: PathLike | np.ndarray, *,
+             voxel_volume_ml: float | None = None) -> dict[str, float]:
+    """Voxel- and lesion-level scores of a predicted mask against the true one (see `jaxcascade.metrics`).
+
+    Args:
+        prediction, truth: two NIfTI paths (on one grid) or two arrays of one shape.
+        voxel_volume_ml: for arrays, the volume of one voxel, to report volumes in ml; read from the
+            truth's header for paths.
+
+    Returns:
+        `dsc`, `ppv`, `tpr`, `rvd`, `lesion_tpr`, `lesion_fpr`, `lesion_f1`, the counts and, with a voxel
+        volume, `pred_volume_ml` and `truth_volume_ml`.
+    """
+    if isinstance(truth, (str, os.PathLike)) or isinstance(prediction, (str, os.PathLike)):
+        if not isinstance(truth, (str, os.PathLike)) or not isinstance(prediction, (str, os.PathLike)):
+            raise UserError("evaluate: give two NIfTI paths or two arrays, not one of each")
+        truth_image = nifti.load_image(truth, allow_all_zero=True)
+        prediction = nifti.load_lesion_mask(prediction, truth_image)
+        truth = nifti.load_lesion_mask(truth, truth_image)
+        voxel_volume_ml = truth_image.voxel_volume_ml if voxel_volume_ml is None else voxel_volume_ml
+    return metrics.segmentation_metrics(prediction, truth, voxel_volume_ml)

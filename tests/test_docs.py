@@ -1,0 +1,149 @@
+"""Every code block of the README, experiments/README.md and docs/ runs, so the documentation cannot rot.
+
+- ```python blocks run, in order, in one namespace per page, in a fresh empty folder;
+- ```shell blocks: every `jaxcascade ...` command (continuation lines joined, environment assignments and
+  a trailing `&` dropped) must parse with the real `cli.build_parser()`, options, choices and all;
+- ```console blocks are not run (installs, GPUs, long runs): each must be preceded by a comment saying why
+  (`<!-- not run by ...: why -->` in the README, `% not run by ...: why` in a docs page);
+- ```text and ```bibtex blocks are output and data, not code.
+Any other language, an unlabelled fence or an indented code block fails, so nothing escapes the rules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from jaxcascade import cli
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", REPO / "experiments" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+RUN, PARSE, SKIP, DATA = "python", "shell", "console", ("text", "bibtex")
+NOT_RUN = re.compile(r"^(<!--|%)\s*not run by [^:]+: \S")
+
+
+def code_blocks(path: Path) -> list[tuple[str, str, str, int]]:
+    """(language, code, the nonblank line before the fence, line number) of each fenced block."""
+    blocks, lines, index = [], path.read_text().splitlines(), 0
+    while index < len(lines):
+        fence = re.match(r"^(```+)\s*(\S*)", lines[index])
+        if fence and fence.group(2).startswith("{"):  # a MyST directive (toctree, eval-rst): not code
+            index = next(i for i in range(index + 1, len(lines)) if lines[i].startswith(fence.group(1)))
+        elif fence:
+            before = next((line for line in reversed(lines[:index]) if line.strip()), "")
+            # a multi-line comment: the reason sits on its first line
+            for back in range(index - 1, -1, -1):
+                if not lines[back].startswith("%"):
+                    break
+                before = lines[back]
+            end = next(i for i in range(index + 1, len(lines)) if lines[i].startswith(fence.group(1)))
+            blocks.append((fence.group(2), "\n".join(lines[index + 1:end]), before, index + 1))
+            index = end
+        index += 1
+    return blocks
+
+
+def commands(shell: str) -> list[list[str]]:
+    """The `jaxcascade` commands of a shell block, as argv lists without the program name."""
+    found = []
+    for line in shell.replace("\\\n", " ").splitlines():
+        for part in re.split(r"&&|;|(?<![&])&(?!&)", line.split(" #", 1)[0]):
+            words = shlex.split(part)
+            while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]):
+                words.pop(0)
+            if words and words[0] == "jaxcascade":
+                found.append(words[1:])
+    return found
+
+
+def check_parses(argv: list[str]) -> None:
+    parser = cli.build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    assert not unknown or getattr(args, "overrides", False), f"unrecognised: {unknown}"
+    for override in unknown:  # train's --config.a.b=value overrides
+        assert re.match(r"^--config(\.\w+)+=", override), override
+
+
+ALL_BLOCKS = [(page, *block) for page in PAGES for block in code_blocks(page)]
+
+
+def _id(item) -> str:
+    return f"{item[0].relative_to(REPO)}:{item[4]}"
+
+
+@pytest.mark.parametrize("item", ALL_BLOCKS, ids=_id)
+def test_every_block_has_a_known_language_and_skips_say_why(item):
+    page, language, _code, before, _line = item
+    assert language in (RUN, PARSE, SKIP, *DATA), f"{language!r}: use python, shell, console (with a reason) or text"
+    if language == SKIP:
+        assert NOT_RUN.match(before), "a console block is not run: say why in the comment before it"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(REPO)))
+def test_no_indented_code_blocks(page):
+    """Indented code would escape the checks above; every block is fenced."""
+    lines, in_fence = page.read_text().splitlines(), False
+    for number, line in enumerate(lines, 1):
+        if line.startswith("```"):
+            in_fence = not in_fence
+        elif not in_fence and line.startswith("    ") and line.strip():
+            assert number > 1 and lines[number - 2].strip(), f"{page.name}:{number}: an indented code block; fence it"
+
+
+SHELL_COMMANDS = [(page, line, argv) for page, language, code, _before, line in ALL_BLOCKS if language == PARSE
+                  for argv in commands(code)]
+
+
+@pytest.mark.parametrize("item", SHELL_COMMANDS, ids=lambda item: f"{item[0].relative_to(REPO)}:{item[1]}:{item[2][0]}")
+def test_shell_commands_parse(item):
+    check_parses(item[2])
+
+
+def test_the_shell_checker_catches_mistakes():
+    with pytest.raises(Exception):
+        check_parses(["segment", "--model", "m", "--infrence", "dense"])
+    with pytest.raises(Exception):
+        check_parses(["phantom", "out", "--size", "huge"])
+    assert commands("A=1 B=2 \\\n  jaxcascade demo &\njaxcascade demo --workdir w && ls") == [["demo"], ["demo", "--workdir", "w"]]
+
+
+def test_every_command_and_option_is_documented():
+    """docs/cli.md names every command and every option of `jaxcascade`'s parser."""
+    page = (REPO / "docs" / "cli.md").read_text()
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in subparsers.choices.items():
+        assert f"## `jaxcascade {name}`" in page, f"docs/cli.md has no section for `jaxcascade {name}`"
+        for action in command._actions:
+            for option in action.option_strings:
+                if option not in ("-h", "--help"):
+                    assert option in page, f"docs/cli.md does not mention `jaxcascade {name} {option}`"
+
+
+# The README's one block runs in the test after this one, which checks what it writes.
+PYTHON_PAGES = sorted({page for page, language, *_ in ALL_BLOCKS if language == RUN} - {REPO / "README.md"}, key=str)
+
+
+@pytest.mark.parametrize("page", PYTHON_PAGES, ids=lambda page: str(page.relative_to(REPO)))
+def test_python_blocks_run(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": f"docs_{page.stem}"}
+    for language, code, _before, line in code_blocks(page):
+        if language == RUN:
+            exec(compile(code, f"{page.relative_to(REPO)}:{line}", "exec"), namespace)
+
+
+def test_readme_python_api_snippet_writes_what_it_says(tmp_path, monkeypatch):
+    """The README's API snippet trains, segments, scores and reports for real."""
+    monkeypatch.chdir(tmp_path)
+    code = next(code for language, code, *_ in code_blocks(REPO / "README.md") if language == RUN)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert (tmp_path / "seg.nii.gz").is_file() and (tmp_path / "new-seg" / "lesions.csv").is_file()
+    assert namespace["rows"][0]["status"] == "ok" and namespace["result"].mask.any()
+    assert os.path.isdir(tmp_path / "runs" / "a" / "weights")
