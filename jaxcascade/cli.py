@@ -17,6 +17,8 @@ from jaxcascade import scanners
 from jaxcascade.errors import TrainingInterrupted, UserError
 
 EXIT_USER_ERROR = 2
+# A study that ran to its end but could not segment some subjects (their rows say why).
+EXIT_SUBJECTS_FAILED = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,12 +85,15 @@ def cmd_train(args, overrides) -> None:
         config = model_dir.fine_tuning_config(args.init_from, overrides)
     else:
         config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
-    summary = pipeline.train_cascade(args.data, args.workdir, config, log=_log, progress=_progress)
+    from jaxcascade.bids_layout import participant_labels
+
+    summary = pipeline.train_cascade(args.data, args.workdir, config, log=_log, progress=_progress,
+                                     participants=participant_labels(args.participant_label))
     _log(f"trained model in {summary['workdir']} (epochs: stage 1 {summary['epochs'][1]}, "
          f"stage 2 {summary['epochs'][2]})")
 
 
-def cmd_segment(args, _overrides) -> None:
+def cmd_segment(args, _overrides) -> int | None:
     if args.data or args.out_dir:
         return _segment_study(args)
     if not args.input or not args.out:
@@ -96,8 +101,9 @@ def cmd_segment(args, _overrides) -> None:
                         "or --data DIR --out-dir OUT for a study (see --help)")
     if args.probabilities == "":
         raise UserError("jaxcascade segment --probabilities: give the folder for one subject's maps")
-    if args.shard or args.bids_suffix:
-        raise UserError("jaxcascade segment: --shard and --bids-suffix apply to a study (--data DIR --out-dir OUT)")
+    if args.shard or args.bids_suffix or args.bids_filter or args.participant_label:
+        raise UserError("jaxcascade segment: --shard, --participant-label, --bids-suffix and --bids-filter apply "
+                        "to a study (--data DIR --out-dir OUT)")
     from jaxcascade import pipeline
 
     inputs = parse_inputs(args.input)
@@ -111,7 +117,7 @@ def cmd_segment(args, _overrides) -> None:
          f"({result.candidate_count} candidates, {result.stage2_candidate_count} to stage 2)")
 
 
-def _segment_study(args) -> None:
+def _segment_study(args) -> int:
     from jaxcascade import study
 
     if not (args.data and args.out_dir) or args.input or args.out:
@@ -131,13 +137,21 @@ def _segment_study(args) -> None:
                                overwrite=args.overwrite, compute_dtype=args.compute_dtype,
                                bids_suffixes=bids_layout.parse_suffixes(args.bids_suffix),
                                shard=study.parse_shard(args.shard), tta=args.tta or None,
+                               participants=bids_layout.participant_labels(args.participant_label),
+                               bids_filters=bids_layout.parse_filters(args.bids_filter),
                                resample=args.resample, min_lesion_volume_mm3=args.min_lesion_volume, log=_log,
                                progress=_progress)
-    failed = [row for row in rows if row["status"].startswith("error")]
-    pending = [row for row in rows if row["status"].startswith("pending")]
-    _log(f"{args.out_dir}: {len(rows) - len(failed) - len(pending)} of {len(rows)} subjects segmented; "
-         f"lesions.csv and lesion_table.csv written" + (f"; {len(failed)} failed (see lesions.csv)" if failed else "")
-         + (f"; {len(pending)} left to other shards" if pending else ""))
+    # Rows marked resumed were finished earlier, or belong to another shard: only this run's failures
+    # decide its exit status (a SLURM array task fails for its own subjects).
+    this_run = [row for row in rows if not row.get("resumed")]
+    failed = [row for row in this_run if row["status"].startswith("error")]
+    earlier = [row for row in rows if row.get("resumed") and row["status"] == "ok"]
+    others = len(rows) - len(this_run) - len(earlier)
+    _log(f"{args.out_dir}: {len(rows)} subjects: {len(this_run) - len(failed)} segmented, {len(earlier)} already "
+         f"done, {len(failed)} failed" + (" (see lesions.csv)" if failed else "")
+         + (f", {others} left to or failed in other shards" if others else "")
+         + "; lesions.csv and lesion_table.csv written")
+    return EXIT_SUBJECTS_FAILED if failed else 0
 
 
 def cmd_evaluate(args, _overrides) -> None:
@@ -191,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config file with get_config(), or a packaged name (default, demo)")
     p.add_argument("--init-from", metavar="MODEL_DIR",
                    help="fine-tune a trained or imported model (e.g. --config.train.trainable=out)")
+    p.add_argument("--participant-label", nargs="+", action="extend", metavar="LABEL",
+                   help="train on these participants only (01 or sub-01; folder names in the folder layout)")
     p.set_defaults(run=cmd_train, overrides=True)
 
     p = commands.add_parser("segment", help="segment one subject, or every subject of a folder, with a trained model")
@@ -207,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a study split over N processes: this one takes subjects I, I+N, ... ('slurm': the array task)")
     p.add_argument("--bids-suffix", action="append", metavar="NAME=SUFFIX",
                    help="BIDS suffix of a modality (defaults T1=T1w, FLAIR=FLAIR, T2=T2w, PD=PDw)")
+    p.add_argument("--participant-label", nargs="+", action="extend", metavar="LABEL",
+                   help="a study: only these participants (01 or sub-01), as BIDS Apps take them")
+    p.add_argument("--bids-filter", action="append", metavar="[MODALITY:]ENTITY=VALUE",
+                   help="BIDS: keep images with this entity where a session has several (e.g. FLAIR:acq=3d, run=1); "
+                        "without one, the last run is used and other ambiguities are that session's error")
     p.add_argument("--threshold", type=float, help="t_bin on CNN2's probability (model's config by default)")
     p.add_argument("--min-lesion-voxels", "--min-lesion-size", dest="min_lesion_voxels", type=int, metavar="N",
                    help="keep lesions (connected components) of more than N voxels (model's config by default)")
@@ -251,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         args, unknown = parser.parse_known_args(argv)
         if unknown and not getattr(args, "overrides", False):
             raise UserError(f"jaxcascade {args.command}: unrecognised arguments: {' '.join(unknown)} (see --help)")
-        args.run(args, unknown)
+        status = args.run(args, unknown) or 0
         sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit
     except BrokenPipeError:
         # The reader (`| head`) has what it wanted. Point stdout at /dev/null so
@@ -268,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as interrupted:  # a scheduler's SIGTERM: saved, resumable
         print(f"jaxcascade: {interrupted}", file=sys.stderr)
         return 128 + interrupted.signum
-    return 0
+    return status
 
 
 if __name__ == "__main__":

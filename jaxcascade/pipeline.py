@@ -58,7 +58,8 @@ def _fit(stage, subjects, num_shards, centres, labels, config, workdir, log, pro
     return Stage.from_network(model, best)
 
 
-def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress: Callable | None = None) -> dict:
+def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress: Callable | None = None,
+                  participants=None) -> dict:
     """Train (or resume) both stages in workdir; returns a summary dict.
 
     With config.distributed settings (or JAX_COORDINATOR_ADDRESS etc.) the
@@ -76,7 +77,7 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress:
         log, progress = _silent, None
     check_preprocessing(config)
     IntensityAugmentation.from_config(config.train.get("intensity_augmentation"))
-    subjects = load_training_subjects(data_dir, config, num_shards)
+    subjects = load_training_subjects(data_dir, config, num_shards, participants)
     # Settings that can only be checked against a built network fail before the workdir exists.
     probe = models.build_network(config.model, subjects[0].volume.shape[-1], 0, config.compute_dtype)
     trainable_modules(config.train.trainable, models.split_model(probe)[1]["params"])

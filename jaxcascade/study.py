@@ -54,23 +54,39 @@ class StudySubject:
     brain_mask: Path | None = None  # restricts normalisation and candidates
 
 
-def study_subjects(data_dir, config, bids_suffixes: dict | None = None) -> list[StudySubject]:
-    """The subjects (and sessions) of a training-layout folder or a BIDS dataset."""
+def study_subjects(data_dir, config, bids_suffixes: dict | None = None, *, participants=None,
+                   bids_filters=None, log: Callable | None = None) -> list[StudySubject]:
+    """The subjects (and sessions) of a training-layout folder or a BIDS dataset.
+
+    participants: labels (01 or sub-01) to keep, as BIDS Apps' --participant-label; in a training-layout
+    folder they name subject folders. bids_filters: `[MODALITY:]ENTITY=VALUE` strings (bids_layout).
+    """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"{data_dir}: data folder not found")
     modalities = tuple(config.data.modalities)
     if bids_layout.is_bids(data_dir):
-        found = bids_layout.sessions(data_dir, modalities, bids_suffixes or bids_layout.DEFAULT_SUFFIXES)
+        found = bids_layout.sessions(data_dir, modalities, bids_suffixes or bids_layout.DEFAULT_SUFFIXES,
+                                     participants=participants, filters=bids_filters, log=log)
         return [StudySubject(entry["participant_id"], entry["session_id"], entry["inputs"], entry["truth"],
                              *bids_layout.output_location(entry["participant_id"], entry["session_id"]),
                              problem=entry["problem"], brain_mask=entry["brain_mask"]) for entry in found]
+    if bids_filters:
+        raise UserError(f"{data_dir}: --bids-filter applies to BIDS datasets (this folder has no "
+                        "dataset_description.json)")
     names = [f"{m}{config.data.suffix}" for m in modalities]
     folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
                      and any((p / name).exists() for name in names))
     if not folders:
         raise UserError(f"{data_dir}: no subject folders with {' or '.join(names)} (expected "
                         f"{data_dir}/<subject>/{names[0]} ..., or a BIDS dataset with dataset_description.json)")
+    if participants:
+        wanted = {str(label) for label in participants} | {f"sub-{label}" for label in participants}
+        missing = [label for label in participants if not {label, f"sub-{label}"} & {f.name for f in folders}]
+        if missing:
+            raise UserError(f"{data_dir}: no subject folder {', '.join(map(str, missing))} (it has "
+                            f"{', '.join(f.name for f in folders[:10])}{' ...' if len(folders) > 10 else ''})")
+        folders = [f for f in folders if f.name in wanted]
     subjects = []
     for folder in folders:
         truth, brain = folder / f"{config.data.lesion}{config.data.suffix}", folder / f"brain_mask{config.data.suffix}"
@@ -171,8 +187,8 @@ def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int]:
 def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, overwrite: bool = False,
                   compute_dtype: str | None = None, bids_suffixes: dict | None = None, tta: bool | None = None,
                   resample: str = "auto", min_lesion_volume_mm3: float | None = None,
-                  shard: tuple[int, int] = (0, 1), log: Callable = print,
-                  progress: Callable | None = None) -> list[dict]:
+                  shard: tuple[int, int] = (0, 1), participants=None, bids_filters=None,
+                  log: Callable = print, progress: Callable | None = None) -> list[dict]:
     """Segment every subject of data_dir into out_dir; returns the subject rows (also in OUT/lesions.csv).
 
     With shard (i, n), this process segments subjects i, i + n, ... and reports the others as far as
@@ -183,7 +199,8 @@ def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, 
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a folder; choose another --out-dir")
     model = Cascade.load(model_dir, compute_dtype=compute_dtype)
-    subjects = study_subjects(data_dir, model.config, bids_suffixes)
+    subjects = study_subjects(data_dir, model.config, bids_suffixes, participants=participants,
+                              bids_filters=bids_filters, log=log)
     out_dir.mkdir(exist_ok=True)
     if bids_layout.is_bids(data_dir):
         bids_layout.describe_derivatives(out_dir, Path(data_dir))
@@ -195,12 +212,16 @@ def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, 
         failure_path = report_path.with_name(f"{subject.prefix}_desc-lesion_error.json")
         mine = number % count == index
         if report_path.exists() and not (overwrite and mine):
-            reports.append(json.loads(report_path.read_text()))
+            report = json.loads(report_path.read_text())
+            report["row"]["resumed"] = True  # finished by an earlier run (not a CSV column)
+            reports.append(report)
             continue
         if not mine:
             pending = {"row": {"participant_id": subject.participant_id, "session_id": subject.session_id,
                                "status": f"pending: shard {number % count}/{count}"}, "lesions": []}
-            reports.append(json.loads(failure_path.read_text()) if failure_path.exists() else pending)
+            other = json.loads(failure_path.read_text()) if failure_path.exists() else pending
+            other["row"]["resumed"] = True  # another shard's outcome, not this run's
+            reports.append(other)
             continue
         try:
             settings = dict(tta=tta, resample=resample, min_lesion_volume_mm3=min_lesion_volume_mm3, warn=log)

@@ -56,22 +56,31 @@ def discover_subjects(data_dir: str | os.PathLike, required_files: list[str]) ->
     return subjects
 
 
-def training_files(data_dir, data_config) -> list[tuple[str, dict, Path]]:
+def training_files(data_dir, data_config, participants=None) -> list[tuple[str, dict, Path]]:
     """(name, {modality: file}, lesion file) of every training subject, in either layout, sorted by name.
 
-    data_config is a config's `data` block.
+    data_config is a config's `data` block; participants, if given, the labels to keep (01 or sub-01;
+    in the folder layout, folder names).
     """
     modalities = tuple(data_config.modalities)
     if bids_layout.is_bids(data_dir):
         suffixes = bids_layout.parse_suffixes(data_config.get("bids_suffixes", ""))
-        return sorted(bids_layout.training_sessions(data_dir, modalities, suffixes), key=lambda entry: entry[0])
+        return sorted(bids_layout.training_sessions(data_dir, modalities, suffixes, participants=participants),
+                      key=lambda entry: entry[0])
     suffix, lesion_name = data_config.suffix, data_config.lesion
     folders = discover_subjects(data_dir, [f"{m}{suffix}" for m in modalities] + [f"{lesion_name}{suffix}"])
+    if participants:
+        names = {folder.name for folder in folders}
+        missing = [label for label in participants if label not in names and f"sub-{label}" not in names]
+        if missing:
+            raise UserError(f"{data_dir}: no training subject {', '.join(map(str, missing))} (it has "
+                            f"{', '.join(sorted(names)[:10])}{' ...' if len(names) > 10 else ''})")
+        folders = [f for f in folders if f.name in participants or f.name[4:] in participants]
     return [(folder.name, {m: folder / f"{m}{suffix}" for m in modalities}, folder / f"{lesion_name}{suffix}")
             for folder in folders]
 
 
-def load_training_subjects(data_dir, config, num_shards: int = 1) -> list[Subject]:
+def load_training_subjects(data_dir, config, num_shards: int = 1, participants=None) -> list[Subject]:
     """This process's training subjects: those of its data shards (every subject with one shard).
 
     Collective in a multi-process run: each process loads its own share.
@@ -81,7 +90,7 @@ def load_training_subjects(data_dir, config, num_shards: int = 1) -> list[Subjec
     nifti.check_orientation(config.data.orientation)
     if len(set(modalities)) != len(modalities):
         raise UserError(f"config data.modalities names a modality twice: {', '.join(modalities)}")
-    folders = training_files(data_dir, config.data)
+    folders = training_files(data_dir, config.data, participants)
     if len(folders) < num_shards:
         raise UserError(
             f"{data_dir}: {len(folders)} subjects cannot fill {num_shards} data shards (one per process unless "

@@ -45,9 +45,10 @@ def test_study_reports_every_subject_and_compiles_once_per_shape_bucket(trained_
     predictor = dense.make_tile_predictor(model.stage1.graphdef, 12, model.stage1.dense_halo)
     compiled_before = predictor._cache_size()
     out = tmp_path / "out"
+    # sub-c cannot be segmented: its row says why, and the exit status says that some subject failed.
     assert cli.main(["segment", "--model", str(trained_model), "--data", str(study), "--out-dir", str(out),
-                     "--probabilities"]) == 0
-    assert "3 of 4 subjects segmented" in capsys.readouterr().out
+                     "--probabilities"]) == 1
+    assert "4 subjects: 3 segmented, 0 already done, 1 failed (see lesions.csv)" in capsys.readouterr().out
     # Three volume shapes (40, 30 and 20 planes: 4, 3 and 2 tiles) fall in one padded bucket: at most one
     # compilation (none where training already compiled it), where each shape would compile its own.
     assert predictor._cache_size() - compiled_before <= 1
@@ -79,7 +80,7 @@ def test_study_reports_every_subject_and_compiles_once_per_shape_bucket(trained_
 def test_study_matches_one_segment_call_and_resumes(trained_model, study, cohort, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["segment", "--model", str(trained_model), "--data", str(study), "--out-dir", str(out)]
-    assert cli.main(argv) == 0
+    assert cli.main(argv) == 1
     single = tmp_path / "single.nii.gz"
     assert cli.main(["segment", "--model", str(trained_model), *held_out_inputs(cohort), "--out", str(single)]) == 0
     np.testing.assert_array_equal(np.asarray(nib.load(out / "sub-a" / "sub-a_desc-lesion_mask.nii.gz").dataobj),
@@ -87,11 +88,12 @@ def test_study_matches_one_segment_call_and_resumes(trained_model, study, cohort
     report = out / "sub-a" / "sub-a_desc-lesion_report.json"
     written = report.stat().st_mtime_ns
     capsys.readouterr()
-    assert cli.main(argv) == 0  # resume: finished subjects are read back, the broken one retried
+    assert cli.main(argv) == 1  # resume: finished subjects are read back, the broken one retried
     log = capsys.readouterr().out
     assert "sub-a:" not in log and "sub-c:" in log and report.stat().st_mtime_ns == written
+    assert "4 subjects: 0 segmented, 3 already done, 1 failed" in log
     assert len(_read(out / "lesions.csv")) == 4
-    assert cli.main([*argv, "--overwrite"]) == 0
+    assert cli.main([*argv, "--overwrite"]) == 1
     assert report.stat().st_mtime_ns != written
 
 
@@ -114,7 +116,7 @@ def test_bids_dataset_in_and_derivatives_out(trained_model, tmp_path, capsys):
     phantom.write_cohort(source, 2, seed=3, size="tiny", layout="bids", sessions=2)
     (source / "sub-02" / "ses-2" / "anat" / "sub-02_ses-2_FLAIR.nii.gz").unlink()  # a broken session
     out = tmp_path / "derivatives"
-    assert cli.main(["segment", "--model", str(trained_model), "--data", str(source), "--out-dir", str(out)]) == 0
+    assert cli.main(["segment", "--model", str(trained_model), "--data", str(source), "--out-dir", str(out)]) == 1
     rows = _read(out / "lesions.csv")
     assert [(r["participant_id"], r["session_id"]) for r in rows] == [
         ("sub-01", "ses-1"), ("sub-01", "ses-2"), ("sub-02", "ses-1"), ("sub-02", "ses-2")]
@@ -133,14 +135,15 @@ def test_bids_dataset_in_and_derivatives_out(trained_model, tmp_path, capsys):
 def test_a_study_split_over_two_shards_ends_in_one_complete_report(trained_model, study, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["segment", "--model", str(trained_model), "--data", str(study), "--out-dir", str(out)]
-    assert cli.main([*argv, "--shard", "0/2"]) == 0
+    assert cli.main([*argv, "--shard", "0/2"]) == 1  # sub-c is shard 0's and fails
     statuses = {row["participant_id"]: row["status"] for row in _read(out / "lesions.csv")}
     # Sorted sub-a, sub-b, sub-c, sub-d: shard 0 takes sub-a and sub-c.
     assert statuses["sub-a"] == "ok" and statuses["sub-b"] == statuses["sub-d"] == "pending: shard 1/2"
-    assert cli.main([*argv, "--shard", "1/2"]) == 0
+    assert cli.main([*argv, "--shard", "1/2"]) == 0  # its own subjects all succeed
     statuses = {row["participant_id"]: row["status"] for row in _read(out / "lesions.csv")}
     assert statuses["sub-b"] == statuses["sub-d"] == "ok" and statuses["sub-c"].startswith("error")
-    assert "3 of 4 subjects segmented; lesions.csv and lesion_table.csv written; 1 failed" in capsys.readouterr().out
+    assert ("4 subjects: 2 segmented, 1 already done, 0 failed, 1 left to or failed in other shards"
+            in capsys.readouterr().out)
 
 
 def test_shard_settings():
