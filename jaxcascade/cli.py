@@ -1,24 +1,28 @@
 """`jaxcascade` command line: parse arguments, call library functions, report.
 
-User mistakes (`UserError`) become one line on stderr and exit status 2; a
-reader that closes the pipe early (`| head`) ends the command quietly;
-nothing else is caught, so a bug still shows its traceback.
+User mistakes (`UserError`) become one line on stderr and exit status 2; faults of the machine
+(`MachineFault`, a full disk or quota) one line and status 3; a study in which some subjects failed
+exits with 1. A reader that closes the pipe early (`| head`) ends the command quietly; nothing else
+is caught, so a bug still shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
 import sys
 
 from jaxcascade import scanners
-from jaxcascade.errors import TrainingInterrupted, UserError
+from jaxcascade.errors import MachineFault, TrainingInterrupted, UserError
 
 EXIT_USER_ERROR = 2
 # A study that ran to its end but could not segment some subjects (their rows say why).
 EXIT_SUBJECTS_FAILED = 1
+# A fault of the machine (no space left, output folder read-only or gone, out of memory) stopped the work.
+EXIT_MACHINE_FAULT = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -283,6 +287,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"jaxcascade: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except MachineFault as fault:
+        print(f"jaxcascade: error: {fault}", file=sys.stderr)
+        return EXIT_MACHINE_FAULT
+    except OSError as error:  # a full disk or quota while writing, in any command: one line, not a traceback
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        print(f"jaxcascade: error: {error.strerror}{where}; free space (or choose another folder) and run the "
+              "command again", file=sys.stderr)
+        return EXIT_MACHINE_FAULT
     except KeyboardInterrupt:
         print("jaxcascade: interrupted", file=sys.stderr)
         return 130

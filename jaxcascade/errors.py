@@ -1,8 +1,10 @@
-"""The one exception type for mistakes a user can make.
+"""The exception types for what is not a bug: a user's mistake, a fault of the machine, an interrupted run.
 
 Library code raises `UserError` with a single line that names the file (or
 option) and says what is wrong and what to do; only the CLI turns it into an
-exit status and a line on stderr.
+exit status and a line on stderr. `MachineFault` is the same for faults that
+no input caused (a full disk, a read-only output folder, memory exhausted):
+the work finished so far is kept and the same command continues it.
 """
 
 
@@ -21,3 +23,11 @@ class TrainingInterrupted(Exception):
             f"{signal.Signals(signum).name}: stopped in stage {stage}, epoch {epoch + 1} after step "
             f"{steps_done}/{steps}; checkpoint saved, rerun the same command to resume"
         )
+
+
+class MachineFault(Exception):
+    """The machine, not the input, failed (no space left, output folder read-only or gone, out of memory)."""
+
+
+class JaxcascadeWarning(UserWarning):
+    """Something the user should know that does not stop the work (the command line prints it as one line)."""

@@ -36,6 +36,7 @@ class Image:
     data: np.ndarray  # float32, 3D, in the processing orientation
     nifti: nib.Nifti1Image  # as stored: its voxel grid is where outputs go
     orientation: str = NATIVE  # the processing orientation, e.g. 'RAS', or 'native'
+    resampled_from: str = ""  # the file's own grid ('182x218x182 at 1x1x1 mm') when resampled onto another
 
     @property
     def affine(self) -> np.ndarray:
@@ -185,7 +186,24 @@ def on_grid_of(image: Image, reference: Image) -> Image:
             f"(affine {_fmt_affine(image.affine)} vs {_fmt_affine(reference.affine)}); the sequences are not "
             "co-registered: register them first (e.g. ANTs, FSL FLIRT, SPM)"
         )
-    return resample_onto(image, reference.nifti.shape[:3], reference.affine, like=reference.nifti)
+    resampled = resample_onto(image, reference.nifti.shape[:3], reference.affine, like=reference.nifti)
+    resampled.resampled_from = describe_grid(image.nifti)
+    return resampled
+
+
+def describe_grid(nifti) -> str:
+    """'182x218x182 at 1x1x1 mm, origin (-90, -126, -72)': a voxel grid as a person compares two."""
+    shape = "x".join(str(n) for n in nifti.shape[:3])
+    zooms = "x".join(f"{z:.3g}" for z in nifti.header.get_zooms()[:3])
+    origin = ", ".join(f"{v:.4g}" for v in nifti.affine[:3, 3])
+    return f"{shape} at {zooms} mm, origin ({origin})"
+
+
+def resampling_notes(images: list[Image], modalities: tuple[str, ...], reference: str) -> list[str]:
+    """One line per sequence that `load_sequences` resampled onto the reference's grid: what, from what."""
+    grid = images[modalities.index(reference) if reference in modalities else 0]
+    return [f"{modality} resampled from {image.resampled_from} onto the {reference} grid "
+            f"({describe_grid(grid.nifti)})" for modality, image in zip(modalities, images) if image.resampled_from]
 
 
 def resample_onto(image: Image, shape, affine, *, order: int = 1, like=None) -> Image:

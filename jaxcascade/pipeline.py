@@ -192,6 +192,8 @@ def segment_files(model_dir, inputs: dict, out, *, probabilities_dir=None, thres
     images = nifti.load_sequences(inputs, model.modalities, orientation=model.config.data.orientation,
                                   reference=model.config.data.flair)
     reference = images[model.modalities.index(model.config.data.flair)]
+    for note in nifti.resampling_notes(images, model.modalities, model.config.data.flair):
+        warn(f"{reference.path}: {note}")
     mask = nifti.load_brain_mask(brain_mask, reference) if brain_mask else None
     if mask is None and not nifti.looks_skull_stripped(reference.data):
         warn(f"{reference.path}: nonzero voxels reach most faces of the field of view; the image does not look "
