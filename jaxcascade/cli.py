@@ -32,7 +32,11 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):  # one line, not usage + message
-        raise UserError(f"{self.prog}: {message} (see --help)")
+        if "required: command" in message:
+            commands = ", ".join(self._subparsers._group_actions[0].choices)
+            raise UserError(f"choose a command: {commands} (see jaxcascade --help)")
+        prefix = "" if self.prog == "jaxcascade" else f"{self.prog}: "
+        raise UserError(f"{prefix}{message} (see {self.prog} --help)")
 
 
 def _progress(iterable, description=""):

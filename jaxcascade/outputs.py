@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,17 +19,70 @@ import numpy as np
 from jaxcascade.errors import UserError
 
 
-def check_output_path(path: str | os.PathLike, *, overwrite: bool = False, is_dir: bool = False) -> Path:
-    """Fail early (before any work) if `path` cannot be written."""
-    path = Path(path)
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def _check_parent(path: Path, shown: str, parents: bool = False) -> None:
+    """The folder path goes into exists (or, with parents, can be made), is a folder and takes new files."""
+    for ancestor in reversed(path.parents):  # the first file among the path's components
+        if ancestor.exists() and not ancestor.is_dir():
+            raise UserError(f"{shown}: {ancestor} is a file, not a folder; choose a path in a folder")
     parent = path.parent
+    while parents and not parent.exists():
+        parent = parent.parent
     if not parent.is_dir():
-        raise UserError(f"{path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{path}: folder {parent} is not writable")
-    if not is_dir and path.exists() and not overwrite:
-        raise UserError(f"{path}: already exists; pass --overwrite to replace it")
+        raise UserError(f"{shown}: folder {parent} does not exist; create it first or choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{shown}: folder {parent} is not writable (permissions or a read-only file system); "
+                        "choose another path")
+
+
+def check_output_path(path: str | os.PathLike, *, overwrite: bool = False, is_dir: bool = False,
+                      nifti: bool = False, inputs=(), parents: bool = False) -> Path:
+    """Fail early (before any work) if `path` cannot be written: one line per mistake, nothing created.
+
+    A file (is_dir False): not an existing folder, not an existing file unless overwrite, a NIfTI name
+    (.nii or .nii.gz) if nifti, none of `inputs`. A folder (is_dir True): not an existing file; an
+    existing folder must be writable. Either way every component above it is a folder, and the folder
+    it goes into exists and is writable (with parents, the nearest existing one: the caller makes the rest).
+    """
+    text = os.fspath(path)
+    if not text.strip():
+        raise UserError("an output path is empty; give a file or folder name")
+    path = Path(text)
+    kind = "folder" if is_dir else "file"
+    if not is_dir and text.endswith(os.sep):
+        raise UserError(f"{text}: names a folder (trailing {os.sep}); give a file name, e.g. {text.rstrip(os.sep)}"
+                        f"{'' if text.rstrip(os.sep).endswith(NIFTI_SUFFIXES) else '/seg.nii.gz'}")
+    _check_parent(path.absolute(), text, parents)
+    if is_dir:
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{text}: exists and is a file; the output {kind} must be a new or existing folder")
+        if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+            raise UserError(f"{text}: folder is not writable (permissions or a read-only file system)")
+        return path
+    if path.is_dir():
+        raise UserError(f"{text}: is a folder; give a file name inside it, e.g. {path / 'seg.nii.gz'}")
+    if nifti and not path.name.endswith(NIFTI_SUFFIXES) or nifti and path.name in NIFTI_SUFFIXES:
+        raise UserError(f"{text}: not a NIfTI file name; end it in .nii.gz (compressed) or .nii")
+    for source in inputs:
+        if Path(source).exists() and path.exists() and path.samefile(source) or \
+                Path(os.path.abspath(source)) == Path(os.path.abspath(path)):
+            raise UserError(f"{text}: is also an input; writing it would destroy that input, choose another name")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise UserError(f"{text}: already exists; pass --overwrite to replace it")
     return path
+
+
+def check_free_space(folder: str | os.PathLike, needed_bytes: int, what: str) -> None:
+    """Fail early if the file system of `folder` (or its nearest existing ancestor) lacks room for `what`."""
+    folder = Path(os.path.abspath(folder))
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise UserError(f"{folder}: {free / 2**20:.1f} MB free, {what} needs about {needed_bytes / 2**20:.1f} MB; "
+                        "free space or choose another folder")
 
 
 @contextlib.contextmanager

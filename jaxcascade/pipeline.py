@@ -10,6 +10,7 @@ and inference (segmenting).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +25,7 @@ from jaxcascade.inference import InferenceOptions, classify, resolve_method
 from jaxcascade.intensity_augmentation import IntensityAugmentation
 from jaxcascade.normalisation import check_settings as check_preprocessing, normalise_channels
 from jaxcascade.optimizer import trainable_modules
-from jaxcascade.outputs import check_output_path
+from jaxcascade.outputs import NIFTI_SUFFIXES, check_free_space, check_output_path
 from jaxcascade.subjects import load_training_subjects
 from jaxcascade.train_loop import fit_stage
 
@@ -68,7 +69,7 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress:
     CNN2's hard negatives on them, and feeds its rows of every batch to its
     own devices (see `batching`).
     """
-    workdir = Path(workdir)
+    workdir = check_output_path(workdir, is_dir=True, parents=True)
     distributed.initialize(config.distributed)
     num_shards = batching.shard_count(config)
     distributed.check_divisible(config.train.batch_size, "train.batch_size", num_shards)
@@ -167,6 +168,29 @@ def _segment_on_grid(model, images, threshold, min_lesion_voxels, method, tta, b
                           voxel_volume_ml=images[0].voxel_volume_ml, progress=progress)
 
 
+def check_segmentation_outputs(out, probabilities_dir=None, *, inputs=(), overwrite=False, tta=False) -> list[Path]:
+    """Every output of one subject's segmentation checked before any work; returns the probability maps' paths.
+
+    out: a NIfTI file name, not an input; probabilities_dir: a folder (made later) whose maps do not
+    exist yet unless overwrite, apart from out.
+    """
+    out = check_output_path(out, overwrite=overwrite, nifti=True, inputs=[i for i in inputs if i])
+    if probabilities_dir is None:
+        return []
+    folder = check_output_path(probabilities_dir, is_dir=True)
+    if folder.name.endswith(NIFTI_SUFFIXES) and not folder.is_dir():
+        raise UserError(f"{probabilities_dir}: --probabilities takes a folder for the maps, not a NIfTI file name")
+    paths = [folder / "stage1.nii.gz", folder / "stage2.nii.gz"] + ([folder / "stage2_std.nii.gz"] if tta else [])
+    for path in paths:
+        if Path(os.path.abspath(path)) == Path(os.path.abspath(out)):
+            raise UserError(f"{out}: is also where --probabilities writes {path.name}; choose another name")
+        if path.exists() and not overwrite:
+            raise UserError(f"{path}: already exists; pass --overwrite to replace it")
+    if Path(os.path.abspath(folder)) == Path(os.path.abspath(out)):
+        raise UserError(f"{probabilities_dir}: is also --out; give the maps their own folder")
+    return paths
+
+
 def segment_files(model_dir, inputs: dict, out, *, probabilities_dir=None, threshold=None, min_lesion_voxels=None,
                   min_lesion_volume_mm3=None, method=None, compute_dtype=None, tta=None, brain_mask=None,
                   resample="auto", overwrite=False, progress=None, warn: Callable = _silent) -> Segmentation:
@@ -175,18 +199,10 @@ def segment_files(model_dir, inputs: dict, out, *, probabilities_dir=None, thres
     brain_mask: a mask file restricting normalisation and candidates (for images not skull-stripped);
     without one, an image that does not look skull-stripped gets a one-line `warn`.
     """
+    probability_paths = check_segmentation_outputs(out, probabilities_dir, inputs=[*inputs.values(), brain_mask],
+                                                   overwrite=overwrite, tta=bool(tta))
+    out = Path(out)
     model = Cascade.load(model_dir, compute_dtype=compute_dtype)
-    out = check_output_path(out, overwrite=overwrite)
-    probability_paths = []
-    if probabilities_dir is not None:
-        probabilities_dir = Path(probabilities_dir)
-        check_output_path(probabilities_dir, is_dir=True)
-        probability_paths = [probabilities_dir / "stage1.nii.gz", probabilities_dir / "stage2.nii.gz"]
-        if tta:
-            probability_paths.append(probabilities_dir / "stage2_std.nii.gz")
-        for path in probability_paths:
-            if path.exists() and not overwrite:
-                raise UserError(f"{path}: already exists; pass --overwrite to replace it")
     if method is not None:
         resolve_method(model.stage1, method)  # refuse an impossible --inference before any work
     images = nifti.load_sequences(inputs, model.modalities, orientation=model.config.data.orientation,
@@ -198,14 +214,23 @@ def segment_files(model_dir, inputs: dict, out, *, probabilities_dir=None, thres
     if mask is None and not nifti.looks_skull_stripped(reference.data):
         warn(f"{reference.path}: nonzero voxels reach most faces of the field of view; the image does not look "
              "skull-stripped (pass --brain-mask)")
+    voxels = int(np.prod(reference.nifti.shape[:3]))
+    # Uncompressed sizes (gzip only shrinks them) and a margin: a full disk found before the work.
+    check_free_space(out.parent, voxels * (1 + 4 * len(probability_paths)) + 2**20, "the segmentation")
     result = segment_images(model, images, threshold=threshold, min_lesion_voxels=min_lesion_voxels,
                             min_lesion_volume_mm3=min_lesion_volume_mm3, method=method, tta=tta, brain_mask=mask,
                             resample=resample, warn=warn, progress=progress)
-    if probability_paths:
-        probabilities_dir.mkdir(exist_ok=True)
-        nifti.save_like(result.stage1_probability, reference, probability_paths[0], dtype=np.float32)
-        nifti.save_like(result.stage2_probability, reference, probability_paths[1], dtype=np.float32)
-        if result.stage2_std is not None:
-            nifti.save_like(result.stage2_std, reference, probability_paths[2], dtype=np.float32)
-    nifti.save_like(result.mask, reference, out, dtype=np.uint8)
+    maps = [result.stage1_probability, result.stage2_probability, result.stage2_std][:len(probability_paths)]
+    written = []
+    try:  # all of the outputs or none of them
+        if probability_paths:
+            probability_paths[0].parent.mkdir(exist_ok=True)
+        for values, path in zip(maps, probability_paths):
+            nifti.save_like(values, reference, path, dtype=np.float32)
+            written.append(path)
+        nifti.save_like(result.mask, reference, out, dtype=np.uint8)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return result

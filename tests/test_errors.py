@@ -275,4 +275,4 @@ def test_output_folder_that_is_a_file(trained_model, cohort, tmp_path, capsys):
     blocker.write_text("x")
     out = blocker / "seg.nii.gz"
     assert_user_error(capsys, ["segment", "--model", trained_model, *held_out_inputs(cohort), "--out", out],
-                      "does not exist")
+                      "not_a_folder is a file, not a folder")
