@@ -1,9 +1,11 @@
 """jaxcascade: the cascaded 3D CNN of Valverde et al. 2017 for MS lesion segmentation, in JAX."""
 
-__version__ = "0.1.0"
+from jaxcascade.version import __version__  # noqa: F401
 
-# Before anything can start a JAX backend: malloc settings for XLA:CPU's
-# temporaries and the persistent compilation cache (see runtime.py).
+# Before anything can start a JAX backend: malloc settings for XLA:CPU's temporaries (glibc
+# otherwise maps and page-faults large buffers on every call, 1.5-2x slower) and the persistent
+# compilation cache. They must precede the backend, so importing jaxcascade applies them; set
+# JAXCASCADE_MALLOC=0 and JAXCASCADE_COMPILATION_CACHE=0 to leave the process alone (see runtime).
 from jaxcascade import runtime as _runtime  # noqa: E402
 
 _runtime.configure()

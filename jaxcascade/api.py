@@ -9,6 +9,7 @@ Thin, keyword-only wrappers over the modules that do the work (`pipeline`, `stud
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -19,8 +20,11 @@ import numpy as np
 
 from jaxcascade import config as config_lib, metrics, model_dir as model_dir_lib, nifti, pipeline, study
 from jaxcascade.cascade import Cascade, Segmentation
+from jaxcascade.errors import warn as warn_user
 from jaxcascade.errors import UserError
 from jaxcascade.outputs import check_output_path
+
+_LOG = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
 
@@ -36,7 +40,7 @@ def load_model(model_dir: PathLike, *, compute_dtype: str | None = None) -> Casc
 
 
 def train(data_dir: PathLike, workdir: PathLike, *, config: str | object = "default", overrides: Sequence[str] = (),
-          init_from: PathLike | None = None, log: Callable[[str], None] = print,
+          init_from: PathLike | None = None, log: Callable[[str], None] = _LOG.info,
           progress: Callable | None = None) -> Cascade:
     """Train both stages on data_dir's subjects in workdir (resuming whatever a previous run left).
 
@@ -66,7 +70,7 @@ def segment(model: Cascade | PathLike, inputs: Mapping[str, PathLike | nib.Nifti
             out: PathLike | None = None, brain_mask: PathLike | None = None, threshold: float | None = None,
             min_lesion_voxels: int | None = None, min_lesion_volume_mm3: float | None = None,
             method: str | None = None, tta: bool | None = None, resample: str = "auto", overwrite: bool = False,
-            warn: Callable[[str], None] = print, progress: Callable | None = None) -> Segmentation:
+            warn: Callable[[str], None] = warn_user, progress: Callable | None = None) -> Segmentation:
     """Segment one subject: its sequences by modality name, as NIfTI paths or nibabel images.
 
     Every input is checked as the command line checks it (in-memory images are written to a temporary

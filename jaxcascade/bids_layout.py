@@ -31,7 +31,7 @@ import os
 import re
 from pathlib import Path
 
-from jaxcascade import __version__
+from jaxcascade.version import __version__
 from jaxcascade.errors import UserError
 from jaxcascade.outputs import write_json
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
 import os
 import signal
 import sys
+import warnings
 
 from jaxcascade import scanners
-from jaxcascade.errors import MachineFault, TrainingInterrupted, UserError
+from jaxcascade.errors import JaxcascadeWarning, MachineFault, TrainingInterrupted, UserError
+from jaxcascade.version import __version__
 
 EXIT_USER_ERROR = 2
 # A study that ran to its end but could not segment some subjects (their rows say why).
@@ -39,18 +42,46 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{prefix}{message} (see {self.prog} --help)")
 
 
+LOGGER = logging.getLogger("jaxcascade")
+_QUIET = {"on": False}
+
+
 def _progress(iterable, description=""):
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=description, leave=False, disable=None, file=sys.stderr)
+    return tqdm(iterable, desc=description, leave=False, disable=True if _QUIET["on"] else None, file=sys.stderr)
 
 
 def _log(message: str) -> None:
-    print(message, flush=True)
+    LOGGER.info(message)
 
 
 def _warn(message: str) -> None:
-    print(f"jaxcascade: warning: {message}", file=sys.stderr, flush=True)
+    warnings.warn(message, JaxcascadeWarning, stacklevel=2)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """jaxcascade's warnings as one line, `jaxcascade: warning: ...`; others as Python shows them."""
+    if issubclass(category, JaxcascadeWarning):
+        print(f"jaxcascade: warning: {message}", file=sys.stderr, flush=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
+def configure_output(verbosity: int) -> None:
+    """The library logs to the `jaxcascade` logger and warns with JaxcascadeWarning; the command line prints
+    the log on stdout (-q: warnings and errors only; -v: debug too) and each warning as one line on stderr."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    LOGGER.handlers[:] = [handler]
+    LOGGER.propagate = False
+    LOGGER.setLevel({-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG))
+    _QUIET["on"] = verbosity < 0
+    warnings.simplefilter("always", JaxcascadeWarning)  # a warning about each file, each time
+    warnings.showwarning = _show_warning
 
 
 def parse_inputs(pairs: list[str]) -> dict[str, str]:
@@ -191,7 +222,20 @@ def cmd_demo(args, _overrides) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxcascade", description="Cascaded 3D CNN MS lesion segmentation (Valverde et al. 2017).")
+    parser.add_argument("--version", action="version", version=f"jaxcascade {__version__}")
+    # -q/-v before or after the command: the command's copies default to "not given", not to 0.
+    verbosity = _Parser(add_help=False)
+    verbosity.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=argparse.SUPPRESS,
+                           help="print warnings and errors only")
+    verbosity.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1,
+                           default=argparse.SUPPRESS, help="print debugging messages too")
+    parser.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=0,
+                        help="print warnings and errors only")
+    parser.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1,
+                        help="print debugging messages too")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    add_parser = commands.add_parser
+    commands.add_parser = lambda *a, **k: add_parser(*a, parents=[verbosity], **k)
 
     p = commands.add_parser("phantom", help="write a synthetic MS cohort (T1, FLAIR, lesion mask)")
     p.add_argument("out", help="output folder (one sub-folder per subject)")
@@ -278,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args, unknown = parser.parse_known_args(argv)
+        configure_output(args.verbosity)
         if unknown and not getattr(args, "overrides", False):
             raise UserError(f"jaxcascade {args.command}: unrecognised arguments: {' '.join(unknown)} (see --help)")
         status = args.run(args, unknown) or 0

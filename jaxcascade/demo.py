@@ -7,18 +7,21 @@ outputs and an overlay PNG. Re-running resumes (finished stages are kept).
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Callable
 
 from jaxcascade import config as config_lib, metrics, nifti, outputs, phantom, pipeline, plots
 
+_LOG = logging.getLogger(__name__)
+
 DEMO_SUBJECTS = 6  # 5 for training, 1 held out
 DEMO_SEED = 0
 DEMO_SIZE = "small"
 
 
-def run_demo(workdir, *, log: Callable = print, progress: Callable | None = None,
+def run_demo(workdir, *, log: Callable = _LOG.info, progress: Callable | None = None,
              subjects: int = DEMO_SUBJECTS, size: str = DEMO_SIZE, config=None) -> dict:
     """Run the demo in workdir and return the held-out subject's metrics."""
     started = time.perf_counter()

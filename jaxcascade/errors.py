@@ -7,6 +7,8 @@ no input caused (a full disk, a read-only output folder, memory exhausted):
 the work finished so far is kept and the same command continues it.
 """
 
+import warnings
+
 
 class UserError(Exception):
     """A problem with the user's input, files or options (not a bug)."""
@@ -31,3 +33,8 @@ class MachineFault(Exception):
 
 class JaxcascadeWarning(UserWarning):
     """Something the user should know that does not stop the work (the command line prints it as one line)."""
+
+
+def warn(message: str) -> None:
+    """Tell the user something in one line without stopping: a JaxcascadeWarning from the caller's caller."""
+    warnings.warn(message, JaxcascadeWarning, stacklevel=3)

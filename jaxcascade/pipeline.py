@@ -10,6 +10,7 @@ and inference (segmenting).
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Callable
@@ -20,6 +21,7 @@ from jaxcascade import batching, checkpoints, distributed, history, model_dir as
 from jaxcascade import resolution, sampling, seeding
 from jaxcascade.cascade import Cascade, Segmentation, Stage, segment_volume
 from jaxcascade.normalisation import candidate_mask, flair_channel
+from jaxcascade.errors import warn as warn_user
 from jaxcascade.errors import UserError
 from jaxcascade.inference import InferenceOptions, classify, resolve_method
 from jaxcascade.intensity_augmentation import IntensityAugmentation
@@ -28,6 +30,8 @@ from jaxcascade.optimizer import trainable_modules
 from jaxcascade.outputs import NIFTI_SUFFIXES, check_free_space, check_output_path
 from jaxcascade.subjects import load_training_subjects
 from jaxcascade.train_loop import fit_stage
+
+_LOG = logging.getLogger(__name__)
 
 
 def _silent(*_args, **_kwargs) -> None:
@@ -59,7 +63,7 @@ def _fit(stage, subjects, num_shards, centres, labels, config, workdir, log, pro
     return Stage.from_network(model, best)
 
 
-def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress: Callable | None = None,
+def train_cascade(data_dir, workdir, config, *, log: Callable = _LOG.info, progress: Callable | None = None,
                   participants=None) -> dict:
     """Train (or resume) both stages in workdir; returns a summary dict.
 
@@ -118,7 +122,7 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = print, progress:
 
 def segment_images(model: Cascade, images: list[nifti.Image], *, threshold=None, min_lesion_voxels=None,
                    min_lesion_volume_mm3=None, method=None, tta=None, brain_mask: np.ndarray | None = None,
-                   resample: str = "auto", warn: Callable = _silent, progress=None) -> Segmentation:
+                   resample: str = "auto", warn: Callable = warn_user, progress=None) -> Segmentation:
     """Segment one subject given its images in the model's channel order (restricted to brain_mask if given).
 
     Images whose voxel size is not the model's are segmented on a grid of the model's voxel size and the
@@ -193,7 +197,7 @@ def check_segmentation_outputs(out, probabilities_dir=None, *, inputs=(), overwr
 
 def segment_files(model_dir, inputs: dict, out, *, probabilities_dir=None, threshold=None, min_lesion_voxels=None,
                   min_lesion_volume_mm3=None, method=None, compute_dtype=None, tta=None, brain_mask=None,
-                  resample="auto", overwrite=False, progress=None, warn: Callable = _silent) -> Segmentation:
+                  resample="auto", overwrite=False, progress=None, warn: Callable = warn_user) -> Segmentation:
     """Segment NIfTI files and write the mask (and probability maps), all checks first.
 
     brain_mask: a mask file restricting normalisation and candidates (for images not skull-stripped);

@@ -30,6 +30,7 @@ import hashlib
 import os
 import platform
 import sys
+import warnings
 from pathlib import Path
 
 MALLOC_ENV = "JAXCASCADE_MALLOC"
@@ -48,7 +49,9 @@ STATUS: dict[str, str] = {}
 
 
 def _warn(message: str) -> None:
-    print(f"jaxcascade: warning: {message}", file=sys.stderr)
+    from jaxcascade.errors import JaxcascadeWarning
+
+    warnings.warn(message, JaxcascadeWarning, stacklevel=3)
 
 
 def backend_started() -> bool:

@@ -18,6 +18,7 @@ from the reports, so they always describe exactly the subjects finished.
 
 from __future__ import annotations
 
+import logging
 import csv
 import dataclasses
 import errno
@@ -37,6 +38,8 @@ from jaxcascade.cascade import Cascade
 from jaxcascade.errors import MachineFault, UserError
 from jaxcascade.outputs import check_output_path, write_json, write_text
 from jaxcascade.pipeline import segment_images
+
+_LOG = logging.getLogger(__name__)
 
 SUBJECT_COLUMNS = ("participant_id", "session_id", "status", "lesion_count", "lesion_volume_ml", "voxel_size_mm",
                    "skull_stripped", "seconds", "dsc", "ppv", "tpr", "lesion_f1", "true_volume_ml", "resampled")
@@ -265,7 +268,7 @@ def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, 
                   compute_dtype: str | None = None, bids_suffixes: dict | None = None, tta: bool | None = None,
                   resample: str = "auto", min_lesion_volume_mm3: float | None = None,
                   shard: tuple[int, int] = (0, 1), participants=None, bids_filters=None,
-                  log: Callable = print, progress: Callable | None = None) -> list[dict]:
+                  log: Callable = _LOG.info, progress: Callable | None = None) -> list[dict]:
     """Segment every subject of data_dir into out_dir; returns the subject rows (also in OUT/lesions.csv).
 
     With shard (i, n), this process segments subjects i, i + n, ... and reports the others as far as

@@ -50,11 +50,14 @@ def test_large_temporaries_do_not_page_fault_on_every_call():
     assert fixed["median_faults"] < 100, fixed
 
 
-def test_settings_made_after_the_backend_started_warn_in_one_line():
+def test_settings_made_after_the_backend_started_warn():
+    """A library user gets a Python warning of jaxcascade's category (filterable, and an error under -W error)."""
     result = _run("import jax; jax.devices(); import jaxcascade; print(jaxcascade.runtime.STATUS['malloc'])")
     assert result.returncode == 0 and result.stdout.strip() == "too late"
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("jaxcascade: warning:") and "GLIBC_TUNABLES" in lines[0]
+    assert "JaxcascadeWarning: the JAX backend started before jaxcascade was imported" in result.stderr
+    assert "GLIBC_TUNABLES" in result.stderr
+    strict = _run("import warnings, jax; jax.devices(); warnings.simplefilter('error'); import jaxcascade")
+    assert strict.returncode != 0 and "JaxcascadeWarning" in strict.stderr
 
 
 def test_a_second_process_reads_its_compilations_from_the_cache(tmp_path):
