@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxcascade import bids_layout, checkpoints, config as config_lib, metrics, nifti, phantom, pipeline, postprocess
+from jaxcascade import bids_layout, checkpoints, config as config_lib, files, metrics, nifti, phantom, pipeline, postprocess
 from jaxcascade.cascade import Cascade
 from jaxcascade.inference import InferenceOptions
 from jaxcascade.errors import UserError
@@ -234,7 +234,7 @@ def score_subject(model: Cascade, subject_dir: Path, segmentation_path: Path) ->
     """{"cascade": metrics, "stage1": metrics} of one subject; writes the cascade's mask."""
     config = model.config
     images, truth = load_subject(subject_dir, config.data, model.modalities)
-    result = pipeline.segment_images(model, images)
+    result = files.segment_images(model, images)
     voxel_ml = images[0].voxel_volume_ml
     stage1_mask = stage1_alone_mask(result.stage1_probability, InferenceOptions.from_config(config), voxel_ml)
     nifti.save_like(result.mask, images[model.modalities.index(config.data.flair)], segmentation_path)

@@ -18,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from jaxcascade import config as config_lib, metrics, model_dir as model_dir_lib, nifti, pipeline, study
+from jaxcascade import config as config_lib, files, metrics, model_dir as model_dir_lib, nifti, pipeline, study
 from jaxcascade.cascade import Cascade, Segmentation
 from jaxcascade.errors import warn as warn_user
 from jaxcascade.errors import UserError
@@ -112,7 +112,7 @@ def segment(model: Cascade | PathLike, inputs: Mapping[str, PathLike | nib.Nifti
     if mask is None and not nifti.looks_skull_stripped(reference.data):
         warn(f"{reference.path}: nonzero voxels reach most faces of the field of view; the image does not look "
              "skull-stripped (pass brain_mask)")
-    result = pipeline.segment_images(model, images, threshold=threshold, min_lesion_voxels=min_lesion_voxels,
+    result = files.segment_images(model, images, threshold=threshold, min_lesion_voxels=min_lesion_voxels,
                                      min_lesion_volume_mm3=min_lesion_volume_mm3, method=method, tta=tta,
                                      brain_mask=mask, resample=resample, warn=warn, progress=progress)
     if out is not None:

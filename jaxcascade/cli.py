@@ -143,10 +143,10 @@ def cmd_segment(args, _overrides) -> int | None:
     if args.shard or args.bids_suffix or args.bids_filter or args.participant_label:
         raise UserError("jaxcascade segment: --shard, --participant-label, --bids-suffix and --bids-filter apply "
                         "to a study (--data DIR --out-dir OUT)")
-    from jaxcascade import pipeline
+    from jaxcascade import files
 
     inputs = parse_inputs(args.input)
-    result = pipeline.segment_files(
+    result = files.segment_files(
         args.model, inputs, args.out, probabilities_dir=args.probabilities, threshold=args.threshold,
         min_lesion_voxels=args.min_lesion_voxels, method=args.inference, compute_dtype=args.compute_dtype,
         min_lesion_volume_mm3=args.min_lesion_volume, tta=args.tta or None, brain_mask=args.brain_mask,

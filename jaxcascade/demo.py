@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from jaxcascade import config as config_lib, metrics, nifti, outputs, phantom, pipeline, plots
+from jaxcascade import config as config_lib, files, metrics, nifti, outputs, phantom, pipeline, plots
 
 _LOG = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def run_demo(workdir, *, log: Callable = _LOG.info, progress: Callable | None = 
     log(f"segmenting held-out subject {names[-1]}")
     inputs = {m: str(held_out / f"{m}.nii.gz") for m in config.data.modalities}
     segmentation_path = workdir / f"{names[-1]}_segmentation.nii.gz"
-    result = pipeline.segment_files(
+    result = files.segment_files(
         model_dir, inputs, segmentation_path, probabilities_dir=workdir / "probabilities",
         overwrite=True, progress=progress,
     )

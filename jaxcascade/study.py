@@ -19,10 +19,8 @@ from the reports, so they always describe exactly the subjects finished.
 from __future__ import annotations
 
 import logging
-import csv
 import dataclasses
 import errno
-import io
 import json
 import os
 import time
@@ -31,21 +29,15 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from scipy import ndimage
 
 from jaxcascade import bids_layout, metrics, nifti, plots
 from jaxcascade.cascade import Cascade
 from jaxcascade.errors import MachineFault, UserError
 from jaxcascade.outputs import check_output_path, write_json, write_text
-from jaxcascade.pipeline import segment_images
+from jaxcascade.files import segment_images
+from jaxcascade.study_report import LESION_COLUMNS, SUBJECT_COLUMNS, csv_text, lesion_rows
 
 _LOG = logging.getLogger(__name__)
-
-SUBJECT_COLUMNS = ("participant_id", "session_id", "status", "lesion_count", "lesion_volume_ml", "voxel_size_mm",
-                   "skull_stripped", "seconds", "dsc", "ppv", "tpr", "lesion_f1", "true_volume_ml", "resampled")
-LESION_COLUMNS = ("participant_id", "session_id", "label", "volume_ml", "centroid_x_mm", "centroid_y_mm",
-                  "centroid_z_mm", "voxels", "mean_probability", "max_probability")
-
 
 @dataclasses.dataclass
 class StudySubject:
@@ -101,26 +93,6 @@ def study_subjects(data_dir, config, bids_suffixes: dict | None = None, *, parti
     return subjects
 
 
-def lesion_rows(mask: np.ndarray, probability: np.ndarray, reference: nifti.Image) -> list[dict]:
-    """One row per 26-connected lesion of mask (processing grid): volume, scanner-space centroid, probabilities."""
-    labels, count = ndimage.label(mask, metrics.LESION_CONNECTIVITY)
-    if count == 0:
-        return []
-    index = np.arange(1, count + 1)
-    voxels = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    # Centroids in the file's own voxel grid, then through its affine into scanner (RAS) millimetres.
-    file_labels = reference.to_file_grid(labels)
-    file_centres = np.array(ndimage.center_of_mass(file_labels > 0, file_labels, index)).reshape(count, 3)
-    world = file_centres @ reference.affine[:3, :3].T + reference.affine[:3, 3]
-    mean = ndimage.mean(probability, labels, index)
-    peak = ndimage.maximum(probability, labels, index)
-    return [{"label": int(k), "voxels": int(n), "volume_ml": round(float(n) * reference.voxel_volume_ml, 6),
-             "centroid_x_mm": round(float(x), 3), "centroid_y_mm": round(float(y), 3),
-             "centroid_z_mm": round(float(z), 3), "mean_probability": round(float(m), 5),
-             "max_probability": round(float(p), 5)}
-            for k, n, (x, y, z), m, p in zip(index, voxels, world, mean, peak)]
-
-
 def _segment_subject(model: Cascade, subject: StudySubject, out: Path, probabilities: bool, settings: dict,
                      progress) -> dict:
     """Segment one subject, write its files into out, return its report (row and lesions)."""
@@ -160,16 +132,6 @@ def _segment_subject(model: Cascade, subject: StudySubject, out: Path, probabili
                    true_volume_ml=round(scores["truth_volume_ml"], 6))
     row["seconds"] = round(time.perf_counter() - started, 3)
     return {"row": row, "lesions": lesions}
-
-
-def _csv(rows: list[dict], columns: tuple[str, ...]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({key: ("" if row.get(key) is None or row.get(key) != row.get(key) else row.get(key))
-                         for key in columns})
-    return buffer.getvalue()
 
 
 def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int]:
@@ -259,8 +221,8 @@ def _write_tables(out_dir: Path, reports: list[dict], report_paths: list[Path]) 
         rows = [report["row"] for report in reports]
         lesions = [{**lesion, "participant_id": report["row"]["participant_id"],
                     "session_id": report["row"]["session_id"]} for report in reports for lesion in report["lesions"]]
-        write_text(_csv(rows, SUBJECT_COLUMNS), out_dir / "lesions.csv")
-        write_text(_csv(lesions, LESION_COLUMNS), out_dir / "lesion_table.csv")
+        write_text(csv_text(rows, SUBJECT_COLUMNS), out_dir / "lesions.csv")
+        write_text(csv_text(lesions, LESION_COLUMNS), out_dir / "lesion_table.csv")
     return rows
 
 
