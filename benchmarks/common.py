@@ -18,7 +18,7 @@ def time_call(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5, ke
 
     Beside the time, each call's minor page faults and system CPU time (medians):
     a run hit by the allocator (XLA:CPU temporaries faulted in afresh every call,
-    see jaxcascade/runtime.py) shows thousands of faults and tens of ms of system
+    see jaxcascade/runtime/__init__.py) shows thousands of faults and tens of ms of system
     time per call, so such a row is visible in the table.
     """
     for _ in range(warmup):
@@ -80,7 +80,7 @@ def machine() -> dict:
     import jax
 
     import jaxcascade
-    import jaxcascade.cpu_kernel
+    import jaxcascade.ops.cpu_kernel
 
     info = {
         "python": sys.version.split()[0],
@@ -88,7 +88,7 @@ def machine() -> dict:
         "cpu_model": cpu_model(),
         "cpus": os.cpu_count(),
         "jaxcascade_runtime": dict(jaxcascade.runtime.STATUS),
-        "cpu_kernel": "on" if jaxcascade.cpu_kernel.available() else "off",
+        "cpu_kernel": "on" if jaxcascade.ops.cpu_kernel.available() else "off",
         "jaxcascade": jaxcascade.__version__,
         "commit": source_commit(),
         "jax": jax.__version__,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import markdown_table, time_call, write_results
-from jaxcascade import convs, cpu_kernel
+from jaxcascade.ops import convs, cpu_kernel
 
 # (name, input shape NDHWC, out channels, dilation)
 CASES = [

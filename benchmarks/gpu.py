@@ -43,9 +43,11 @@ def inference_rows(model_dir, repeats: int, log, size: str = "full") -> list[dic
 
     from benchmarks.inference import dense_work, load_stages
     from benchmarks.torch_reference import classify_candidates, from_jax
-    from jaxcascade import inference, models, phantom
-    from jaxcascade.cascade import Stage
-    from jaxcascade.normalisation import candidate_mask, normalise_channels
+    from jaxcascade.segmentation import inference
+    from jaxcascade.networks import models
+    from jaxcascade import phantom
+    from jaxcascade.segmentation.cascade import Stage
+    from jaxcascade.data.normalisation import candidate_mask, normalise_channels
 
     subject = phantom.make_subject(0, size)
     volume = normalise_channels([subject["T1"], subject["FLAIR"]], "nonzero")
@@ -151,7 +153,7 @@ def conv_rows(repeats: int, log) -> list[dict]:
     import torch
 
     from benchmarks.convs import CASES, conv_flops
-    from jaxcascade import convs
+    from jaxcascade.ops import convs
 
     rng = np.random.default_rng(0)
     rows = []

@@ -5,7 +5,7 @@ Run:
     python -m benchmarks.inference [--model WD]       # ~12 minutes on a 2-core CPU
 Compares, on the same candidates with the same weights:
   jax dense   - jaxcascade's exact dense kernel (tiles with candidate voxels only; 12^3 blocks, 8 per call),
-                its convolutions in jaxcascade's C++ CPU kernel (jaxcascade/cpu_kernel.py)
+                its convolutions in jaxcascade's C++ CPU kernel (jaxcascade/ops/cpu_kernel.py)
   jax dense 16^3 x 4, 24^3 x 2 - the same with larger blocks (less halo recomputed, more empty space)
   jax dense bf16 - the same with bfloat16 products and float32 sums (config.compute_dtype)
   jax patch   - jaxcascade's vectorised patch path
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import markdown_table, measure_once, peak_rss_mb, write_results
-from jaxcascade import cpu_kernel
+from jaxcascade.ops import cpu_kernel
 
 METHODS = ("jax dense", "jax dense 16^3 x 4", "jax dense 24^3 x 2", "jax dense bf16", "jax dense (XLA GEMMs)",
            "jax patch", "jax patch (XLA GEMMs)", "torch patch", "torch SAME")
@@ -42,8 +42,9 @@ WITHOUT_KERNEL = "(XLA GEMMs)"
 
 def load_stages(model_dir, network: str):
     """(config, stage1, stage2) from a model dir, or seeded random weights for `network`."""
-    from jaxcascade import config as config_lib, models
-    from jaxcascade.cascade import Cascade, Stage
+    from jaxcascade import config as config_lib
+    from jaxcascade.networks import models
+    from jaxcascade.segmentation.cascade import Cascade, Stage
 
     if model_dir and network == "valverde2017_valid":
         model = Cascade.load(model_dir)
@@ -62,7 +63,7 @@ def dense_work(stage, candidates, options, seconds: float) -> dict:
     """
     import jax
 
-    from jaxcascade import dense
+    from jaxcascade.segmentation import dense
 
     _, origins = dense.tile_geometry(candidates.shape, options.tile_size, stage.dense_halo, stage.patch_size)
     blocks = len(dense.occupied_tiles(candidates, origins, options.tile_size))
@@ -74,9 +75,11 @@ def dense_work(stage, candidates, options, seconds: float) -> dict:
 
 def run_one(method: str, model_dir, out_dir: Path, subject_seed: int, repeats: int = 3) -> dict:
     """Segment the phantom with one method (stage 1 `repeats` times); save probability maps; return timings."""
-    from jaxcascade import inference, models, phantom
-    from jaxcascade.cascade import Stage
-    from jaxcascade.normalisation import candidate_mask, normalise_channels
+    from jaxcascade.segmentation import inference
+    from jaxcascade.networks import models
+    from jaxcascade import phantom
+    from jaxcascade.segmentation.cascade import Stage
+    from jaxcascade.data.normalisation import candidate_mask, normalise_channels
 
     subject = phantom.make_subject(subject_seed, "full")
     volume = normalise_channels([subject["T1"], subject["FLAIR"]], "nonzero")

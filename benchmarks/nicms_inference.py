@@ -90,9 +90,11 @@ def main(argv=None):
         sys.exit(f"{SHARED}: nicMSlesions' models not found")
 
     from benchmarks.torch_reference import classify_candidates
-    from jaxcascade import cascade, interop, phantom
-    from jaxcascade.inference import InferenceOptions, classify
-    from jaxcascade.normalisation import candidate_mask, normalise_channels
+    from jaxcascade.segmentation import cascade
+    from jaxcascade.storage import interop
+    from jaxcascade import phantom
+    from jaxcascade.segmentation.inference import InferenceOptions, classify
+    from jaxcascade.data.normalisation import candidate_mask, normalise_channels
 
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = Path(scratch) / "nicms"

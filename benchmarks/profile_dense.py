@@ -28,8 +28,9 @@ def main(argv=None):
     import jax
 
     from benchmarks.inference import load_stages
-    from jaxcascade import dense, inference, phantom
-    from jaxcascade.normalisation import candidate_mask, normalise_channels
+    from jaxcascade.segmentation import dense, inference
+    from jaxcascade import phantom
+    from jaxcascade.data.normalisation import candidate_mask, normalise_channels
 
     subject = phantom.make_subject(0, "full")
     volume = normalise_channels([subject["T1"], subject["FLAIR"]], "nonzero")
@@ -72,7 +73,9 @@ def _op_sources(stage, shape, options) -> dict[str, str]:
     import jax
     import numpy as np
 
-    from jaxcascade import dense, distributed, patches
+    from jaxcascade.segmentation import dense
+    from jaxcascade.runtime import distributed
+    from jaxcascade.data import patches
 
     pad, _ = dense.tile_geometry(shape[:3], options.tile_size, stage.dense_halo, stage.patch_size)
     widths = patches.bucketed_widths(shape, pad)

@@ -5,7 +5,7 @@ Run:
     python -m benchmarks.train_step [--networks valverde2017_valid] [--batch 128]
     python -m benchmarks.train_step --devices 1,2,4 --processes 1,2   # data-parallel scaling rows
 Same network, same batch, same optimiser settings. The JAX step is
-`jaxcascade.train_steps.make_train_step` (jitted, seed augmentation, dropout); the
+`jaxcascade.training.train_steps.make_train_step` (jitted, seed augmentation, dropout); the
 PyTorch step is the equivalent module with torch.optim.Adadelta. With
 --devices, the JAX step runs with its global batch split over N devices per
 process (forced host devices on a CPU, each setting in its own processes;
@@ -32,7 +32,10 @@ from benchmarks.common import markdown_table, time_call, write_results
 def jax_step(network: str, batch_size: int, implementation: str, repeats: int, compute_dtype: str = "float32") -> dict:
     import jax
 
-    from jaxcascade import config as config_lib, distributed, models, optimizer, train_steps
+    from jaxcascade import config as config_lib
+    from jaxcascade.runtime import distributed
+    from jaxcascade.networks import models
+    from jaxcascade.training import optimizer, train_steps
 
     config = config_lib.load_config("default")
     distributed.initialize(config.distributed)  # joins when JAX_COORDINATOR_ADDRESS etc. are set

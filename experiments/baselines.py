@@ -18,8 +18,9 @@ import numpy as np
 from scipy import ndimage
 
 from experiments.protocol import load_subject
-from jaxcascade import metrics, postprocess
-from jaxcascade.normalisation import normalise
+from jaxcascade.evaluation import metrics
+from jaxcascade.segmentation import postprocess
+from jaxcascade.data.normalisation import normalise
 
 THRESHOLDS = np.round(np.arange(0.5, 4.01, 0.1), 2)  # normalised FLAIR (z units of the nonzero voxels)
 _WHITE_MATTER_PERCENTILE = 55

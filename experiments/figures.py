@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxcascade.outputs import atomic_path  # noqa: E402
+from jaxcascade.runtime.outputs import atomic_path  # noqa: E402
 
 
 def _save(figure, path: Path) -> None:

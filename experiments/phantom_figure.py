@@ -17,8 +17,9 @@ import matplotlib
 matplotlib.use("Agg")  # a script: never ask for a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from jaxcascade import phantom, phantom_mni  # noqa: E402
-from jaxcascade.outputs import atomic_path  # noqa: E402
+from jaxcascade import phantom  # noqa: E402
+from jaxcascade.phantom import mni as phantom_mni
+from jaxcascade.runtime.outputs import atomic_path  # noqa: E402
 
 
 

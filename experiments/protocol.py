@@ -21,12 +21,17 @@ from typing import Callable
 
 import numpy as np
 
-from jaxcascade import bids_layout, checkpoints, config as config_lib, files, metrics, nifti, phantom, pipeline, postprocess
-from jaxcascade.cascade import Cascade
-from jaxcascade.inference import InferenceOptions
+from jaxcascade.data import bids_layout, nifti
+from jaxcascade.storage import checkpoints
+from jaxcascade import config as config_lib, phantom
+from jaxcascade.segmentation import files, postprocess
+from jaxcascade.evaluation import metrics
+from jaxcascade.training import pipeline
+from jaxcascade.segmentation.cascade import Cascade
+from jaxcascade.segmentation.inference import InferenceOptions
 from jaxcascade.errors import UserError
-from jaxcascade.outputs import write_json, write_text
-from jaxcascade.subjects import training_files
+from jaxcascade.runtime.outputs import write_json, write_text
+from jaxcascade.data.subjects import training_files
 
 PROCEDURAL_CONTRASTS = ("T1", "FLAIR")
 
@@ -203,7 +208,7 @@ def write_phantom_cohort(cohort_dir: Path, record: dict, log: Callable, scanner:
                             "use --config.cohort.kind=mni for T2 and PD")
         phantom.write_cohort(cohort_dir, subjects, seed, size, scanner=scanner)
     elif kind == "mni":
-        from jaxcascade import phantom_mni
+        from jaxcascade.phantom import mni as phantom_mni
 
         phantom_mni.write_cohort(cohort_dir, subjects, seed, size, contrasts, scanner=scanner)
     else:

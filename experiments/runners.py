@@ -14,8 +14,9 @@ from typing import Callable
 import numpy as np
 
 from experiments import figures, protocol, scanner_shift
-from jaxcascade import nifti, plots
-from jaxcascade.outputs import write_json
+from jaxcascade.data import nifti
+from jaxcascade.evaluation import plots
+from jaxcascade.runtime.outputs import write_json
 
 METRIC_COLUMNS = ["dsc", "ppv", "tpr", "rvd", "lesion_tpr", "lesion_fpr", "lesion_f1",
                   "true_lesions", "pred_lesions", "false_positive_lesions"]

@@ -17,10 +17,12 @@ from typing import Callable
 import numpy as np
 
 from experiments import baselines, figures, protocol
-from jaxcascade import checkpoints, config as config_lib, interop, model_dir, phantom, pipeline
-from jaxcascade.cascade import Cascade
+from jaxcascade.storage import checkpoints, interop, model_dir
+from jaxcascade import config as config_lib, phantom
+from jaxcascade.training import pipeline
+from jaxcascade.segmentation.cascade import Cascade
 from jaxcascade.errors import UserError
-from jaxcascade.outputs import write_json
+from jaxcascade.runtime.outputs import write_json
 
 ROW_COLUMNS = ["variant", "a_dsc", "b_dsc", "b_ppv", "b_tpr", "b_lesion_f1", "b_volume_r", "b_volume_mad_ml",
                "train_seconds"]

@@ -18,11 +18,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from jaxcascade import config as config_lib, files, metrics, model_dir as model_dir_lib, nifti, pipeline, study
-from jaxcascade.cascade import Cascade, Segmentation
+from jaxcascade import config as config_lib
+from jaxcascade.segmentation import files, study
+from jaxcascade.evaluation import metrics
+from jaxcascade.storage import model_dir as model_dir_lib
+from jaxcascade.data import nifti
+from jaxcascade.training import pipeline
+from jaxcascade.segmentation.cascade import Cascade, Segmentation
 from jaxcascade.errors import warn as warn_user
 from jaxcascade.errors import UserError
-from jaxcascade.outputs import check_output_path
+from jaxcascade.runtime.outputs import check_output_path
 
 _LOG = logging.getLogger(__name__)
 
@@ -131,7 +136,7 @@ def segment_study(model: PathLike, data_dir: PathLike, out_dir: PathLike, *, pro
             (a BIDS derivatives dataset when data_dir is BIDS). Rerunning skips finished subjects.
         probabilities: also write both stages' probability maps.
         overwrite: redo subjects already finished.
-        options: as `jaxcascade.study.segment_study` (compute_dtype, bids_suffixes, tta, resample,
+        options: as `jaxcascade.segmentation.study.segment_study` (compute_dtype, bids_suffixes, tta, resample,
             min_lesion_volume_mm3, shard, log, progress).
 
     Returns:
@@ -143,7 +148,7 @@ def segment_study(model: PathLike, data_dir: PathLike, out_dir: PathLike, *, pro
 
 def evaluate(prediction: PathLike | np.ndarray, truth: PathLike | np.ndarray, *,
              voxel_volume_ml: float | None = None) -> dict[str, float]:
-    """Voxel- and lesion-level scores of a predicted mask against the true one (see `jaxcascade.metrics`).
+    """Voxel- and lesion-level scores of a predicted mask against the true one (see `jaxcascade.evaluation.metrics`).
 
     Args:
         prediction, truth: two NIfTI paths (on one grid) or two arrays of one shape.

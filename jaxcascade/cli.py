@@ -17,7 +17,7 @@ import signal
 import sys
 import warnings
 
-from jaxcascade import scanners
+from jaxcascade.phantom import scanners
 from jaxcascade.errors import JaxcascadeWarning, MachineFault, TrainingInterrupted, UserError
 from jaxcascade.version import __version__
 
@@ -98,14 +98,15 @@ def parse_inputs(pairs: list[str]) -> dict[str, str]:
 
 
 def cmd_phantom(args, _overrides) -> None:
-    from jaxcascade import outputs, phantom
+    from jaxcascade.runtime import outputs
+    from jaxcascade import phantom
 
     if args.subjects < 1 or args.sessions < 1:
         raise UserError(f"--subjects {args.subjects} --sessions {args.sessions}: need at least one of each")
     outputs.check_output_path(args.out, is_dir=True)
     generator = phantom
     if args.kind == "mni":
-        from jaxcascade import phantom_mni as generator
+        from jaxcascade.phantom import mni as generator
     names = generator.write_cohort(args.out, args.subjects, args.seed, args.size, layout=args.layout,
                                    sessions=args.sessions, scanner=args.scanner)
     layout = f" as a BIDS dataset ({args.sessions} session{'s' if args.sessions > 1 else ''} each)" \
@@ -115,7 +116,9 @@ def cmd_phantom(args, _overrides) -> None:
 
 
 def cmd_train(args, overrides) -> None:
-    from jaxcascade import config as config_lib, model_dir, pipeline
+    from jaxcascade import config as config_lib
+    from jaxcascade.storage import model_dir
+    from jaxcascade.training import pipeline
 
     if args.init_from:
         if args.config:
@@ -124,7 +127,7 @@ def cmd_train(args, overrides) -> None:
         config = model_dir.fine_tuning_config(args.init_from, overrides)
     else:
         config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
-    from jaxcascade.bids_layout import participant_labels
+    from jaxcascade.data.bids_layout import participant_labels
 
     summary = pipeline.train_cascade(args.data, args.workdir, config, log=_log, progress=_progress,
                                      participants=participant_labels(args.participant_label))
@@ -143,7 +146,7 @@ def cmd_segment(args, _overrides) -> int | None:
     if args.shard or args.bids_suffix or args.bids_filter or args.participant_label:
         raise UserError("jaxcascade segment: --shard, --participant-label, --bids-suffix and --bids-filter apply "
                         "to a study (--data DIR --out-dir OUT)")
-    from jaxcascade import files
+    from jaxcascade.segmentation import files
 
     inputs = parse_inputs(args.input)
     result = files.segment_files(
@@ -157,7 +160,7 @@ def cmd_segment(args, _overrides) -> int | None:
 
 
 def _segment_study(args) -> int:
-    from jaxcascade import study
+    from jaxcascade.segmentation import study
 
     if not (args.data and args.out_dir) or args.input or args.out:
         raise UserError("jaxcascade segment: a study takes --data DIR and --out-dir OUT, without --input/--out")
@@ -170,7 +173,7 @@ def _segment_study(args) -> int:
     if args.threshold is not None or args.min_lesion_voxels is not None or args.inference:
         raise UserError("jaxcascade segment --data: --threshold, --min-lesion-voxels and --inference apply to one "
                         "subject; for a study set them in the model's config")
-    from jaxcascade import bids_layout
+    from jaxcascade.data import bids_layout
 
     rows = study.segment_study(args.model, args.data, args.out_dir, probabilities=args.probabilities is not None,
                                overwrite=args.overwrite, compute_dtype=args.compute_dtype,
@@ -194,7 +197,9 @@ def _segment_study(args) -> int:
 
 
 def cmd_evaluate(args, _overrides) -> None:
-    from jaxcascade import metrics, nifti, outputs
+    from jaxcascade.evaluation import metrics
+    from jaxcascade.data import nifti
+    from jaxcascade.runtime import outputs
 
     truth_image = nifti.load_image(args.truth, allow_all_zero=True)
     prediction = nifti.load_lesion_mask(args.pred, truth_image)
@@ -207,7 +212,7 @@ def cmd_evaluate(args, _overrides) -> None:
 
 
 def cmd_import_keras(args, _overrides) -> None:
-    from jaxcascade import interop
+    from jaxcascade.storage import interop
 
     modalities = tuple(name.strip() for name in args.modalities.split(",") if name.strip())
     provenance = interop.import_keras(args.model1, args.model2, modalities, args.out)

@@ -12,7 +12,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from jaxcascade import config as config_lib, files, metrics, nifti, outputs, phantom, pipeline, plots
+from jaxcascade import config as config_lib, phantom
+from jaxcascade.segmentation import files
+from jaxcascade.evaluation import metrics, plots
+from jaxcascade.data import nifti
+from jaxcascade.runtime import outputs
+from jaxcascade.training import pipeline
 
 _LOG = logging.getLogger(__name__)
 

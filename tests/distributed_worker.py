@@ -23,10 +23,13 @@ def _join(config, distributed_args):
 
 
 def fit(out, workdir, *distributed_args):
-    from jaxcascade import config as config_lib, distributed, models, phantom, sampling
-    from jaxcascade.batching import TrainingSet
-    from jaxcascade.normalisation import candidate_mask, normalise_channels
-    from jaxcascade.train_loop import fit_stage
+    from jaxcascade import config as config_lib, phantom
+    from jaxcascade.runtime import distributed
+    from jaxcascade.networks import models
+    from jaxcascade.training import sampling
+    from jaxcascade.training.batching import TrainingSet
+    from jaxcascade.data.normalisation import candidate_mask, normalise_channels
+    from jaxcascade.training.train_loop import fit_stage
 
     config = config_lib.load_config("default")
     config.train.max_epochs = 1
@@ -57,7 +60,8 @@ def fit(out, workdir, *distributed_args):
 def cascade(data, workdir, summary_path, data_shards, *distributed_args):
     import jax
 
-    from jaxcascade import config as config_lib, pipeline, sampling
+    from jaxcascade import config as config_lib
+    from jaxcascade.training import pipeline, sampling
 
     mine = sampling.stage2_training_centres
 

@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcascade import config as config_lib, models, optimizer, train_steps
+from jaxcascade import config as config_lib
+from jaxcascade.networks import models
+from jaxcascade.training import optimizer, train_steps
 from jaxcascade.errors import UserError
-from jaxcascade.intensity_augmentation import OFF, IntensityAugmentation, augment_intensity
+from jaxcascade.training.intensity_augmentation import OFF, IntensityAugmentation, augment_intensity
 
 BATCH, SIZE, CHANNELS = 16, 11, 2
 
@@ -206,7 +208,7 @@ def test_train_step_augments_patches_and_leaves_labels_alone(network):
 
 
 def test_the_intensity_key_is_neither_the_geometric_nor_the_dropout_key():
-    from jaxcascade.train_steps import INTENSITY_STREAM
+    from jaxcascade.training.train_steps import INTENSITY_STREAM
 
     step_key = jax.random.fold_in(jax.random.key(0), 5)
     intensity = np.asarray(jax.random.key_data(jax.random.fold_in(step_key, INTENSITY_STREAM)))

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from jaxcascade import batching, config as config_lib, distributed
+from jaxcascade.training import batching
+from jaxcascade import config as config_lib
+from jaxcascade.runtime import distributed
 from jaxcascade.errors import UserError
 
 from test_errors import assert_user_error
@@ -100,7 +102,7 @@ def test_training_with_more_shards_than_subjects_or_a_lesion_free_shard(cohort, 
 
 def test_random_streams_never_coincide():
     """numpy's SeedSequence ignores trailing zeros; every purpose and key still gets its own stream."""
-    from jaxcascade import seeding
+    from jaxcascade.runtime import seeding
 
     assert np.array_equal(np.random.default_rng([7, 1]).random(4), np.random.default_rng([7, 1, 0]).random(4))
     draws = {}

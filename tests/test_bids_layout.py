@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from jaxcascade import bids_layout, cli, phantom
+from jaxcascade.data import bids_layout
+from jaxcascade import cli, phantom
 from jaxcascade.errors import UserError
 
 MODALITIES = ("T1", "FLAIR")

@@ -61,7 +61,7 @@ def test_differences_lists_dotted_keys():
 def test_a_model_saved_before_data_orientation_existed_keeps_the_stored_voxel_order(tmp_path):
     import json
 
-    from jaxcascade import model_dir
+    from jaxcascade.storage import model_dir
 
     record = {"jaxcascade": {"format_version": model_dir.FORMAT_VERSION, "version": "0.1.0"},
               **config_lib.to_dict(config_lib.load_config("default"))}
@@ -81,7 +81,7 @@ def test_robust_config_changes_only_preprocessing_augmentation_and_thresholds():
 def test_inference_call_sizes_follow_the_platform():
     import jax
 
-    from jaxcascade.inference import InferenceOptions
+    from jaxcascade.segmentation.inference import InferenceOptions
 
     stored = config_lib.to_dict(config_lib.load_config())
     del stored["inference"]["accelerator_tile_size"]  # a model saved before the accelerator settings

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcascade import convs, cpu_kernel
+from jaxcascade.ops import convs, cpu_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,7 +147,7 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 
 PROBE = """
     import jax, numpy as np
-    from jaxcascade import convs, cpu_kernel
+    from jaxcascade.ops import convs, cpu_kernel
     x = jax.numpy.asarray(np.random.default_rng(0).normal(size=(2, 9, 9, 9, 32)).astype(np.float32))
     k = jax.numpy.asarray(np.random.default_rng(1).normal(size=(3, 3, 3, 32, 64)).astype(np.float32))
     auto = convs.conv3d(x, k, dilation=2)
@@ -180,7 +180,7 @@ def test_a_failed_build_warns_once_and_falls_back(tmp_path):
 
 def test_a_fresh_build_lands_whole_in_the_user_cache(tmp_path):
     result = _python("""
-        from jaxcascade import cpu_kernel
+        from jaxcascade.ops import cpu_kernel
         print(cpu_kernel.available(), cpu_kernel.kernel_dir())
     """, XDG_CACHE_HOME=str(tmp_path))
     assert result.returncode == 0, result.stderr

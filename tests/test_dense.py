@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxcascade import cascade, cli, dense, inference, models
+from jaxcascade.segmentation import cascade, dense, inference
+from jaxcascade import cli
+from jaxcascade.networks import models
 from jaxcascade.configs import default
 from jaxcascade.errors import UserError
 from conftest import held_out_inputs

@@ -73,7 +73,7 @@ def test_four_devices_train_like_one(single_device, tmp_path):
 
 
 def _weights(workdir):
-    from jaxcascade import checkpoints
+    from jaxcascade.storage import checkpoints
 
     with checkpoints.ocp.StandardCheckpointer() as checkpointer:
         return [checkpointer.restore(checkpoints.weights_dir(workdir, stage)) for stage in (1, 2)]

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # experiments/ is a folder of the repository, not an installed package
 
 from experiments import launch, protocol  # noqa: E402
-from jaxcascade import cli, nifti, phantom  # noqa: E402
+from jaxcascade import cli, phantom  # noqa: E402
+from jaxcascade.data import nifti
 from jaxcascade.errors import UserError  # noqa: E402
 
 UNIT_INTERVAL = ("dsc", "ppv", "tpr", "lesion_tpr", "lesion_fpr", "lesion_f1")
@@ -149,7 +150,8 @@ def test_training_reads_a_bids_dataset_as_the_training_layout(tmp_path):
     """The same phantom in both layouts loads to the same training subjects; unlabelled sessions are left out."""
     import shutil
 
-    from jaxcascade import config as config_lib, subjects
+    from jaxcascade import config as config_lib
+    from jaxcascade.data import subjects
 
     phantom.write_cohort(tmp_path / "folders", 2, seed=4, size="tiny")
     phantom.write_cohort(tmp_path / "bids", 2, seed=4, size="tiny", layout="bids")
@@ -240,7 +242,7 @@ def test_procedural_cohort_refuses_t2(tmp_path):
 
 
 def test_missing_nilearn_names_the_extra(monkeypatch):
-    from jaxcascade import phantom_mni
+    from jaxcascade.phantom import mni as phantom_mni
 
     monkeypatch.setitem(sys.modules, "nilearn", None)  # import nilearn now raises ImportError
     with pytest.raises(UserError, match=r"pip install -e '\.\[nilearn\]'"):
@@ -250,13 +252,13 @@ def test_missing_nilearn_names_the_extra(monkeypatch):
 @pytest.fixture(scope="module")
 def mni_subjects():
     pytest.importorskip("nilearn")
-    from jaxcascade import phantom_mni
+    from jaxcascade.phantom import mni as phantom_mni
 
     return {seed: phantom_mni.make_subject(seed, "tiny", phantom_mni.CONTRASTS) for seed in (0, 1)}
 
 
 def test_mni_subject_contrasts_and_lesions(mni_subjects):
-    from jaxcascade import phantom_mni
+    from jaxcascade.phantom import mni as phantom_mni
 
     for seed, subject in mni_subjects.items():
         lesion = subject["lesion"].astype(bool)
@@ -278,7 +280,7 @@ def test_mni_subject_contrasts_and_lesions(mni_subjects):
 
 
 def test_mni_small_subject_has_5_to_40_lesions_and_a_periventricular_share(mni_subjects):
-    from jaxcascade import phantom_mni
+    from jaxcascade.phantom import mni as phantom_mni
 
     subject = phantom_mni.make_subject(phantom.subject_seed(0, 2), "small")
     assert subject["FLAIR"].shape == (99, 117, 95) and set(subject) == {"T1", "FLAIR", "lesion", "affine"}
@@ -295,7 +297,7 @@ def test_mni_small_subject_has_5_to_40_lesions_and_a_periventricular_share(mni_s
 
 
 def test_mni_subject_is_determined_by_seed_and_contrast(mni_subjects):
-    from jaxcascade import phantom_mni
+    from jaxcascade.phantom import mni as phantom_mni
 
     again = phantom_mni.make_subject(0, "tiny", ("FLAIR",))
     np.testing.assert_array_equal(again["FLAIR"], mni_subjects[0]["FLAIR"])
@@ -318,8 +320,9 @@ def test_mni_cohort_through_the_command_line(tmp_path, mni_subjects):
 
 def test_new_scanner_smoke_rows_one_shot_and_resume(tmp_path):
     """Every variant, the one-shot model and the FLAIR floor get a row; one-shot trains only the dense layers."""
-    from jaxcascade import checkpoints, config as config_lib
-    from jaxcascade.cascade import Stage
+    from jaxcascade.storage import checkpoints
+    from jaxcascade import config as config_lib
+    from jaxcascade.segmentation.cascade import Stage
 
     results = tmp_path / "scanner"
     dense_only = "--config.one_shot.trainable=dense1,out"  # the 2019 paper's layers; the default is all

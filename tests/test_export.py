@@ -5,7 +5,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcascade import cpu_kernel, dense, inference, models, optimizer, train_steps
+from jaxcascade.ops import cpu_kernel
+from jaxcascade.segmentation import dense, inference
+from jaxcascade.networks import models
+from jaxcascade.training import optimizer, train_steps
 from jaxcascade.configs import default
 
 

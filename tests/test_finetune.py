@@ -2,7 +2,9 @@
 
 import numpy as np
 
-from jaxcascade import cascade, checkpoints, cli, config as config_lib, model_dir
+from jaxcascade.segmentation import cascade
+from jaxcascade.storage import checkpoints, model_dir
+from jaxcascade import cli, config as config_lib
 from conftest import QUICK_OVERRIDES
 from test_errors import assert_user_error
 

@@ -21,8 +21,11 @@ import pytest
 import scipy.special
 from flax import nnx
 
-from jaxcascade import cascade, checkpoints, cli, inference, interop, layers, model_dir as model_dir_lib, models, phantom
-from jaxcascade.normalisation import candidate_mask, normalise_channels
+from jaxcascade.segmentation import cascade, inference
+from jaxcascade.storage import checkpoints, interop, model_dir as model_dir_lib
+from jaxcascade import cli, phantom
+from jaxcascade.networks import layers, models
+from jaxcascade.data.normalisation import candidate_mask, normalise_channels
 from jaxcascade.errors import UserError
 
 h5py = pytest.importorskip("h5py", reason="the Keras reference reads HDF5: pip install 'jaxcascade[interop]'")

@@ -47,7 +47,7 @@ def test_the_library_uses_logging_and_warnings_not_print(trained_model, cohort, 
 
 
 def test_importing_the_package_is_quiet_and_leaves_matplotlib_alone():
-    code = ("import matplotlib; matplotlib.use('svg'); import jaxcascade, jaxcascade.pipeline, jaxcascade.study;"
+    code = ("import matplotlib; matplotlib.use('svg'); import jaxcascade, jaxcascade.training.pipeline, jaxcascade.segmentation.study;"
             "print(matplotlib.get_backend())")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "svg" and result.stderr == ""

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from jaxcascade.metrics import METRIC_DEFINITIONS, format_metrics, segmentation_metrics
+from jaxcascade.evaluation.metrics import METRIC_DEFINITIONS, format_metrics, segmentation_metrics
 
 SHAPE = (10, 10, 10)
 

@@ -5,7 +5,8 @@ import pytest
 
 from flax import nnx
 
-from jaxcascade import convs, layers, models
+from jaxcascade.ops import convs
+from jaxcascade.networks import layers, models
 from jaxcascade.configs import default
 
 

@@ -6,7 +6,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxcascade import cli, nifti, outputs
+from jaxcascade import cli
+from jaxcascade.data import nifti
+from jaxcascade.runtime import outputs
 from jaxcascade.errors import UserError
 from conftest import held_out_inputs
 

@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from jaxcascade import bias_field, config as config_lib, normalisation
+from jaxcascade.data import bias_field, normalisation
+from jaxcascade import config as config_lib
 from jaxcascade.errors import UserError
 
 INVARIANT = ("nonzero", "percentile", "wm_peak")  # nicms counts the background, so b moves it

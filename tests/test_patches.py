@@ -1,7 +1,7 @@
 import jax
 import numpy as np
 
-from jaxcascade import patches
+from jaxcascade.data import patches
 
 
 def reference_patch(volume, centre, size):

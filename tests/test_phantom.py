@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from jaxcascade import phantom, phantom_core
+from jaxcascade import phantom
+from jaxcascade.phantom import core as phantom_core
 from jaxcascade.errors import UserError
 
 SEEDS = (0, 1, 2, 3, 4)

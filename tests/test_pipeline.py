@@ -6,7 +6,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxcascade import checkpoints, cli, metrics, model_dir
+from jaxcascade.storage import checkpoints, model_dir
+from jaxcascade import cli
+from jaxcascade.evaluation import metrics
 from conftest import QUICK_OVERRIDES, held_out_inputs
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxcascade.postprocess import apply_min_volume, binarise, remove_small_lesions
+from jaxcascade.segmentation.postprocess import apply_min_volume, binarise, remove_small_lesions
 
 SHAPE = (6, 6, 6)
 

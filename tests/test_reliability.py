@@ -12,7 +12,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxcascade import cascade, checkpoints, cli, config as config_lib
+from jaxcascade.segmentation import cascade
+from jaxcascade.storage import checkpoints
+from jaxcascade import cli, config as config_lib
 from conftest import QUICK_OVERRIDES, held_out_inputs
 
 
@@ -102,7 +104,7 @@ def test_non_finite_training_stops_with_epoch_and_step(cohort, tmp_path, capsys)
 
 @pytest.mark.skipif(os.name != "posix", reason="signals")
 def test_signal_handlers_are_restored_after_training():
-    from jaxcascade.train_loop import StopOnSignals
+    from jaxcascade.training.train_loop import StopOnSignals
 
     before = signal.getsignal(signal.SIGTERM)
     with StopOnSignals() as stop:

@@ -6,7 +6,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxcascade import cli, model_dir, nifti, resolution
+from jaxcascade import cli
+from jaxcascade.storage import model_dir
+from jaxcascade.data import nifti, resolution
 from conftest import held_out_inputs
 
 

@@ -19,7 +19,7 @@ FAULTS_PER_CALL = """
 import json, resource, statistics
 import jaxcascade
 import jax, jax.numpy as jnp, numpy as np
-from jaxcascade import convs
+from jaxcascade.ops import convs
 x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 34, 34, 34, 32)).astype(np.float32))
 k = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 3, 32, 64)).astype(np.float32))
 f = jax.jit(lambda x, k: convs.conv3d(x, k, implementation="slices").sum())
@@ -68,7 +68,7 @@ import jax, jax.numpy as jnp
 from jax import monitoring
 hits = []
 monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
-from jaxcascade import convs
+from jaxcascade.ops import convs
 f = jax.jit(lambda x, k: convs.conv3d(x, k, implementation="im2col", dilation=2).sum())
 f(jnp.ones((2, 16, 16, 16, 8)), jnp.ones((3, 3, 3, 8, 16))).block_until_ready()
 print(json.dumps({"cache": jaxcascade.runtime.STATUS["compilation_cache"], "hits": len(hits)}))

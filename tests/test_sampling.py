@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from jaxcascade import batching, sampling
+from jaxcascade.training import batching, sampling
 
 
 def test_stage1_sampling_is_balanced_and_seeded():

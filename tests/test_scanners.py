@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from jaxcascade import cli, phantom, phantom_core, scanners
+from jaxcascade import cli, phantom
+from jaxcascade.phantom import core as phantom_core, scanners
 from jaxcascade.errors import UserError
 
 SEEDS = (0, 1, 2)
@@ -65,7 +66,7 @@ def tiny_by_scanner():
 def mni_by_scanner():
     """{scanner name: MNI tiny subject of seed 0, all contrasts}; needs nilearn."""
     pytest.importorskip("nilearn")
-    from jaxcascade import phantom_mni
+    from jaxcascade.phantom import mni as phantom_mni
 
     return {name: phantom_mni.make_subject(0, "tiny", phantom_mni.CONTRASTS, scanner=name)
             for name in scanners.SCANNERS}
@@ -135,7 +136,7 @@ def test_default_scanner_reproduces_the_unmodified_generator(tiny_by_scanner):
 
 
 def test_mni_default_scanner_reproduces_the_unmodified_generator(mni_by_scanner):
-    from jaxcascade import phantom_mni
+    from jaxcascade.phantom import mni as phantom_mni
 
     assert_fingerprints_match(mni_by_scanner["default"], UNMODIFIED_MNI_SEED_0)
     implicit = phantom_mni.make_subject(0, "tiny", phantom_mni.CONTRASTS)
@@ -299,7 +300,7 @@ def test_cli_writes_the_scanner_and_rejects_unknown_ones(tmp_path):
 
 def test_cli_mni_scanner(tmp_path):
     pytest.importorskip("nilearn")
-    from jaxcascade import phantom_mni
+    from jaxcascade.phantom import mni as phantom_mni
 
     assert cli.main(["phantom", str(tmp_path / "mni"), "--kind", "mni", "--size", "tiny", "--subjects", "1",
                      "--seed", "3", "--scanner", "1.5T"]) == 0

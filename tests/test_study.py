@@ -8,7 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxcascade import cascade, cli, dense, phantom, study as study_lib
+from jaxcascade.segmentation import cascade, dense, study as study_lib
+from jaxcascade import cli, phantom
 from jaxcascade.errors import UserError
 from conftest import held_out_inputs
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import os
 import shutil
 import signal
 import subprocess

@@ -3,7 +3,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcascade import cpu_kernel, inference, models, optimizer, train_steps
+from jaxcascade.ops import cpu_kernel
+from jaxcascade.segmentation import inference
+from jaxcascade.networks import models
+from jaxcascade.training import optimizer, train_steps
 from jaxcascade.configs import default
 
 

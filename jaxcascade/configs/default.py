@@ -99,7 +99,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.distributed.auto = False  # let jax.distributed detect a cluster (SLURM, Open MPI, TPU)
     # Training subjects are dealt to this many data shards (0: one per process);
     # each process loads only its shards' subjects. Fix it to get the same
-    # result on any number of hosts (see jaxcascade/batching.py).
+    # result on any number of hosts (see jaxcascade/training/batching.py).
     config.distributed.data_shards = 0
 
     config.inference = ml_collections.ConfigDict()

@@ -1,0 +1,98 @@
+"""Figures: training curves and a FLAIR overlay with truth and prediction contours (PNG, atomic).
+
+Drawn with matplotlib's object-oriented `Figure`, never `pyplot`: importing
+jaxcascade leaves the user's matplotlib backend (a notebook's inline one, an
+interactive window) as it was, and headless clusters need no display.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from jaxcascade.runtime.outputs import atomic_path
+
+# Okabe-Ito colours, told apart by the commonest colour-vision deficiencies (unlike red/green).
+TRUTH_COLOUR, PREDICTION_COLOUR = "#56B4E9", "#E69F00"  # sky blue, orange
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure  # deferred: only drawing needs matplotlib
+
+    return Figure(figsize=(width, height))
+
+
+def _save(figure, path) -> None:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+
+
+def training_curves(records: list[dict], path: str | Path) -> None:
+    """Train and validation loss per epoch, one panel per stage; the best epoch marked."""
+    stages = sorted({r["stage"] for r in records})
+    if not stages:
+        return
+    figure = _figure(5 * len(stages), 3.6)
+    axes = figure.subplots(1, len(stages), squeeze=False)
+    for axis, stage in zip(axes[0], stages):
+        rows = [r for r in records if r["stage"] == stage]
+        epochs = [r["epoch"] for r in rows]
+        axis.plot(epochs, [r["train_loss"] for r in rows], label="train")
+        axis.plot(epochs, [r["val_loss"] for r in rows], label="validation")
+        best = [r for r in rows if r["best"]]
+        if best:
+            axis.scatter([best[-1]["epoch"]], [best[-1]["val_loss"]], color="k", zorder=3, label="kept")
+        axis.set_title(f"CNN{stage}")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel("cross-entropy")
+        axis.legend()
+    _save(figure, path)
+
+
+def overlay_slices(reference: np.ndarray, count: int = 3) -> list[int]:
+    """Axial planes spread through the lesions: quantiles of the lesions' central planes, each lesion once.
+
+    The planes with the most lesion voxels are usually neighbours through one large lesion; counting each
+    lesion (6-connected component) once shows their spread. Planes with the most lesion voxels fill in
+    where there are fewer distinct planes than `count`; without lesions, planes spread through the volume.
+    """
+    from scipy import ndimage
+
+    depth = reference.shape[2]
+    quantiles = (np.arange(count) + 1) / (count + 1)
+    labels, lesions = ndimage.label(reference)
+    if not lesions:
+        return sorted({int(round(q * (depth - 1))) for q in quantiles})
+    centres = np.array([c[2] for c in ndimage.center_of_mass(reference, labels, range(1, lesions + 1))])
+    chosen = {int(round(z)) for z in np.quantile(centres, quantiles, method="nearest")}
+    by_load = np.argsort(reference.reshape(-1, depth).sum(axis=0), kind="stable")[::-1]
+    for z in by_load:
+        if len(chosen) >= min(count, depth):
+            break
+        chosen.add(int(z))
+    return sorted(chosen)
+
+
+def overlay(flair: np.ndarray, truth: np.ndarray | None, prediction: np.ndarray, path: str | Path,
+            *, title: str = "") -> None:
+    """Axial FLAIR slices spread through the lesion load: truth sky blue, prediction orange.
+
+    `title` (e.g. the subject, its lesion count and volume) heads the picture.
+    """
+    reference = truth if truth is not None and truth.any() else prediction
+    slices = overlay_slices(reference)
+    figure = _figure(4 * len(slices), 4.4)
+    axes = np.atleast_1d(figure.subplots(1, len(slices)))
+    for axis, z in zip(axes, slices):
+        axis.imshow(np.rot90(flair[:, :, z]), cmap="gray")
+        if truth is not None and truth[:, :, z].any():
+            axis.contour(np.rot90(truth[:, :, z]), levels=[0.5], colors=TRUTH_COLOUR, linewidths=1.0)
+        if prediction[:, :, z].any():
+            axis.contour(np.rot90(prediction[:, :, z]), levels=[0.5], colors=PREDICTION_COLOUR, linewidths=1.0)
+        axis.set_title(f"axial slice {z}")
+        axis.axis("off")
+    legend = ("FLAIR: truth (blue), prediction (orange)" if truth is not None
+              else "FLAIR: segmentation (orange)")
+    figure.suptitle(f"{title}\n{legend}" if title else legend)
+    _save(figure, path)

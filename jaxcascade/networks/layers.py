@@ -1,0 +1,130 @@
+"""Layers the networks share, and the receptive-field arithmetic of a layer stack.
+
+`Conv3D` routes its arithmetic through `convs.conv3d` (GEMM formulations on
+CPU, `lax.conv` elsewhere); `max_pool_2x2x2` is the training pool and
+`dense_max_pool` its stride-1 ("a trous") form for dense inference; `PReLU`
+is Keras' with a slope per element. A network that describes its layers as a
+sequence of `Window`s gets its dense halo and per-layer dilations from
+`receptive_halo` and `dilations`, instead of summing them by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxcascade.ops import convs, cpu_kernel
+
+# Lasagne's and Keras' default kernel initialiser, which the seed code and nicMSlesions used.
+glorot = jax.nn.initializers.glorot_uniform()
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+# Dense layers' products in true float32 on every platform (NVIDIA GPUs would use TF32; see convs.conv3d).
+FLOAT32 = jax.lax.Precision.HIGHEST
+
+
+class Conv3D(nnx.Module):
+    """A k^3 convolution whose arithmetic goes through `convs.conv3d`.
+
+    Parameters are float32; with compute_dtype 'bfloat16' the products are
+    bfloat16 and the sums float32 (activations between layers stay float32).
+    """
+
+    def __init__(self, in_features, out_features, *, kernel_size=3, padding="VALID", implementation="auto",
+                 compute_dtype="float32", rngs):
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype {compute_dtype!r}: use one of {', '.join(COMPUTE_DTYPES)}")
+        shape = (kernel_size,) * 3 + (in_features, out_features)
+        self.kernel = nnx.Param(glorot(rngs.params(), shape, jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
+        self.padding = padding
+        self.implementation = implementation
+        self.compute_dtype = compute_dtype
+
+    def __call__(self, x, *, dilation: int = 1, gather_taps: bool = False):
+        return self.apply(x, self.kernel[...], dilation=dilation, gather_taps=gather_taps) + self.bias[...]
+
+    def apply(self, x, kernel, *, dilation: int = 1, padding: str | None = None, gather_taps: bool = False):
+        """This layer's convolution arithmetic on any kernel (the dense form reuses it).
+
+        gather_taps: see convs.conv3d (x is not differentiated, and its producer
+        does not fuse into a gather).
+        """
+        return convs.conv3d(x, kernel, padding=padding or self.padding, dilation=dilation,
+                            implementation=self.implementation, gather_taps=gather_taps,
+                            compute_dtype=None if self.compute_dtype == "float32" else self.compute_dtype)
+
+
+class PReLU(nnx.Module):
+    """max(0, x) + alpha * min(0, x) with alpha of any broadcastable shape (Keras' PReLU, zero-initialised)."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.alpha = nnx.Param(jnp.zeros(shape, jnp.float32))
+
+    def __call__(self, x):
+        return jnp.maximum(x, 0) + self.alpha[...] * jnp.minimum(x, 0)
+
+
+def max_pool_2x2x2(x):
+    """A 2^3 max-pool with stride 2 over (B, D, H, W, C), odd trailing planes dropped (Lasagne's ignore_border).
+
+    Written as crop + reshape + max rather than `reduce_window`: the same
+    forward values, but its gradient is an elementwise mask, whereas
+    reduce_window's select-and-scatter gradient is several times slower on
+    XLA:CPU (benchmarks/train_step.py). Gradients differ only for tied maxima,
+    which after a ReLU are zeros whose gradient the ReLU drops anyway.
+    """
+    batch, depth, height, width, channels = x.shape
+    x = x[:, : depth // 2 * 2, : height // 2 * 2, : width // 2 * 2]
+    x = x.reshape(batch, depth // 2, 2, height // 2, 2, width // 2, 2, channels)
+    return x.max(axis=(2, 4, 6))
+
+
+def dense_max_pool(x, dilation: int):
+    """A 2^3 max-pool evaluated at every position (stride 1), taps `dilation` apart.
+
+    On CPU one pass of jaxcascade's kernel (cpu_kernel.max_pool) where it
+    runs (float32, channels a multiple of 16); elsewhere one axis at a time
+    (max is exact: the values equal one 2x2x2 window's), 2.2x faster on
+    XLA:CPU than one 3D window. Kept as reduce_window rather than jnp.maximum
+    of slices: XLA would fuse that cheap elementwise form into the next
+    convolution's tap gather and recompute it for every tap (convs.py).
+    """
+
+    def by_axis(x):
+        for axis in (1, 2, 3):
+            window, spacing = [1] * 5, [1] * 5
+            window[axis], spacing[axis] = 2, dilation
+            x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, tuple(window), (1,) * 5, "VALID",
+                                      window_dilation=tuple(spacing))
+        return x
+
+    if x.dtype == jnp.float32 and x.shape[-1] % 16 == 0 and cpu_kernel.available():
+        return jax.lax.platform_dependent(x, cpu=lambda x: cpu_kernel.max_pool(x, dilation), default=by_axis)
+    return by_axis(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """One spatial layer of a patch network: `size` taps per axis, moving by `stride`."""
+
+    size: int
+    stride: int = 1
+
+
+def dilations(windows: tuple[Window, ...]) -> tuple[int, ...]:
+    """Tap spacing of each layer when the stack runs densely: the product of the strides before it."""
+    spacing, out = 1, []
+    for window in windows:
+        out.append(spacing)
+        spacing *= window.stride
+    return tuple(out)
+
+
+def receptive_halo(windows: tuple[Window, ...]) -> int:
+    """Receptive field - 1: the extra input voxels per axis a dense block of outputs needs."""
+    return sum((window.size - 1) * spacing for window, spacing in zip(windows, dilations(windows)))

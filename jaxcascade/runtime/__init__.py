@@ -1,0 +1,152 @@
+"""What every stage leans on: process-wide settings (here), devices and processes (`distributed`), random
+streams (`seeding`), and output paths checked before work and files written atomically (`outputs`).
+May import `jaxcascade.errors` only.
+
+The settings are made when jaxcascade is imported, before any JAX backend exists:
+
+**malloc.** XLA:CPU takes each call's temporary buffers from glibc malloc.
+Above malloc's mmap threshold, and in every worker thread's own arena (capped
+at 64 MiB), a large buffer is a fresh `mmap`: every call then page-faults and
+the kernel zeroes tens of MB afresh, which made the dense kernel 2-8x slower
+on some machines. Three `mallopt` calls keep those buffers in one heap that is
+reused: one arena, no mmap below 1 GiB, no trimming. They only take effect
+before the CPU backend starts its threads (after `import jax` is fine; after
+the first computation they silently do nothing), so they are made at import;
+the cost is a heap that stays at its high-water mark (+70-380 MB RSS).
+Opt out with JAXCASCADE_MALLOC=0, or set the same through
+GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=2147483647
+at launch.
+
+**Compilation cache.** Every `segment` and `train` would otherwise compile
+the same functions afresh. JAX's persistent cache keeps them in a per-user
+folder, one subfolder per CPU model and JAX version (an executable built for
+one CPU's instruction set must not load on another). It is size-limited,
+which makes JAX guard every read and write with a file lock, so processes can
+share it. JAXCASCADE_COMPILATION_CACHE=0 disables it, =PATH moves it; an
+explicit JAX_COMPILATION_CACHE_DIR (or jax config) wins.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+MALLOC_ENV = "JAXCASCADE_MALLOC"
+CACHE_ENV = "JAXCASCADE_COMPILATION_CACHE"
+_OFF = ("0", "off", "false", "no")
+
+# glibc's mallopt parameters (malloc.h) and the values set.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+MALLOC_SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, 1 << 30), (M_TRIM_THRESHOLD, 2**31 - 1))
+CACHE_MAX_BYTES = 2 * 2**30
+# Below this compile time JAX would not bother to cache; the CPU compiles that
+# dominate start-up (the train step, the dense kernel) take 0.3-3 s each.
+CACHE_MIN_COMPILE_SECONDS = 0.2
+
+STATUS: dict[str, str] = {}
+
+
+def _warn(message: str) -> None:
+    from jaxcascade.errors import JaxcascadeWarning
+
+    warnings.warn(message, JaxcascadeWarning, stacklevel=3)
+
+
+def backend_started() -> bool:
+    """Whether a JAX backend already exists in this process (without creating one)."""
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+    except ImportError:  # a JAX without this private module: assume the worst
+        return True
+    probe = getattr(xla_bridge, "backends_are_initialized", None)
+    return bool(probe()) if probe else bool(getattr(xla_bridge, "_backends", True))
+
+
+def configure_malloc() -> str:
+    """Apply MALLOC_SETTINGS with mallopt; returns what happened ('applied', 'disabled', ...)."""
+    if os.environ.get(MALLOC_ENV, "").strip().lower() in _OFF:
+        return "disabled"
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return "not glibc"
+    if backend_started():
+        _warn("the JAX backend started before jaxcascade was imported, so its malloc settings come too late "
+              "(large CPU buffers will page-fault on every call); import jaxcascade first, or launch with "
+              "GLIBC_TUNABLES (see jaxcascade/runtime/__init__.py)")
+        return "too late"
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    failed = [param for param, value in MALLOC_SETTINGS if libc.mallopt(param, value) != 1]
+    if failed:
+        _warn(f"mallopt refused parameters {failed}; large CPU buffers may page-fault on every call")
+        return "refused"
+    return "applied"
+
+
+def machine_tag() -> str:
+    """A short name for this CPU model and instruction set, and the JAX version."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = platform.processor()
+    # The first processor's model and flags describe them all on one machine.
+    lines = [line for line in cpuinfo.splitlines() if line.startswith(("model name", "flags", "Features"))][:2]
+    try:
+        from importlib.metadata import version
+
+        jax_version = version("jaxlib")
+    except Exception:  # noqa: BLE001 - no metadata: the tag still separates CPUs
+        jax_version = "unknown"
+    digest = hashlib.sha256("\n".join([platform.machine(), jax_version, *lines]).encode()).hexdigest()[:12]
+    return f"{platform.machine()}-jaxlib{jax_version}-{digest}"
+
+
+def cache_root() -> Path:
+    """jaxcascade's per-user cache folder (compiled functions, built kernels)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxcascade"
+
+
+def default_cache_dir() -> Path:
+    return cache_root() / "xla" / machine_tag()
+
+
+def configure_compilation_cache() -> str:
+    """Turn on JAX's persistent compilation cache in the per-user folder; returns the folder or why not."""
+    setting = os.environ.get(CACHE_ENV, "").strip()
+    if setting.lower() in _OFF:
+        return "disabled"
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return f"{os.environ['JAX_COMPILATION_CACHE_DIR']} (JAX_COMPILATION_CACHE_DIR)"
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return f"{jax.config.jax_compilation_cache_dir} (jax config)"
+    try:
+        import filelock  # noqa: F401 - JAX's size-limited cache locks with it
+    except ImportError:
+        return "no filelock package: not shared safely, left off"
+    folder = Path(setting) if setting else default_cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        _warn(f"{folder}: cannot create the compilation cache ({error.strerror}); compiling afresh each run")
+        return "unwritable"
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
+    return str(folder)
+
+
+def configure() -> dict[str, str]:
+    """Both settings, once per process; STATUS records what each did."""
+    if not STATUS:
+        STATUS["malloc"] = configure_malloc()
+        STATUS["compilation_cache"] = configure_compilation_cache()
+    return STATUS

@@ -1,0 +1,129 @@
+"""The two-stage cascade: `Cascade` (a model directory's two stages) and `segment_volume`.
+
+Arrays in, arrays out; no file writing. A `Stage` (stage.py) is one trained
+patch classifier: its graph definition, variables, patch size and dense halo.
+Build one from a network in memory (`Stage.from_network(model, variables)`) or
+from a model directory (`Stage.load(model_dir, 1)`); likewise `Cascade.load`.
+`segment_volume` chains two stages the way the seed code does; each stage
+runs through an inference kernel (`inference.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from jaxcascade.segmentation import inference, postprocess
+from jaxcascade.storage import model_dir as model_dir_lib
+from jaxcascade.data import normalisation
+from jaxcascade.data.normalisation import candidate_mask
+from jaxcascade.segmentation.stage import Stage
+from jaxcascade.errors import UserError
+
+
+@dataclasses.dataclass
+class Cascade:
+    """A trained cascade: the model's config (channels, thresholds) and its two stages."""
+
+    config: object
+    stage1: Stage
+    stage2: Stage
+    voxel_size_mm: tuple | None = None  # of its training data's FLAIR; None: unknown (never resample)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.config.data.modalities)
+
+    @classmethod
+    def load(cls, model_dir, *, compute_dtype: str | None = None) -> "Cascade":
+        """The cascade of a trained (or imported) model directory, computing in compute_dtype if given."""
+        config = model_dir_lib.read_model_config(model_dir)
+        if compute_dtype is not None:
+            config.compute_dtype = compute_dtype
+        model_dir_lib.require_stages(model_dir, "is not trained yet; finish `jaxcascade train` first")
+        # Before any subject: a model that needs N4 fails once here, not once per subject of a study.
+        normalisation.check_settings(config)
+        return cls(config, Stage.load(model_dir, 1, config), Stage.load(model_dir, 2, config),
+                   model_dir_lib.recorded_voxel_size(model_dir))
+
+
+@dataclasses.dataclass
+class Segmentation:
+    stage1_probability: np.ndarray
+    stage2_probability: np.ndarray
+    mask: np.ndarray
+    candidate_count: int
+    stage2_candidate_count: int
+    stage2_std: np.ndarray | None = None  # with test-time augmentation: CNN2's spread over the flips
+
+
+# Test-time augmentation: every combination of flips of the three axes (the identity first).
+FLIPS = tuple(tuple(axis for axis in range(3) if code >> axis & 1) for code in range(8))
+
+
+def classify_flipped(stage: Stage, volume: np.ndarray, mask: np.ndarray, options: inference.InferenceOptions,
+                     progress: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation over FLIPS of the stage's probability on mask (0 elsewhere).
+
+    Each flip classifies the flipped volume and is flipped back, so every voxel is averaged over eight
+    views of its neighbourhood; the networks are not flip-invariant, which is what makes the views differ.
+    """
+    views = []
+    for axes in FLIPS:
+        flipped = np.flip(volume, axes) if axes else volume
+        probability = inference.classify(stage, np.ascontiguousarray(flipped),
+                                         np.flip(mask, axes) if axes else mask, options, progress)
+        views.append(np.flip(probability, axes) if axes else probability)
+    stack = np.stack(views)
+    return stack.mean(axis=0) * mask, stack.std(axis=0) * mask
+
+
+def segment_volume(
+    stage1: Stage,
+    stage2: Stage,
+    volume: np.ndarray,
+    flair_channel: int,
+    options: inference.InferenceOptions,
+    *,
+    voxel_volume_ml: float = 1e-3,
+    progress: Callable | None = None,
+) -> Segmentation:
+    """Run the cascade on one normalised (D, H, W, C) volume.
+
+    CNN1 classifies every candidate (normalised FLAIR > min_th); CNN2 classifies
+    the voxels where CNN1 > stage2_min_probability; the mask is CNN2 >= threshold
+    with connected components of at most min_lesion_voxels removed (and emptied
+    entirely below min_volume_ml, nicMSlesions' rule; 0 disables it). With
+    options.tta both stages average their probabilities over the eight axis flips.
+    """
+    candidates = candidate_mask(volume[..., flair_channel], options.min_th)
+    if not candidates.any():
+        raise UserError(
+            f"no candidate voxels: normalised FLAIR is nowhere above min_th={options.min_th}; "
+            "check that the FLAIR image is the right one or lower --config.candidates.min_th"
+        )
+    wrap = (lambda it: progress(it, "stage 1")) if progress else None
+    stage2_std = None
+    if options.tta:
+        stage1_probability, _ = classify_flipped(stage1, volume, candidates, options, wrap)
+    else:
+        stage1_probability = inference.classify(stage1, volume, candidates, options, wrap)
+    stage2_candidates = stage1_probability > options.stage2_min_probability
+    wrap = (lambda it: progress(it, "stage 2")) if progress else None
+    if options.tta:
+        stage2_probability, stage2_std = classify_flipped(stage2, volume, stage2_candidates, options, wrap)
+    else:
+        stage2_probability = inference.classify(stage2, volume, stage2_candidates, options, wrap)
+    mask = postprocess.binarise(stage2_probability, options.threshold)
+    mask = postprocess.remove_small_lesions(mask, options.min_lesion_voxels, options.connectivity)
+    mask = postprocess.apply_min_volume(mask, options.min_volume_ml, voxel_volume_ml)
+    return Segmentation(
+        stage1_probability=stage1_probability,
+        stage2_probability=stage2_probability,
+        mask=mask,
+        candidate_count=int(candidates.sum()),
+        stage2_candidate_count=int(stage2_candidates.sum()),
+        stage2_std=stage2_std,
+    )

@@ -1,0 +1,38 @@
+"""`Stage`: one trained patch classifier, as the inference kernels take it.
+
+Its own module, below the cascade and the inference kernels that both use it,
+so neither has to import the other to name it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flax import nnx
+
+from jaxcascade.storage import checkpoints, model_dir as model_dir_lib
+from jaxcascade.networks import models
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One trained patch classifier; dense_halo is None where it has no exact dense form."""
+
+    graphdef: object
+    variables: dict
+    patch_size: int
+    dense_halo: int | None = None
+
+    @classmethod
+    def from_network(cls, model: nnx.Module, variables: dict | None = None) -> "Stage":
+        """A stage of a network in memory, with its own variables or the given ones (same structure)."""
+        graphdef, own = models.split_model(model)
+        return cls(graphdef, own if variables is None else variables, model.patch_size, model.dense_halo)
+
+    @classmethod
+    def load(cls, model_dir, stage: int, config=None) -> "Stage":
+        """Stage 1 or 2 of a model directory (its config is read unless given)."""
+        config = config if config is not None else model_dir_lib.read_model_config(model_dir)
+        model = models.build_network(config.model, len(config.data.modalities), 0, config.compute_dtype)
+        _, template = models.split_model(model)
+        return cls.from_network(model, checkpoints.load_weights(model_dir, stage, template))

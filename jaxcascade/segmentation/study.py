@@ -1,0 +1,329 @@
+"""Segmenting a study: every subject (and session) of a data folder with one loaded model, and a report.
+
+For each subject, OUT/<subject>/ (BIDS input: OUT/sub-X/[ses-Y/]anat/, a derivatives dataset) gets
+    <prefix>_desc-lesion_mask.nii.gz        on the subject's FLAIR grid, with its header
+    <prefix>_desc-stage{1,2}_probseg.nii.gz  with probabilities
+    <prefix>_desc-qc.png                    FLAIR with the mask outline on slices spread through the lesions
+    <prefix>_desc-lesion_report.json        the subject's row and its lesions (written last)
+and OUT/lesions.csv has one row per subject/session (status, count, volume, metrics), OUT/lesion_table.csv
+one row per lesion (volume, RAS centroid, probabilities).
+
+The data folder is the training layout (`<subject>/<MODALITY><suffix>`, the lesion file optional) or a
+BIDS dataset (`bids_layout.py`). The model is loaded and compiled once: the kernels see volumes padded
+to shape buckets, so subjects of different shapes share compilations. A subject whose files fail a
+check becomes a row with its one-line error and the others go on. A subject whose report exists is not
+redone (rerun to resume) unless overwrite. Every file is written atomically and the CSVs are rebuilt
+from the reports, so they always describe exactly the subjects finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import dataclasses
+import errno
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from jaxcascade.data import bids_layout, nifti
+from jaxcascade.evaluation import metrics, plots
+from jaxcascade.segmentation.cascade import Cascade
+from jaxcascade.errors import MachineFault, UserError
+from jaxcascade.runtime.outputs import check_output_path, write_json, write_text
+from jaxcascade.segmentation.files import segment_images
+from jaxcascade.segmentation.study_report import LESION_COLUMNS, SUBJECT_COLUMNS, csv_text, lesion_rows
+
+_LOG = logging.getLogger(__name__)
+
+@dataclasses.dataclass
+class StudySubject:
+    participant_id: str
+    session_id: str  # "" without sessions
+    inputs: dict  # modality -> Path
+    truth: Path | None  # a lesion mask to score against, if any
+    folder: Path  # outputs, relative to OUT
+    prefix: str  # of every output file name
+    problem: str | None = None  # a reason it cannot be segmented, found while discovering
+    brain_mask: Path | None = None  # restricts normalisation and candidates
+
+
+def study_subjects(data_dir, config, bids_suffixes: dict | None = None, *, participants=None,
+                   bids_filters=None, log: Callable | None = None) -> list[StudySubject]:
+    """The subjects (and sessions) of a training-layout folder or a BIDS dataset.
+
+    participants: labels (01 or sub-01) to keep, as BIDS Apps' --participant-label; in a training-layout
+    folder they name subject folders. bids_filters: `[MODALITY:]ENTITY=VALUE` strings (bids_layout).
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"{data_dir}: data folder not found")
+    modalities = tuple(config.data.modalities)
+    if bids_layout.is_bids(data_dir):
+        found = bids_layout.sessions(data_dir, modalities, bids_suffixes or bids_layout.DEFAULT_SUFFIXES,
+                                     participants=participants, filters=bids_filters, log=log)
+        return [StudySubject(entry["participant_id"], entry["session_id"], entry["inputs"], entry["truth"],
+                             *bids_layout.output_location(entry["participant_id"], entry["session_id"]),
+                             problem=entry["problem"], brain_mask=entry["brain_mask"]) for entry in found]
+    if bids_filters:
+        raise UserError(f"{data_dir}: --bids-filter applies to BIDS datasets (this folder has no "
+                        "dataset_description.json)")
+    names = [f"{m}{config.data.suffix}" for m in modalities]
+    folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+                     and any((p / name).exists() for name in names))
+    if not folders:
+        raise UserError(f"{data_dir}: no subject folders with {' or '.join(names)} (expected "
+                        f"{data_dir}/<subject>/{names[0]} ..., or a BIDS dataset with dataset_description.json)")
+    if participants:
+        wanted = {str(label) for label in participants} | {f"sub-{label}" for label in participants}
+        missing = [label for label in participants if not {label, f"sub-{label}"} & {f.name for f in folders}]
+        if missing:
+            raise UserError(f"{data_dir}: no subject folder {', '.join(map(str, missing))} (it has "
+                            f"{', '.join(f.name for f in folders[:10])}{' ...' if len(folders) > 10 else ''})")
+        folders = [f for f in folders if f.name in wanted]
+    subjects = []
+    for folder in folders:
+        truth, brain = folder / f"{config.data.lesion}{config.data.suffix}", folder / f"brain_mask{config.data.suffix}"
+        subjects.append(StudySubject(folder.name, "", {m: folder / f"{m}{config.data.suffix}" for m in modalities},
+                                     truth if truth.exists() else None, Path(folder.name), folder.name,
+                                     brain_mask=brain if brain.exists() else None))
+    return subjects
+
+
+def _segment_subject(model: Cascade, subject: StudySubject, out: Path, probabilities: bool, settings: dict,
+                     progress) -> dict:
+    """Segment one subject, write its files into out, return its report (row and lesions)."""
+    config = model.config
+    started = time.perf_counter()
+    if subject.problem:
+        raise UserError(subject.problem)
+    images = nifti.load_sequences(subject.inputs, model.modalities, subject.participant_id,
+                                  orientation=config.data.orientation, reference=config.data.flair)
+    reference = images[model.modalities.index(config.data.flair)]
+    resampled = nifti.resampling_notes(images, model.modalities, config.data.flair)
+    brain_mask = nifti.load_brain_mask(subject.brain_mask, reference) if subject.brain_mask else None
+    stripped = "masked" if brain_mask is not None else "yes" if nifti.looks_skull_stripped(reference.data) else "no"
+    result = segment_images(model, images, brain_mask=brain_mask, progress=progress, **settings)
+    out.mkdir(parents=True, exist_ok=True)
+    nifti.save_like(result.mask, reference, out / f"{subject.prefix}_desc-lesion_mask.nii.gz", dtype=np.uint8)
+    if probabilities:
+        for stage, values in ((1, result.stage1_probability), (2, result.stage2_probability)):
+            nifti.save_like(values, reference, out / f"{subject.prefix}_desc-stage{stage}_probseg.nii.gz",
+                            dtype=np.float32)
+        if result.stage2_std is not None:
+            nifti.save_like(result.stage2_std, reference, out / f"{subject.prefix}_desc-stage2std_probseg.nii.gz",
+                            dtype=np.float32)
+    truth = nifti.load_lesion_mask(subject.truth, reference) if subject.truth else None
+    lesions = lesion_rows(result.mask, result.stage2_probability, reference)
+    volume_ml = float(result.mask.sum()) * reference.voxel_volume_ml
+    title = f"{subject.prefix}: {len(lesions)} lesions, {volume_ml:.2f} ml"
+    plots.overlay(reference.data, truth, result.mask, out / f"{subject.prefix}_desc-qc.png", title=title)
+    row = {"participant_id": subject.participant_id, "session_id": subject.session_id, "status": "ok",
+           "lesion_count": len(lesions),
+           "lesion_volume_ml": round(volume_ml, 6),
+           "voxel_size_mm": "x".join(f"{z:g}" for z in reference.nifti.header.get_zooms()[:3]),
+           "skull_stripped": stripped, "resampled": "; ".join(resampled)}
+    if truth is not None:
+        scores = metrics.segmentation_metrics(result.mask, truth, reference.voxel_volume_ml)
+        row.update({key: round(scores[key], 5) for key in ("dsc", "ppv", "tpr", "lesion_f1")},
+                   true_volume_ml=round(scores["truth_volume_ml"], 6))
+    row["seconds"] = round(time.perf_counter() - started, 3)
+    return {"row": row, "lesions": lesions}
+
+
+def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int]:
+    """'I/N' (0 <= I < N), 'slurm' (this SLURM array task of the array), or None: (0, 1)."""
+    if not text:
+        return 0, 1
+    if text == "slurm":
+        if "SLURM_ARRAY_TASK_ID" not in environ:
+            raise UserError("--shard slurm: SLURM_ARRAY_TASK_ID is not set (run it as a job array, sbatch --array)")
+        first = int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        count = int(environ.get("SLURM_ARRAY_TASK_COUNT") or int(environ["SLURM_ARRAY_TASK_MAX"]) - first + 1)
+        return int(environ["SLURM_ARRAY_TASK_ID"]) - first, count
+    index, sep, count = text.partition("/")
+    try:
+        shard = int(index), int(count)
+    except ValueError:
+        shard = (-1, 0)
+    if not sep or not 0 <= shard[0] < shard[1]:
+        raise UserError(f"--shard {text}: expected I/N with 0 <= I < N (e.g. --shard 0/4), or slurm")
+    return shard
+
+
+# Faults of the machine rather than of a subject's files: they would fail every subject after this one.
+MACHINE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                  errno.EROFS: "read-only file system"}
+LOCKS = ".locks"  # one lock file per subject being segmented (released when its process ends, however)
+
+
+def machine_fault(error: BaseException, out_dir: Path) -> str | None:
+    """What went wrong, if `error` is a fault of the machine or of the output folder rather than of a subject."""
+    if isinstance(error, MemoryError):
+        return "out of memory"
+    if not isinstance(error, OSError):
+        return None
+    where = f" writing {error.filename}" if error.filename else ""
+    if error.errno in MACHINE_ERRNOS:
+        return MACHINE_ERRNOS[error.errno] + where
+    written = error.filename and Path(os.path.abspath(error.filename)).is_relative_to(os.path.abspath(out_dir))
+    if written and error.errno in (errno.EACCES, errno.EPERM, errno.ENOENT):
+        return f"cannot write {error.filename} ({error.strerror}): the output folder is not writable or was removed"
+    return None
+
+
+def _claim(out_dir: Path, subject: StudySubject):
+    """A lock on the subject for this process, or None if another process holds it (it is segmenting it)."""
+    from filelock import FileLock, Timeout
+
+    (out_dir / LOCKS).mkdir(exist_ok=True)
+    lock = FileLock(out_dir / LOCKS / f"{subject.prefix}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return None
+    return lock
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files a killed run left in a subject's folder (only the holder of its lock gets here)."""
+    for path in folder.glob(".*.tmp-*") if folder.is_dir() else ():
+        path.unlink(missing_ok=True)
+
+
+def _error_report(subject: StudySubject, message: str) -> dict:
+    return {"row": {"participant_id": subject.participant_id, "session_id": subject.session_id,
+                    "status": f"error: {message}"}, "lesions": []}
+
+
+def _failure(error: Exception, subject: StudySubject, out_dir: Path) -> dict:
+    """The error row of a subject that failed unexpectedly; its traceback goes to OUT/logs/<prefix>.log."""
+    log_path = out_dir / "logs" / f"{subject.prefix}.log"
+    log_path.parent.mkdir(exist_ok=True)
+    write_text("".join(traceback.format_exception(error)), log_path)
+    first = (str(error).strip().splitlines() or [""])[0]
+    return _error_report(subject, f"{type(error).__name__}: {first} (details in {log_path.relative_to(out_dir)})")
+
+
+def _write_tables(out_dir: Path, reports: list[dict], report_paths: list[Path]) -> list[dict]:
+    """lesions.csv and lesion_table.csv from every subject's report, under a lock so that of two processes
+    on one folder the later writer sees what the earlier finished; returns the subject rows."""
+    from filelock import FileLock
+
+    with FileLock(out_dir / LOCKS / "tables.lock"):
+        for i, (report, path) in enumerate(zip(reports, report_paths)):
+            if report["row"].get("in_progress") and path.exists():  # finished meanwhile by the other process
+                reports[i] = json.loads(path.read_text())
+                reports[i]["row"]["resumed"] = True
+        rows = [report["row"] for report in reports]
+        lesions = [{**lesion, "participant_id": report["row"]["participant_id"],
+                    "session_id": report["row"]["session_id"]} for report in reports for lesion in report["lesions"]]
+        write_text(csv_text(rows, SUBJECT_COLUMNS), out_dir / "lesions.csv")
+        write_text(csv_text(lesions, LESION_COLUMNS), out_dir / "lesion_table.csv")
+    return rows
+
+
+def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, overwrite: bool = False,
+                  compute_dtype: str | None = None, bids_suffixes: dict | None = None, tta: bool | None = None,
+                  resample: str = "auto", min_lesion_volume_mm3: float | None = None,
+                  shard: tuple[int, int] = (0, 1), participants=None, bids_filters=None,
+                  log: Callable = _LOG.info, progress: Callable | None = None) -> list[dict]:
+    """Segment every subject of data_dir into out_dir; returns the subject rows (also in OUT/lesions.csv).
+
+    With shard (i, n), this process segments subjects i, i + n, ... and reports the others as far as
+    their own processes have finished them; the last process to finish (or a plain rerun, which
+    segments nothing new) writes the complete CSVs. No scheduler: a SLURM array or n shell jobs.
+    Processes started on one out_dir without shards share the work: each claims a subject with a lock
+    before segmenting it, so every subject is done once. A subject that fails in any way becomes an
+    error row (unexpected errors: traceback in OUT/logs/); a fault of the machine (`machine_fault`)
+    raises MachineFault, with every finished subject kept. Rows finished earlier, by another shard or
+    by another process carry `resumed` (not a CSV column).
+    """
+    out_dir = check_output_path(out_dir, is_dir=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a folder; choose another --out-dir")
+    model = Cascade.load(model_dir, compute_dtype=compute_dtype)
+    subjects = study_subjects(data_dir, model.config, bids_suffixes, participants=participants,
+                              bids_filters=bids_filters, log=log)
+    reports, report_paths, (index, count) = [], [], shard
+    settings = dict(tta=tta, resample=resample, min_lesion_volume_mm3=min_lesion_volume_mm3, warn=log)
+    try:
+        out_dir.mkdir(exist_ok=True)
+        if bids_layout.is_bids(data_dir):
+            bids_layout.describe_derivatives(out_dir, Path(data_dir))
+        for number, subject in enumerate(progress(subjects, "subjects") if progress else subjects):
+            report_path = out_dir / subject.folder / f"{subject.prefix}_desc-lesion_report.json"
+            report_paths.append(report_path)
+            reports.append(_study_subject(model, subject, out_dir, report_path, number % count == index,
+                                          f"pending: shard {number % count}/{count}", overwrite, probabilities,
+                                          settings, log, progress))
+        return _write_tables(out_dir, reports, report_paths)
+    except Exception as error:
+        fault = machine_fault(error, out_dir)
+        if fault is None:
+            raise
+        finished = sum(report["row"]["status"] == "ok" for report in reports)
+        name = f"{reports[-1]['row']['participant_id']} {reports[-1]['row']['session_id']}".strip() if reports \
+            else str(out_dir)
+        try:  # the tables of what is finished, if there is room for them
+            _write_tables(out_dir, reports, report_paths)
+        except Exception:  # noqa: BLE001 - the fault at hand is what the user needs to read
+            pass
+        raise MachineFault(f"{name}: {fault}; stopped with {finished} subjects finished and kept in {out_dir}: "
+                           "fix it and run the same command again to continue") from None
+
+
+def _study_subject(model, subject: StudySubject, out_dir: Path, report_path: Path, mine: bool, pending: str,
+                   overwrite: bool, probabilities: bool, settings: dict, log, progress) -> dict:
+    """One subject's report: read back if finished (or not this process's), else segmented now."""
+    name = " ".join(part for part in (subject.participant_id, subject.session_id) if part)
+    # A failure is recorded apart from the report: other shards read it, its own shard retries it.
+    failure_path = report_path.with_name(f"{subject.prefix}_desc-lesion_error.json")
+    if report_path.exists() and not (overwrite and mine):
+        report = json.loads(report_path.read_text())
+        report["row"]["resumed"] = True  # finished by an earlier run (not a CSV column)
+        return report
+    if not mine:
+        other = json.loads(failure_path.read_text()) if failure_path.exists() else {
+            "row": {"participant_id": subject.participant_id, "session_id": subject.session_id,
+                    "status": pending}, "lesions": []}
+        other["row"]["resumed"] = True  # another shard's outcome, not this run's
+        return other
+    claim = _claim(out_dir, subject)
+    if claim is None:
+        log(f"{name}: being segmented by another process; left to it")
+        return {"row": {"participant_id": subject.participant_id, "session_id": subject.session_id,
+                        "status": "pending: another process", "resumed": True, "in_progress": True}, "lesions": []}
+    try:
+        if report_path.exists() and not overwrite:  # finished by another process since we looked
+            report = json.loads(report_path.read_text())
+            report["row"]["resumed"] = True
+            return report
+        _remove_stale_temporaries(out_dir / subject.folder)
+        try:
+            report = _segment_subject(model, subject, out_dir / subject.folder, probabilities, settings, progress)
+        except UserError as error:
+            report = _error_report(subject, str(error))
+            log(f"{name}: {error}")
+        except Exception as error:
+            if machine_fault(error, out_dir):
+                raise
+            report = _failure(error, subject, out_dir)
+            log(f"{name}: {report['row']['status'][len('error: '):]}")
+        if report["row"]["status"] != "ok":
+            failure_path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(report, failure_path)
+            return report
+        failure_path.unlink(missing_ok=True)
+        write_json(report, report_path)  # last: a subject without a report is redone
+        row = report["row"]
+        log(f"{name}: {row['lesion_count']} lesions, {row['lesion_volume_ml']:.2f} ml ({row['seconds']:.1f} s)"
+            + ("; the FLAIR does not look skull-stripped: add a brain mask" if row["skull_stripped"] == "no" else "")
+            + (f"; {row['resampled']}" if row.get("resampled") else ""))
+        return report
+    finally:
+        claim.release()

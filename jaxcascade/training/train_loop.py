@@ -1,0 +1,212 @@
+"""The epoch loop of one stage: epochs, validation, early stopping, checkpoints, resume, stop on signals.
+
+It calls the pure steps of `train_steps.py` on batches from `batching.py`,
+with the optimiser of `optimizer.py`. Randomness is derived, never threaded:
+each data shard's epoch shuffle comes from
+`seeding.stream(seed, 'epoch', stage, epoch, shard)` (see `batching`) and
+each step's key is fold_in(fold_in(key(seed), stage), step) (inside the jitted
+step). A run resumed from the checkpoint of epoch N therefore replays epochs
+N+1... exactly as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from jaxcascade.training import batching, train_steps
+from jaxcascade.storage import checkpoints
+from jaxcascade.runtime import distributed
+from jaxcascade.networks import models
+from jaxcascade.training.batching import TrainingSet, training_batch
+from jaxcascade.errors import TrainingInterrupted, UserError
+from jaxcascade.training.intensity_augmentation import IntensityAugmentation
+from jaxcascade.training.optimizer import OptimizerSettings, make_optimizer, trainable_modules
+
+
+def evaluate(eval_step, variables, data: TrainingSet, schedule: batching.Schedule) -> dict:
+    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    rows, weights = schedule.validation()
+    for chunk, chunk_weights in zip(rows, weights):
+        sums = eval_step(variables, training_batch(data, chunk, chunk_weights))
+        for key in totals:
+            totals[key] += float(distributed.to_host(sums[key]))
+    count = max(totals["count"], 1.0)
+    return {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count}
+
+
+def fit_stage(
+    *,
+    stage: int,
+    model,
+    data: TrainingSet,
+    config,
+    workdir,
+    log: Callable[[str], None] = print,
+    on_epoch: Callable[[list[dict]], None] | None = None,
+    progress: Callable | None = None,
+    initial_variables: dict | None = None,
+) -> tuple[dict, list[dict]]:
+    """Train one stage to early stopping (resuming from workdir) and return (best variables, history).
+
+    initial_variables (e.g. a pretrained model's) replace the network's fresh initialisation.
+    """
+    train_config = config.train
+    schedule = batching.schedule(
+        data.shard_rows, data.labels, num_shards=data.num_shards, seed=config.seed, stage=stage,
+        validation_fraction=train_config.validation_fraction, batch_size=train_config.batch_size,
+        validation_batch_size=train_config.eval_batch_size,
+    )
+
+    graphdef, variables = models.split_model(model)
+    if initial_variables is not None:
+        variables = initial_variables
+    trainable = trainable_modules(train_config.trainable, variables["params"])
+    tx = make_optimizer(OptimizerSettings.from_config(train_config, trainable))
+    intensity = IntensityAugmentation.from_config(train_config.get("intensity_augmentation"))
+    train_step = train_steps.make_train_step(graphdef, train_config.augmentation, trainable, intensity=intensity)
+    eval_step = train_steps.make_eval_step(graphdef)
+    base_key = jax.random.fold_in(jax.random.key(config.seed), stage)
+    run_key = jax.random.wrap_key_data(distributed.put_replicated(jax.random.key_data(base_key)))
+
+    state = distributed.put_replicated(train_steps.create_train_state(variables, tx))
+    loop = {"epoch": -1, "best_val_loss": float("inf"), "best_epoch": -1, "bad_epochs": 0, "history": [],
+            "partial": None}
+    best = jax.tree.map(np.array, variables)
+    rng_data = np.asarray(jax.random.key_data(base_key))
+    manager = checkpoints.stage_manager(workdir, stage)
+    restored = checkpoints.restore_latest(manager, {"train_state": state, "best": best, "rng": rng_data})
+    if restored is not None:
+        tree, loop = restored
+        state, best = tree["train_state"], tree["best"]
+        where = f"epoch {loop['epoch'] + 1}"
+        if loop.get("partial"):
+            where = f"step {loop['partial']['steps_done']} of epoch {loop['partial']['epoch'] + 1}"
+        log(f"stage {stage}: resuming after {where} (best validation loss {loop['best_val_loss']:.4f})")
+
+    def save(loop_state):
+        checkpoints.save_epoch(manager, int(distributed.to_host(state.step)),
+                               {"train_state": state, "best": best, "rng": rng_data}, loop_state)
+
+    totals = schedule.totals
+    shards_note = f", {data.num_shards} data shards" if data.num_shards > 1 else ""
+    log(f"stage {stage}: {totals['training']} training / {totals['validation']} validation patches "
+        f"({totals['lesion']} lesion{shards_note}), {schedule.steps} steps per epoch")
+    with StopOnSignals() as stop:
+        for epoch in range(loop["epoch"] + 1, train_config.max_epochs):
+            if loop["bad_epochs"] >= train_config.patience:
+                break
+            started = time.perf_counter()
+            batches = schedule.epoch(config.seed, stage, epoch)
+            # A run stopped mid-epoch resumes at its next batch with the same
+            # shuffle, so the result is bitwise that of an uninterrupted run.
+            partial = loop.get("partial") if (loop.get("partial") or {}).get("epoch") == epoch else None
+            done_steps = partial["measurements"] if partial else []
+            step_measurements = []
+            remaining = batches[len(done_steps):]
+            iterator = progress(remaining, f"stage {stage} epoch {epoch + 1}") if progress else remaining
+            for chunk in iterator:
+                state, measurements = train_step(state, training_batch(data, chunk), run_key)
+                step_measurements.append(measurements)
+                signum = stop.requested(len(done_steps) + len(step_measurements))
+                if signum is not None:
+                    done = done_steps + _host_rows(step_measurements)
+                    save({**loop, "partial": {"epoch": epoch, "steps_done": len(done), "measurements": done}})
+                    raise TrainingInterrupted(signum, stage, epoch, len(done), len(batches))
+            rows = done_steps + _host_rows(step_measurements)
+            measured = {key: np.array([row[key] for row in rows]) for key in rows[0]}
+            _check_finite(measured, stage, epoch, loop)
+            validation = evaluate(eval_step, state.variables, data, schedule)
+            improved = validation["loss"] < loop["best_val_loss"]
+            if improved:
+                best = jax.tree.map(lambda x: np.array(distributed.to_host(x)), state.variables)
+                loop.update(best_val_loss=validation["loss"], best_epoch=epoch, bad_epochs=0)
+            else:
+                loop["bad_epochs"] += 1
+            record = {
+                "stage": stage,
+                "epoch": epoch + 1,
+                "train_loss": float(measured["loss"].mean()),
+                "train_accuracy": float(measured["accuracy"].mean()),
+                "val_loss": validation["loss"],
+                "val_accuracy": validation["accuracy"],
+                "grad_norm": float(measured["grad_norm"].mean()),
+                "update_norm": float(measured["update_norm"].mean()),
+                "steps": int(distributed.to_host(state.step)),
+                "epoch_seconds": round(time.perf_counter() - started, 3),
+                "best": improved,
+            }
+            loop.update(epoch=epoch, partial=None)
+            loop["history"].append(record)
+            save(loop)
+            log(
+                f"stage {stage} epoch {epoch + 1:3d}: train loss {record['train_loss']:.4f} "
+                f"acc {record['train_accuracy']:.3f} | val loss {record['val_loss']:.4f} "
+                f"acc {record['val_accuracy']:.3f}{' *' if improved else ''} ({record['epoch_seconds']:.1f} s)"
+            )
+            if on_epoch:
+                on_epoch(loop["history"])
+            signum = stop.requested()
+            if signum is not None:  # arrived during validation or saving: this epoch is safe
+                raise TrainingInterrupted(signum, stage, epoch, len(batches), len(batches))
+    manager.close()
+    return best, loop["history"]
+
+
+def _host_rows(step_measurements: list[dict]) -> list[dict]:
+    return [{key: float(distributed.to_host(value)) for key, value in m.items()} for m in step_measurements]
+
+
+def _check_finite(measured: dict, stage: int, epoch: int, loop: dict) -> None:
+    bad_steps = np.flatnonzero(~np.isfinite(measured["loss"]) | ~np.isfinite(measured["grad_norm"]))
+    if bad_steps.size:
+        raise UserError(
+            f"stage {stage}: non-finite loss or gradient at epoch {epoch + 1}, step {int(bad_steps[0]) + 1}; "
+            f"training stopped (the last good checkpoint is epoch {loop['epoch'] + 1}); "
+            "check the inputs for extreme values or lower --config.train.learning_rate"
+        )
+
+
+class StopOnSignals:
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (main thread only).
+
+    With several processes a signal may reach only some of them, or reach them
+    at different steps, yet all must stop at the same step: the checkpoint saved
+    then is collective. So they agree, with one tiny all-gather, every
+    AGREE_EVERY steps (not every step: it waits for the devices) and at the end
+    of each epoch.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    AGREE_EVERY = 8
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def _handle(self, signum, _frame):
+        self.signal = signum
+
+    def requested(self, steps_done: int | None = None) -> int | None:
+        """The signal to stop for, once every process knows of it; steps_done None: an epoch's end."""
+        if jax.process_count() == 1:
+            return self.signal
+        if steps_done is not None and steps_done % self.AGREE_EVERY:
+            return None
+        return int(distributed.allgather(np.array(self.signal or 0)).max()) or None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
