@@ -27,7 +27,6 @@ from jaxcascade.training import pipeline
 from jaxcascade.segmentation.cascade import Cascade, Segmentation
 from jaxcascade.errors import warn as warn_user
 from jaxcascade.errors import UserError
-from jaxcascade.runtime.outputs import check_output_path
 
 _LOG = logging.getLogger(__name__)
 
@@ -45,8 +44,8 @@ def load_model(model_dir: PathLike, *, compute_dtype: str | None = None) -> Casc
 
 
 def train(data_dir: PathLike, workdir: PathLike, *, config: str | object = "default", overrides: Sequence[str] = (),
-          init_from: PathLike | None = None, log: Callable[[str], None] = _LOG.info,
-          progress: Callable | None = None) -> Cascade:
+          init_from: PathLike | None = None, participants: Sequence[str] | None = None,
+          log: Callable[[str], None] = _LOG.info, progress: Callable | None = None) -> Cascade:
     """Train both stages on data_dir's subjects in workdir (resuming whatever a previous run left).
 
     Args:
@@ -56,6 +55,7 @@ def train(data_dir: PathLike, workdir: PathLike, *, config: str | object = "defa
             `ml_collections.ConfigDict`. Ignored with init_from (the model's own config is used).
         overrides: `--config.a.b=value` strings, type-checked like the command line's.
         init_from: a model directory to fine-tune instead of training from scratch.
+        participants: train on these participants only (BIDS labels, `01` or `sub-01`; folder names).
         log: called with one line per event (epochs, resumes).
         progress: wraps iterables for a progress bar (e.g. `tqdm.auto.tqdm`); None shows none.
 
@@ -67,38 +67,39 @@ def train(data_dir: PathLike, workdir: PathLike, *, config: str | object = "defa
     else:
         base = config_lib.load_config(config) if isinstance(config, str) else config
         settings = config_lib.apply_overrides(base, list(overrides))
-    pipeline.train_cascade(data_dir, workdir, settings, log=log, progress=progress)
+    pipeline.train_cascade(data_dir, workdir, settings, log=log, progress=progress, participants=participants)
     return load_model(workdir)
 
 
 def segment(model: Cascade | PathLike, inputs: Mapping[str, PathLike | nib.Nifti1Image], *,
-            out: PathLike | None = None, brain_mask: PathLike | None = None, threshold: float | None = None,
-            min_lesion_voxels: int | None = None, min_lesion_volume_mm3: float | None = None,
-            method: str | None = None, tta: bool | None = None, resample: str = "auto", overwrite: bool = False,
+            out: PathLike | None = None, probabilities: PathLike | None = None, brain_mask: PathLike | None = None,
+            threshold: float | None = None, min_lesion_voxels: int | None = None,
+            min_lesion_volume_mm3: float | None = None, method: str | None = None, tta: bool | None = None,
+            compute_dtype: str | None = None, resample: str = "auto", overwrite: bool = False,
             warn: Callable[[str], None] = warn_user, progress: Callable | None = None) -> Segmentation:
     """Segment one subject: its sequences by modality name, as NIfTI paths or nibabel images.
 
-    Every input is checked as the command line checks it (in-memory images are written to a temporary
-    folder and read back through the same checks). The mask is on the FLAIR's own voxel grid.
+    Every input and output is checked before any work, as the command line checks them (in-memory images
+    are written to a temporary folder and read back through the same checks). The mask is on the FLAIR's
+    own voxel grid.
 
     Args:
         model: a `Cascade` (from `load_model` or `train`) or a model directory.
         inputs: exactly the model's modalities, e.g. `{"T1": "t1.nii.gz", "FLAIR": "flair.nii.gz"}`.
-        out: where to write the mask (.nii.gz, with the FLAIR's header); None writes nothing.
+        out: where to write the mask (.nii.gz or .nii, with the FLAIR's header); None writes nothing.
+        probabilities: a folder for both stages' probability maps (stage1.nii.gz, stage2.nii.gz).
         brain_mask: a mask file for images that are not skull-stripped.
         threshold, min_lesion_voxels, min_lesion_volume_mm3, method, tta: override the model's config
             (t_bin, the smallest lesion kept, 'auto'/'dense'/'patch', test-time augmentation).
+        compute_dtype: 'float32' or 'bfloat16' products, for a model given as a directory.
         resample: 'auto' segments inputs of another voxel size at the model's; 'never' keeps their grid.
-        overwrite: replace an existing `out`.
+        overwrite: replace existing outputs.
         warn: called with a one-line warning (an image that does not look skull-stripped, ...).
 
     Returns:
         A `Segmentation`: `mask`, `stage1_probability`, `stage2_probability` (on the FLAIR's grid, in
         the model's processing orientation) and the candidate counts.
     """
-    model = model if isinstance(model, Cascade) else load_model(model)
-    if out is not None:
-        out = check_output_path(out, overwrite=overwrite)
     with tempfile.TemporaryDirectory(prefix="jaxcascade-inputs-") as folder:
         paths = {}
         for name, value in inputs.items():
@@ -109,20 +110,11 @@ def segment(model: Cascade | PathLike, inputs: Mapping[str, PathLike | nib.Nifti
                 paths[name] = value
             else:
                 raise UserError(f"input {name}: give a NIfTI path or a nibabel.Nifti1Image, not {type(value).__name__}")
-        flair = model.config.data.flair
-        images = nifti.load_sequences(paths, model.modalities, orientation=model.config.data.orientation,
-                                      reference=flair)
-    reference = images[model.modalities.index(flair)]
-    mask = nifti.load_brain_mask(brain_mask, reference) if brain_mask else None
-    if mask is None and not nifti.looks_skull_stripped(reference.data):
-        warn(f"{reference.path}: nonzero voxels reach most faces of the field of view; the image does not look "
-             "skull-stripped (pass brain_mask)")
-    result = files.segment_images(model, images, threshold=threshold, min_lesion_voxels=min_lesion_voxels,
-                                     min_lesion_volume_mm3=min_lesion_volume_mm3, method=method, tta=tta,
-                                     brain_mask=mask, resample=resample, warn=warn, progress=progress)
-    if out is not None:
-        nifti.save_like(result.mask, reference, out, dtype=np.uint8)
-    return result
+        return files.segment_files(
+            model, paths, out, probabilities_dir=probabilities, threshold=threshold,
+            min_lesion_voxels=min_lesion_voxels, min_lesion_volume_mm3=min_lesion_volume_mm3, method=method,
+            compute_dtype=compute_dtype, tta=tta, brain_mask=brain_mask, resample=resample, overwrite=overwrite,
+            progress=progress, warn=warn)
 
 
 def segment_study(model: PathLike, data_dir: PathLike, out_dir: PathLike, *, probabilities: bool = False,

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 from jaxcascade.phantom import scanners
 from jaxcascade.errors import JaxcascadeWarning, MachineFault, TrainingInterrupted, UserError
@@ -116,23 +117,18 @@ def cmd_phantom(args, _overrides) -> None:
 
 
 def cmd_train(args, overrides) -> None:
-    from jaxcascade import config as config_lib
-    from jaxcascade.storage import model_dir
-    from jaxcascade.training import pipeline
-
-    if args.init_from:
-        if args.config:
-            raise UserError("--init-from starts from the model's own config; give --config.KEY=VALUE overrides, "
-                            "not --config FILE")
-        config = model_dir.fine_tuning_config(args.init_from, overrides)
-    else:
-        config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
+    from jaxcascade import api
     from jaxcascade.data.bids_layout import participant_labels
+    from jaxcascade.training.history import read_history
 
-    summary = pipeline.train_cascade(args.data, args.workdir, config, log=_log, progress=_progress,
-                                     participants=participant_labels(args.participant_label))
-    _log(f"trained model in {summary['workdir']} (epochs: stage 1 {summary['epochs'][1]}, "
-         f"stage 2 {summary['epochs'][2]})")
+    if args.init_from and args.config:
+        raise UserError("--init-from starts from the model's own config; give --config.KEY=VALUE overrides, "
+                        "not --config FILE")
+    api.train(args.data, args.workdir, config=args.config or "default", overrides=overrides,
+              init_from=args.init_from, participants=participant_labels(args.participant_label), log=_log,
+              progress=_progress)
+    epochs = {stage: len(records) for stage, records in read_history(Path(args.workdir)).items()}
+    _log(f"trained model in {args.workdir} (epochs: stage 1 {epochs[1]}, stage 2 {epochs[2]})")
 
 
 def cmd_segment(args, _overrides) -> int | None:
@@ -146,20 +142,20 @@ def cmd_segment(args, _overrides) -> int | None:
     if args.shard or args.bids_suffix or args.bids_filter or args.participant_label:
         raise UserError("jaxcascade segment: --shard, --participant-label, --bids-suffix and --bids-filter apply "
                         "to a study (--data DIR --out-dir OUT)")
-    from jaxcascade.segmentation import files
+    from jaxcascade import api
 
-    inputs = parse_inputs(args.input)
-    result = files.segment_files(
-        args.model, inputs, args.out, probabilities_dir=args.probabilities, threshold=args.threshold,
-        min_lesion_voxels=args.min_lesion_voxels, method=args.inference, compute_dtype=args.compute_dtype,
-        min_lesion_volume_mm3=args.min_lesion_volume, tta=args.tta or None, brain_mask=args.brain_mask,
-        resample=args.resample, overwrite=args.overwrite, progress=_progress, warn=_warn,
+    result = api.segment(
+        args.model, parse_inputs(args.input), out=args.out, probabilities=args.probabilities,
+        threshold=args.threshold, min_lesion_voxels=args.min_lesion_voxels, method=args.inference,
+        compute_dtype=args.compute_dtype, min_lesion_volume_mm3=args.min_lesion_volume, tta=args.tta or None,
+        brain_mask=args.brain_mask, resample=args.resample, overwrite=args.overwrite, progress=_progress, warn=_warn,
     )
     _log(f"{args.out}: {int(result.mask.sum())} lesion voxels "
          f"({result.candidate_count} candidates, {result.stage2_candidate_count} to stage 2)")
 
 
 def _segment_study(args) -> int:
+    from jaxcascade import api
     from jaxcascade.segmentation import study
 
     if not (args.data and args.out_dir) or args.input or args.out:
@@ -175,7 +171,7 @@ def _segment_study(args) -> int:
                         "subject; for a study set them in the model's config")
     from jaxcascade.data import bids_layout
 
-    rows = study.segment_study(args.model, args.data, args.out_dir, probabilities=args.probabilities is not None,
+    rows = api.segment_study(args.model, args.data, args.out_dir, probabilities=args.probabilities is not None,
                                overwrite=args.overwrite, compute_dtype=args.compute_dtype,
                                bids_suffixes=bids_layout.parse_suffixes(args.bids_suffix),
                                shard=study.parse_shard(args.shard), tta=args.tta or None,
@@ -197,14 +193,11 @@ def _segment_study(args) -> int:
 
 
 def cmd_evaluate(args, _overrides) -> None:
+    from jaxcascade import api
     from jaxcascade.evaluation import metrics
-    from jaxcascade.data import nifti
     from jaxcascade.runtime import outputs
 
-    truth_image = nifti.load_image(args.truth, allow_all_zero=True)
-    prediction = nifti.load_lesion_mask(args.pred, truth_image)
-    truth = nifti.load_lesion_mask(args.truth, truth_image)
-    values = metrics.segmentation_metrics(prediction, truth, truth_image.voxel_volume_ml)
+    values = api.evaluate(args.pred, args.truth)
     if args.json:
         print(json.dumps(outputs.json_safe(values), indent=2))
     else:

@@ -12,12 +12,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from jaxcascade import config as config_lib, phantom
-from jaxcascade.segmentation import files
+from jaxcascade import api, config as config_lib, phantom
 from jaxcascade.evaluation import metrics, plots
 from jaxcascade.data import nifti
 from jaxcascade.runtime import outputs
-from jaxcascade.training import pipeline
 
 _LOG = logging.getLogger(__name__)
 
@@ -48,22 +46,21 @@ def run_demo(workdir, *, log: Callable = _LOG.info, progress: Callable | None = 
         (cohort / "all" / names[-1]).rename(held_out)
         (cohort / "all").rmdir()
 
-    model_dir = workdir / "model"
-    pipeline.train_cascade(train_dir, model_dir, config, log=log, progress=progress)
+    model = api.train(train_dir, workdir / "model", config=config, log=log, progress=progress)
 
     log(f"segmenting held-out subject {names[-1]}")
     inputs = {m: str(held_out / f"{m}.nii.gz") for m in config.data.modalities}
     segmentation_path = workdir / f"{names[-1]}_segmentation.nii.gz"
-    result = files.segment_files(
-        model_dir, inputs, segmentation_path, probabilities_dir=workdir / "probabilities",
-        overwrite=True, progress=progress,
-    )
+    result = api.segment(model, inputs, out=segmentation_path, probabilities=workdir / "probabilities",
+                         overwrite=True, progress=progress)
+    scores = api.evaluate(segmentation_path, held_out / "lesion.nii.gz")
+    outputs.write_json(scores, workdir / "held_out_metrics.json")
     truth_image = nifti.load_image(held_out / "lesion.nii.gz", allow_all_zero=True)
     truth = nifti.load_lesion_mask(held_out / "lesion.nii.gz", truth_image)
-    scores = metrics.segmentation_metrics(result.mask, truth, truth_image.voxel_volume_ml)
-    outputs.write_json(scores, workdir / "held_out_metrics.json")
     flair = nifti.load_image(inputs[config.data.flair]).data
-    plots.overlay(flair, truth, result.mask, workdir / "overlay.png")
+    plots.overlay(flair, truth, result.mask, workdir / "overlay.png",
+                  title=f"{names[-1]} (held out): DSC {scores['dsc']:.3f}, {scores['pred_volume_ml']:.2f} ml found, "
+                        f"{scores['truth_volume_ml']:.2f} ml true")
 
     log(metrics.format_metrics(scores))
     elapsed = time.perf_counter() - started

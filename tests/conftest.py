@@ -12,9 +12,12 @@ import os
 # them on whatever CPU they land on (a test that needs them off says so), subprocesses included.
 os.environ.setdefault("JAXCASCADE_CPU_KERNEL", "1")
 
+import csv  # noqa: E402
+
 import pytest  # noqa: E402
 
 from jaxcascade import cli, phantom  # noqa: E402
+from jaxcascade.configs import default  # noqa: E402
 
 TRAIN_SUBJECTS = 4
 QUICK_OVERRIDES = ["--config.train.max_epochs=4", "--config.train.patience=4"]
@@ -41,6 +44,29 @@ def trained_model(cohort, tmp_path_factory):
                        "--config", "demo", *QUICK_OVERRIDES])
     assert status == 0
     return workdir
+
+
+def model_config(network: str = "valverde2017_valid", patch_size: int = 11):
+    """The default config's model block for a registered network (and patch size)."""
+    config = default.get_config().model
+    config.network, config.patch_size = network, patch_size
+    return config
+
+
+def train_setup(channels: int = 2, augmentation: str = "none", config=None):
+    """(graphdef, variables, optimiser, jitted train step) of an untrained default network."""
+    from jaxcascade.networks import models
+    from jaxcascade.training import optimizer, train_steps
+
+    config = config or default.get_config()
+    graphdef, variables = models.split_model(models.build_network(config.model, channels, 0))
+    tx = optimizer.make_optimizer(optimizer.OptimizerSettings.from_config(config.train))
+    return graphdef, variables, tx, train_steps.make_train_step(graphdef, augmentation)
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
 
 
 def held_out_inputs(cohort) -> list[str]:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from jaxcascade import config as config_lib
-from jaxcascade.networks import models
-from jaxcascade.training import optimizer, train_steps
+from jaxcascade.training import train_steps
 from jaxcascade.errors import UserError
+from conftest import train_setup
 from jaxcascade.training.intensity_augmentation import OFF, IntensityAugmentation, augment_intensity
 
 BATCH, SIZE, CHANNELS = 16, 11, 2
@@ -170,9 +170,7 @@ def _label_checksum_loss(logits, labels):
 
 @pytest.fixture(scope="module")
 def network():
-    config = config_lib.load_config()
-    graphdef, variables = models.split_model(models.build_network(config.model, CHANNELS, 0))
-    tx = optimizer.make_optimizer(optimizer.OptimizerSettings.from_config(config.train))
+    graphdef, variables, tx, _ = train_setup(CHANNELS)
     rng = np.random.default_rng(0)
     batch = {"patches": jnp.asarray(rng.normal(size=(32, SIZE, SIZE, SIZE, CHANNELS)), jnp.float32),
              "labels": jnp.asarray(rng.integers(0, 2, 32), jnp.int32)}

@@ -13,7 +13,6 @@ trees are generated here with phantom images.
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from jaxcascade.data import bids_layout
 from jaxcascade import cli, phantom
 from jaxcascade.errors import UserError
+from conftest import read_csv
 
 MODALITIES = ("T1", "FLAIR")
 SUFFIXES = bids_layout.DEFAULT_SUFFIXES
@@ -43,11 +43,6 @@ def _copy(source: Path, target: Path) -> Path:
     return target
 
 
-def _read(path):
-    with open(path, newline="") as file:
-        return list(csv.DictReader(file))
-
-
 def _one_line_error(capsys) -> str:
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
@@ -60,7 +55,7 @@ def test_a_raw_dataset_without_derivatives_is_segmented(trained_model, phantom_b
     shutil.rmtree(raw / "derivatives")
     out = tmp_path / "out"
     assert cli.main(["segment", "--model", str(trained_model), "--data", str(raw), "--out-dir", str(out)]) == 0
-    rows = _read(out / "lesions.csv")
+    rows = read_csv(out / "lesions.csv")
     assert [(r["participant_id"], r["session_id"], r["status"]) for r in rows] == [
         ("sub-01", "ses-1", "ok"), ("sub-02", "ses-1", "ok")]
     assert all(r["dsc"] == "" for r in rows)  # nothing to score against
@@ -119,11 +114,11 @@ def test_several_runs_take_the_last_with_a_note_and_other_entities_ask_for_a_fil
     printed = capsys.readouterr().out
     assert "using the last, sub-01_ses-1_run-2_FLAIR.nii.gz" in printed
     assert printed.count("sub-02 ses-1: ") == 1 and "sub-02 ses-1: sub-02" not in printed
-    rows = _read(out / "lesions.csv")
+    rows = read_csv(out / "lesions.csv")
     assert rows[0]["status"] == "ok" and rows[1]["status"].startswith("error: 2 *_FLAIR images differ in acq")
     assert cli.main(["segment", "--model", str(trained_model), "--data", str(ds), "--out-dir", str(out),
                      "--bids-filter", "FLAIR:acq=3d", "--participant-label", "02"]) == 0
-    assert [r["status"] for r in _read(out / "lesions.csv")] == ["ok"]
+    assert [r["status"] for r in read_csv(out / "lesions.csv")] == ["ok"]
 
 
 def test_sessions_in_some_participants_nii_symlinks_and_participants_tsv(phantom_bids, tmp_path):

@@ -14,19 +14,12 @@ from flax import nnx
 from jaxcascade.segmentation import cascade, dense, inference
 from jaxcascade import cli
 from jaxcascade.networks import models
-from jaxcascade.configs import default
 from jaxcascade.errors import UserError
-from conftest import held_out_inputs
-
-
-def _model_config(network, patch_size=11):
-    config = default.get_config().model
-    config.network, config.patch_size = network, patch_size
-    return config
+from conftest import held_out_inputs, model_config
 
 
 def _has_dense_form(network) -> bool:
-    return nnx.eval_shape(lambda: models.build_network(_model_config(network), 2, 0)).dense_halo is not None
+    return nnx.eval_shape(lambda: models.build_network(model_config(network), 2, 0)).dense_halo is not None
 
 
 DENSE_NETWORKS = [name for name in sorted(models.NETWORKS) if _has_dense_form(name)]
@@ -34,7 +27,7 @@ PATCH_ONLY_NETWORKS = [name for name in sorted(models.NETWORKS) if not _has_dens
 
 
 def _random_stage(network="valverde2017_valid", patch_size=11, seed=0):
-    model = models.build_network(_model_config(network, patch_size), 2, seed)
+    model = models.build_network(model_config(network, patch_size), 2, seed)
     _, variables = models.split_model(model)
     rng = np.random.default_rng(seed)
     # Perturb every weight and give BatchNorm non-trivial running statistics.
@@ -102,7 +95,7 @@ def test_dense_with_a_wider_patch_uses_a_dilated_dense_layer(network):
 
 @pytest.mark.parametrize("network", PATCH_ONLY_NETWORKS)
 def test_dense_is_refused_where_it_is_not_exact(network):
-    model = nnx.eval_shape(lambda: models.build_network(_model_config(network), 2, 0))
+    model = nnx.eval_shape(lambda: models.build_network(model_config(network), 2, 0))
     stage = cascade.Stage.from_network(model)
     assert stage.dense_halo is None
     assert inference.resolve_method(stage, "auto") == "patch"

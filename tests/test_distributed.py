@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # see setup.cfg's markers
+
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 

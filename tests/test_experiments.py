@@ -6,7 +6,6 @@ time, not training, dominates a 1-epoch run on the tiny phantom.
 
 from __future__ import annotations
 
-import csv
 import math
 import sys
 from pathlib import Path
@@ -22,6 +21,9 @@ from experiments import launch, protocol  # noqa: E402
 from jaxcascade import cli, phantom  # noqa: E402
 from jaxcascade.data import nifti
 from jaxcascade.errors import UserError  # noqa: E402
+from conftest import read_csv  # noqa: E402
+
+pytestmark = pytest.mark.slow  # see setup.cfg's markers
 
 UNIT_INTERVAL = ("dsc", "ppv", "tpr", "lesion_tpr", "lesion_fpr", "lesion_f1")
 
@@ -29,11 +31,6 @@ UNIT_INTERVAL = ("dsc", "ppv", "tpr", "lesion_tpr", "lesion_fpr", "lesion_f1")
 def smoke_config(name: str, results_dir: Path, *overrides: str):
     return launch.load_experiment(str(ROOT / "experiments" / f"{name}.py"),
                                   ["--config.smoke=true", f"--config.results_dir={results_dir}", *overrides])
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as file:
-        return list(csv.DictReader(file))
 
 
 def weight_mtimes(results_dir: Path) -> dict:

@@ -7,17 +7,11 @@ from flax import nnx
 
 from jaxcascade.ops import convs
 from jaxcascade.networks import layers, models
-from jaxcascade.configs import default
-
-
-def _config(network):
-    config = default.get_config().model
-    config.network = network
-    return config
+from conftest import model_config
 
 
 def _shape_only(network, channels=2):
-    return nnx.eval_shape(lambda: models.build_network(_config(network), channels, 0))
+    return nnx.eval_shape(lambda: models.build_network(model_config(network), channels, 0))
 
 
 DENSE_NETWORKS = [name for name in models.NETWORKS if _shape_only(name).dense_halo is not None]
@@ -31,7 +25,7 @@ def test_every_registered_network_has_its_documented_parameter_count(network):
 @pytest.mark.parametrize("network", DENSE_NETWORKS)
 def test_dense_halo_follows_the_layers(network):
     """The halo is the receptive field - 1, and zeroing everything outside it leaves the output unchanged."""
-    model = models.build_network(_config(network), 1, 0)
+    model = models.build_network(model_config(network), 1, 0)
     halo = model.dense_halo
     assert halo == layers.receptive_halo(model.windows) < model.patch_size
     x = jax.random.normal(jax.random.key(0), (1,) + (model.patch_size,) * 3 + (1,))
@@ -44,22 +38,22 @@ def test_parameter_counts_of_both_networks():
     # conv1 27*2*32+32, bn1 2*32, conv2 27*32*64+64, bn2 2*64, then the dense layers:
     # SAME keeps 11 -> pool 5 -> pool 2, flatten 2^3*64 = 512; VALID 11 -> 9 -> 4 -> 2 -> 1, flatten 64.
     shared = (27 * 2 * 32 + 32) + 64 + (27 * 32 * 64 + 64) + 128 + (256 * 2 + 2)
-    same = models.build_network(_config("valverde2017"), 2, 0)
-    valid = models.build_network(_config("valverde2017_valid"), 2, 0)
+    same = models.build_network(model_config("valverde2017"), 2, 0)
+    valid = models.build_network(model_config("valverde2017_valid"), 2, 0)
     assert models.count_parameters(same) == shared + 512 * 256 + 256 == 189154
     assert models.count_parameters(valid) == shared + 64 * 256 + 256 == 74466
 
 
 @pytest.mark.parametrize("network", sorted(models.NETWORKS))
 def test_networks_map_patches_to_two_logits(network):
-    model = models.build_network(_config(network), 3, 0)
+    model = models.build_network(model_config(network), 3, 0)
     logits = model(jnp.ones((4, 11, 11, 11, 3)))
     assert logits.shape == (4, 2) and bool(jnp.isfinite(logits).all())
 
 
 def test_valid_network_ignores_the_last_plane_but_not_the_centre():
     """Receptive field -5..+4: what the dense kernel will rely on."""
-    model = models.build_network(_config("valverde2017_valid"), 1, 0)
+    model = models.build_network(model_config("valverde2017_valid"), 1, 0)
     x = jax.random.normal(jax.random.key(0), (1, 11, 11, 11, 1))
     base = model(x)
     assert np.allclose(model(x.at[:, 10].set(7.0)), base)  # last depth plane unseen
@@ -68,9 +62,9 @@ def test_valid_network_ignores_the_last_plane_but_not_the_centre():
 
 
 def test_initial_weights_depend_only_on_the_seed():
-    a = models.build_network(_config("valverde2017_valid"), 2, 5)
-    b = models.build_network(_config("valverde2017_valid"), 2, 5)
-    c = models.build_network(_config("valverde2017_valid"), 2, 6)
+    a = models.build_network(model_config("valverde2017_valid"), 2, 5)
+    b = models.build_network(model_config("valverde2017_valid"), 2, 5)
+    c = models.build_network(model_config("valverde2017_valid"), 2, 6)
     assert np.array_equal(a.conv1.kernel[...], b.conv1.kernel[...])
     assert not np.array_equal(a.conv1.kernel[...], c.conv1.kernel[...])
 

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+import pytest
+
+pytestmark = pytest.mark.slow  # see setup.cfg's markers
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.ipynb"
 

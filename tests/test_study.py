@@ -1,6 +1,5 @@
 """Segmenting a study (`segment --data DIR --out-dir OUT`) on tiny phantoms: reports, errors, resume, compilations."""
 
-import csv
 import json
 import shutil
 
@@ -11,7 +10,7 @@ import pytest
 from jaxcascade.segmentation import cascade, dense, study as study_lib
 from jaxcascade import cli, phantom
 from jaxcascade.errors import UserError
-from conftest import held_out_inputs
+from conftest import held_out_inputs, read_csv
 
 
 def _crop(source, target, keep):
@@ -36,11 +35,6 @@ def study(cohort, tmp_path_factory):
     return root
 
 
-def _read(path):
-    with open(path, newline="") as file:
-        return list(csv.DictReader(file))
-
-
 def test_study_reports_every_subject_and_compiles_once_per_shape_bucket(trained_model, study, tmp_path, capsys):
     model = cascade.Cascade.load(trained_model)
     predictor = dense.make_tile_predictor(model.stage1.graphdef, 12, model.stage1.dense_halo)
@@ -54,10 +48,10 @@ def test_study_reports_every_subject_and_compiles_once_per_shape_bucket(trained_
     # compilation (none where training already compiled it), where each shape would compile its own.
     assert predictor._cache_size() - compiled_before <= 1
 
-    rows = {row["participant_id"]: row for row in _read(out / "lesions.csv")}
+    rows = {row["participant_id"]: row for row in read_csv(out / "lesions.csv")}
     assert rows["sub-a"]["status"] == rows["sub-b"]["status"] == rows["sub-d"]["status"] == "ok"
     assert rows["sub-c"]["status"].startswith("error: ") and "FLAIR.nii.gz: file not found" in rows["sub-c"]["status"]
-    lesions = _read(out / "lesion_table.csv")
+    lesions = read_csv(out / "lesion_table.csv")
     for name in ("sub-a", "sub-b"):
         mask_image = nib.load(out / name / f"{name}_desc-lesion_mask.nii.gz")
         flair = nib.load(study / name / "FLAIR.nii.gz")
@@ -93,7 +87,7 @@ def test_study_matches_one_segment_call_and_resumes(trained_model, study, cohort
     log = capsys.readouterr().out
     assert "sub-a:" not in log and "sub-c:" in log and report.stat().st_mtime_ns == written
     assert "4 subjects: 0 segmented, 3 already done, 1 failed" in log
-    assert len(_read(out / "lesions.csv")) == 4
+    assert len(read_csv(out / "lesions.csv")) == 4
     assert cli.main([*argv, "--overwrite"]) == 1
     assert report.stat().st_mtime_ns != written
 
@@ -118,7 +112,7 @@ def test_bids_dataset_in_and_derivatives_out(trained_model, tmp_path, capsys):
     (source / "sub-02" / "ses-2" / "anat" / "sub-02_ses-2_FLAIR.nii.gz").unlink()  # a broken session
     out = tmp_path / "derivatives"
     assert cli.main(["segment", "--model", str(trained_model), "--data", str(source), "--out-dir", str(out)]) == 1
-    rows = _read(out / "lesions.csv")
+    rows = read_csv(out / "lesions.csv")
     assert [(r["participant_id"], r["session_id"]) for r in rows] == [
         ("sub-01", "ses-1"), ("sub-01", "ses-2"), ("sub-02", "ses-1"), ("sub-02", "ses-2")]
     assert [r["status"] for r in rows[:3]] == ["ok"] * 3 and "no *_FLAIR image" in rows[3]["status"]
@@ -128,7 +122,7 @@ def test_bids_dataset_in_and_derivatives_out(trained_model, tmp_path, capsys):
     np.testing.assert_array_equal(nib.load(mask).affine, flair.affine)
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative" and description["GeneratedBy"][0]["Name"] == "jaxcascade"
-    lesions = _read(out / "lesion_table.csv")
+    lesions = read_csv(out / "lesion_table.csv")
     assert {(r["participant_id"], r["session_id"]) for r in lesions} <= {(r["participant_id"], r["session_id"])
                                                                          for r in rows[:3]}
 
@@ -137,11 +131,11 @@ def test_a_study_split_over_two_shards_ends_in_one_complete_report(trained_model
     out = tmp_path / "out"
     argv = ["segment", "--model", str(trained_model), "--data", str(study), "--out-dir", str(out)]
     assert cli.main([*argv, "--shard", "0/2"]) == 1  # sub-c is shard 0's and fails
-    statuses = {row["participant_id"]: row["status"] for row in _read(out / "lesions.csv")}
+    statuses = {row["participant_id"]: row["status"] for row in read_csv(out / "lesions.csv")}
     # Sorted sub-a, sub-b, sub-c, sub-d: shard 0 takes sub-a and sub-c.
     assert statuses["sub-a"] == "ok" and statuses["sub-b"] == statuses["sub-d"] == "pending: shard 1/2"
     assert cli.main([*argv, "--shard", "1/2"]) == 0  # its own subjects all succeed
-    statuses = {row["participant_id"]: row["status"] for row in _read(out / "lesions.csv")}
+    statuses = {row["participant_id"]: row["status"] for row in read_csv(out / "lesions.csv")}
     assert statuses["sub-b"] == statuses["sub-d"] == "ok" and statuses["sub-c"].startswith("error")
     assert ("4 subjects: 2 segmented, 1 already done, 0 failed, 1 left to or failed in other shards"
             in capsys.readouterr().out)
@@ -193,7 +187,7 @@ def test_brain_mask_for_an_image_that_is_not_skull_stripped(trained_model, cohor
             shutil.copy(mask_path, data / subject / "brain_mask.nii.gz")
     assert cli.main(["segment", "--model", str(trained_model), "--data", str(data), "--out-dir",
                      str(tmp_path / "out")]) == 0
-    assert [row["skull_stripped"] for row in _read(tmp_path / "out" / "lesions.csv")] == ["masked", "no"]
+    assert [row["skull_stripped"] for row in read_csv(tmp_path / "out" / "lesions.csv")] == ["masked", "no"]
 
 
 def test_test_time_augmentation_averages_eight_flips(trained_model, cohort, tmp_path):

@@ -18,6 +18,8 @@ import pytest
 
 from jaxcascade import cli
 
+pytestmark = pytest.mark.slow  # see setup.cfg's markers
+
 SUBJECTS = ("sub-01", "sub-02", "sub-03", "sub-04")
 
 

@@ -5,9 +5,9 @@ import pytest
 
 from jaxcascade.ops import cpu_kernel
 from jaxcascade.segmentation import inference
-from jaxcascade.networks import models
-from jaxcascade.training import optimizer, train_steps
+from jaxcascade.training import train_steps
 from jaxcascade.configs import default
+from conftest import train_setup
 
 
 def _fixed_batch():
@@ -19,10 +19,8 @@ def _fixed_batch():
 
 
 def _setup(augmentation="none"):
-    config = default.get_config()
-    graphdef, variables = models.split_model(models.build_network(config.model, 2, 0))
-    tx = optimizer.make_optimizer(optimizer.OptimizerSettings.from_config(config.train))
-    return graphdef, train_steps.create_train_state(variables, tx), train_steps.make_train_step(graphdef, augmentation)
+    graphdef, variables, tx, step = train_setup(augmentation=augmentation)
+    return graphdef, train_steps.create_train_state(variables, tx), step
 
 
 def test_one_train_step_lowers_the_loss_on_a_fixed_batch():
@@ -82,10 +80,8 @@ def _two_steps(implementation: str, batch) -> tuple[list, int]:
     """(parameters after two train steps, gathers in the lowered step) with config.model.conv_implementation."""
     config = default.get_config()
     config.model.conv_implementation = implementation
-    graphdef, variables = models.split_model(models.build_network(config.model, 2, 0))
-    tx = optimizer.make_optimizer(optimizer.OptimizerSettings.from_config(config.train))
+    _, variables, tx, step = train_setup(augmentation="seed", config=config)
     state = train_steps.create_train_state(variables, tx)
-    step = train_steps.make_train_step(graphdef, "seed")
     gathers = step.lower(state, batch, jax.random.key(0)).as_text().count("gather")
     for i in range(2):
         state, _ = step(state, batch, jax.random.key(i))

@@ -77,10 +77,11 @@ def _segment_on_grid(model, images, threshold, min_lesion_voxels, method, tta, b
 def check_segmentation_outputs(out, probabilities_dir=None, *, inputs=(), overwrite=False, tta=False) -> list[Path]:
     """Every output of one subject's segmentation checked before any work; returns the probability maps' paths.
 
-    out: a NIfTI file name, not an input; probabilities_dir: a folder (made later) whose maps do not
-    exist yet unless overwrite, apart from out.
+    out: a NIfTI file name, not an input (None: no mask file); probabilities_dir: a folder (made later)
+    whose maps do not exist yet unless overwrite, apart from out.
     """
-    out = check_output_path(out, overwrite=overwrite, nifti=True, inputs=[i for i in inputs if i])
+    if out is not None:
+        out = check_output_path(out, overwrite=overwrite, nifti=True, inputs=[i for i in inputs if i])
     if probabilities_dir is None:
         return []
     folder = check_output_path(probabilities_dir, is_dir=True)
@@ -88,27 +89,29 @@ def check_segmentation_outputs(out, probabilities_dir=None, *, inputs=(), overwr
         raise UserError(f"{probabilities_dir}: --probabilities takes a folder for the maps, not a NIfTI file name")
     paths = [folder / "stage1.nii.gz", folder / "stage2.nii.gz"] + ([folder / "stage2_std.nii.gz"] if tta else [])
     for path in paths:
-        if Path(os.path.abspath(path)) == Path(os.path.abspath(out)):
+        if out is not None and Path(os.path.abspath(path)) == Path(os.path.abspath(out)):
             raise UserError(f"{out}: is also where --probabilities writes {path.name}; choose another name")
         if path.exists() and not overwrite:
             raise UserError(f"{path}: already exists; pass --overwrite to replace it")
-    if Path(os.path.abspath(folder)) == Path(os.path.abspath(out)):
+    if out is not None and Path(os.path.abspath(folder)) == Path(os.path.abspath(out)):
         raise UserError(f"{probabilities_dir}: is also --out; give the maps their own folder")
     return paths
 
 
-def segment_files(model_dir, inputs: dict, out, *, probabilities_dir=None, threshold=None, min_lesion_voxels=None,
-                  min_lesion_volume_mm3=None, method=None, compute_dtype=None, tta=None, brain_mask=None,
-                  resample="auto", overwrite=False, progress=None, warn: Callable = warn_user) -> Segmentation:
-    """Segment NIfTI files and write the mask (and probability maps), all checks first.
+def segment_files(model: Cascade | str | os.PathLike, inputs: dict, out=None, *, probabilities_dir=None,
+                  threshold=None, min_lesion_voxels=None, min_lesion_volume_mm3=None, method=None,
+                  compute_dtype=None, tta=None, brain_mask=None, resample="auto", overwrite=False, progress=None,
+                  warn: Callable = warn_user) -> Segmentation:
+    """Segment one subject's NIfTI files and write the mask (and probability maps), all checks first.
 
+    model: a loaded `Cascade` or a model directory; out: the mask's file (None: returned, not written).
     brain_mask: a mask file restricting normalisation and candidates (for images not skull-stripped);
     without one, an image that does not look skull-stripped gets a one-line `warn`.
     """
     probability_paths = check_segmentation_outputs(out, probabilities_dir, inputs=[*inputs.values(), brain_mask],
                                                    overwrite=overwrite, tta=bool(tta))
-    out = Path(out)
-    model = Cascade.load(model_dir, compute_dtype=compute_dtype)
+    if not isinstance(model, Cascade):
+        model = Cascade.load(model, compute_dtype=compute_dtype)
     if method is not None:
         resolve_method(model.stage1, method)  # refuse an impossible --inference before any work
     images = nifti.load_sequences(inputs, model.modalities, orientation=model.config.data.orientation,
@@ -122,7 +125,9 @@ def segment_files(model_dir, inputs: dict, out, *, probabilities_dir=None, thres
              "skull-stripped (pass --brain-mask)")
     voxels = int(np.prod(reference.nifti.shape[:3]))
     # Uncompressed sizes (gzip only shrinks them) and a margin: a full disk found before the work.
-    check_free_space(out.parent, voxels * (1 + 4 * len(probability_paths)) + 2**20, "the segmentation")
+    if out is not None or probability_paths:
+        folder = Path(out).parent if out is not None else probability_paths[0].parent
+        check_free_space(folder, voxels * (1 + 4 * len(probability_paths)) + 2**20, "the segmentation")
     result = segment_images(model, images, threshold=threshold, min_lesion_voxels=min_lesion_voxels,
                             min_lesion_volume_mm3=min_lesion_volume_mm3, method=method, tta=tta, brain_mask=mask,
                             resample=resample, warn=warn, progress=progress)
@@ -134,7 +139,8 @@ def segment_files(model_dir, inputs: dict, out, *, probabilities_dir=None, thres
         for values, path in zip(maps, probability_paths):
             nifti.save_like(values, reference, path, dtype=np.float32)
             written.append(path)
-        nifti.save_like(result.mask, reference, out, dtype=np.uint8)
+        if out is not None:
+            nifti.save_like(result.mask, reference, out, dtype=np.uint8)
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
