@@ -212,6 +212,13 @@ def cmd_import_keras(args, _overrides) -> None:
     _log(f"wrote model {args.out} (network nicms, channels {','.join(modalities)}) from {provenance['source']}")
 
 
+def cmd_build_kernels(args, _overrides) -> None:
+    from jaxcascade.ops import kernel_build
+
+    built = kernel_build.build_kernels()
+    _log(f"built {built['library']}\n  with {built['compiler']}\n  command: {built['command']}")
+
+
 def cmd_demo(args, _overrides) -> None:
     from jaxcascade import demo
 
@@ -308,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input channel names in the networks' order (nicMSlesions baseline_2ch: T1,FLAIR)")
     p.add_argument("--out", required=True, help="new model directory for `segment --model`")
     p.set_defaults(run=cmd_import_keras)
+
+    p = commands.add_parser("build-kernels", help="build the C++ CPU kernels now (e.g. on a cluster's login node), "
+                            "retrying a failed build")
+    p.set_defaults(run=cmd_build_kernels)
 
     p = commands.add_parser("demo", help="phantom cohort -> train -> segment a held-out subject -> metrics")
     p.add_argument("--workdir", default="jaxcascade-demo")

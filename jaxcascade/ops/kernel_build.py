@@ -1,29 +1,49 @@
 """Building, caching and loading jaxcascade's C++ CPU kernels (kernels/*.cc) for XLA's FFI.
 
-The kernels are compiled once per machine with the system's C++ compiler
-(`c++`, or $CXX) for this CPU's instruction set, against the FFI headers that
-ship inside jaxlib, into the per-user cache beside JAX's compiled functions;
-nothing is downloaded. Where they cannot be built (no compiler), jaxcascade
-says so once and uses the GEMM formulations. cpu_kernel.py calls them.
+The kernels are compiled once per machine with the system's C++ compiler (`c++`, or $CXX) for this
+CPU's instruction set, against the FFI headers that ship inside jaxlib; nothing is downloaded. A home
+folder shared by a cluster's nodes and containers, killed jobs and full disks are the normal case, so:
+
+- the build folder is keyed by the CPU, jaxlib, the compiler (its path and `--version`), the whole
+  command line and the sources: a change of any of them builds afresh, beside the old build;
+- one process builds while the others wait on a lock file (`filelock`), into a unique temporary file
+  renamed into place; a sha256 written after the build is checked before the library is loaded, so a
+  truncated or corrupt file (a build killed mid-write, a full disk) is rebuilt once, never loaded;
+- a failed build leaves a marker and the compiler's whole output (`build.log`) beside it: later processes
+  warn once with the compiler's first `error:` line and do not retry; `jaxcascade build-kernels` does;
+- a library is loaded only if it belongs to this user and no one else may write to it or its folder;
+  folders are made owner-only (0o700);
+- the root is JAXCASCADE_KERNEL_DIR if set (e.g. a prebuilt folder shared on a cluster whose compute
+  nodes have no compiler: `jaxcascade build-kernels` on a login node of the same CPU fills it), else the
+  `kernels` folder of jaxcascade's cache (`runtime.cache_root`); a relative path is ignored, since the
+  library loaded would then depend on the working directory.
+
+Where the kernels cannot be used, jaxcascade warns once and uses XLA's GEMM formulations (about 2x
+slower on CPU); JAXCASCADE_CPU_KERNEL=0 chooses them and silences the warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
+import json
 import os
 import platform
+import re
 import shutil
+import stat
 import subprocess
-import sys
+import tempfile
+import warnings
 from pathlib import Path
 
-import jax
-
 from jaxcascade import runtime
+from jaxcascade.errors import JaxcascadeWarning, UserError
 
 KERNEL_ENV = "JAXCASCADE_CPU_KERNEL"
+KERNEL_DIR_ENV = "JAXCASCADE_KERNEL_DIR"
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = (KERNELS / "conv3d.cc", KERNELS / "dense_head.cc", KERNELS / "max_pool.cc")  # + parallel.h
 TARGET = "jaxcascade_conv3d"
@@ -34,38 +54,173 @@ POOL_TARGET = "jaxcascade_max_pool"
 HANDLERS = {TARGET: "JaxcascadeConv3d", GRADIENT_TARGET: "JaxcascadeConv3dKernelGradient",
             HEAD_TARGET: "JaxcascadeDenseHead", POOL_TARGET: "JaxcascadeMaxPool"}
 TARGETS = tuple(HANDLERS)
+LIBRARY, CHECKSUM, FAILED, LOG, LOCK = "libjaxcascade.so", "libjaxcascade.so.sha256", "failed.json", "build.log", ".lock"
+COMPILE_SECONDS, LOCK_SECONDS = 600, 900
+
+
+class KernelUnavailable(Exception):
+    """Why the kernels cannot be used here (one line)."""
+
+
+def kernels_root() -> Path:
+    """Where builds live: JAXCASCADE_KERNEL_DIR if absolute, else jaxcascade's cache's `kernels` folder."""
+    setting = os.environ.get(KERNEL_DIR_ENV, "")
+    if setting and os.path.isabs(setting):
+        return Path(setting)
+    return runtime.cache_root() / "kernels"
+
+
+def compiler() -> tuple[str, str]:
+    """(resolved path, first line of `--version`) of $CXX, or c++, or g++."""
+    name = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    path = shutil.which(name) if name else None
+    if path is None:
+        raise KernelUnavailable(f"no C++ compiler ({name or 'c++'} not found; install one or set $CXX)")
+    try:
+        version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise KernelUnavailable(f"{path} --version failed ({error})") from None
+    return os.path.realpath(path), (version.strip().splitlines() or ["unknown"])[0]
+
+
+def _command(path: str, output: str) -> list[str]:
+    import jax
+
+    return [path, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+            f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", output]
 
 
 def kernel_dir() -> Path:
-    """Where this machine's build lives: beside the compilation cache, one folder per CPU and source."""
-    source_hash = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(KERNELS.iterdir())
-                                          if path.suffix in (".cc", ".h"))).hexdigest()[:12]
-    return runtime.cache_root() / "kernels" / runtime.machine_tag() / source_hash
+    """This machine's build folder: CPU and jaxlib, then a key of compiler, command line and sources."""
+    path, version = compiler()
+    key = hashlib.sha256()
+    for part in (path, version, " ".join(_command(path, LIBRARY))):
+        key.update(part.encode() + b"\0")
+    for source in sorted(KERNELS.iterdir()):
+        if source.suffix in (".cc", ".h"):
+            key.update(source.name.encode() + b"\0" + source.read_bytes())
+    return kernels_root() / runtime.machine_tag() / key.hexdigest()[:16]
 
 
-def build(folder: Path) -> Path:
-    """Compile the kernel into folder (atomically: concurrent builders each rename a complete file)."""
-    library = folder / "libjaxcascade_conv3d.so"
-    if library.exists():
-        return library
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (c++ or $CXX)")
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f".{library.name}.{os.getpid()}"
-    command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-               f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", str(partial)]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        partial.unlink(missing_ok=True)
-        raise RuntimeError(f"{Path(compiler).name} took over 10 minutes") from None
-    if result.returncode != 0:
-        partial.unlink(missing_ok=True)
-        last = (result.stderr.strip().splitlines() or ["failed"])[-1]
-        raise RuntimeError(f"{Path(compiler).name} failed: {last}")
-    os.replace(partial, library)
+def _make_private(folder: Path) -> None:
+    """folder and the parents it needs, created owner-only (0o700)."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+    os.replace(tmp, path)
+
+
+def _trusted(path: Path) -> str | None:
+    """Why path must not be loaded (another owner, writable by others), or None."""
+    for item in (path, path.parent):
+        info = item.stat()
+        if info.st_uid != os.getuid():
+            return f"{item} belongs to user {info.st_uid}, not to this user"
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return f"{item} is writable by other users"
+    return None
+
+
+def verified(folder: Path) -> Path | None:
+    """The folder's library if its checksum matches and it can be trusted; None if it must be (re)built."""
+    library, checksum = folder / LIBRARY, folder / CHECKSUM
+    if not library.is_file() or not checksum.is_file():
+        return None
+    if checksum.read_text().strip() != _sha256(library):
+        return None
+    reason = _trusted(library)
+    if reason:
+        raise KernelUnavailable(f"refusing to load {library}: {reason}")
     return library
+
+
+def _first_error(output: str) -> str:
+    lines = output.strip().splitlines()
+    errors = [line.strip() for line in lines if re.search(r"\berror\b", line)]
+    return (errors or lines or ["failed without output"])[0][:300]
+
+
+def _compile(folder: Path) -> Path:
+    """Compile into a unique temporary file in folder, rename it into place, then write its checksum."""
+    path, version = compiler()
+    fd, partial = tempfile.mkstemp(prefix=f".{LIBRARY}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    command = _command(path, partial)
+    try:
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_SECONDS)
+            output, failed = result.stdout + result.stderr, result.returncode != 0
+        except subprocess.TimeoutExpired:
+            output, failed = f"error: {path} took over {COMPILE_SECONDS} s", True
+        if failed:
+            _write_atomically(folder / LOG, " ".join(command) + "\n\n" + output)
+            reason = f"{Path(path).name} failed: {_first_error(output)} (full output: {folder / LOG})"
+            _write_atomically(folder / FAILED, json.dumps({"reason": reason, "compiler": version,
+                                                            "command": command}))
+            raise KernelUnavailable(reason)
+        os.chmod(partial, 0o700)
+        os.replace(partial, folder / LIBRARY)
+        _write_atomically(folder / CHECKSUM, _sha256(folder / LIBRARY) + "\n")
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+    return folder / LIBRARY
+
+
+def build(folder: Path | None = None, *, retry_failed: bool = False) -> Path:
+    """The verified library of folder (default `kernel_dir()`), built under a lock if need be.
+
+    A failure marker left by an earlier build is final unless retry_failed; a library that fails its
+    checksum is rebuilt once.
+    """
+    from filelock import FileLock, Timeout
+
+    folder = folder or kernel_dir()
+    try:
+        _make_private(folder)
+        lock = FileLock(str(folder / LOCK), timeout=LOCK_SECONDS)
+        with lock:
+            library = verified(folder)
+            if library is not None:
+                return library
+            marker = folder / FAILED
+            if marker.exists() and not retry_failed:
+                reason = json.loads(marker.read_text()).get("reason", "an earlier build failed")
+                raise KernelUnavailable(f"{reason}; run `jaxcascade build-kernels` to try again")
+            marker.unlink(missing_ok=True)
+            for stale in (folder / LIBRARY, folder / CHECKSUM):
+                stale.unlink(missing_ok=True)
+            _compile(folder)
+            library = verified(folder)
+            if library is None:
+                raise KernelUnavailable(f"{folder / LIBRARY} does not match its checksum after a fresh build")
+            return library
+    except Timeout:
+        raise KernelUnavailable(f"another process held {folder / LOCK} for over {LOCK_SECONDS} s") from None
+    except OSError as error:
+        raise KernelUnavailable(f"cannot build in {folder} ({error.strerror or error})") from None
+
+
+def build_kernels() -> dict:
+    """Build now, retrying a failed build (`jaxcascade build-kernels`): where, with what, and how."""
+    try:
+        library = build(retry_failed=True)
+    except KernelUnavailable as error:
+        raise UserError(f"the CPU kernels could not be built: {error}") from None
+    path, version = compiler()
+    return {"library": str(library), "compiler": f"{path} ({version})",
+            "command": " ".join(_command(path, str(library)))}
 
 
 def wanted(setting: str, machine: str, cpu_flags: set[str]) -> bool:
@@ -94,15 +249,20 @@ def _cpu_flags() -> set[str]:
 
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
-    """Whether the kernel is built and registered with XLA (builds it the first time on a machine)."""
+    """Whether the kernels are built, verified and registered with XLA (building them the first time).
+
+    Call it only when lowering for CPU: elsewhere the kernels are never used.
+    """
     if not wanted(os.environ.get(KERNEL_ENV, ""), platform.machine(), _cpu_flags()):
         return False
+    import jax
+
     try:
-        library = ctypes.cdll.LoadLibrary(str(build(kernel_dir())))
+        library = ctypes.cdll.LoadLibrary(str(build()))
         for target, symbol in HANDLERS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-    except (OSError, RuntimeError, AttributeError) as error:
-        print(f"jaxcascade: warning: the CPU convolution kernel is unavailable ({error}); using XLA's GEMM "
-              f"formulations, about 2x slower ({KERNEL_ENV}=0 silences this)", file=sys.stderr)
+    except (KernelUnavailable, OSError, AttributeError) as error:
+        warnings.warn(f"the CPU convolution kernels are unavailable ({error}); using XLA's GEMM formulations, "
+                      f"about 2x slower ({KERNEL_ENV}=0 silences this)", JaxcascadeWarning, stacklevel=2)
         return False
     return True

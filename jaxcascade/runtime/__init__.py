@@ -108,8 +108,13 @@ def machine_tag() -> str:
 
 
 def cache_root() -> Path:
-    """jaxcascade's per-user cache folder (compiled functions, built kernels)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxcascade"
+    """jaxcascade's per-user cache folder (compiled functions, built kernels).
+
+    $XDG_CACHE_HOME/jaxcascade, or ~/.cache/jaxcascade; a relative XDG_CACHE_HOME is ignored, as the XDG
+    specification asks (what is loaded from the cache must not depend on the working directory).
+    """
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "jaxcascade"
 
 
 def default_cache_dir() -> Path:
