@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxcascade import cpu_kernel
+from jaxcascade import conv_primitives, cpu_kernel
 
 IMPLEMENTATIONS = ("auto", "lax", "slices", "im2col", "gather", "direct")
 
@@ -118,13 +118,16 @@ def conv3d(
     if implementation == "direct" and not (cpu_kernel.supports(x.shape, kernel.shape, x.dtype)
                                            and cpu_kernel.available()):
         raise ValueError(f"the CPU kernel cannot run this convolution ({x.dtype}, kernel {kernel.shape}) here")
+    if implementation == "direct" or (implementation == "auto" and accumulate is None and cpu_kernel.enabled()
+                                      and cpu_kernel.supports(x.shape, kernel.shape, x.dtype)):
+        # A JAX primitive (conv_primitives.py) whose lowering picks the C++ kernel on CPU, `lax.conv` elsewhere,
+        # and whose derivatives and batching are again these primitives: every transformation composes.
+        return conv_primitives.conv3d(x, kernel, dilation=dilation, gather_taps=gather_taps)
     if implementation == "auto":
         # Chosen when the computation is lowered for a platform, not when it is
         # traced: an exported or cross-compiled step gets cuDNN/TPU convolutions
         # even when traced on a CPU machine.
         on_cpu = _FORMULATIONS[default_implementation(x.shape, kernel.shape, dilation, x.dtype.itemsize, gather_taps)]
-        if accumulate is None and cpu_kernel.supports(x.shape, kernel.shape, x.dtype) and cpu_kernel.available():
-            on_cpu = _FORMULATIONS["direct"]
         return lax.platform_dependent(
             x, kernel, cpu=functools.partial(on_cpu, dilation=dilation, accumulate=accumulate, precision=precision),
             default=functools.partial(_conv3d_lax, dilation=dilation, accumulate=accumulate, precision=precision))
@@ -221,12 +224,4 @@ def _conv3d_gather(x: jax.Array, kernel: jax.Array, dilation: int, accumulate=No
                       preferred_element_type=accumulate, precision=precision)
 
 
-def _conv3d_direct(x: jax.Array, kernel: jax.Array, dilation: int, accumulate=None, precision=None) -> jax.Array:
-    """jaxcascade's C++ kernel (cpu_kernel.py), gradients included; the GEMM formulation for the shape serves
-    the input gradient where the kernel has no registers for the input's channels (a 2-channel first layer)."""
-    gradient = _FORMULATIONS[default_implementation(x.shape, kernel.shape, dilation, x.dtype.itemsize)]
-    return cpu_kernel.conv3d(x, kernel, dilation, gradient)
-
-
-_FORMULATIONS = {"lax": _conv3d_lax, "im2col": _conv3d_im2col, "slices": _conv3d_slices, "gather": _conv3d_gather,
-                 "direct": _conv3d_direct}
+_FORMULATIONS = {"lax": _conv3d_lax, "im2col": _conv3d_im2col, "slices": _conv3d_slices, "gather": _conv3d_gather}

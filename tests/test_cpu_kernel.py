@@ -76,7 +76,7 @@ def test_zero_padding_read_in_place(kernel_size, dilation, padding):
     # The input gradient reads the cotangent with zeros around it, skipping taps that fall on them.
     x = _random((2, 5, 4, 9, 32), padding)
     kernel = _random((kernel_size,) * 3 + (32, 48), 8) * 0.1
-    got = jax.jit(lambda x, k: cpu_kernel._ffi_conv3d(x, k, dilation, padding))(x, kernel)
+    got = jax.jit(lambda x, k: cpu_kernel.ffi_conv3d(x, k, dilation, padding))(x, kernel)
     pads = ((0, 0),) + ((padding, padding),) * 3 + ((0, 0),)
     np.testing.assert_allclose(got, _lax(jnp.pad(x, pads), kernel, dilation), rtol=1e-5, atol=2e-5)
 
