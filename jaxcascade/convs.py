@@ -50,7 +50,9 @@ def default_implementation(x_shape, kernel_shape, dilation: int = 1, itemsize: i
     (nicMSlesions' 11^3 32-channel layer on 256-patch batches) turns into a
     1.5x loss on 32-patch batches, which are faster overall (benchmarks/nicms_inference.py).
     """
-    kernel_size, _, _, in_channels, _ = kernel_shape
+    kernel_size, *rest, in_channels, _ = kernel_shape
+    if rest != [kernel_size, kernel_size]:  # the formulations below take k^3 kernels
+        return "lax"
     if kernel_size == 1:  # a plain matrix product: no taps to gather
         return "im2col"
     span = (kernel_size - 1) * dilation

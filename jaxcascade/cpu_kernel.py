@@ -209,10 +209,23 @@ max_pool_p.def_abstract_eval(lambda x, *, dilation: jax.core.ShapedArray(
 _register(max_pool_p, _pool_on_cpu, lambda x, *, dilation: max_pool_reference(x, dilation))
 
 
+def _taps(x, dilation: int):
+    """The 8 corners of each window as slices of x, in (a, b, c) order."""
+    out = [size - dilation for size in x.shape[1:4]]
+    return [x[:, a:a + out[0], b:b + out[1], c:c + out[2]]
+            for a in (0, dilation) for b in (0, dilation) for c in (0, dilation)]
+
+
 def _pool_jvp(primals, tangents, *, dilation):
+    # The tangent of the first tap that holds the maximum: a selection, linear in the tangents, so it
+    # transposes to the usual scatter of the cotangent (reduce_window's own derivative has no transpose
+    # with window dilation).
     (x,), (dx,) = primals, tangents
-    reference = functools.partial(max_pool_reference, dilation=dilation)
-    return max_pool_p.bind(x, dilation=dilation), jax.jvp(reference, (x,), (ad.instantiate_zeros(dx),))[1]
+    pooled = max_pool_p.bind(x, dilation=dilation)
+    winner = jnp.argmax(jnp.stack([tap == pooled for tap in _taps(x, dilation)]), axis=0)
+    taps = _taps(ad.instantiate_zeros(dx), dilation)
+    tangent = functools.reduce(jnp.add, [jnp.where(winner == i, tap, 0) for i, tap in enumerate(taps)])
+    return pooled, tangent
 
 
 def _pool_batch(args, dims, *, dilation):

@@ -87,17 +87,17 @@ def max_pool_2x2x2(x):
 def dense_max_pool(x, dilation: int):
     """A 2^3 max-pool evaluated at every position (stride 1), taps `dilation` apart.
 
-    Where jaxcascade's kernels are on (float32, channels a multiple of 16) the
-    primitive `cpu_kernel.max_pool`: one pass of the C++ kernel when lowered for
-    CPU, the form below elsewhere, derivatives and vmap included. Otherwise one
-    axis at a time (max is exact: the values equal one 2x2x2 window's), 2.2x
-    faster on XLA:CPU than one 3D window. Kept as reduce_window rather than
-    jnp.maximum of slices: XLA would fuse that cheap elementwise form into the
-    next convolution's tap gather and recompute it for every tap (convs.py).
+    One primitive (`cpu_kernel.max_pool`): when lowered for CPU with jaxcascade's
+    kernels on (float32, channels a multiple of 16), one pass of the C++ kernel;
+    otherwise one axis at a time (max is exact: the values equal one 2x2x2
+    window's), 2.2x faster on XLA:CPU than one 3D window. Kept as reduce_window
+    rather than jnp.maximum of slices: XLA would fuse that cheap elementwise form
+    into the next convolution's tap gather and recompute it for every tap
+    (convs.py). Its derivative selects the tangent of each window's maximum
+    (reduce_window's own has no transpose with dilated windows), so grad and
+    every other transformation apply with the kernel on or off.
     """
-    if x.dtype == jnp.float32 and x.shape[-1] % 16 == 0 and cpu_kernel.enabled():
-        return cpu_kernel.max_pool(x, dilation)
-    return cpu_kernel.max_pool_reference(x, dilation)
+    return cpu_kernel.max_pool(x, dilation)
 
 
 def fused_dense_head(x, w1, b1, w2, b2):
