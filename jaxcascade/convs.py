@@ -13,10 +13,14 @@ buffer is small), 'slices' only the k^2 in-plane taps (one GEMM per depth tap;
 9x less buffer for large volumes), 'gather' builds im2col's columns with one
 gather. All are the same cross-correlation; `tests/test_models.py` and
 `tests/test_cpu_kernel.py` check them against lax.conv. 'auto' picks per
-platform when the computation is lowered (`lax.platform_dependent`): CPU
-kernel or GEMM formulation on CPU, `lax.conv` everywhere else, so a step
-traced on a CPU machine and exported or compiled for a GPU or TPU gets real
-convolutions (`tests/test_export.py`).
+platform when the computation is lowered: CPU kernel or GEMM formulation on
+CPU, `lax.conv` everywhere else, so a step traced on a CPU machine and
+exported or compiled for a GPU or TPU gets real convolutions
+(`tests/test_export.py`). Where the kernel is on (cpu_kernel.enabled) that
+choice is the lowering of a JAX primitive (conv_primitives.py) whose
+derivatives and batching are again primitives, so every JAX transformation
+composes through it (`tests/test_transformations.py`); where it is off, it is
+`lax.platform_dependent` over the formulations, as before the kernel.
 """
 
 from __future__ import annotations

@@ -16,12 +16,13 @@ bit-identical to jaxcascade before it; with it, they differ by float32
 rounding, ~1e-6). Results do not depend on the thread count.
 
 Each kernel is a JAX primitive (here the dense head and the dilated max-pool,
-in conv_primitives.py the convolution and its kernel gradient): shapes by
+in conv_primitives.py the convolution and its two gradients): shapes by
 abstract evaluation; derivatives (JVP, transposes) and batching rules written
-in primitives and jnp, so grad, jvp, vmap, hessian, jax.export... compose to
-any order; the lowering picks the kernel only when the computation is lowered
-for CPU (and the kernel builds there and supports the shapes), a pure-JAX form
-otherwise, so `available()` (which builds the kernel) runs only then.
+in these primitives and jnp, so grad, jvp, vmap, hessian, jax.export...
+compose to any order (tests/test_transformations.py). The kernel is picked
+when the computation is lowered for CPU, where it is on, builds and supports
+the shapes; a pure-JAX form otherwise and on every other platform. So
+`available()`, which builds the kernel, runs only when lowering for CPU.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax._src import dispatch
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
@@ -101,9 +101,15 @@ def ffi_kernel_gradient(x: jax.Array, cotangent: jax.Array, kernel_shape, dilati
     return gradient
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled(primitive: Primitive, params: tuple):
+    return jax.jit(functools.partial(primitive.bind, **dict(params)))
+
+
 def _register(primitive: Primitive, on_cpu, reference, multiple_results: bool = False) -> None:
-    """Eager calls, and the lowerings: `on_cpu` for CPU, `reference` (pure JAX) for every other platform."""
-    primitive.def_impl(functools.partial(dispatch.apply_primitive, primitive))
+    """Eager calls (compiled once per primitive and parameters), and the lowerings: `on_cpu` for CPU,
+    `reference` (pure JAX) for every other platform."""
+    primitive.def_impl(lambda *args, **params: _compiled(primitive, tuple(sorted(params.items())))(*args))
     mlir.register_lowering(primitive, mlir.lower_fun(reference, multiple_results))
     mlir.register_lowering(primitive, mlir.lower_fun(on_cpu, multiple_results), platform="cpu")
 

@@ -101,12 +101,20 @@ def test_max_pool_equals_xla_bit_for_bit(shape, dilation):
     assert np.array_equal(jax.jit(cpu_kernel.max_pool, static_argnums=1)(x, dilation), reference)
 
 
-def test_vmapped_kernels_run_per_example():
+def test_vmap_folds_into_one_kernel_call_and_loops_only_per_example():
     x, kernel = _random((3, 2, 6, 6, 6, 4), 9), _random((3, 3, 3, 4, 16), 10)
-    got = jax.vmap(lambda x: convs.conv3d(x, kernel, implementation="direct"))(x)
-    np.testing.assert_allclose(got, jnp.stack([_lax(example, kernel, 1) for example in x]), rtol=1e-5, atol=1e-5)
-    pooled = jax.vmap(lambda x: cpu_kernel.max_pool(x, 1))(jnp.tile(x, (1, 1, 1, 1, 1, 4)))
+    conv = jax.jit(jax.vmap(lambda x: convs.conv3d(x, kernel, implementation="direct")))
+    np.testing.assert_allclose(conv(x), jnp.stack([_lax(example, kernel, 1) for example in x]), rtol=1e-5, atol=1e-5)
+    text = conv.lower(x).as_text()  # the vmapped axis joined the batch: one call, no loop
+    assert text.count(f"@{cpu_kernel.TARGET}(") == 1 and "stablehlo.while" not in text
+    pooled = jax.jit(jax.vmap(lambda x: cpu_kernel.max_pool(x, 1)))(jnp.tile(x, (1, 1, 1, 1, 1, 4)))
     assert pooled.shape == (3, 2, 5, 5, 5, 16)
+    # Per-example kernel gradients sum over each example's own positions: one kernel call per example.
+    loss = lambda k, x: jnp.sum(convs.conv3d(x[None], k, implementation="direct") ** 2)  # noqa: E731
+    per_example = jax.jit(jax.vmap(jax.grad(loss), (None, 0)))
+    assert "stablehlo.while" in per_example.lower(kernel, x[:, 0]).as_text()
+    want = jnp.stack([jax.grad(lambda k: jnp.sum(_lax(example[None], k, 1) ** 2))(kernel) for example in x[:, 0]])
+    np.testing.assert_allclose(per_example(kernel, x[:, 0]), want, rtol=1e-4, atol=1e-4)
 
 
 def test_direct_is_deterministic_and_differentiable():
