@@ -234,14 +234,21 @@ def test_first_and_second_order_export_with_convolutions_off_cpu_and_the_kernel_
     gradient = jax.jit(jax.grad(loss))
     hvp = jax.jit(lambda params, direction, patches, labels: jax.jvp(
         lambda p: jax.grad(loss)(p, patches, labels), (params,), (direction,))[1])
+    # The dense form's gradient: through the dilated pools and the fused head too.
+    dense = jax.jit(jax.grad(lambda params, tiles: jnp.sum(jnp.tanh(
+        nnx.merge(graphdef, params, variables["batch_stats"]).dense(tiles)))))
     params = variables["params"]
     checks = [jax.export.DisabledSafetyCheck.custom_call(target) for target in cpu_kernel.TARGETS]
-    for function, args in ((gradient, (params, patches, labels)), (hvp, (params, params, patches, labels))):
+    cases = ((gradient, (params, patches, labels), {cpu_kernel.TARGET, cpu_kernel.GRADIENT_TARGET}),
+             (hvp, (params, params, patches, labels), {cpu_kernel.TARGET, cpu_kernel.GRADIENT_TARGET}),
+             (dense, (params, patches), set(cpu_kernel.TARGETS)))
+    for function, args, targets in cases:
         for platform in ("cuda", "tpu", "cpu"):
             exported = jax.export.export(function, platforms=(platform,), disabled_checks=checks)(*args)
             text = exported.mlir_module()
             if platform == "cpu":
-                assert "stablehlo.convolution" not in text and f"@{cpu_kernel.GRADIENT_TARGET}(" in text
+                called = {target for target in cpu_kernel.TARGETS if f"@{target}(" in text}
+                assert "stablehlo.convolution" not in text and called == targets, called
                 # The exported module runs here, and agrees with the function it came from.
                 assert _error(exported.call(*args), jax.tree.map(np.float64, function(*args))) <= 1e-6
             else:
