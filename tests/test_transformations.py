@@ -113,7 +113,9 @@ def _reference(kernel):
         return jax.tree.map(np.asarray, result)
 
 
-MATRIX: dict = {}  # (kernel, mode) -> {transformation: error}, printed at the end for the report
+def _report(row: str, errors: dict) -> None:
+    """The errors reached, one row of the matrix (shown by `pytest -s`)."""
+    print(f"\n{row:18}", "  ".join(f"{name} {error:.1e}" for name, error in errors.items()))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -126,7 +128,7 @@ def test_every_transformation_through_each_kernel(kernel, mode):
     assert called == (targets if mode == "kernel" else set()), called
     got, want = run(*operands), _reference(kernel)
     errors = {name: _error(got[name], want[name]) for name in want}
-    MATRIX[kernel, mode] = errors
+    _report(f"{kernel} {mode}", errors)
     failed = {name: error for name, error in errors.items()
               if not error <= (SECOND_ORDER if name in SECOND else FIRST_ORDER)}
     assert not failed, failed
@@ -224,7 +226,7 @@ def test_network_hessian_vector_product_and_per_example_gradients(network, kerne
         want = jax.jit(functools.partial(_network_derivatives, graphdef))(
             jax.tree.map(np.float64, variables), np.float64(patches), labels)
     errors = {name: _error(got[name], want[name]) for name in want}
-    MATRIX["network", "kernel" if kernel_on else "off"] = errors
+    _report(f"network {'kernel' if kernel_on else 'off'}", errors)
     assert errors["hvp"] <= SECOND_ORDER and errors["per-example grad"] <= FIRST_ORDER, errors
 
 
@@ -276,8 +278,3 @@ print("convolution" in text, cpu_kernel.available.cache_info().currsize)
     assert result.stdout.split() == ["True", "0"], result.stdout
     assert "warning" not in result.stderr and not list(tmp_path.rglob("kernels"))
 
-
-def test_print_matrix():
-    """Not a check: the matrix of errors the tests above reached, for `pytest -s`."""
-    for (kernel, mode), errors in sorted(MATRIX.items()):
-        print(f"\n{kernel:8} {mode:9}", "  ".join(f"{name} {error:.1e}" for name, error in errors.items()))
