@@ -76,7 +76,7 @@ def test_zero_padding_read_in_place(kernel_size, dilation, padding):
     # The input gradient reads the cotangent with zeros around it, skipping taps that fall on them.
     x = _random((2, 5, 4, 9, 32), padding)
     kernel = _random((kernel_size,) * 3 + (32, 48), 8) * 0.1
-    got = jax.jit(lambda x, k: cpu_kernel._ffi_conv3d(x, k, dilation, padding))(x, kernel)
+    got = jax.jit(lambda x, k: cpu_kernel.ffi_conv3d(x, k, dilation, padding))(x, kernel)
     pads = ((0, 0),) + ((padding, padding),) * 3 + ((0, 0),)
     np.testing.assert_allclose(got, _lax(jnp.pad(x, pads), kernel, dilation), rtol=1e-5, atol=2e-5)
 
@@ -101,12 +101,20 @@ def test_max_pool_equals_xla_bit_for_bit(shape, dilation):
     assert np.array_equal(jax.jit(cpu_kernel.max_pool, static_argnums=1)(x, dilation), reference)
 
 
-def test_vmapped_kernels_run_per_example():
+def test_vmap_folds_into_one_kernel_call_and_loops_only_per_example():
     x, kernel = _random((3, 2, 6, 6, 6, 4), 9), _random((3, 3, 3, 4, 16), 10)
-    got = jax.vmap(lambda x: convs.conv3d(x, kernel, implementation="direct"))(x)
-    np.testing.assert_allclose(got, jnp.stack([_lax(example, kernel, 1) for example in x]), rtol=1e-5, atol=1e-5)
-    pooled = jax.vmap(lambda x: cpu_kernel.max_pool(x, 1))(jnp.tile(x, (1, 1, 1, 1, 1, 4)))
+    conv = jax.jit(jax.vmap(lambda x: convs.conv3d(x, kernel, implementation="direct")))
+    np.testing.assert_allclose(conv(x), jnp.stack([_lax(example, kernel, 1) for example in x]), rtol=1e-5, atol=1e-5)
+    text = conv.lower(x).as_text()  # the vmapped axis joined the batch: one call, no loop
+    assert text.count(f"@{cpu_kernel.TARGET}(") == 1 and "stablehlo.while" not in text
+    pooled = jax.jit(jax.vmap(lambda x: cpu_kernel.max_pool(x, 1)))(jnp.tile(x, (1, 1, 1, 1, 1, 4)))
     assert pooled.shape == (3, 2, 5, 5, 5, 16)
+    # Per-example kernel gradients sum over each example's own positions: one kernel call per example.
+    loss = lambda k, x: jnp.sum(convs.conv3d(x[None], k, implementation="direct") ** 2)  # noqa: E731
+    per_example = jax.jit(jax.vmap(jax.grad(loss), (None, 0)))
+    assert "stablehlo.while" in per_example.lower(kernel, x[:, 0]).as_text()
+    want = jnp.stack([jax.grad(lambda k: jnp.sum(_lax(example[None], k, 1) ** 2))(kernel) for example in x[:, 0]])
+    np.testing.assert_allclose(per_example(kernel, x[:, 0]), want, rtol=1e-4, atol=1e-4)
 
 
 def test_direct_is_deterministic_and_differentiable():
@@ -186,4 +194,5 @@ def test_a_fresh_build_lands_whole_in_the_user_cache(tmp_path):
     assert result.returncode == 0, result.stderr
     built, folder = result.stdout.split()
     assert built == "True" and Path(folder).is_relative_to(tmp_path)
-    assert [p.name for p in Path(folder).iterdir()] == ["libjaxcascade_conv3d.so"]
+    # The library, its checksum and the lock: no temporary left (tests/test_kernel_build.py tests the cache).
+    assert sorted(p.name for p in Path(folder).iterdir()) == [".lock", "libjaxcascade.so", "libjaxcascade.so.sha256"]

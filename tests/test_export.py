@@ -63,11 +63,11 @@ def test_inference_kernels_export_for_cuda_and_tpu_in_one_module(network):
     patch_args = (_abstract(variables), jax.ShapeDtypeStruct((60, 60, 60, 2), np.float32),
                   jax.ShapeDtypeStruct((256, 3), np.int32))
     assert cpu_kernel.available(), "the CPU kernel did not build here (a C++ compiler is needed)"
-    # On CPU both 3^3 convolutions run in the C++ kernel; the dense form's two pools and its head (dense1 as
-    # a 1^3 convolution, ReLU, output layer) too.
-    for function, args, convolutions, kernel_calls in ((tiles, tile_args, 3, 5), (patches, patch_args, 2, 2)):
+    # On CPU both 3^3 convolutions run in the C++ kernel; the dense form's two pools and its head (dense1,
+    # ReLU, output layer) too. Off CPU the head is its two matrix products (cpu_kernel.dense_head_p).
+    for function, args, convolutions, kernel_calls in ((tiles, tile_args, 2, 5), (patches, patch_args, 2, 2)):
         ops = _exported_ops(function, args, ("cuda", "tpu"))
-        assert ops["convolution"] >= 2 * convolutions, ops  # each platform's branch has its own
+        assert ops["convolution"] >= 2 * convolutions and ops["dot_general"] >= 4, ops  # a branch per platform
         assert ops["cpu kernel"] == 0, ops
         cpu = _exported_ops(function, args, ("cpu",))
         assert cpu["convolution"] == 0 and cpu["cpu kernel"] == kernel_calls, cpu

@@ -87,25 +87,29 @@ def max_pool_2x2x2(x):
 def dense_max_pool(x, dilation: int):
     """A 2^3 max-pool evaluated at every position (stride 1), taps `dilation` apart.
 
-    On CPU one pass of jaxcascade's kernel (cpu_kernel.max_pool) where it
-    runs (float32, channels a multiple of 16); elsewhere one axis at a time
-    (max is exact: the values equal one 2x2x2 window's), 2.2x faster on
-    XLA:CPU than one 3D window. Kept as reduce_window rather than jnp.maximum
-    of slices: XLA would fuse that cheap elementwise form into the next
-    convolution's tap gather and recompute it for every tap (convs.py).
+    One primitive (`cpu_kernel.max_pool`): when lowered for CPU with jaxcascade's
+    kernels on (float32, channels a multiple of 16), one pass of the C++ kernel;
+    otherwise one axis at a time (max is exact: the values equal one 2x2x2
+    window's), 2.2x faster on XLA:CPU than one 3D window. Kept as reduce_window
+    rather than jnp.maximum of slices: XLA would fuse that cheap elementwise form
+    into the next convolution's tap gather and recompute it for every tap
+    (convs.py). Its derivative selects the tangent of each window's maximum
+    (reduce_window's own has no transpose with dilated windows), so grad and
+    every other transformation apply with the kernel on or off.
     """
+    return cpu_kernel.max_pool(x, dilation)
 
-    def by_axis(x):
-        for axis in (1, 2, 3):
-            window, spacing = [1] * 5, [1] * 5
-            window[axis], spacing[axis] = 2, dilation
-            x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, tuple(window), (1,) * 5, "VALID",
-                                      window_dilation=tuple(spacing))
-        return x
 
-    if x.dtype == jnp.float32 and x.shape[-1] % 16 == 0 and cpu_kernel.available():
-        return jax.lax.platform_dependent(x, cpu=lambda x: cpu_kernel.max_pool(x, dilation), default=by_axis)
-    return by_axis(x)
+def fused_dense_head(x, w1, b1, w2, b2):
+    """relu(x @ w1 + b1) @ w2 + b2 over x's last axis in one primitive (`cpu_kernel.dense_head`), or None where
+    jaxcascade's kernels are off or do not run this head (the caller then applies its own layers).
+
+    When lowered for CPU the C++ kernel keeps the hidden layer in registers; elsewhere it is the same two
+    matrix products in jnp. Differentiable and batchable like any JAX operation.
+    """
+    if not (x.dtype == jnp.float32 and cpu_kernel.enabled() and cpu_kernel.head_supported(x.shape[-1], *w2.shape)):
+        return None
+    return cpu_kernel.dense_head(x, w1, b1, w2, b2)
 
 
 @dataclasses.dataclass(frozen=True)

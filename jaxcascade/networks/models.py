@@ -27,11 +27,10 @@ from typing import Callable
 import jax
 from flax import nnx
 
-from jaxcascade.ops import cpu_kernel
 from jaxcascade.networks import nicms
 from jaxcascade.errors import UserError
-from jaxcascade.networks.layers import (COMPUTE_DTYPES, FLOAT32, Conv3D, Window, dense_max_pool, dilations, glorot, max_pool_2x2x2,
-                               receptive_halo)
+from jaxcascade.networks.layers import (COMPUTE_DTYPES, FLOAT32, Conv3D, Window, dense_max_pool, dilations, fused_dense_head,
+                               glorot, max_pool_2x2x2, receptive_halo)
 
 
 class Valverde2017(nnx.Module):
@@ -115,16 +114,13 @@ class Valverde2017(nnx.Module):
             x = self.conv1.apply(x, kernel, dilation=flat, padding="VALID")
             return self.out(jax.nn.relu(x + self.dense1.bias[...]))
 
-        hidden, outputs = self.dense1.kernel.shape[1], self.out.kernel.shape[1]
-        if (size == 1 and self.conv1.compute_dtype == "float32" and cpu_kernel.head_supported(64, hidden, outputs)
-                and cpu_kernel.available()):
-            # On CPU both dense layers run in one C++ kernel that keeps the hidden layer in registers
-            # (cpu_kernel.dense_head); elsewhere, and lowered for a GPU/TPU, the layers above.
-            def fused(x):
-                return cpu_kernel.dense_head(x, self.dense1.kernel[...], self.dense1.bias[...], self.out.kernel[...],
-                                             self.out.bias[...])
-
-            return jax.lax.platform_dependent(x, cpu=fused, default=head)
+        if size == 1 and self.conv1.compute_dtype == "float32":
+            # Both dense layers in one primitive: on CPU a C++ kernel that keeps the hidden layer in registers
+            # (cpu_kernel.dense_head); None where jaxcascade's kernels are off.
+            fused = fused_dense_head(x, self.dense1.kernel[...], self.dense1.bias[...], self.out.kernel[...],
+                                     self.out.bias[...])
+            if fused is not None:
+                return fused
         return head(x)
 
 

@@ -1,5 +1,6 @@
-"""Operations the networks are built from: 3D convolutions behind one function, and jaxcascade's own C++
-CPU kernels (`kernels/*.cc`), their build and cache (`kernel_build`) and their JAX bindings (`cpu_kernel`).
+"""Operations the networks are built from: 3D convolutions behind one function (`convs`), jaxcascade's own
+C++ CPU kernels (`kernels/*.cc`) as JAX primitives (`conv_primitives`, `cpu_kernel`: every JAX
+transformation composes through them), and the kernels' build and cache (`kernel_build`).
 
 May import `jaxcascade.runtime` and `jaxcascade.errors` only.
 """

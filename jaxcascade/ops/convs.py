@@ -13,10 +13,14 @@ buffer is small), 'slices' only the k^2 in-plane taps (one GEMM per depth tap;
 9x less buffer for large volumes), 'gather' builds im2col's columns with one
 gather. All are the same cross-correlation; `tests/test_models.py` and
 `tests/test_cpu_kernel.py` check them against lax.conv. 'auto' picks per
-platform when the computation is lowered (`lax.platform_dependent`): CPU
-kernel or GEMM formulation on CPU, `lax.conv` everywhere else, so a step
-traced on a CPU machine and exported or compiled for a GPU or TPU gets real
-convolutions (`tests/test_export.py`).
+platform when the computation is lowered: CPU kernel or GEMM formulation on
+CPU, `lax.conv` everywhere else, so a step traced on a CPU machine and
+exported or compiled for a GPU or TPU gets real convolutions
+(`tests/test_export.py`). Where the kernel is on (cpu_kernel.enabled) that
+choice is the lowering of a JAX primitive (conv_primitives.py) whose
+derivatives and batching are again primitives, so every JAX transformation
+composes through it (`tests/test_transformations.py`); where it is off, it is
+`lax.platform_dependent` over the formulations, as before the kernel.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxcascade.ops import cpu_kernel
+from jaxcascade.ops import conv_primitives, cpu_kernel
 
 IMPLEMENTATIONS = ("auto", "lax", "slices", "im2col", "gather", "direct")
 
@@ -50,7 +54,9 @@ def default_implementation(x_shape, kernel_shape, dilation: int = 1, itemsize: i
     (nicMSlesions' 11^3 32-channel layer on 256-patch batches) turns into a
     1.5x loss on 32-patch batches, which are faster overall (benchmarks/nicms_inference.py).
     """
-    kernel_size, _, _, in_channels, _ = kernel_shape
+    kernel_size, *rest, in_channels, _ = kernel_shape
+    if rest != [kernel_size, kernel_size]:  # the formulations below take k^3 kernels
+        return "lax"
     if kernel_size == 1:  # a plain matrix product: no taps to gather
         return "im2col"
     span = (kernel_size - 1) * dilation
@@ -118,13 +124,16 @@ def conv3d(
     if implementation == "direct" and not (cpu_kernel.supports(x.shape, kernel.shape, x.dtype)
                                            and cpu_kernel.available()):
         raise ValueError(f"the CPU kernel cannot run this convolution ({x.dtype}, kernel {kernel.shape}) here")
+    if implementation == "direct" or (implementation == "auto" and accumulate is None and cpu_kernel.enabled()
+                                      and cpu_kernel.supports(x.shape, kernel.shape, x.dtype)):
+        # A JAX primitive (conv_primitives.py) whose lowering picks the C++ kernel on CPU, `lax.conv` elsewhere,
+        # and whose derivatives and batching are again these primitives: every transformation composes.
+        return conv_primitives.conv3d(x, kernel, dilation=dilation, gather_taps=gather_taps)
     if implementation == "auto":
         # Chosen when the computation is lowered for a platform, not when it is
         # traced: an exported or cross-compiled step gets cuDNN/TPU convolutions
         # even when traced on a CPU machine.
         on_cpu = _FORMULATIONS[default_implementation(x.shape, kernel.shape, dilation, x.dtype.itemsize, gather_taps)]
-        if accumulate is None and cpu_kernel.supports(x.shape, kernel.shape, x.dtype) and cpu_kernel.available():
-            on_cpu = _FORMULATIONS["direct"]
         return lax.platform_dependent(
             x, kernel, cpu=functools.partial(on_cpu, dilation=dilation, accumulate=accumulate, precision=precision),
             default=functools.partial(_conv3d_lax, dilation=dilation, accumulate=accumulate, precision=precision))
@@ -221,12 +230,4 @@ def _conv3d_gather(x: jax.Array, kernel: jax.Array, dilation: int, accumulate=No
                       preferred_element_type=accumulate, precision=precision)
 
 
-def _conv3d_direct(x: jax.Array, kernel: jax.Array, dilation: int, accumulate=None, precision=None) -> jax.Array:
-    """jaxcascade's C++ kernel (cpu_kernel.py), gradients included; the GEMM formulation for the shape serves
-    the input gradient where the kernel has no registers for the input's channels (a 2-channel first layer)."""
-    gradient = _FORMULATIONS[default_implementation(x.shape, kernel.shape, dilation, x.dtype.itemsize)]
-    return cpu_kernel.conv3d(x, kernel, dilation, gradient)
-
-
-_FORMULATIONS = {"lax": _conv3d_lax, "im2col": _conv3d_im2col, "slices": _conv3d_slices, "gather": _conv3d_gather,
-                 "direct": _conv3d_direct}
+_FORMULATIONS = {"lax": _conv3d_lax, "im2col": _conv3d_im2col, "slices": _conv3d_slices, "gather": _conv3d_gather}

@@ -14,86 +14,125 @@ with AVX-512 (see `kernel_build.wanted`); JAXCASCADE_CPU_KERNEL=1 forces it
 elsewhere, JAXCASCADE_CPU_KERNEL=0 turns it off (the results then are
 bit-identical to jaxcascade before it; with it, they differ by float32
 rounding, ~1e-6). Results do not depend on the thread count.
+
+Each kernel is a JAX primitive (here the dense head and the dilated max-pool,
+in conv_primitives.py the convolution and its two gradients): shapes by
+abstract evaluation; derivatives (JVP, transposes) and batching rules written
+in these primitives and jnp, so grad, jvp, vmap, hessian, jax.export...
+compose to any order (tests/test_transformations.py). The kernel is picked
+when the computation is lowered for CPU, where it is on, builds and supports
+the shapes; a pure-JAX form otherwise and on every other platform. So
+`available()`, which builds the kernel, runs only when lowering for CPU.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import platform
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 from jaxcascade.ops.kernel_build import (  # noqa: F401  (re-exported: the loader's names callers use)
-    GRADIENT_TARGET, HANDLERS, HEAD_TARGET, KERNEL_ENV, POOL_TARGET, TARGET, TARGETS, available, build,
-    kernel_dir, wanted)
+    GRADIENT_TARGET, HANDLERS, HEAD_TARGET, KERNEL_ENV, POOL_TARGET, TARGET, TARGETS, _cpu_flags, available,
+    build, kernel_dir, wanted)
 
 OUT_CHANNELS = (16, 32, 48, 64)  # output blocks the kernel keeps in registers
 CHUNK_FLOATS, MAX_CHUNKS = 2**17, 256  # the kernel gradient's chunks of cotangent: 512 KB each
+HIGHEST = lax.Precision.HIGHEST  # the pure-JAX forms in true float32 (no TF32 on NVIDIA GPUs)
+NOT_MAPPED = None  # how batching rules see an operand that vmap does not map (jax._src.interpreters.batching)
 
 
-def supports(x_shape, kernel_shape, dtype) -> bool:
-    """Whether the kernel handles this convolution (float32, 3^3-style k^3 taps, 16-64 output channels)."""
-    kernel_size, _, _, _, out_channels = kernel_shape
-    return (jnp.dtype(dtype) == jnp.float32 and kernel_size > 1 and out_channels in OUT_CHANNELS
-            and len(x_shape) == 5)
+@functools.lru_cache(maxsize=None)
+def _flags() -> frozenset[str]:
+    return frozenset(_cpu_flags())
 
 
-def _ffi_conv3d(x: jax.Array, kernel: jax.Array, dilation: int, padding: int = 0) -> jax.Array:
+def enabled() -> bool:
+    """Whether jaxcascade uses its kernels (JAXCASCADE_CPU_KERNEL, else AVX-512), without building them.
+
+    Read at every trace and every lowering, so the environment variable also
+    switches them within a process (for functions traced and compiled afresh).
+    """
+    return wanted(os.environ.get(KERNEL_ENV, ""), platform.machine(), _flags())
+
+
+def runs_here() -> bool:
+    """At lowering for CPU: whether the kernel is wanted and built (the first call builds it)."""
+    return enabled() and available()
+
+
+def supports(x_shape, kernel_shape, dtype, padding: int = 0, dilation: int = 1) -> bool:
+    """Whether the kernel handles this convolution: float32, rank 5, a k^3 kernel (k > 1) over x's channels,
+    16-64 output channels, at most `span` zeros of padding and a non-empty output."""
+    if len(x_shape) != 5 or len(kernel_shape) != 5 or jnp.dtype(dtype) != jnp.float32:
+        return False
+    kernel_size, *rest, in_channels, out_channels = kernel_shape
+    span = (kernel_size - 1) * dilation
+    return (kernel_size > 1 and rest == [kernel_size, kernel_size] and in_channels == x_shape[-1]
+            and out_channels in OUT_CHANNELS and 0 <= padding <= span
+            and min(x_shape[1:4]) + 2 * padding - span > 0 and x_shape[0] > 0)
+
+
+def ffi_conv3d(x: jax.Array, kernel: jax.Array, dilation: int, padding: int = 0) -> jax.Array:
     """The kernel's convolution of x with `padding` zeros around each spatial axis (read, never stored)."""
     batch, depth, height, width, _ = x.shape
     span = (kernel.shape[0] - 1) * dilation - 2 * padding
     out = jax.ShapeDtypeStruct((batch, depth - span, height - span, width - span, kernel.shape[-1]), jnp.float32)
-    # Under vmap, one call per example (the kernels take fixed ranks).
-    call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
-    return call(x, kernel, dilation=np.int64(dilation), padding=np.int64(padding))
+    return jax.ffi.ffi_call(TARGET, out)(x, kernel, dilation=np.int64(dilation), padding=np.int64(padding))
 
 
-def _ffi_kernel_gradient(x: jax.Array, cotangent: jax.Array, kernel_shape, dilation: int) -> jax.Array:
+def ffi_kernel_gradient(x: jax.Array, cotangent: jax.Array, kernel_shape, dilation: int) -> jax.Array:
+    """The gradient of the VALID convolution of x with respect to its (kernel_shape) kernel."""
     kernel_size, _, _, in_channels, out_channels = kernel_shape
     positions = int(np.prod(cotangent.shape[:4]))
     # Partial sums per chunk of output positions, added in chunk order: fixed by the shapes alone (so results
     # do not depend on the thread count), each chunk's cotangent small enough to stay in cache while every
     # (tap, channel) row of the gradient passes over it.
     chunks = int(np.clip(-(-positions * out_channels // CHUNK_FLOATS), 1, MAX_CHUNKS))
-    outputs = (jax.ShapeDtypeStruct(kernel_shape, jnp.float32),
+    outputs = (jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32),
                jax.ShapeDtypeStruct((chunks, kernel_size**3 * in_channels * out_channels), jnp.float32))
-    call = jax.ffi.ffi_call(GRADIENT_TARGET, outputs, vmap_method="sequential")
-    gradient, _ = call(x, cotangent, dilation=np.int64(dilation))
+    gradient, _ = jax.ffi.ffi_call(GRADIENT_TARGET, outputs)(x, cotangent, dilation=np.int64(dilation))
     return gradient
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv3d(x: jax.Array, kernel: jax.Array, dilation: int, gradient) -> jax.Array:
-    """VALID cross-correlation of (N, D, H, W, C) with (k, k, k, C, O) by the C++ kernel.
-
-    Its gradient is the kernel's too: the kernel's by a register-blocked
-    reduction, the input's as the convolution of the padded cotangent with the
-    flipped kernel. `gradient`, a pure-JAX formulation (x, kernel, dilation) ->
-    y, serves the input's where the kernel has no registers for its channels.
-    """
-    return _ffi_conv3d(x, kernel, dilation)
+@functools.lru_cache(maxsize=None)
+def _compiled(primitive: Primitive, params: tuple):
+    return jax.jit(functools.partial(primitive.bind, **dict(params)))
 
 
-def _conv3d_forward(x, kernel, dilation, gradient):
-    return _ffi_conv3d(x, kernel, dilation), (x, kernel)
+def _register(primitive: Primitive, on_cpu, reference, multiple_results: bool = False) -> None:
+    """Eager calls (compiled once per primitive and parameters), and the lowerings: `on_cpu` for CPU,
+    `reference` (pure JAX) for every other platform."""
+    primitive.def_impl(lambda *args, **params: _compiled(primitive, tuple(sorted(params.items())))(*args))
+    mlir.register_lowering(primitive, mlir.lower_fun(reference, multiple_results))
+    mlir.register_lowering(primitive, mlir.lower_fun(on_cpu, multiple_results), platform="cpu")
 
 
-def _conv3d_backward(dilation, gradient, residuals, cotangent):
-    x, kernel = residuals
-    kernel_gradient = _ffi_kernel_gradient(x, cotangent, kernel.shape, dilation)
-    span = (kernel.shape[0] - 1) * dilation
-    if kernel.shape[3] in OUT_CHANNELS:
-        # The transposed convolution: the cotangent read with `span` zeros around it (the kernel skips
-        # taps that fall on them), the kernel flipped, its channels swapped.
-        input_gradient = _ffi_conv3d(cotangent, jnp.flip(kernel, (0, 1, 2)).swapaxes(3, 4), dilation, padding=span)
-    else:  # e.g. a 2-channel input layer, whose input (data) nothing differentiates: XLA drops this
-        _, vjp = jax.vjp(lambda x: gradient(x, kernel, dilation), x)
-        (input_gradient,) = vjp(cotangent)
-    return input_gradient, kernel_gradient
+def _moved(x, axis, to):
+    return x if axis == to else jnp.moveaxis(x, axis, to)
 
 
-conv3d.defvjp(_conv3d_forward, _conv3d_backward)
+def _map(bind, args, dims):
+    """Batching's last resort: one call per example (lax.map), unbatched operands shared."""
+    index = [i for i, d in enumerate(dims) if d is not NOT_MAPPED]
+    batched = [_moved(args[i], dims[i], 0) for i in index]
+
+    def one(example):
+        operands = list(args)
+        for i, value in zip(index, example):
+            operands[i] = value
+        return bind(*operands)
+
+    return lax.map(one, batched), 0
+
+
+# --- the dense form's head: relu(x @ w1 + b1) @ w2 + b2 over the last axis --------------------------------
 
 
 def head_supported(in_channels: int, hidden: int, outputs: int) -> bool:
@@ -101,20 +140,111 @@ def head_supported(in_channels: int, hidden: int, outputs: int) -> bool:
     return hidden % 64 == 0 and 0 < outputs <= 4 and in_channels > 0
 
 
+def head_reference(x, w1, b1, w2, b2):
+    """The head in jnp: the kernel's result up to float32 rounding, and its derivatives."""
+    hidden = jax.nn.relu(jnp.dot(x, w1, precision=HIGHEST) + b1)
+    return jnp.dot(hidden, w2, precision=HIGHEST) + b2
+
+
+def _head_on_cpu(x, w1, b1, w2, b2):
+    *batch, channels = x.shape
+    if not (runs_here() and x.dtype == jnp.float32 and head_supported(channels, *w2.shape)):
+        return head_reference(x, w1, b1, w2, b2)
+    flat = x.reshape(-1, channels)
+    out = jax.ShapeDtypeStruct((flat.shape[0], w2.shape[1]), jnp.float32)
+    logits = jax.ffi.ffi_call(HEAD_TARGET, out)(flat, w1, b1, w2.T, b2)
+    return logits.reshape(*batch, w2.shape[1])
+
+
+dense_head_p = Primitive("jaxcascade_dense_head")
+dense_head_p.def_abstract_eval(lambda x, w1, b1, w2, b2: jax.core.ShapedArray((*x.shape[:-1], w2.shape[1]), x.dtype))
+_register(dense_head_p, _head_on_cpu, head_reference)
+
+
+def _head_jvp(primals, tangents):
+    # The primal from the kernel; the tangent in jnp (linear in the tangents, so transposable to any order).
+    tangents = tuple(map(ad.instantiate_zeros, tangents))
+    return dense_head_p.bind(*primals), jax.jvp(head_reference, primals, tangents)[1]
+
+
+def _head_batch(args, dims):
+    (x, *weights), axis = args, dims[0]
+    if all(d is NOT_MAPPED for d in dims[1:]):  # any leading axes are rows: the vmapped one too
+        if axis == x.ndim - 1:
+            x, axis = jnp.moveaxis(x, axis, 0), 0
+        return dense_head_p.bind(x, *weights), axis
+    return _map(dense_head_p.bind, args, dims)
+
+
+ad.primitive_jvps[dense_head_p] = _head_jvp
+batching.primitive_batchers[dense_head_p] = _head_batch
+
+
 def dense_head(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array) -> jax.Array:
-    """relu(x @ w1 + b1) @ w2 + b2 over the last axis of x, the hidden layer kept in registers (inference only).
+    """relu(x @ w1 + b1) @ w2 + b2 over the last axis of x, the hidden layer kept in registers on CPU.
 
     The dense form's head: XLA would write the hidden layer of every voxel to memory and read it back.
     """
-    *batch, channels = x.shape
-    flat = x.reshape(-1, channels)
-    out = jax.ShapeDtypeStruct((flat.shape[0], w2.shape[1]), jnp.float32)
-    logits = jax.ffi.ffi_call(HEAD_TARGET, out, vmap_method="sequential")(flat, w1, b1, jnp.asarray(w2).T, b2)
-    return logits.reshape(*batch, w2.shape[1])
+    return dense_head_p.bind(x, w1, b1, jnp.asarray(w2), b2)
+
+
+# --- the dense form's max-pool: the 2^3 max over taps `dilation` apart at every position -----------------
+
+
+def max_pool_reference(x: jax.Array, dilation: int) -> jax.Array:
+    """The pool one axis at a time with reduce_window (exact: the values equal one 2x2x2 window's)."""
+    for axis in (1, 2, 3):
+        window, spacing = [1] * 5, [1] * 5
+        window[axis], spacing[axis] = 2, dilation
+        x = lax.reduce_window(x, -jnp.inf, lax.max, tuple(window), (1,) * 5, "VALID",
+                              window_dilation=tuple(spacing))
+    return x
+
+
+def _pool_on_cpu(x, *, dilation):
+    if not (runs_here() and x.dtype == jnp.float32 and x.shape[-1] % 16 == 0):
+        return max_pool_reference(x, dilation)
+    batch, depth, height, width, channels = x.shape
+    out = jax.ShapeDtypeStruct((batch, depth - dilation, height - dilation, width - dilation, channels), x.dtype)
+    return jax.ffi.ffi_call(POOL_TARGET, out)(x, dilation=np.int64(dilation))
+
+
+max_pool_p = Primitive("jaxcascade_max_pool")
+max_pool_p.def_abstract_eval(lambda x, *, dilation: jax.core.ShapedArray(
+    (x.shape[0], *(size - dilation for size in x.shape[1:4]), x.shape[4]), x.dtype))
+_register(max_pool_p, _pool_on_cpu, lambda x, *, dilation: max_pool_reference(x, dilation))
+
+
+def _taps(x, dilation: int):
+    """The 8 corners of each window as slices of x, in (a, b, c) order."""
+    out = [size - dilation for size in x.shape[1:4]]
+    return [x[:, a:a + out[0], b:b + out[1], c:c + out[2]]
+            for a in (0, dilation) for b in (0, dilation) for c in (0, dilation)]
+
+
+def _pool_jvp(primals, tangents, *, dilation):
+    # The tangent of the first tap that holds the maximum: a selection, linear in the tangents, so it
+    # transposes to the usual scatter of the cotangent (reduce_window's own derivative has no transpose
+    # with window dilation).
+    (x,), (dx,) = primals, tangents
+    pooled = max_pool_p.bind(x, dilation=dilation)
+    winner = jnp.argmax(jnp.stack([tap == pooled for tap in _taps(x, dilation)]), axis=0)
+    taps = _taps(ad.instantiate_zeros(dx), dilation)
+    tangent = functools.reduce(jnp.add, [jnp.where(winner == i, tap, 0) for i, tap in enumerate(taps)])
+    return pooled, tangent
+
+
+def _pool_batch(args, dims, *, dilation):
+    (x,), (axis,) = args, dims
+    x = _moved(x, axis, 0)  # the vmapped axis folded into the batch
+    pooled = max_pool_p.bind(x.reshape(-1, *x.shape[2:]), dilation=dilation)
+    return pooled.reshape(x.shape[0], x.shape[1], *pooled.shape[1:]), 0
+
+
+ad.primitive_jvps[max_pool_p] = _pool_jvp
+batching.primitive_batchers[max_pool_p] = _pool_batch
 
 
 def max_pool(x: jax.Array, dilation: int) -> jax.Array:
     """The 2^3 max over taps `dilation` apart at every position of (N, D, H, W, C), C a multiple of 16, in one pass."""
-    batch, depth, height, width, channels = x.shape
-    out = jax.ShapeDtypeStruct((batch, depth - dilation, height - dilation, width - dilation, channels), x.dtype)
-    return jax.ffi.ffi_call(POOL_TARGET, out, vmap_method="sequential")(x, dilation=np.int64(dilation))
+    return max_pool_p.bind(x, dilation=int(dilation))
