@@ -1,6 +1,6 @@
 """What every experiment shares: the cohort, the folds, training and scoring a fold, tables.
 
-A fold trains one cascade with `pipeline.train_cascade` on its training
+A fold trains one cascade with `jaxcascade.train` on its training
 subjects (in its own workdir) and scores each of its test subjects twice: the
 full cascade, and CNN1 alone post-processed exactly like the cascade's output.
 A fold whose model has both stages and whose `metrics.json` exists is
@@ -21,12 +21,13 @@ from typing import Callable
 
 import numpy as np
 
+import jaxcascade
 from jaxcascade.data import bids_layout, nifti
 from jaxcascade.storage import checkpoints
 from jaxcascade import config as config_lib, phantom
 from jaxcascade.segmentation import files, postprocess
 from jaxcascade.evaluation import metrics
-from jaxcascade.training import pipeline
+from jaxcascade.training.history import read_history
 from jaxcascade.segmentation.cascade import Cascade
 from jaxcascade.segmentation.inference import InferenceOptions
 from jaxcascade.errors import UserError
@@ -289,15 +290,15 @@ def run_fold(fold: Fold, cohort_dir: Path, folds_dir: Path, cascade_config, log:
                                                  for name in fold.train})
     log(f"fold {fold.name}: training on {', '.join(fold.train)}; testing on {', '.join(fold.test)}")
     started = time.perf_counter()
-    summary = pipeline.train_cascade(train_dir, fold_dir / "model", cascade_config,
-                                     log=lambda message: log(f"  [{fold.name}] {message}"))
+    model = jaxcascade.train(train_dir, fold_dir / "model", config=cascade_config,
+                             log=lambda message: log(f"  [{fold.name}] {message}"))
     trained = time.perf_counter()
-    model = Cascade.load(fold_dir / "model")
+    epochs = {stage: len(records) for stage, records in read_history(fold_dir / "model").items()}
     scores = {name: score_subject(model, cohort_dir / name, fold_dir / f"{name}_segmentation.nii.gz")
               for name in fold.test}
     record = {
         "fold": fold.name, "train": list(fold.train), "test": list(fold.test), "subjects": scores,
-        "epochs": summary["epochs"], "train_seconds": trained - started,
+        "epochs": epochs, "train_seconds": trained - started,
         "score_seconds": time.perf_counter() - trained, "cascade_config": stored_config,
     }
     write_json(record, fold_dir / "metrics.json")
