@@ -196,3 +196,4 @@ def test_a_fresh_build_lands_whole_in_the_user_cache(tmp_path):
     assert built == "True" and Path(folder).is_relative_to(tmp_path)
     # The library, its checksum and the lock: no temporary left (tests/test_kernel_build.py tests the cache).
     assert sorted(p.name for p in Path(folder).iterdir()) == [".lock", "libjaxcascade.so", "libjaxcascade.so.sha256"]
+    assert oct(Path(folder).stat().st_mode & 0o777) == oct(0o700)  # the user's cache is the user's alone

@@ -41,7 +41,8 @@ def real_library(tmp_path_factory) -> Path:
     result = _run(PROBE, JAXCASCADE_KERNEL_DIR=str(root))
     assert result.returncode == 0 and "available True" in result.stdout, result.stderr
     library = next(root.rglob(kernel_build.LIBRARY))
-    assert library.parent.parent.parent == root and stat.S_IMODE(library.parent.stat().st_mode) == 0o700
+    # A JAXCASCADE_KERNEL_DIR is shared on purpose: readable by all, writable by its owner only.
+    assert library.parent.parent.parent == root and stat.S_IMODE(library.parent.stat().st_mode) == 0o755
     return library
 
 
@@ -167,3 +168,23 @@ def test_the_key_changes_with_the_compiler(real_library, tmp_path, monkeypatch):
     fake = kernel_build.kernel_dir()
     assert real != fake and real.parent == fake.parent
     shutil.rmtree(tmp_path / "kernels", ignore_errors=True)
+
+
+def test_a_node_without_a_compiler_loads_the_shared_build_for_its_cpu(real_library, tmp_path):
+    """`jaxcascade build-kernels` on a login node fills a shared JAXCASCADE_KERNEL_DIR; compute nodes
+    without a compiler load the build for their CPU, from a read-only mount too."""
+    shared = tmp_path / "shared"
+    cxx = _compiler(tmp_path, real_library)
+    built = subprocess.run([sys.executable, "-m", "jaxcascade.cli", "build-kernels"], capture_output=True,
+                           text=True, timeout=300, env=_env(JAXCASCADE_KERNEL_DIR=str(shared), CXX=str(cxx)))
+    assert built.returncode == 0, built.stderr
+    assert stat.S_IMODE(next(shared.rglob(kernel_build.LIBRARY)).parent.stat().st_mode) == 0o755
+    script = (f"mount --bind {shared} {shared} && mount -o remount,bind,ro {shared} && "
+              f"JAXCASCADE_KERNEL_DIR={shared} CXX=/no/compiler {sys.executable} -c \"{PROBE}\"")
+    result = subprocess.run(["unshare", "-r", "-m", "sh", "-c", script], capture_output=True, text=True,
+                            timeout=300, env=_env())
+    assert result.returncode == 0 and "available True" in result.stdout, result.stderr
+    assert "JaxcascadeWarning" not in result.stderr
+    nothing = _run(PROBE.split(", k.kernel_dir()")[0] + ")", JAXCASCADE_KERNEL_DIR=str(tmp_path / "empty"),
+                   CXX="/no/compiler")
+    assert "available False" in nothing.stdout and "no build for this CPU in" in nothing.stderr

@@ -126,6 +126,8 @@ def test_a_subject_that_fails_in_any_way_is_an_error_row_and_the_study_goes_on(t
     assert rows["sub-03"].endswith("(details in logs/sub-03.log)")
     assert "Traceback (most recent call last)" in (out / "logs" / "sub-03.log").read_text()
     assert "4 subjects: 1 segmented, 0 already done, 3 failed" in captured.out
+    for name in ("sub-02", "sub-03", "sub-04"):  # a failed subject leaves its error record only
+        assert [p.name for p in (out / name).iterdir()] == [f"{name}_desc-lesion_error.json"]
     for name in ("sub-02", "sub-03", "sub-04"):  # one line each on the screen
         assert sum(line.startswith(f"{name}: ") for line in captured.out.splitlines()) == 1
 

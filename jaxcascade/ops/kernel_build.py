@@ -11,8 +11,9 @@ folder shared by a cluster's nodes and containers, killed jobs and full disks ar
   truncated or corrupt file (a build killed mid-write, a full disk) is rebuilt once, never loaded;
 - a failed build leaves a marker and the compiler's whole output (`build.log`) beside it: later processes
   warn once with the compiler's first `error:` line and do not retry; `jaxcascade build-kernels` does;
-- a library is loaded only if it belongs to this user and no one else may write to it or its folder;
-  folders are made owner-only (0o700);
+- a library is loaded only if it belongs to this user (or root, or the owner of a JAXCASCADE_KERNEL_DIR)
+  and no one else may write to it or its folder; folders in the user's cache are made owner-only (0o700);
+- a node without a compiler loads the newest whole build for its CPU that is already there;
 - the root is JAXCASCADE_KERNEL_DIR if set (e.g. a prebuilt folder shared on a cluster whose compute
   nodes have no compiler: `jaxcascade build-kernels` on a login node of the same CPU fills it), else the
   `kernels` folder of jaxcascade's cache (`runtime.cache_root`); a relative path is ignored, since the
@@ -90,9 +91,29 @@ def _command(path: str, output: str) -> list[str]:
             f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", output]
 
 
+def prebuilt() -> Path | None:
+    """The newest whole, trusted build for this CPU and jaxlib in the kernels' root, whatever compiler made
+    it: what a node without a compiler loads (`jaxcascade build-kernels` filled the folder elsewhere)."""
+    folders = sorted((kernels_root() / runtime.machine_tag()).glob("*/" + LIBRARY), key=lambda p: p.stat().st_mtime)
+    for library in reversed(folders):
+        with contextlib.suppress(KernelUnavailable, OSError):
+            if verified(library.parent) is not None:
+                return library.parent
+    return None
+
+
 def kernel_dir() -> Path:
-    """This machine's build folder: CPU and jaxlib, then a key of compiler, command line and sources."""
-    path, version = compiler()
+    """This machine's build folder: CPU and jaxlib, then a key of compiler, command line and sources.
+
+    Without a compiler: the newest whole build for this CPU already there (`prebuilt`), else why not.
+    """
+    try:
+        path, version = compiler()
+    except KernelUnavailable as error:
+        folder = prebuilt()
+        if folder is None:
+            raise KernelUnavailable(f"{error}, and no build for this CPU in {kernels_root()}") from None
+        return folder
     key = hashlib.sha256()
     for part in (path, version, " ".join(_command(path, LIBRARY))):
         key.update(part.encode() + b"\0")
@@ -102,12 +123,14 @@ def kernel_dir() -> Path:
     return kernels_root() / runtime.machine_tag() / key.hexdigest()[:16]
 
 
-def _make_private(folder: Path) -> None:
-    """folder and the parents it needs, created owner-only (0o700)."""
+def _make_folders(folder: Path) -> None:
+    """folder and the parents it needs: owner-only (0o700) in the user's cache, readable by all (0o755) in a
+    JAXCASCADE_KERNEL_DIR, which exists to be shared."""
+    mode = 0o755 if os.environ.get(KERNEL_DIR_ENV) else 0o700
     missing = [p for p in (folder, *folder.parents) if not p.exists()]
     for path in reversed(missing):
         with contextlib.suppress(FileExistsError):
-            path.mkdir(mode=0o700)
+            path.mkdir(mode=mode)
 
 
 def _sha256(path: Path) -> str:
@@ -122,10 +145,14 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def _trusted(path: Path) -> str | None:
-    """Why path must not be loaded (another owner, writable by others), or None."""
+    """Why path must not be loaded, or None: it and its folder must belong to this user (or root, or the
+    owner of JAXCASCADE_KERNEL_DIR, a folder shared on purpose) and be writable by no one else."""
+    owners = {os.getuid(), 0}
+    if os.environ.get(KERNEL_DIR_ENV) and kernels_root().exists():
+        owners.add(kernels_root().stat().st_uid)
     for item in (path, path.parent):
         info = item.stat()
-        if info.st_uid != os.getuid():
+        if info.st_uid not in owners:
             return f"{item} belongs to user {info.st_uid}, not to this user"
         if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             return f"{item} is writable by other users"
@@ -169,7 +196,7 @@ def _compile(folder: Path) -> Path:
             _write_atomically(folder / FAILED, json.dumps({"reason": reason, "compiler": version,
                                                             "command": command}))
             raise KernelUnavailable(reason)
-        os.chmod(partial, 0o700)
+        os.chmod(partial, 0o755 if os.environ.get(KERNEL_DIR_ENV) else 0o700)
         os.replace(partial, folder / LIBRARY)
         _write_atomically(folder / CHECKSUM, _sha256(folder / LIBRARY) + "\n")
     finally:
@@ -187,8 +214,12 @@ def build(folder: Path | None = None, *, retry_failed: bool = False) -> Path:
     from filelock import FileLock, Timeout
 
     folder = folder or kernel_dir()
+    with contextlib.suppress(OSError):  # a whole build needs neither a lock nor write access
+        library = verified(folder)
+        if library is not None:
+            return library
     try:
-        _make_private(folder)
+        _make_folders(folder)
         lock = FileLock(str(folder / LOCK), timeout=LOCK_SECONDS)
         with lock:
             library = verified(folder)

@@ -315,6 +315,10 @@ def _study_subject(model, subject: StudySubject, out_dir: Path, report_path: Pat
             report = _failure(error, subject, out_dir)
             log(f"{name}: {report['row']['status'][len('error: '):]}")
         if report["row"]["status"] != "ok":
+            # Whatever this attempt wrote goes: a failed subject leaves its error record only.
+            for written in (out_dir / subject.folder).glob(f"{subject.prefix}_desc-*"):
+                if written != failure_path:
+                    written.unlink(missing_ok=True)
             failure_path.parent.mkdir(parents=True, exist_ok=True)
             write_json(report, failure_path)
             return report
