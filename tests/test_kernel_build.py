@@ -76,9 +76,11 @@ def test_a_damaged_library_is_rebuilt_never_loaded(real_library, tmp_path, damag
         library.write_bytes(data[: len(data) // 2])
     else:
         library.write_bytes(data[:4096] + bytes(b ^ 0xFF for b in data[4096:8192]) + data[8192:])
+    stale = library.parent / f".{kernel_build.LIBRARY}.killed.tmp"  # what a build killed mid-write leaves
+    stale.write_bytes(data[:100])
     result = _run(PROBE, JAXCASCADE_KERNEL_DIR=str(root), CXX=str(cxx))
     assert result.returncode == 0 and "available True" in result.stdout, (result.returncode, result.stderr)
-    assert _compiles(tmp_path) == 2 and library.read_bytes() == data
+    assert _compiles(tmp_path) == 2 and library.read_bytes() == data and not stale.exists()
     assert (library.parent / kernel_build.CHECKSUM).read_text().strip() == kernel_build._sha256(library)
 
 
@@ -188,3 +190,19 @@ def test_a_node_without_a_compiler_loads_the_shared_build_for_its_cpu(real_libra
     nothing = _run(PROBE.split(", k.kernel_dir()")[0] + ")", JAXCASCADE_KERNEL_DIR=str(tmp_path / "empty"),
                    CXX="/no/compiler")
     assert "available False" in nothing.stdout and "no build for this CPU in" in nothing.stderr
+
+
+def test_the_warning_quotes_what_went_wrong_not_collect2s_summary():
+    full_disk = ("/usr/bin/ld: final link failed: No space left on device\n"
+                 "collect2: error: ld returned 1 exit status\n")
+    assert kernel_build.first_error(full_disk) == "/usr/bin/ld: final link failed: No space left on device"
+    assert kernel_build.first_error("a.cc:3: warning: x\na.cc:9:2: error: expected ';'\ncollect2: error: ld") \
+        == "a.cc:9:2: error: expected ';'"
+    assert kernel_build.first_error("") == "failed without output"
+
+
+def test_build_kernels_without_a_compiler_is_one_line(real_library, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "jaxcascade.cli", "build-kernels"], capture_output=True, text=True,
+                            timeout=300, env=_env(JAXCASCADE_KERNEL_DIR=str(real_library.parents[2]),
+                                                  CXX="/no/compiler"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no C++ compiler" in result.stderr

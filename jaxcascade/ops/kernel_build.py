@@ -172,10 +172,13 @@ def verified(folder: Path) -> Path | None:
     return library
 
 
-def _first_error(output: str) -> str:
-    lines = output.strip().splitlines()
-    errors = [line.strip() for line in lines if re.search(r"\berror\b", line)]
-    return (errors or lines or ["failed without output"])[0][:300]
+def first_error(output: str) -> str:
+    """The compiler's first line that says what went wrong. collect2's closing summary ("ld returned 1
+    exit status") says nothing; the linker's own line before it does (e.g. "No space left on device")."""
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith("collect2:")]
+    errors = [line for line in useful if re.search(r"\berror\b|\bfailed\b|No space left|Read-only", line)]
+    return (errors or useful or lines or ["failed without output"])[0][:300]
 
 
 def _compile(folder: Path) -> Path:
@@ -192,7 +195,8 @@ def _compile(folder: Path) -> Path:
             output, failed = f"error: {path} took over {COMPILE_SECONDS} s", True
         if failed:
             _write_atomically(folder / LOG, " ".join(command) + "\n\n" + output)
-            reason = f"{Path(path).name} failed: {_first_error(output)} (full output: {folder / LOG})"
+            reason = (f"{Path(path).name} failed: {first_error(output)} (full output: {folder / LOG}; once fixed, "
+                      "`jaxcascade build-kernels` tries again)")
             _write_atomically(folder / FAILED, json.dumps({"reason": reason, "compiler": version,
                                                             "command": command}))
             raise KernelUnavailable(reason)
@@ -227,10 +231,10 @@ def build(folder: Path | None = None, *, retry_failed: bool = False) -> Path:
                 return library
             marker = folder / FAILED
             if marker.exists() and not retry_failed:
-                reason = json.loads(marker.read_text()).get("reason", "an earlier build failed")
-                raise KernelUnavailable(f"{reason}; run `jaxcascade build-kernels` to try again")
+                raise KernelUnavailable(json.loads(marker.read_text()).get("reason", "an earlier build failed"))
             marker.unlink(missing_ok=True)
-            for stale in (folder / LIBRARY, folder / CHECKSUM):
+            # A killed build's temporaries: only the lock's holder writes here, so none is in use.
+            for stale in (folder / LIBRARY, folder / CHECKSUM, *folder.glob(f".{LIBRARY}.*.tmp")):
                 stale.unlink(missing_ok=True)
             _compile(folder)
             library = verified(folder)
@@ -246,10 +250,10 @@ def build(folder: Path | None = None, *, retry_failed: bool = False) -> Path:
 def build_kernels() -> dict:
     """Build now, retrying a failed build (`jaxcascade build-kernels`): where, with what, and how."""
     try:
+        path, version = compiler()
         library = build(retry_failed=True)
     except KernelUnavailable as error:
         raise UserError(f"the CPU kernels could not be built: {error}") from None
-    path, version = compiler()
     return {"library": str(library), "compiler": f"{path} ({version})",
             "command": " ".join(_command(path, str(library)))}
 
