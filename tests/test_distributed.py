@@ -191,7 +191,7 @@ def jax_leaves(tree) -> dict:
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
-    code = ("from jaxcascade import distributed\n"
+    code = ("from jaxcascade.runtime import distributed\n"
             "from jaxcascade.errors import UserError\n"
             "try:\n    distributed.check_divisible(128, 'train.batch_size')\n"
             "except UserError as e:\n    print(e)\n")

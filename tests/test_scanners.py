@@ -105,10 +105,10 @@ def documented_rows(text):
     return rows
 
 
-@pytest.mark.parametrize("where", ["scanners.py", "README.md"])
+@pytest.mark.parametrize("where", ["scanners.py", "docs/phantom.md"])
 def test_documented_tables_match_the_scanners(where):
     text = (scanners.__doc__ if where == "scanners.py"
-            else (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8"))
+            else (Path(__file__).parents[1] / where).read_text(encoding="utf-8"))
     rows = documented_rows(text)
     assert set(rows) == set(scanners.SCANNERS), where
 
