@@ -1,6 +1,6 @@
 """Every benchmark, each in its own process, and the documentation's benchmark tables rewritten from their results.
 
-Run from the repository root (after `pip install -e ".[bench,interop,bids]"`):
+Run from the repository root (after `pip install -e ".[bench,interop]"`):
     python -m benchmarks.run_all                        # about 30 minutes on a 2-core CPU
     python -m benchmarks.run_all --only convs,train_step  # some steps; the other tables stay as they are
     python -m benchmarks.run_all --only gpu --render-only # tables from a gpu.json already in --out
