@@ -1,14 +1,18 @@
 """BIDS datasets as they really arrive, read by `bids_layout` and segmented as a study.
 
-The layouts follow the public BIDS example datasets (bids-standard/bids-examples): raw datasets with no
-derivatives/ (ds001, ds114: most scanner exports and public datasets); derivatives of other pipelines
-(ds000001-fmriprep style derivatives/fmriprep/, and a pipeline folder without dataset_description.json);
-several runs of one suffix (ds114's sub-*/ses-*/anat with run-1/run-2 in 7t_trt and ds000117's
-`acq-mprage` / `acq-*` T1w); sessions in some participants only (ds006 has sessions for every
-participant, synthetic has some); uncompressed .nii (ds001's `sub-01_T1w.nii.gz` next to ds000248's
-`.nii`); DataLad / git-annex trees, whose files are symbolic links into .git/annex/objects (broken where
-content was never fetched); participants.tsv listing participants. No file of those datasets is copied:
-trees are generated here with phantom images.
+The layouts follow the public BIDS example datasets (bids-standard/bids-examples; file layouts only, no
+file of theirs is copied: trees are generated here with phantom images):
+- raw datasets with no derivatives/ (ds001, ds051, 7t_trt): most scanner exports and public datasets;
+- derivatives of other pipelines: ds000117 and ds000248 keep derivatives/freesurfer/ without a
+  dataset_description.json, eeg_rest_fmri keeps derivatives/sub-XX/ with no pipeline folder at all;
+- several images of one suffix: ds051 and ds052 have sub-01_run-01_T1w and sub-01_run-02_T1w (zero-padded
+  runs), ds004332 has T1w images differing in acq- and rec- (and carrying a task- entity), ds000117 an
+  acq-mprage T1w beside echo- runs of another suffix;
+- sessions: 7t_trt and synthetic have ses-1/ses-2 (ses-01/ses-02) in every participant; the specification
+  allows sessions in some participants only, generated here too;
+- uncompressed .nii (ds004332) beside .nii.gz; JSON sidecars beside every image; participants.tsv;
+- DataLad / git-annex trees, whose files are symbolic links into .git/annex/objects (broken where the
+  content was never fetched), as datasets installed with `datalad install` arrive.
 """
 
 from __future__ import annotations
@@ -144,14 +148,24 @@ def test_sessions_in_some_participants_nii_symlinks_and_participants_tsv(phantom
         nib.save(nib.load(source / f"sub-01_ses-1_{suffix}.nii.gz"), anat / f"sub-02_{suffix}.nii")
         (anat / f"sub-02_{suffix}.json").write_text("{}")  # sidecars are not images
     (ds / "participants.tsv").write_text("participant_id\tage\nsub-01\t31\nsub-02\t42\nsub-03\t29\n")
+    # ds051-style zero-padded T1w runs and a ds004332-style task- entity on sub-02's FLAIR; a lesion mask
+    # kept in derivatives/sub-02/anat with no pipeline folder (as eeg_rest_fmri keeps its derivatives).
+    (anat / "sub-02_T1w.nii").rename(anat / "sub-02_run-01_T1w.nii")
+    shutil.copy(anat / "sub-02_run-01_T1w.nii", anat / "sub-02_run-02_T1w.nii")
+    (anat / "sub-02_FLAIR.nii").rename(anat / "sub-02_task-rest_FLAIR.nii")
+    (ds / "derivatives" / "sub-02" / "anat").mkdir(parents=True)
+    shutil.copy(anat / "sub-02_run-01_T1w.nii", ds / "derivatives" / "sub-02" / "anat" / "sub-02_label-lesion_mask.nii")
     notes = []
     entries = bids_layout.sessions(ds, MODALITIES, SUFFIXES, log=notes.append)
     assert [(e["participant_id"], e["session_id"]) for e in entries] == [
         ("sub-01", "ses-1"), ("sub-01", "ses-2"), ("sub-02", "")]
     assert entries[0]["problem"] is None and entries[0]["inputs"]["FLAIR"].is_symlink()
     assert entries[1]["problem"].startswith("sub-01_ses-2_FLAIR.nii.gz is a broken symbolic link")
-    assert entries[2]["problem"] is None and entries[2]["inputs"]["T1"].name == "sub-02_T1w.nii"
-    assert notes == [f"{ds}: participants.tsv lists sub-03 without a folder; skipped"]
+    assert entries[2]["problem"] is None and entries[2]["inputs"]["T1"].name == "sub-02_run-02_T1w.nii"
+    assert entries[2]["inputs"]["FLAIR"].name == "sub-02_task-rest_FLAIR.nii"
+    assert entries[2]["truth"].name == "sub-02_label-lesion_mask.nii"
+    assert notes == [f"{ds}: participants.tsv lists sub-03 without a folder; skipped",
+                     "sub-02: 2 runs of *_T1w; using the last, sub-02_run-02_T1w.nii (choose with --bids-filter T1:run=N)"]
     only = bids_layout.sessions(ds, MODALITIES, SUFFIXES, participants=bids_layout.participant_labels(["sub-02"]))
     assert [e["participant_id"] for e in only] == ["sub-02"]
     with pytest.raises(UserError, match=r"no participant sub-07 \(the dataset has sub-01, sub-02\)"):

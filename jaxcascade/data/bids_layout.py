@@ -15,7 +15,8 @@ Several images of one suffix in a session (runs, acquisitions, reconstructions, 
     acquisition), and a note says which;
   - otherwise the session is an error row naming the entities that differ and the filter to give.
 A lesion mask, where one exists for scoring, is a derivatives file *_label-lesion_mask.nii[.gz] of the
-same subject and session in any derivatives/<pipeline>/ folder (masks in a template space, space-MNI*,
+same subject and session in any derivatives/<pipeline>/ folder or in derivatives/ itself (masks in a
+template space, space-MNI*,
 are not on the subject's grid and are skipped), a brain mask a *_desc-brain_mask one. Files are found
 by their names alone, the way the BIDS specification defines them, so no index is built and nothing
 else in the tree (sidecars, other datatypes, other pipelines' outputs) is read.
@@ -156,7 +157,8 @@ def _derivative_masks(root: Path, subject: str, session: str) -> tuple[list[Path
     """(lesion masks, brain masks) of one session in every derivatives/<pipeline>/ folder."""
     lesions, brains = [], []
     derivatives = root / "derivatives"
-    pipelines = sorted(p for p in derivatives.iterdir() if p.is_dir()) if derivatives.is_dir() else []
+    # derivatives/<pipeline>/sub-X/..., or derivatives/sub-X/... straight (as some datasets keep them).
+    pipelines = [derivatives, *sorted(p for p in derivatives.iterdir() if p.is_dir())] if derivatives.is_dir() else []
     relative = Path(f"sub-{subject}", f"ses-{session}", "anat") if session else Path(f"sub-{subject}", "anat")
     for pipeline in pipelines:
         for entities, suffix, path in _images(pipeline / relative, subject, session):
