@@ -244,8 +244,9 @@ def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, 
     by another process carry `resumed` (not a CSV column).
     """
     out_dir = check_output_path(out_dir, is_dir=True)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir}: exists and is not a folder; choose another --out-dir")
+    if Path(data_dir).is_dir() and out_dir.is_dir() and out_dir.resolve() == Path(data_dir).resolve():
+        raise UserError(f"{out_dir}: is the --data folder; outputs would mix with the subjects' files: choose "
+                        "another --out-dir (for BIDS data, e.g. DATA/derivatives/jaxcascade)")
     model = Cascade.load(model_dir, compute_dtype=compute_dtype)
     subjects = study_subjects(data_dir, model.config, bids_suffixes, participants=participants,
                               bids_filters=bids_filters, log=log)
