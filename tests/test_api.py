@@ -1,0 +1,37 @@
+"""The public Python API is pinned: its names and their parameters change only on purpose."""
+
+import inspect
+
+import jaxcascade
+from jaxcascade import api
+
+PUBLIC = {
+    "train": ["data_dir", "workdir", "config", "overrides", "init_from", "participants", "log", "progress"],
+    "segment": ["model", "inputs", "out", "probabilities", "brain_mask", "threshold", "min_lesion_voxels",
+                "min_lesion_volume_mm3", "method", "tta", "compute_dtype", "resample", "overwrite", "warn",
+                "progress"],
+    "segment_study": ["model", "data_dir", "out_dir", "probabilities", "overwrite", "options"],
+    "load_model": ["model_dir", "compute_dtype"],
+    "evaluate": ["prediction", "truth", "voxel_volume_ml"],
+}
+
+
+def test_the_public_api_is_what_the_documentation_promises():
+    assert sorted(jaxcascade.__all__) == sorted(PUBLIC)
+    for name, parameters in PUBLIC.items():
+        function = getattr(jaxcascade, name)
+        assert function is getattr(api, name)
+        signature = inspect.signature(function)
+        assert list(signature.parameters) == parameters, name
+        assert function.__doc__ and signature.return_annotation is not inspect.Signature.empty, name
+        # Everything after the positional essentials is keyword-only, so calls stay readable and stable.
+        assert all(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in list(signature.parameters.values())[3:]), name
+
+
+def test_importing_jaxcascade_does_not_load_the_networks():
+    import subprocess
+    import sys
+
+    code = "import sys, jaxcascade; print(any(m.startswith('jaxcascade.networks') for m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
