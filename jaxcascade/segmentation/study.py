@@ -214,6 +214,7 @@ def _write_tables(out_dir: Path, reports: list[dict], report_paths: list[Path]) 
     on one folder the later writer sees what the earlier finished; returns the subject rows."""
     from filelock import FileLock
 
+    (out_dir / LOCKS).mkdir(exist_ok=True)
     with FileLock(out_dir / LOCKS / "tables.lock"):
         for i, (report, path) in enumerate(zip(reports, report_paths)):
             if report["row"].get("in_progress") and path.exists():  # finished meanwhile by the other process
