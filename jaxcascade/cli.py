@@ -81,6 +81,9 @@ def configure_output(verbosity: int) -> None:
     LOGGER.propagate = False
     LOGGER.setLevel({-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG))
     _QUIET["on"] = verbosity < 0
+    # nibabel logs its own lines about a file it rejects; the command line already says it once, naming the file.
+    for name in ("nibabel", "nibabel.global"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     warnings.simplefilter("always", JaxcascadeWarning)  # a warning about each file, each time
     warnings.showwarning = _show_warning
 

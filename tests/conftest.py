@@ -15,9 +15,16 @@ os.environ.setdefault("JAXCASCADE_CPU_KERNEL", "1")
 import csv  # noqa: E402
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 from jaxcascade import cli, phantom  # noqa: E402
 from jaxcascade.configs import default  # noqa: E402
+
+# Property-based tests explore new cases on every developer's run; CI replays a fixed sequence of them, so
+# that a run of CI is reproducible (the same cases, the same verdict) and writes no example database.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI", "").lower() in ("1", "true"):
+    settings.load_profile("ci")
 
 TRAIN_SUBJECTS = 4
 QUICK_OVERRIDES = ["--config.train.max_epochs=4", "--config.train.patience=4"]
