@@ -78,6 +78,7 @@ def test_a_full_disk_stops_with_one_line_keeps_finished_subjects_and_a_rerun_com
     # What the full disk left: finished subjects whole, nothing half-written, no temporary file.
     finished = sorted(p.parent.name for p in kept.glob("*/*_desc-lesion_report.json"))
     assert 0 < len(finished) < len(SUBJECTS), finished
+    assert lines[0].startswith(f"jaxcascade: error: {SUBJECTS[len(finished)]}: ")  # the subject being written
     for name in finished:
         mask = np.asarray(nib.load(kept / name / f"{name}_desc-lesion_mask.nii.gz").dataobj)
         expected = np.asarray(nib.load(uninterrupted / name / f"{name}_desc-lesion_mask.nii.gz").dataobj)

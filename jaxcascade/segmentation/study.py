@@ -269,8 +269,8 @@ def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, 
         if fault is None:
             raise
         finished = sum(report["row"]["status"] == "ok" for report in reports)
-        name = f"{reports[-1]['row']['participant_id']} {reports[-1]['row']['session_id']}".strip() if reports \
-            else str(out_dir)
+        current = subjects[len(reports)] if len(reports) < len(subjects) else None  # the one being written
+        name = " ".join(p for p in (current.participant_id, current.session_id) if p) if current else str(out_dir)
         try:  # the tables of what is finished, if there is room for them
             _write_tables(out_dir, reports, report_paths)
         except Exception:  # noqa: BLE001 - the fault at hand is what the user needs to read
