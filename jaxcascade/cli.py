@@ -9,7 +9,6 @@ is caught, so a bug still shows its traceback.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ import warnings
 from pathlib import Path
 
 from jaxcascade.phantom import scanners
-from jaxcascade.errors import JaxcascadeWarning, MachineFault, TrainingInterrupted, UserError
+from jaxcascade.errors import MACHINE_ERRNOS, JaxcascadeWarning, MachineFault, TrainingInterrupted, UserError
 from jaxcascade.version import __version__
 
 EXIT_USER_ERROR = 2
@@ -352,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxcascade: error: {fault}", file=sys.stderr)
         return EXIT_MACHINE_FAULT
     except OSError as error:  # a full disk or quota while writing, in any command: one line, not a traceback
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        if error.errno not in MACHINE_ERRNOS:
             raise
         where = f" writing {error.filename}" if error.filename else ""
         print(f"jaxcascade: error: {error.strerror}{where}; free space (or choose another folder) and run the "

@@ -53,10 +53,10 @@ def run_demo(workdir, *, log: Callable = _LOG.info, progress: Callable | None = 
     segmentation_path = workdir / f"{names[-1]}_segmentation.nii.gz"
     result = api.segment(model, inputs, out=segmentation_path, probabilities=workdir / "probabilities",
                          overwrite=True, progress=progress)
-    scores = api.evaluate(segmentation_path, held_out / "lesion.nii.gz")
-    outputs.write_json(scores, workdir / "held_out_metrics.json")
     truth_image = nifti.load_image(held_out / "lesion.nii.gz", allow_all_zero=True)
     truth = nifti.load_lesion_mask(held_out / "lesion.nii.gz", truth_image)
+    scores = api.evaluate(result.mask, truth, voxel_volume_ml=truth_image.voxel_volume_ml)
+    outputs.write_json(scores, workdir / "held_out_metrics.json")
     flair = nifti.load_image(inputs[config.data.flair]).data
     plots.overlay(flair, truth, result.mask, workdir / "overlay.png",
                   title=f"{names[-1]} (held out): DSC {scores['dsc']:.3f}, {scores['pred_volume_ml']:.2f} ml found, "

@@ -7,7 +7,13 @@ no input caused (a full disk, a read-only output folder, memory exhausted):
 the work finished so far is kept and the same command continues it.
 """
 
+import errno
 import warnings
+
+
+# Faults of the machine rather than of an input: no command can go on past them.
+MACHINE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                  errno.EROFS: "read-only file system"}
 
 
 class UserError(Exception):

@@ -215,10 +215,13 @@ def _expected(files: list[tuple[dict, str, str]]):
         names.setdefault(tuple(sorted(entities.items())), []).append((extension, kind))
     keys = {k for entities, _, _ in files for k in entities}
     differing = [k for k in sorted(keys) if len({e.get(k) for e, _, _ in files}) > 1]
+    def run(f):
+        return int(f[0].get("run", "")) if f[0].get("run", "").isdigit() else -1
+
     if len(files) == 1:
         chosen = files[0]
-    elif differing == ["run"]:
-        chosen = max(files, key=lambda f: int(f[0].get("run", "")) if f[0].get("run", "").isdigit() else -1)
+    elif differing == ["run"] and len({run(f) for f in files}) == len(files):
+        chosen = max(files, key=run)
     else:
         return None, "differ"
     return chosen, None

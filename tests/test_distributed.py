@@ -6,6 +6,7 @@ by XLA_FLAGS, so the rest of the suite keeps its single device.
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -82,12 +83,20 @@ def _weights(workdir):
 
 
 @pytest.fixture(scope="module")
-def two_hosts(tmp_path_factory):
-    """Two processes x two devices train the cascade (one epoch a stage) on two tiny subjects."""
+def two_subjects(tmp_path_factory):
+    """Two tiny phantom subjects, written once for the module (tests that damage them work on a copy)."""
     from jaxcascade import phantom
 
+    data = tmp_path_factory.mktemp("two_subjects") / "data"
+    phantom.write_cohort(data, 2, seed=5, size="tiny")
+    return data
+
+
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory, two_subjects):
+    """Two processes x two devices train the cascade (one epoch a stage) on two tiny subjects."""
     root = tmp_path_factory.mktemp("hosts")
-    phantom.write_cohort(root / "data", 2, seed=5, size="tiny")
+    shutil.copytree(two_subjects, root / "data")
     _run_processes(2, "cascade", root / "data", root / "hosts", root / "summary.json", 0)
     return root
 
@@ -200,12 +209,12 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
                                      "use a multiple of 3 (e.g. 126 or 129)")
 
 
-def test_a_bad_file_on_one_host_stops_every_host_with_one_line(tmp_path):
+def test_a_bad_file_on_one_host_stops_every_host_with_one_line(tmp_path, two_subjects):
     """Only process 1 reads sub-02, whose FLAIR is not NIfTI: both processes exit 2 at once instead of
     process 0 waiting for ever at the next collective, and no workdir is created."""
     from jaxcascade import phantom
 
-    phantom.write_cohort(tmp_path / "data", 2, seed=5, size="tiny")
+    shutil.copytree(two_subjects, tmp_path / "data")
     bad = tmp_path / "data" / phantom.subject_name(1) / "FLAIR.nii.gz"
     bad.write_bytes(b"not an image")
     env = _env(1)

@@ -136,7 +136,8 @@ def _choose(images, modality: str, suffix: str, filters, where: str) -> tuple[Pa
     keys = sorted({key for entities, _ in matching for key in entities} - {"sub", "ses"})
     differing = [k for k in keys if len({entities.get(k) for entities, _ in matching}) > 1]
     names = ", ".join(p.name for _, p in matching)
-    if differing == ["run"]:
+    runs = [_run_number(entities) for entities, _ in matching]
+    if differing == ["run"] and len(set(runs)) == len(runs):  # runs that can be ordered (BIDS runs are numbers)
         last = max(matching, key=lambda item: _run_number(item[0]))
         return last[1], (f"{where}: {len(matching)} runs of *_{suffix}; using the last, {last[1].name} "
                          f"(choose with --bids-filter {modality}:run=N)"), None

@@ -57,6 +57,22 @@ def discover_subjects(data_dir: str | os.PathLike, required_files: list[str]) ->
     return subjects
 
 
+def select_participants(folders: list[Path], participants, data_dir) -> list[Path]:
+    """The subject folders named by participant labels (`01` names folder 01 or sub-01); all without labels.
+
+    A label that names no folder is an error listing the folders there are.
+    """
+    if not participants:
+        return folders
+    names = {folder.name for folder in folders}
+    missing = [label for label in participants if not {label, f"sub-{label}"} & names]
+    if missing:
+        raise UserError(f"{data_dir}: no subject folder {', '.join(map(str, missing))} (it has "
+                        f"{', '.join(sorted(names)[:10])}{' ...' if len(names) > 10 else ''})")
+    wanted = {str(label) for label in participants} | {f"sub-{label}" for label in participants}
+    return [folder for folder in folders if folder.name in wanted]
+
+
 def training_files(data_dir, data_config, participants=None) -> list[tuple[str, dict, Path]]:
     """(name, {modality: file}, lesion file) of every training subject, in either layout, sorted by name.
 
@@ -70,13 +86,7 @@ def training_files(data_dir, data_config, participants=None) -> list[tuple[str, 
                       key=lambda entry: entry[0])
     suffix, lesion_name = data_config.suffix, data_config.lesion
     folders = discover_subjects(data_dir, [f"{m}{suffix}" for m in modalities] + [f"{lesion_name}{suffix}"])
-    if participants:
-        names = {folder.name for folder in folders}
-        missing = [label for label in participants if label not in names and f"sub-{label}" not in names]
-        if missing:
-            raise UserError(f"{data_dir}: no training subject {', '.join(map(str, missing))} (it has "
-                            f"{', '.join(sorted(names)[:10])}{' ...' if len(names) > 10 else ''})")
-        folders = [f for f in folders if f.name in participants or f.name[4:] in participants]
+    folders = select_participants(folders, participants, data_dir)
     return [(folder.name, {m: folder / f"{m}{suffix}" for m in modalities}, folder / f"{lesion_name}{suffix}")
             for folder in folders]
 

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from jaxcascade import runtime
 from jaxcascade.errors import JaxcascadeWarning, UserError
+from jaxcascade.runtime.outputs import write_text
 
 KERNEL_ENV = "JAXCASCADE_CPU_KERNEL"
 KERNEL_DIR_ENV = "JAXCASCADE_KERNEL_DIR"
@@ -137,13 +138,6 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as file:
-        file.write(text)
-    os.replace(tmp, path)
-
-
 def _trusted(path: Path) -> str | None:
     """Why path must not be loaded, or None: it and its folder must belong to this user (or root, or the
     owner of JAXCASCADE_KERNEL_DIR, a folder shared on purpose) and be writable by no one else."""
@@ -194,15 +188,14 @@ def _compile(folder: Path) -> Path:
         except subprocess.TimeoutExpired:
             output, failed = f"error: {path} took over {COMPILE_SECONDS} s", True
         if failed:
-            _write_atomically(folder / LOG, " ".join(command) + "\n\n" + output)
+            write_text(" ".join(command) + "\n\n" + output, folder / LOG)
             reason = (f"{Path(path).name} failed: {first_error(output)} (full output: {folder / LOG}; once fixed, "
                       "`jaxcascade build-kernels` tries again)")
-            _write_atomically(folder / FAILED, json.dumps({"reason": reason, "compiler": version,
-                                                            "command": command}))
+            write_text(json.dumps({"reason": reason, "compiler": version, "command": command}), folder / FAILED)
             raise KernelUnavailable(reason)
         os.chmod(partial, 0o755 if os.environ.get(KERNEL_DIR_ENV) else 0o700)
         os.replace(partial, folder / LIBRARY)
-        _write_atomically(folder / CHECKSUM, _sha256(folder / LIBRARY) + "\n")
+        write_text(_sha256(folder / LIBRARY) + "\n", folder / CHECKSUM)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)

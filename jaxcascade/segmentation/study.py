@@ -33,9 +33,10 @@ import numpy as np
 from jaxcascade.data import bids_layout, nifti
 from jaxcascade.evaluation import metrics, plots
 from jaxcascade.segmentation.cascade import Cascade
-from jaxcascade.errors import MachineFault, UserError
+from jaxcascade.errors import MACHINE_ERRNOS, MachineFault, UserError
 from jaxcascade.runtime.outputs import check_output_path, write_json, write_text
 from jaxcascade.segmentation.files import segment_images
+from jaxcascade.data.subjects import select_participants
 from jaxcascade.segmentation.study_report import LESION_COLUMNS, SUBJECT_COLUMNS, csv_text, lesion_rows
 
 _LOG = logging.getLogger(__name__)
@@ -78,13 +79,7 @@ def study_subjects(data_dir, config, bids_suffixes: dict | None = None, *, parti
     if not folders:
         raise UserError(f"{data_dir}: no subject folders with {' or '.join(names)} (expected "
                         f"{data_dir}/<subject>/{names[0]} ..., or a BIDS dataset with dataset_description.json)")
-    if participants:
-        wanted = {str(label) for label in participants} | {f"sub-{label}" for label in participants}
-        missing = [label for label in participants if not {label, f"sub-{label}"} & {f.name for f in folders}]
-        if missing:
-            raise UserError(f"{data_dir}: no subject folder {', '.join(map(str, missing))} (it has "
-                            f"{', '.join(f.name for f in folders[:10])}{' ...' if len(folders) > 10 else ''})")
-        folders = [f for f in folders if f.name in wanted]
+    folders = select_participants(folders, participants, data_dir)
     subjects = []
     for folder in folders:
         truth, brain = folder / f"{config.data.lesion}{config.data.suffix}", folder / f"brain_mask{config.data.suffix}"
@@ -155,9 +150,6 @@ def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int]:
     return shard
 
 
-# Faults of the machine rather than of a subject's files: they would fail every subject after this one.
-MACHINE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-                  errno.EROFS: "read-only file system"}
 LOCKS = ".locks"  # one lock file per subject being segmented (released when its process ends, however)
 
 
