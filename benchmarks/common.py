@@ -95,13 +95,8 @@ def machine() -> dict:
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],
     }
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-    except ImportError:
-        info["torch"] = None
+    if "torch" in sys.modules:  # a benchmark that ran PyTorch in this process (the GPU one)
+        info["torch"] = sys.modules["torch"].__version__
     return info
 
 
@@ -124,6 +119,55 @@ def write_results(name: str, payload: dict, out_dir: str | None) -> Path:
     tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+# Every advantage jaxcascade has, given to the PyTorch baselines too. jaxcascade's malloc settings
+# (jaxcascade/runtime) through the environment glibc reads at a process's start; flush-to-zero, which
+# XLA:CPU uses (denormals cost ~100x on x86); as many threads as the cores this process may use, as
+# XLA:CPU takes. Each baseline runs in a process of its own (`run_baseline`), so no JAX thread pool
+# or allocator state of the JAX side shares it.
+def baseline_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def baseline_environment(environ=None) -> dict:
+    """environ (default os.environ) with jaxcascade's malloc settings for glibc and the thread count."""
+    from jaxcascade import runtime
+
+    threads = str(baseline_threads())
+    return {**(os.environ if environ is None else environ), "GLIBC_TUNABLES": runtime.GLIBC_TUNABLES,
+            "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def configure_torch():
+    """In a baseline process: check the allocator settings arrived, set flush-to-zero and threads.
+
+    Returns (torch, the settings as tables state them).
+    """
+    from jaxcascade import runtime
+
+    torch = torch_or_exit()
+    if os.environ.get("GLIBC_TUNABLES") != runtime.GLIBC_TUNABLES:
+        sys.exit("a PyTorch baseline must start with jaxcascade's malloc settings: run it through "
+                 "benchmarks.common.run_baseline (or set GLIBC_TUNABLES as jaxcascade/runtime says)")
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(baseline_threads())
+    settings = {"torch": torch.__version__, "own_process": True, "glibc_tunables": os.environ["GLIBC_TUNABLES"],
+                "flush_to_zero": bool(torch.set_flush_denormal(True)), "threads": torch.get_num_threads()}
+    return torch, settings
+
+
+def run_baseline(target: str, **kwargs) -> dict:
+    """Call 'module:function'(**kwargs) in a fresh PyTorch baseline process; its JSON result, with the
+    settings it ran under in result['baseline'] (see configure_torch)."""
+    import subprocess
+
+    command = [sys.executable, "-m", "benchmarks.baseline", target, json.dumps(kwargs)]
+    finished = subprocess.run(command, env=baseline_environment(), capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    if finished.returncode:
+        sys.exit(f"baseline {target} failed:\n{finished.stderr.strip()[-3000:]}")
+    return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
 def torch_or_exit():

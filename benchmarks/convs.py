@@ -4,18 +4,20 @@ Run:
     python -m benchmarks.convs            # prints a table, writes benchmarks/results/convs.json
 Shapes are the ones the cascade runs: the training step's convolutions on a
 batch of 11^3 patches and the dense kernel's dilated convolutions on a tile.
-PyTorch (oneDNN) rows appear when torch is installed (pip install -e '.[bench]').
+PyTorch (oneDNN) rows appear when torch is installed (pip install -e '.[bench]'), each case in a
+process of its own with jaxcascade's malloc settings, flush-to-zero and threads (`common.run_baseline`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import markdown_table, time_call, write_results
+from benchmarks.common import markdown_table, run_baseline, time_call, write_results
 from jaxcascade.ops import convs, cpu_kernel
 
 # (name, input shape NDHWC, out channels, dilation)
@@ -34,16 +36,34 @@ def conv_flops(shape, out_channels, dilation, kernel=3):
     return 2 * n * (d - span) * (h - span) * (w - span) * kernel**3 * c * out_channels
 
 
+def case_arrays(index: int) -> tuple[np.ndarray, np.ndarray]:
+    """CASES[index]'s input (NDHWC) and kernel (DHWIO), the same in every process."""
+    _, shape, out_channels, _ = CASES[index]
+    rng = np.random.default_rng(index)
+    return (rng.normal(size=shape).astype(np.float32),
+            rng.normal(size=(3, 3, 3, shape[-1], out_channels)).astype(np.float32))
+
+
+def torch_conv(index: int, repeats: int) -> dict:
+    """PyTorch's conv3d (oneDNN, NCDHW) on CASES[index]; run in a baseline process (common.run_baseline)."""
+    import torch
+
+    x, k = case_arrays(index)
+    tx = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1)))
+    tk = torch.from_numpy(np.ascontiguousarray(k.transpose(4, 3, 0, 1, 2)))
+    with torch.no_grad():
+        return time_call(lambda: torch.nn.functional.conv3d(tx, tk, dilation=CASES[index][3]), repeats=repeats)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
-    rng = np.random.default_rng(0)
-    rows = []
-    for name, shape, out_channels, dilation in CASES:
-        x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
-        k = jnp.asarray(rng.normal(size=(3, 3, 3, shape[-1], out_channels)).astype(np.float32))
+    rng = np.random.default_rng(len(CASES))
+    rows, baseline = [], None
+    for index, (name, shape, out_channels, dilation) in enumerate(CASES):
+        x, k = (jnp.asarray(a) for a in case_arrays(index))
         flops = conv_flops(shape, out_channels, dilation)
         results = {}
         # 'direct' is jaxcascade's C++ kernel (cpu_kernel.py), what inference runs on CPU.
@@ -62,16 +82,9 @@ def main(argv=None):
         matmul16 = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
         results["jax matmul bf16 (same FLOPs)"] = time_call(lambda: matmul16(a16, b16).block_until_ready(),
                                                             repeats=args.repeats)
-        try:
-            import torch
-
-            tx = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(x), -1, 1)))
-            tk = torch.from_numpy(np.ascontiguousarray(np.asarray(k).transpose(4, 3, 0, 1, 2)))
-            with torch.no_grad():
-                results["torch conv3d"] = time_call(
-                    lambda: torch.nn.functional.conv3d(tx, tk, dilation=dilation), repeats=args.repeats)
-        except ImportError:
-            pass
+        if importlib.util.find_spec("torch"):
+            results["torch conv3d"] = run_baseline("benchmarks.convs:torch_conv", index=index, repeats=args.repeats)
+            baseline = results["torch conv3d"].pop("baseline")
         ceiling = results["jax matmul (same FLOPs)"]["median_s"]
         for formulation, timing in results.items():
             rows.append({"case": name, "formulation": formulation, "GFLOP/s": flops / timing["median_s"] / 1e9,
@@ -83,7 +96,7 @@ def main(argv=None):
     print()
     print(markdown_table(rows, ["case", "formulation", "GFLOP/s", "of GEMM ceiling", "median ms", "min ms", "max ms",
                                 "faults/call", "sys ms/call"]))
-    path = write_results("convs", {"rows": rows}, args.out)
+    path = write_results("convs", {"rows": rows, "baseline": baseline}, args.out)
     print(f"\nwrote {path}")
 
 

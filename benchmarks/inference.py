@@ -12,7 +12,9 @@ Compares, on the same candidates with the same weights:
   ... (XLA GEMMs) - the same with JAXCASCADE_CPU_KERNEL=0: XLA's GEMM formulations (convs.py)
   torch patch - PyTorch classifying each candidate's patch (the seed's method)
   torch SAME  - PyTorch running the seed's own SAME-padded network patch-wise (stage 1)
-Each method runs in its own process so its peak RSS is its own. Without --model
+Each method runs in its own process so its peak RSS is its own, every one started with jaxcascade's
+malloc settings (GLIBC_TUNABLES); the PyTorch ones also get flush-to-zero and the same threads
+(`common.configure_torch`). Without --model
 the networks get seeded random weights (timing does not depend on them; stage
 2 then runs on whatever CNN1 calls confident). Prints a table, writes JSON.
 """
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import markdown_table, measure_once, peak_rss_mb, write_results
+from benchmarks.common import baseline_environment, markdown_table, measure_once, peak_rss_mb, write_results
 from jaxcascade.ops import cpu_kernel
 
 METHODS = ("jax dense", "jax dense 16^3 x 4", "jax dense 24^3 x 2", "jax dense bf16", "jax dense (XLA GEMMs)",
@@ -104,9 +106,10 @@ def run_one(method: str, model_dir, out_dir: Path, subject_seed: int, repeats: i
         warm[tuple(np.argwhere(candidates)[:: max(1, candidates.sum() // 64)].T)] = True
         classify(stage1, warm)
     else:
-        import torch
-
+        from benchmarks.common import configure_torch
         from benchmarks.torch_reference import classify_candidates, from_jax
+
+        _, baseline = configure_torch()  # flush-to-zero and threads; malloc settings checked
 
         torch_models = [from_jax(s.variables, 2, "SAME" if method == "torch SAME" else "VALID",
                                  config.model.bn_epsilon) for s in (stage1, stage2)]
@@ -117,7 +120,6 @@ def run_one(method: str, model_dir, out_dir: Path, subject_seed: int, repeats: i
         warm = np.zeros_like(candidates)
         warm[tuple(np.argwhere(candidates)[:2048].T)] = True
         classify(stage1, warm)
-        torch.set_num_threads(torch.get_num_threads())
 
     runs = [measure_once(lambda: classify(stage1, candidates)) for _ in range(repeats)]
     stage1_probability = runs[-1][0]
@@ -129,6 +131,8 @@ def run_one(method: str, model_dir, out_dir: Path, subject_seed: int, repeats: i
               "stage1_minor_faults": statistics.median(t["minor_faults"] for _, t in runs),
               "stage1_system_s": statistics.median(t["system_s"] for _, t in runs),
               "patches_per_s": int(candidates.sum()) / stage1_seconds}
+    if method.startswith("torch"):
+        result["baseline"] = baseline
     np.save(out_dir / f"{method.replace(' ', '_')}_stage1.npy", stage1_probability)
     if method != "torch SAME":  # the seed's network is timed on stage 1 only
         stage2_mask = stage1_probability > options.stage2_min_probability
@@ -163,7 +167,8 @@ def main(argv=None):
                        "--repeats", str(args.repeats)]
             if args.model:
                 command += ["--model", args.model]
-            env = os.environ | ({cpu_kernel.KERNEL_ENV: "0"} if WITHOUT_KERNEL in method else {})
+            # Every method, jaxcascade's and the baselines', starts with jaxcascade's malloc settings.
+            env = baseline_environment(os.environ | ({cpu_kernel.KERNEL_ENV: "0"} if WITHOUT_KERNEL in method else {}))
             output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
             row = json.loads(output.strip().splitlines()[-1])
             rows.append(row)
@@ -187,7 +192,11 @@ def main(argv=None):
                "stage1_system_s", "patches_per_s", "stage2_candidates", "cascade_s", "peak_rss_mb", "stage1_speedup_vs_torch", "stage1_speedup_vs_torch_SAME", "max_abs_diff_vs_torch"]
     print()
     print(markdown_table(rows, columns))
-    path = write_results("inference", {"model": args.model or "random weights", "rows": rows}, args.out)
+    baseline = next((row.pop("baseline") for row in rows if "baseline" in row), None)
+    for row in rows:
+        row.pop("baseline", None)
+    path = write_results("inference", {"model": args.model or "random weights", "rows": rows, "baseline": baseline},
+                         args.out)
     print(f"\nwrote {path}")
 
 

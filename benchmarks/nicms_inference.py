@@ -9,19 +9,21 @@ two-channel phantom with the nicMS normalisation, both frameworks classify the
 same stage-1 candidates; by default a seeded random subset (--voxels) and the
 whole-brain time is extrapolated from the measured rate (say so when quoting);
 --all classifies every candidate. Needs ../shared/interop/nicmslesions_baseline_2ch.
-Prints a table, writes benchmarks/results/nicms_inference.json.
+PyTorch runs in a process of its own with jaxcascade's malloc settings, flush-to-zero and threads
+(`common.run_baseline`). Prints a table, writes benchmarks/results/nicms_inference.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import markdown_table, time_call, torch_or_exit, write_results
+from benchmarks.common import markdown_table, run_baseline, time_call, torch_or_exit, write_results
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "interop" / "nicmslesions_baseline_2ch"
 
@@ -77,6 +79,20 @@ def torch_nicms(variables: dict):
     return NicMS().eval()
 
 
+def torch_timing(scratch: str, repeats: int) -> dict:
+    """PyTorch's patch-wise classification of the saved candidates; run in a baseline process."""
+    from benchmarks.torch_reference import classify_candidates
+
+    with open(Path(scratch) / "inputs.pkl", "rb") as file:
+        inputs = pickle.load(file)
+    model = torch_nicms(inputs["variables"])
+    classify_candidates(model, inputs["volume"], inputs["warm"])
+    timing = time_call(lambda: classify_candidates(model, inputs["volume"], inputs["mask"]), warmup=0,
+                       repeats=repeats, keep_result=True)
+    np.save(Path(scratch) / "torch_probability.npy", timing.pop("result"))
+    return timing
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--voxels", type=int, default=20000, help="candidates to classify (default subset)")
@@ -85,11 +101,12 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    torch = torch_or_exit()
+    torch_or_exit()
     if not SHARED.is_dir():
         sys.exit(f"{SHARED}: nicMSlesions' models not found")
 
-    from benchmarks.torch_reference import classify_candidates
+    import jax
+
     from jaxcascade.segmentation import cascade
     from jaxcascade.storage import interop
     from jaxcascade import phantom
@@ -115,11 +132,14 @@ def main(argv=None):
     classify(stage1, volume, warm, options)  # warm-up: compiles the one batch shape
     jax_timing = time_call(lambda: classify(stage1, volume, mask, options), warmup=0, repeats=args.repeats,
                            keep_result=True)
-    model = torch_nicms(stage1.variables)
-    classify_candidates(model, volume, warm)
-    torch_timing = time_call(lambda: classify_candidates(model, volume, mask), warmup=0, repeats=args.repeats,
-                             keep_result=True)
-    jax_probability, torch_probability = jax_timing.pop("result"), torch_timing.pop("result")
+    with tempfile.TemporaryDirectory() as scratch:
+        with open(Path(scratch) / "inputs.pkl", "wb") as file:
+            pickle.dump({"variables": jax.tree.map(np.asarray, stage1.variables), "volume": volume, "mask": mask,
+                         "warm": warm}, file)
+        torch_timing = run_baseline("benchmarks.nicms_inference:torch_timing", scratch=scratch, repeats=args.repeats)
+        torch_probability = np.load(Path(scratch) / "torch_probability.npy")
+    baseline = torch_timing.pop("baseline")
+    jax_probability = jax_timing.pop("result")
 
     n, total = int(mask.sum()), int(candidates.sum())
     rows = []
@@ -132,9 +152,9 @@ def main(argv=None):
     difference = float(np.abs(jax_probability - torch_probability).max())
     print(markdown_table(rows, list(rows[0])))
     print(f"\nbrain candidates: {total}; max |jax - torch| probability: {difference:.2e}; torch threads "
-          f"{torch.get_num_threads()}")
+          f"{baseline['threads']}")
     path = write_results("nicms_inference", {"rows": rows, "brain_candidates": total,
-                                             "max_abs_diff": difference}, args.out)
+                                             "max_abs_diff": difference, "baseline": baseline}, args.out)
     print(f"wrote {path}")
 
 

@@ -7,7 +7,8 @@ Run from the repository root (after `pip install -e ".[bench,interop]"`):
 Steps: `demo` (trains the model the inference benchmark uses, resuming if present; skipped with --model),
 `convs`, `train_step`, `scaling` (train step over forced host devices and local processes), `inference`
 (whole 1 mm brain), `startup` (a whole `segment` command, with and without the compilation cache),
-`study` (a BIDS cohort in one `segment --data` command against one call per session), `nicms` (needs
+`study` (a BIDS cohort in one `segment --data` command against one call per session), `study_1mm` (a study
+of 1 mm brains: seconds per subject and per phase against PyTorch's stage 1), `nicms` (needs
 ../shared/interop), `gpu` (benchmarks/gpu.py; skipped without a GPU for JAX and PyTorch). Each benchmark warms up,
 repeats (>= 3) and reports
 medians with min-max, page faults and system time; its JSON goes to --out. In docs/benchmarks.md the text
@@ -28,7 +29,7 @@ from pathlib import Path
 from benchmarks.common import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("demo", "convs", "train_step", "scaling", "inference", "startup", "study", "nicms", "gpu")
+STEPS = ("demo", "convs", "train_step", "scaling", "inference", "startup", "study", "study_1mm", "nicms", "gpu")
 
 
 def _command(step: str, args) -> list[str] | None:
@@ -45,6 +46,7 @@ def _command(step: str, args) -> list[str] | None:
         "startup": python + ["benchmarks.startup", "--model", model, "--subject",
                              str(args.out / "demo" / "cohort" / "held_out" / "sub-06"), *out],
         "study": python + ["benchmarks.study", "--model", model, "--repeats", str(args.repeats), *out],
+        "study_1mm": python + ["benchmarks.study_1mm", "--model", model, "--repeats", str(args.repeats), *out],
         "nicms": python + ["benchmarks.nicms_inference", *out],
         "gpu": python + ["benchmarks.gpu", "--model", model, *out],
     }[step]
@@ -129,6 +131,19 @@ def render_study(payload: dict) -> str:
     return table + f"\n\nThe study command is {payload['speedup']:.2f}x faster than one call per session."
 
 
+def render_study_1mm(payload: dict) -> str:
+    rows = [[r["what"], r["n"], _span(r, "median_s", "min_s", "max_s"),
+             f"{_number(r['vs_torch_stage1'])} ({_number(r['vs_torch_min'])}-{_number(r['vs_torch_max'])})"
+             if "vs_torch_stage1" in r else "1"] for r in payload["rows"]]
+    table = _table(["per subject", "n", "seconds, median (min-max)", "vs PyTorch stage 1 (min-max)"], rows)
+    phases = [[r["phase"], _span(r, "median_s", "min_s", "max_s") if "min_s" in r else _number(r["median_s"]),
+               f"{r['share']:.0%}" if "share" in r else "-"] for r in payload["phases"]]
+    subject = payload["rows"][0]["median_s"]
+    return (table + f"\n\n{payload['candidates']:,} stage-1 candidates a subject. A subject takes {_number(subject)} s "
+            f"against the {_number(payload['target_s'])} s target. Where its time goes (each subject's report):\n\n"
+            + _table(["phase", "seconds, median (min-max)", "of a subject"], phases))
+
+
 def _gpu_rows(payload: dict, section: str) -> list[dict]:
     return [r for r in payload["rows"] if r["section"] == section]
 
@@ -158,6 +173,7 @@ RENDER = {"inference": ("inference", render_inference), "train_step": ("train_st
           "scaling": ("train_step_devices", render_scaling), "convs": ("convs", render_convs),
           "nicms": ("nicms_inference", render_nicms),
           "startup": ("startup", render_startup), "study": ("study", render_study),
+          "study_1mm": ("study_1mm", render_study_1mm),
           "gpu_inference": ("gpu", render_gpu_inference), "gpu_train_step": ("gpu", render_gpu_train_step),
           "gpu_convs": ("gpu", render_gpu_convs)}
 BLOCKS = {"gpu": ("gpu_inference", "gpu_train_step", "gpu_convs")}
@@ -199,11 +215,21 @@ def machine_line(payload: dict, recorded: str | None = None) -> str:
     if "gpu" in payload:
         return (f"*{payload['gpu']} (host: {info.get('cpu_model', '?')}, {info['cpus']} cores), JAX {info['jax']} "
                 f"({info['jax_backend']}), PyTorch {info.get('torch')} (CUDA {payload.get('torch_cuda')}); {source}.*")
-    torch = f", PyTorch {info['torch']} ({info.get('torch_threads')} threads)" if info.get("torch") else ""
     runtime = info.get("jaxcascade_runtime", {})
-    return (f"*{info.get('cpu_model', '?')}, {info['cpus']} cores, JAX {info['jax']} ({info['jax_backend']}){torch}; "
-            f"malloc settings {runtime.get('malloc', '?')}; CPU convolution kernel {info.get('cpu_kernel', 'off')}; "
-            f"{source}.*")
+    return (f"*{info.get('cpu_model', '?')}, {info['cpus']} cores, JAX {info['jax']} ({info['jax_backend']}); "
+            f"malloc settings {runtime.get('malloc', '?')}; CPU convolution kernel {info.get('cpu_kernel', 'off')}"
+            f"{baseline_clause(payload)}; {source}.*")
+
+
+def baseline_clause(payload: dict) -> str:
+    """How the PyTorch baseline ran, as its own process recorded it ('' for a table without one)."""
+    baseline = payload.get("baseline")
+    if not baseline:
+        return ""
+    same = "jaxcascade's malloc settings (GLIBC_TUNABLES)" if baseline.get("glibc_tunables") else "default malloc"
+    ftz = "flush-to-zero" if baseline.get("flush_to_zero") else "no flush-to-zero"
+    return (f"; baseline PyTorch {baseline['torch']} in its own process with {same}, {ftz}, "
+            f"{baseline['threads']} threads, as jaxcascade")
 
 
 def rewrite_tables(page: Path, out: Path, steps) -> list[str]:

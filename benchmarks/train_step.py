@@ -6,7 +6,8 @@ Run:
     python -m benchmarks.train_step --devices 1,2,4 --processes 1,2   # data-parallel scaling rows
 Same network, same batch, same optimiser settings. The JAX step is
 `jaxcascade.training.train_steps.make_train_step` (jitted, seed augmentation, dropout); the
-PyTorch step is the equivalent module with torch.optim.Adadelta. With
+PyTorch step is the equivalent module with torch.optim.Adadelta, in a process of its own with
+jaxcascade's malloc settings, flush-to-zero and threads (`common.run_baseline`). With
 --devices, the JAX step runs with its global batch split over N devices per
 process (forced host devices on a CPU, each setting in its own processes;
 real devices on GPU) and, with --processes P > 1, over P processes joined by
@@ -18,6 +19,7 @@ Prints a table, writes benchmarks/results/train_step.json.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import socket
@@ -26,7 +28,7 @@ import sys
 
 import numpy as np
 
-from benchmarks.common import markdown_table, time_call, write_results
+from benchmarks.common import markdown_table, run_baseline, time_call, write_results
 
 
 def jax_step(network: str, batch_size: int, implementation: str, repeats: int, compute_dtype: str = "float32") -> dict:
@@ -135,7 +137,7 @@ def main(argv=None):
     parser.add_argument("--processes", default="1", help="comma list of process counts for scaling rows, e.g. 1,2")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    rows = []
+    rows, baseline = [], None
     if args.devices:
         for network in args.networks.split(","):
             rows += scaling_rows(network, args.batch, args.repeats, [int(n) for n in args.devices.split(",")],
@@ -148,9 +150,11 @@ def main(argv=None):
         timings = {f"jax ({impl})": jax_step(network, args.batch, impl, args.repeats)
                    for impl in ("auto", "slices", "im2col", "lax")}
         timings["jax (auto, bfloat16)"] = jax_step(network, args.batch, "auto", args.repeats, "bfloat16")
-        try:
-            timings["torch"] = torch_step(network, args.batch, args.repeats)
-        except ImportError:
+        if importlib.util.find_spec("torch"):
+            timings["torch"] = run_baseline("benchmarks.train_step:torch_step", network=network,
+                                            batch_size=args.batch, repeats=args.repeats)
+            baseline = timings["torch"].pop("baseline")
+        else:
             print("torch not installed: pip install -e '.[bench]' for the PyTorch rows")
         reference = timings.get("torch")
         for name, timing in timings.items():
@@ -165,7 +169,7 @@ def main(argv=None):
     print()
     print(markdown_table(rows, ["network", "implementation", "batch", "step_ms", "min_ms", "max_ms", "patches_per_s",
                                 "faults_per_step", "sys_ms_per_step", "speedup_vs_torch"]))
-    print(f"\nwrote {write_results('train_step', {'rows': rows}, args.out)}")
+    print(f"\nwrote {write_results('train_step', {'rows': rows, 'baseline': baseline}, args.out)}")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,14 @@ class Image:
         return array if transform is None else np.ascontiguousarray(nib.orientations.apply_orientation(array, transform))
 
     @property
+    def grid_affine(self) -> np.ndarray:
+        """Voxel indices of the processing grid (`data`) -> scanner millimetres."""
+        transform = _reorientation(self.nifti.affine, self.orientation)
+        if transform is None:
+            return self.nifti.affine
+        return self.nifti.affine @ nib.orientations.inv_ornt_aff(transform, self.nifti.shape[:3])
+
+    @property
     def voxel_volume_ml(self) -> float:
         return float(np.prod(self.nifti.header.get_zooms()[:3])) / 1000.0
 

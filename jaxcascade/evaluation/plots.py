@@ -59,12 +59,14 @@ def overlay_slices(reference: np.ndarray, count: int = 3) -> list[int]:
     """
     from scipy import ndimage
 
+    from jaxcascade.evaluation.lesions import label_lesions, lesion_statistics
+
     depth = reference.shape[2]
     quantiles = (np.arange(count) + 1) / (count + 1)
-    labels, lesions = ndimage.label(reference)
-    if not lesions:
+    lesions = label_lesions(reference, ndimage.generate_binary_structure(3, 1))
+    if not lesions.count:
         return sorted({int(round(q * (depth - 1))) for q in quantiles})
-    centres = np.array([c[2] for c in ndimage.center_of_mass(reference, labels, range(1, lesions + 1))])
+    centres = lesion_statistics(lesions)["centre"][:, 2]
     chosen = {int(round(z)) for z in np.quantile(centres, quantiles, method="nearest")}
     by_load = np.argsort(reference.reshape(-1, depth).sum(axis=0), kind="stable")[::-1]
     for z in by_load:

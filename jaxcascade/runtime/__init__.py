@@ -44,6 +44,10 @@ _OFF = ("0", "off", "false", "no")
 # glibc's mallopt parameters (malloc.h) and the values set.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 MALLOC_SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, 1 << 30), (M_TRIM_THRESHOLD, 2**31 - 1))
+# The same settings as glibc reads them from the environment at a process's start (for processes that
+# do not import jaxcascade, e.g. the benchmarks' PyTorch baselines).
+GLIBC_TUNABLES = ":".join(f"glibc.malloc.{name}={value}" for name, (_, value) in
+                          zip(("arena_max", "mmap_threshold", "trim_threshold"), MALLOC_SETTINGS))
 CACHE_MAX_BYTES = 2 * 2**30
 # Below this compile time JAX would not bother to cache; the CPU compiles that
 # dominate start-up (the train step, the dense kernel) take 0.3-3 s each.

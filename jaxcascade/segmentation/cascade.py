@@ -11,6 +11,7 @@ runs through an inference kernel (`inference.py`).
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable
 
 import numpy as np
@@ -57,6 +58,8 @@ class Segmentation:
     candidate_count: int
     stage2_candidate_count: int
     stage2_std: np.ndarray | None = None  # with test-time augmentation: CNN2's spread over the flips
+    # Wall seconds per phase ('stage1', 'stage2', 'postprocess'; callers add theirs), for reports and benchmarks.
+    seconds: dict = dataclasses.field(default_factory=dict)
 
 
 # Test-time augmentation: every combination of flips of the three axes (the identity first).
@@ -98,6 +101,7 @@ def segment_volume(
     entirely below min_volume_ml, nicMSlesions' rule; 0 disables it). With
     options.tta both stages average their probabilities over the eight axis flips.
     """
+    clock = PhaseClock()
     candidates = candidate_mask(volume[..., flair_channel], options.min_th)
     if not candidates.any():
         raise UserError(
@@ -110,15 +114,18 @@ def segment_volume(
         stage1_probability, _ = classify_flipped(stage1, volume, candidates, options, wrap)
     else:
         stage1_probability = inference.classify(stage1, volume, candidates, options, wrap)
+    clock.lap("stage1")
     stage2_candidates = stage1_probability > options.stage2_min_probability
     wrap = (lambda it: progress(it, "stage 2")) if progress else None
     if options.tta:
         stage2_probability, stage2_std = classify_flipped(stage2, volume, stage2_candidates, options, wrap)
     else:
         stage2_probability = inference.classify(stage2, volume, stage2_candidates, options, wrap)
+    clock.lap("stage2")
     mask = postprocess.binarise(stage2_probability, options.threshold)
     mask = postprocess.remove_small_lesions(mask, options.min_lesion_voxels, options.connectivity)
     mask = postprocess.apply_min_volume(mask, options.min_volume_ml, voxel_volume_ml)
+    clock.lap("postprocess")
     return Segmentation(
         stage1_probability=stage1_probability,
         stage2_probability=stage2_probability,
@@ -126,4 +133,19 @@ def segment_volume(
         candidate_count=int(candidates.sum()),
         stage2_candidate_count=int(stage2_candidates.sum()),
         stage2_std=stage2_std,
+        seconds=clock.seconds,
     )
+
+
+class PhaseClock:
+    """Wall seconds between laps, by phase name."""
+
+    def __init__(self):
+        self.seconds, self._last = {}, time.perf_counter()
+
+    def lap(self, phase: str | None) -> None:
+        """Charge the time since the previous lap to phase (None: to nobody, e.g. measured elsewhere)."""
+        now = time.perf_counter()
+        if phase is not None:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now

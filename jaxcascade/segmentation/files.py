@@ -8,6 +8,7 @@ resampled where their grid is not the model's, the cascade run, the mask and map
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -60,6 +61,7 @@ def segment_images(model: Cascade, images: list[nifti.Image], *, threshold=None,
         mask=resolution.back(result.mask.astype(np.float32), on_grid, reference) > 0.5,
         candidate_count=result.candidate_count, stage2_candidate_count=result.stage2_candidate_count,
         stage2_std=None if result.stage2_std is None else resolution.back(result.stage2_std, on_grid, reference),
+        seconds=result.seconds,
     )
 
 
@@ -69,9 +71,13 @@ def _segment_on_grid(model, images, threshold, min_lesion_voxels, method, tta, b
                                            method=method, tta=tta)
     # Outside the mask every image is 0: left out of the normalisation statistics and never a candidate.
     channels = [image.data if brain_mask is None else image.data * brain_mask for image in images]
+    started = time.perf_counter()
     volume = normalise_channels(channels, config.normalisation, bias_correction=config.bias_correction)
-    return segment_volume(model.stage1, model.stage2, volume, flair_channel(config), options,
-                          voxel_volume_ml=images[0].voxel_volume_ml, progress=progress)
+    normalised = time.perf_counter() - started
+    result = segment_volume(model.stage1, model.stage2, volume, flair_channel(config), options,
+                            voxel_volume_ml=images[0].voxel_volume_ml, progress=progress)
+    result.seconds = {"normalise": normalised, **result.seconds}
+    return result
 
 
 def check_segmentation_outputs(out, probabilities_dir=None, *, inputs=(), overwrite=False, tta=False) -> list[Path]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from jaxcascade.evaluation.lesions import label_lesions
+
 # Neighbourhood size -> rank passed to generate_binary_structure(3, rank):
 # 6 shares a face, 18 a face or an edge, 26 a face, an edge or a corner.
 _CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
@@ -48,11 +50,12 @@ def remove_small_lesions(mask, min_lesion_voxels: int, connectivity: int = 6) ->
         raise ValueError(f"min_lesion_voxels must be >= 0, got {min_lesion_voxels}")
 
     structure = ndimage.generate_binary_structure(3, _CONNECTIVITY_RANK[connectivity])
-    labels, _ = ndimage.label(mask, structure=structure)
-    sizes = np.bincount(labels.ravel())
-    keep = sizes > min_lesion_voxels
+    lesions = label_lesions(mask, structure)  # inside the mask's bounding box: a brain's worth faster
+    keep = np.bincount(lesions.labels.ravel(), minlength=lesions.count + 1) > min_lesion_voxels
     keep[0] = False  # label 0 is the background
-    return keep[labels]
+    kept = np.zeros_like(mask)
+    kept[lesions.box] = keep[lesions.labels]
+    return kept
 
 
 def apply_min_volume(mask, min_volume_ml: float, voxel_volume_ml: float) -> np.ndarray:

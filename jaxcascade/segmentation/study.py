@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxcascade.data import bids_layout, nifti
 from jaxcascade.evaluation import metrics, plots
-from jaxcascade.segmentation.cascade import Cascade
+from jaxcascade.segmentation.cascade import Cascade, PhaseClock
 from jaxcascade.errors import MACHINE_ERRNOS, MachineFault, UserError
 from jaxcascade.runtime.outputs import check_output_path, write_json, write_text
 from jaxcascade.segmentation.files import segment_images
@@ -91,9 +91,10 @@ def study_subjects(data_dir, config, bids_suffixes: dict | None = None, *, parti
 
 def _segment_subject(model: Cascade, subject: StudySubject, out: Path, probabilities: bool, settings: dict,
                      progress) -> dict:
-    """Segment one subject, write its files into out, return its report (row and lesions)."""
+    """Segment one subject, write its files into out, return its report (row, lesions, seconds per phase)."""
     config = model.config
     started = time.perf_counter()
+    clock = PhaseClock()
     if subject.problem:
         raise UserError(subject.problem)
     images = nifti.load_sequences(subject.inputs, model.modalities, subject.participant_id,
@@ -102,7 +103,11 @@ def _segment_subject(model: Cascade, subject: StudySubject, out: Path, probabili
     resampled = nifti.resampling_notes(images, model.modalities, config.data.flair)
     brain_mask = nifti.load_brain_mask(subject.brain_mask, reference) if subject.brain_mask else None
     stripped = "masked" if brain_mask is not None else "yes" if nifti.looks_skull_stripped(reference.data) else "no"
+    truth = nifti.load_lesion_mask(subject.truth, reference) if subject.truth else None
+    clock.lap("load")
     result = segment_images(model, images, brain_mask=brain_mask, progress=progress, **settings)
+    clock.lap(None)
+    clock.seconds.update(result.seconds)
     out.mkdir(parents=True, exist_ok=True)
     nifti.save_like(result.mask, reference, out / f"{subject.prefix}_desc-lesion_mask.nii.gz", dtype=np.uint8)
     if probabilities:
@@ -112,11 +117,9 @@ def _segment_subject(model: Cascade, subject: StudySubject, out: Path, probabili
         if result.stage2_std is not None:
             nifti.save_like(result.stage2_std, reference, out / f"{subject.prefix}_desc-stage2std_probseg.nii.gz",
                             dtype=np.float32)
-    truth = nifti.load_lesion_mask(subject.truth, reference) if subject.truth else None
+    clock.lap("write")
     lesions = lesion_rows(result.mask, result.stage2_probability, reference)
     volume_ml = float(result.mask.sum()) * reference.voxel_volume_ml
-    title = f"{subject.prefix}: {len(lesions)} lesions, {volume_ml:.2f} ml"
-    plots.overlay(reference.data, truth, result.mask, out / f"{subject.prefix}_desc-qc.png", title=title)
     row = {"participant_id": subject.participant_id, "session_id": subject.session_id, "status": "ok",
            "lesion_count": len(lesions),
            "lesion_volume_ml": round(volume_ml, 6),
@@ -126,8 +129,12 @@ def _segment_subject(model: Cascade, subject: StudySubject, out: Path, probabili
         scores = metrics.segmentation_metrics(result.mask, truth, reference.voxel_volume_ml)
         row.update({key: round(scores[key], 5) for key in ("dsc", "ppv", "tpr", "lesion_f1")},
                    true_volume_ml=round(scores["truth_volume_ml"], 6))
+    clock.lap("lesion_table")
+    title = f"{subject.prefix}: {len(lesions)} lesions, {volume_ml:.2f} ml"
+    plots.overlay(reference.data, truth, result.mask, out / f"{subject.prefix}_desc-qc.png", title=title)
+    clock.lap("qc_picture")
     row["seconds"] = round(time.perf_counter() - started, 3)
-    return {"row": row, "lesions": lesions}
+    return {"row": row, "lesions": lesions, "seconds": {phase: round(s, 4) for phase, s in clock.seconds.items()}}
 
 
 def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int]:

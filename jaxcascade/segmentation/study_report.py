@@ -6,9 +6,8 @@ import csv
 import io
 
 import numpy as np
-from scipy import ndimage
 
-from jaxcascade.evaluation import metrics
+from jaxcascade.evaluation.lesions import label_lesions, lesion_statistics
 from jaxcascade.data import nifti
 
 SUBJECT_COLUMNS = ("participant_id", "session_id", "status", "lesion_count", "lesion_volume_ml", "voxel_size_mm",
@@ -19,22 +18,17 @@ LESION_COLUMNS = ("participant_id", "session_id", "label", "volume_ml", "centroi
 
 def lesion_rows(mask: np.ndarray, probability: np.ndarray, reference: nifti.Image) -> list[dict]:
     """One row per 26-connected lesion of mask (processing grid): volume, scanner-space centroid, probabilities."""
-    labels, count = ndimage.label(mask, metrics.LESION_CONNECTIVITY)
-    if count == 0:
-        return []
-    index = np.arange(1, count + 1)
-    voxels = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    # Centroids in the file's own voxel grid, then through its affine into scanner (RAS) millimetres.
-    file_labels = reference.to_file_grid(labels)
-    file_centres = np.array(ndimage.center_of_mass(file_labels > 0, file_labels, index)).reshape(count, 3)
-    world = file_centres @ reference.affine[:3, :3].T + reference.affine[:3, 3]
-    mean = ndimage.mean(probability, labels, index)
-    peak = ndimage.maximum(probability, labels, index)
-    return [{"label": int(k), "voxels": int(n), "volume_ml": round(float(n) * reference.voxel_volume_ml, 6),
+    lesions = label_lesions(mask)
+    stats = lesion_statistics(lesions, probability)
+    # A centroid is a mean of voxel coordinates, so the grid's affine takes it straight to scanner (RAS) mm.
+    affine = reference.grid_affine
+    world = stats["centre"] @ affine[:3, :3].T + affine[:3, 3]
+    return [{"label": k, "voxels": int(n), "volume_ml": round(float(n) * reference.voxel_volume_ml, 6),
              "centroid_x_mm": round(float(x), 3), "centroid_y_mm": round(float(y), 3),
              "centroid_z_mm": round(float(z), 3), "mean_probability": round(float(m), 5),
              "max_probability": round(float(p), 5)}
-            for k, n, (x, y, z), m, p in zip(index, voxels, world, mean, peak)]
+            for k, n, (x, y, z), m, p in zip(range(1, lesions.count + 1), stats["voxels"], world, stats["mean"],
+                                             stats["max"])]
 
 
 def csv_text(rows: list[dict], columns: tuple[str, ...]) -> str:
