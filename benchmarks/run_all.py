@@ -140,8 +140,9 @@ def render_study_1mm(payload: dict) -> str:
                f"{r['share']:.0%}" if "share" in r else "-"] for r in payload["phases"]]
     subject = payload["rows"][0]["median_s"]
     return (table + f"\n\n{payload['candidates']:,} stage-1 candidates a subject. A subject takes {_number(subject)} s "
-            f"against the {_number(payload['target_s'])} s target. Where its time goes (each subject's report):\n\n"
-            + _table(["phase", "seconds, median (min-max)", "of a subject"], phases))
+            f"against the {_number(payload['target_s'])} s target. A subject's own work by phase (each subject's "
+            "report; load and writing overlap the neighbours' computing):\n\n"
+            + _table(["phase", "seconds, median (min-max)", "of a subject's time in the study"], phases))
 
 
 def _gpu_rows(payload: dict, section: str) -> list[dict]:

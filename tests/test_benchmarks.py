@@ -50,3 +50,47 @@ def test_a_result_that_records_its_commit_is_dated_by_it():
     payload = json.loads((RESULTS / "inference.json").read_text())
     payload["machine"].update(jaxcascade="9.9.9", commit="abc1234")
     assert "jaxcascade 9.9.9 at commit abc1234" in run_all.machine_line(payload, "jaxcascade 0.1.0, commit 0000000")
+
+
+def _has_torch_rows(payload: dict) -> bool:
+    text = json.dumps(payload.get("rows", []))
+    return "torch" in text
+
+
+def test_every_cpu_baseline_ran_with_jaxcascades_advantages():
+    """A committed CPU result with PyTorch rows records a baseline process given jaxcascade's malloc settings,
+    flush-to-zero and as many threads as the machine's cores, and its table says so."""
+    from jaxcascade import runtime
+
+    checked = 0
+    for path in sorted(RESULTS.glob("*.json")):
+        payload = json.loads(path.read_text())
+        if "gpu" in payload or not _has_torch_rows(payload):
+            continue
+        baseline = payload.get("baseline")
+        assert baseline, f"{path.name}: PyTorch rows without the settings their process ran with"
+        assert baseline["glibc_tunables"] == runtime.GLIBC_TUNABLES and baseline["own_process"], path.name
+        assert baseline["flush_to_zero"] and baseline["threads"] == payload["machine"]["cpus"], path.name
+        assert "malloc settings (GLIBC_TUNABLES), flush-to-zero" in run_all.machine_line(payload), path.name
+        checked += 1
+    assert checked >= 4  # convs, train_step, inference, study_1mm, nicms
+
+
+def test_a_baseline_process_gets_the_allocator_settings_before_it_starts(tmp_path):
+    """The environment run_baseline starts processes with reaches glibc itself: its tunables are applied."""
+    import subprocess
+    import sys
+
+    from benchmarks.common import baseline_environment
+
+    listing = subprocess.run(["/lib64/ld-linux-x86-64.so.2", "--list-tunables"], env=baseline_environment(),
+                             capture_output=True, text=True)
+    assert listing.returncode == 0, listing.stderr  # glibc's loader on x86-64 Linux, where the claim is made
+    applied = dict(line.split(": ")[0:2] for line in listing.stdout.splitlines() if line.startswith("glibc.malloc."))
+    assert applied["glibc.malloc.arena_max"].split()[0] == "0x1"
+    assert int(applied["glibc.malloc.mmap_threshold"].split()[0], 16) == 1 << 30
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.environ['GLIBC_TUNABLES'])"],
+                           env=baseline_environment(), capture_output=True, text=True)
+    from jaxcascade import runtime
+
+    assert child.stdout.strip() == runtime.GLIBC_TUNABLES

@@ -18,40 +18,26 @@ from the reports, so they always describe exactly the subjects finished.
 
 from __future__ import annotations
 
-import logging
-import dataclasses
 import errno
+import functools
 import json
+import logging
 import os
-import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
-from jaxcascade.data import bids_layout, nifti
-from jaxcascade.evaluation import metrics, plots
-from jaxcascade.segmentation.cascade import Cascade, PhaseClock
+from jaxcascade.data import bids_layout
+from jaxcascade.segmentation.cascade import Cascade
 from jaxcascade.errors import MACHINE_ERRNOS, MachineFault, UserError
 from jaxcascade.runtime.outputs import check_output_path, write_json, write_text
-from jaxcascade.segmentation.files import segment_images
 from jaxcascade.data.subjects import select_participants
-from jaxcascade.segmentation.study_report import LESION_COLUMNS, SUBJECT_COLUMNS, csv_text, lesion_rows
+from jaxcascade.segmentation.study_report import LESION_COLUMNS, SUBJECT_COLUMNS, csv_text
+from jaxcascade.segmentation.study_subject import (Prefetcher, StudySubject, load_subject, segment_loaded,
+                                                   write_subject)
 
 _LOG = logging.getLogger(__name__)
-
-@dataclasses.dataclass
-class StudySubject:
-    participant_id: str
-    session_id: str  # "" without sessions
-    inputs: dict  # modality -> Path
-    truth: Path | None  # a lesion mask to score against, if any
-    folder: Path  # outputs, relative to OUT
-    prefix: str  # of every output file name
-    problem: str | None = None  # a reason it cannot be segmented, found while discovering
-    brain_mask: Path | None = None  # restricts normalisation and candidates
-
 
 def study_subjects(data_dir, config, bids_suffixes: dict | None = None, *, participants=None,
                    bids_filters=None, log: Callable | None = None) -> list[StudySubject]:
@@ -87,54 +73,6 @@ def study_subjects(data_dir, config, bids_suffixes: dict | None = None, *, parti
                                      truth if truth.exists() else None, Path(folder.name), folder.name,
                                      brain_mask=brain if brain.exists() else None))
     return subjects
-
-
-def _segment_subject(model: Cascade, subject: StudySubject, out: Path, probabilities: bool, settings: dict,
-                     progress) -> dict:
-    """Segment one subject, write its files into out, return its report (row, lesions, seconds per phase)."""
-    config = model.config
-    started = time.perf_counter()
-    clock = PhaseClock()
-    if subject.problem:
-        raise UserError(subject.problem)
-    images = nifti.load_sequences(subject.inputs, model.modalities, subject.participant_id,
-                                  orientation=config.data.orientation, reference=config.data.flair)
-    reference = images[model.modalities.index(config.data.flair)]
-    resampled = nifti.resampling_notes(images, model.modalities, config.data.flair)
-    brain_mask = nifti.load_brain_mask(subject.brain_mask, reference) if subject.brain_mask else None
-    stripped = "masked" if brain_mask is not None else "yes" if nifti.looks_skull_stripped(reference.data) else "no"
-    truth = nifti.load_lesion_mask(subject.truth, reference) if subject.truth else None
-    clock.lap("load")
-    result = segment_images(model, images, brain_mask=brain_mask, progress=progress, **settings)
-    clock.lap(None)
-    clock.seconds.update(result.seconds)
-    out.mkdir(parents=True, exist_ok=True)
-    nifti.save_like(result.mask, reference, out / f"{subject.prefix}_desc-lesion_mask.nii.gz", dtype=np.uint8)
-    if probabilities:
-        for stage, values in ((1, result.stage1_probability), (2, result.stage2_probability)):
-            nifti.save_like(values, reference, out / f"{subject.prefix}_desc-stage{stage}_probseg.nii.gz",
-                            dtype=np.float32)
-        if result.stage2_std is not None:
-            nifti.save_like(result.stage2_std, reference, out / f"{subject.prefix}_desc-stage2std_probseg.nii.gz",
-                            dtype=np.float32)
-    clock.lap("write")
-    lesions = lesion_rows(result.mask, result.stage2_probability, reference)
-    volume_ml = float(result.mask.sum()) * reference.voxel_volume_ml
-    row = {"participant_id": subject.participant_id, "session_id": subject.session_id, "status": "ok",
-           "lesion_count": len(lesions),
-           "lesion_volume_ml": round(volume_ml, 6),
-           "voxel_size_mm": "x".join(f"{z:g}" for z in reference.nifti.header.get_zooms()[:3]),
-           "skull_stripped": stripped, "resampled": "; ".join(resampled)}
-    if truth is not None:
-        scores = metrics.segmentation_metrics(result.mask, truth, reference.voxel_volume_ml)
-        row.update({key: round(scores[key], 5) for key in ("dsc", "ppv", "tpr", "lesion_f1")},
-                   true_volume_ml=round(scores["truth_volume_ml"], 6))
-    clock.lap("lesion_table")
-    title = f"{subject.prefix}: {len(lesions)} lesions, {volume_ml:.2f} ml"
-    plots.overlay(reference.data, truth, result.mask, out / f"{subject.prefix}_desc-qc.png", title=title)
-    clock.lap("qc_picture")
-    row["seconds"] = round(time.perf_counter() - started, 3)
-    return {"row": row, "lesions": lesions, "seconds": {phase: round(s, 4) for phase, s in clock.seconds.items()}}
 
 
 def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int]:
@@ -180,7 +118,8 @@ def _claim(out_dir: Path, subject: StudySubject):
     from filelock import FileLock, Timeout
 
     (out_dir / LOCKS).mkdir(exist_ok=True)
-    lock = FileLock(out_dir / LOCKS / f"{subject.prefix}.lock")
+    # Released by the thread that writes the subject, not the one that claimed it.
+    lock = FileLock(out_dir / LOCKS / f"{subject.prefix}.lock", thread_local=False)
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -252,36 +191,82 @@ def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, 
                               bids_filters=bids_filters, log=log)
     reports, report_paths, (index, count) = [], [], shard
     settings = dict(tta=tta, resample=resample, min_lesion_volume_mm3=min_lesion_volume_mm3, warn=log)
+    loader = Prefetcher(functools.partial(load_subject, model))
+    writer = ThreadPoolExecutor(1, thread_name_prefix="jaxcascade-write")
+    current = None  # the subject being segmented or written when a fault stops the study
     try:
         out_dir.mkdir(exist_ok=True)
         if bids_layout.is_bids(data_dir):
             bids_layout.describe_derivatives(out_dir, Path(data_dir))
+        writing = None
         for number, subject in enumerate(progress(subjects, "subjects") if progress else subjects):
-            report_path = out_dir / subject.folder / f"{subject.prefix}_desc-lesion_report.json"
+            report_path = _report_path(out_dir, subject)
             report_paths.append(report_path)
-            reports.append(_study_subject(model, subject, out_dir, report_path, number % count == index,
-                                          f"pending: shard {number % count}/{count}", overwrite, probabilities,
-                                          settings, log, progress))
+            current = subject
+            upcoming = _next_to_segment(subjects, number, shard, out_dir, overwrite)
+            outcome = _study_subject(model, subject, out_dir, report_path, number % count == index,
+                                     f"pending: shard {number % count}/{count}", overwrite, probabilities,
+                                     settings, log, progress, loader, writer, upcoming)
+            reports.append(outcome)
+            if isinstance(outcome, Future):
+                # The previous subject's files were written while this one computed; wait for them
+                # before the next, so that at most two subjects' arrays are held.
+                if writing is not None:
+                    current = subjects[writing]
+                    reports[writing] = reports[writing].result()
+                writing = number
+        for number, outcome in enumerate(reports):
+            if isinstance(outcome, Future):
+                current = subjects[number]
+                reports[number] = outcome.result()
         return _write_tables(out_dir, reports, report_paths)
     except Exception as error:
         fault = machine_fault(error, out_dir)
         if fault is None:
             raise
-        finished = sum(report["row"]["status"] == "ok" for report in reports)
-        current = subjects[len(reports)] if len(reports) < len(subjects) else None  # the one being written
-        name = " ".join(p for p in (current.participant_id, current.session_id) if p) if current else str(out_dir)
+        writer.shutdown(wait=True)  # what is being written finishes (or fails) before the tables
+        done = [report for report in map(_settled, reports) if report is not None]
+        finished = sum(report["row"]["status"] == "ok" for report in done)
+        name = current.name if current else str(out_dir)
         try:  # the tables of what is finished, if there is room for them
-            _write_tables(out_dir, reports, report_paths)
+            _write_tables(out_dir, done, [p for p, r in zip(report_paths, map(_settled, reports)) if r is not None])
         except Exception:  # noqa: BLE001 - the fault at hand is what the user needs to read
             pass
         raise MachineFault(f"{name}: {fault}; stopped with {finished} subjects finished and kept in {out_dir}: "
                            "fix it and run the same command again to continue") from None
+    finally:
+        loader.close()
+        writer.shutdown(wait=True)
+
+
+def _report_path(out_dir: Path, subject: StudySubject) -> Path:
+    return out_dir / subject.folder / f"{subject.prefix}_desc-lesion_report.json"
+
+
+def _next_to_segment(subjects: list, number: int, shard: tuple[int, int], out_dir: Path,
+                     overwrite: bool) -> StudySubject | None:
+    """The subject after subjects[number] that this process will segment (to load it early), if any."""
+    index, count = shard
+    for later in range(number + 1, len(subjects)):
+        if later % count == index:
+            subject = subjects[later]
+            wanted = overwrite or not _report_path(out_dir, subject).exists()
+            return subject if wanted and not subject.problem else None
+    return None
+
+
+def _settled(outcome) -> dict | None:
+    """A subject's report, or None for one whose writing failed or never finished."""
+    if not isinstance(outcome, Future):
+        return outcome
+    return outcome.result() if outcome.done() and outcome.exception() is None else None
 
 
 def _study_subject(model, subject: StudySubject, out_dir: Path, report_path: Path, mine: bool, pending: str,
-                   overwrite: bool, probabilities: bool, settings: dict, log, progress) -> dict:
-    """One subject's report: read back if finished (or not this process's), else segmented now."""
-    name = " ".join(part for part in (subject.participant_id, subject.session_id) if part)
+                   overwrite: bool, probabilities: bool, settings: dict, log, progress, loader: Prefetcher,
+                   writer: ThreadPoolExecutor, upcoming: StudySubject | None) -> dict | Future:
+    """One subject's report: read back if finished (or not this process's), else segmented now, its
+    files then written by `writer` (a Future of the report) while the caller goes on to the next."""
     # A failure is recorded apart from the report: other shards read it, its own shard retries it.
     failure_path = report_path.with_name(f"{subject.prefix}_desc-lesion_error.json")
     if report_path.exists() and not (overwrite and mine):
@@ -296,9 +281,10 @@ def _study_subject(model, subject: StudySubject, out_dir: Path, report_path: Pat
         return other
     claim = _claim(out_dir, subject)
     if claim is None:
-        log(f"{name}: being segmented by another process; left to it")
+        log(f"{subject.name}: being segmented by another process; left to it")
         return {"row": {"participant_id": subject.participant_id, "session_id": subject.session_id,
                         "status": "pending: another process", "resumed": True, "in_progress": True}, "lesions": []}
+    handed_over = False
     try:
         if report_path.exists() and not overwrite:  # finished by another process since we looked
             report = json.loads(report_path.read_text())
@@ -306,29 +292,58 @@ def _study_subject(model, subject: StudySubject, out_dir: Path, report_path: Pat
             return report
         _remove_stale_temporaries(out_dir / subject.folder)
         try:
-            report = _segment_subject(model, subject, out_dir / subject.folder, probabilities, settings, progress)
-        except UserError as error:
-            report = _error_report(subject, str(error))
-            log(f"{name}: {error}")
-        except Exception as error:
-            if machine_fault(error, out_dir):
-                raise
-            report = _failure(error, subject, out_dir)
-            log(f"{name}: {report['row']['status'][len('error: '):]}")
-        if report["row"]["status"] != "ok":
-            # Whatever this attempt wrote goes: a failed subject leaves its error record only.
-            for written in (out_dir / subject.folder).glob(f"{subject.prefix}_desc-*"):
-                if written != failure_path:
-                    written.unlink(missing_ok=True)
-            failure_path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(report, failure_path)
-            return report
-        failure_path.unlink(missing_ok=True)
-        write_json(report, report_path)  # last: a subject without a report is redone
-        row = report["row"]
-        log(f"{name}: {row['lesion_count']} lesions, {row['lesion_volume_ml']:.2f} ml ({row['seconds']:.1f} s)"
-            + ("; the FLAIR does not look skull-stripped: add a brain mask" if row["skull_stripped"] == "no" else "")
-            + (f"; {row['resampled']}" if row.get("resampled") else ""))
-        return report
+            loaded = loader.take(subject)
+            loader.prefetch(upcoming)
+            result = segment_loaded(model, loaded, settings, progress)
+        except Exception as error:  # noqa: BLE001 - sorted by _failed: a subject's error or a fault
+            return _settle(_failed(error, subject, out_dir, log), subject, out_dir, report_path, log)
+
+        def write() -> dict:
+            try:
+                try:
+                    report = write_subject(subject, loaded, result, out_dir / subject.folder, probabilities)
+                except Exception as error:  # noqa: BLE001 - as above
+                    report = _failed(error, subject, out_dir, log)
+                return _settle(report, subject, out_dir, report_path, log)
+            finally:
+                claim.release()
+
+        future = writer.submit(write)
+        handed_over = True
+        return future
     finally:
-        claim.release()
+        if not handed_over:
+            claim.release()
+
+
+def _failed(error: Exception, subject: StudySubject, out_dir: Path, log) -> dict:
+    """The error report of a subject that failed; a fault of the machine is raised instead."""
+    if isinstance(error, UserError):
+        log(f"{subject.name}: {error}")
+        return _error_report(subject, str(error))
+    if machine_fault(error, out_dir):
+        raise error
+    report = _failure(error, subject, out_dir)
+    log(f"{subject.name}: {report['row']['status'][len('error: '):]}")
+    return report
+
+
+def _settle(report: dict, subject: StudySubject, out_dir: Path, report_path: Path, log) -> dict:
+    """Record a subject's outcome: its report (written last: a subject without one is redone) or, for a
+    failure, its error record alone."""
+    failure_path = report_path.with_name(f"{subject.prefix}_desc-lesion_error.json")
+    if report["row"]["status"] != "ok":
+        # Whatever this attempt wrote goes: a failed subject leaves its error record only.
+        for written in (out_dir / subject.folder).glob(f"{subject.prefix}_desc-*"):
+            if written != failure_path:
+                written.unlink(missing_ok=True)
+        failure_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(report, failure_path)
+        return report
+    failure_path.unlink(missing_ok=True)
+    write_json(report, report_path)
+    row = report["row"]
+    log(f"{subject.name}: {row['lesion_count']} lesions, {row['lesion_volume_ml']:.2f} ml ({row['seconds']:.1f} s)"
+        + ("; the FLAIR does not look skull-stripped: add a brain mask" if row["skull_stripped"] == "no" else "")
+        + (f"; {row['resampled']}" if row.get("resampled") else ""))
+    return report

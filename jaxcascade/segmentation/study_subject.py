@@ -1,0 +1,134 @@
+"""One subject of a study in three steps that a pipeline can overlap: load, segment, write.
+
+`segment_study` (study.py) segments subject k on the calling thread while one worker thread loads
+subject k+1 (`Prefetcher`) and another writes subject k-1's files, lesion table and QC picture
+(`write_subject`). The segmentation keeps every core busy most of the time, but not all of it
+(padding, transfers, the host-side parts of each stage); reading gzip and drawing fill those gaps,
+and on machines with more cores than XLA keeps busy they come for free. At most one subject is being
+loaded and one written beside the one computing, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from jaxcascade.data import nifti
+from jaxcascade.evaluation import metrics, plots
+from jaxcascade.segmentation.cascade import Cascade, PhaseClock, Segmentation
+from jaxcascade.segmentation.files import segment_images
+from jaxcascade.segmentation.study_report import lesion_rows
+from jaxcascade.errors import UserError
+
+
+@dataclasses.dataclass
+class StudySubject:
+    participant_id: str
+    session_id: str  # "" without sessions
+    inputs: dict  # modality -> Path
+    truth: Path | None  # a lesion mask to score against, if any
+    folder: Path  # outputs, relative to OUT
+    prefix: str  # of every output file name
+    problem: str | None = None  # a reason it cannot be segmented, found while discovering
+    brain_mask: Path | None = None  # restricts normalisation and candidates
+
+    @property
+    def name(self) -> str:
+        return " ".join(part for part in (self.participant_id, self.session_id) if part)
+
+
+@dataclasses.dataclass
+class LoadedSubject:
+    images: list  # nifti.Image per model modality
+    reference: nifti.Image  # the FLAIR: outputs go on its grid
+    resampled: list[str]  # notes on sequences brought onto the FLAIR's grid
+    brain_mask: np.ndarray | None
+    skull_stripped: str
+    truth: np.ndarray | None
+    seconds: float  # spent loading
+
+
+def load_subject(model: Cascade, subject: StudySubject) -> LoadedSubject:
+    """Read and check a subject's files (UserError naming the file for any problem)."""
+    started = time.perf_counter()
+    if subject.problem:
+        raise UserError(subject.problem)
+    config = model.config
+    images = nifti.load_sequences(subject.inputs, model.modalities, subject.participant_id,
+                                  orientation=config.data.orientation, reference=config.data.flair)
+    reference = images[model.modalities.index(config.data.flair)]
+    brain_mask = nifti.load_brain_mask(subject.brain_mask, reference) if subject.brain_mask else None
+    stripped = "masked" if brain_mask is not None else "yes" if nifti.looks_skull_stripped(reference.data) else "no"
+    truth = nifti.load_lesion_mask(subject.truth, reference) if subject.truth else None
+    return LoadedSubject(images, reference, nifti.resampling_notes(images, model.modalities, config.data.flair),
+                         brain_mask, stripped, truth, time.perf_counter() - started)
+
+
+def segment_loaded(model: Cascade, loaded: LoadedSubject, settings: dict, progress) -> Segmentation:
+    return segment_images(model, loaded.images, brain_mask=loaded.brain_mask, progress=progress, **settings)
+
+
+def write_subject(subject: StudySubject, loaded: LoadedSubject, result: Segmentation, out: Path,
+                  probabilities: bool) -> dict:
+    """Write a segmented subject's files into out; its report: row, lesions, seconds per phase."""
+    clock = PhaseClock()
+    reference = loaded.reference
+    out.mkdir(parents=True, exist_ok=True)
+    nifti.save_like(result.mask, reference, out / f"{subject.prefix}_desc-lesion_mask.nii.gz", dtype=np.uint8)
+    if probabilities:
+        for stage, values in ((1, result.stage1_probability), (2, result.stage2_probability)):
+            nifti.save_like(values, reference, out / f"{subject.prefix}_desc-stage{stage}_probseg.nii.gz",
+                            dtype=np.float32)
+        if result.stage2_std is not None:
+            nifti.save_like(result.stage2_std, reference, out / f"{subject.prefix}_desc-stage2std_probseg.nii.gz",
+                            dtype=np.float32)
+    clock.lap("write")
+    lesions = lesion_rows(result.mask, result.stage2_probability, reference)
+    volume_ml = float(result.mask.sum()) * reference.voxel_volume_ml
+    row = {"participant_id": subject.participant_id, "session_id": subject.session_id, "status": "ok",
+           "lesion_count": len(lesions), "lesion_volume_ml": round(volume_ml, 6),
+           "voxel_size_mm": "x".join(f"{z:g}" for z in reference.nifti.header.get_zooms()[:3]),
+           "skull_stripped": loaded.skull_stripped, "resampled": "; ".join(loaded.resampled)}
+    if loaded.truth is not None:
+        scores = metrics.segmentation_metrics(result.mask, loaded.truth, reference.voxel_volume_ml)
+        row.update({key: round(scores[key], 5) for key in ("dsc", "ppv", "tpr", "lesion_f1")},
+                   true_volume_ml=round(scores["truth_volume_ml"], 6))
+    clock.lap("lesion_table")
+    title = f"{subject.prefix}: {len(lesions)} lesions, {volume_ml:.2f} ml"
+    plots.overlay(reference.data, loaded.truth, result.mask, out / f"{subject.prefix}_desc-qc.png", title=title)
+    clock.lap("qc_picture")
+    seconds = {"load": loaded.seconds, **result.seconds, **clock.seconds}
+    # A subject's own work; in a pipeline its steps overlap its neighbours', so these add up to more
+    # than the study's wall time per subject (`finished`, a wall-clock time stamp, gives the rate).
+    row["seconds"] = round(sum(seconds.values()), 3)
+    return {"row": row, "lesions": lesions, "seconds": {phase: round(s, 4) for phase, s in seconds.items()},
+            "finished": time.time()}
+
+
+class Prefetcher:
+    """Loads the next subject on a worker thread while the current one computes; errors surface at `take`."""
+
+    def __init__(self, load: Callable[[StudySubject], LoadedSubject]):
+        self._load = load
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="jaxcascade-load")
+        self._pending: tuple[StudySubject, Future] | None = None
+
+    def prefetch(self, subject: StudySubject | None) -> None:
+        if subject is not None and self._pending is None:
+            self._pending = (subject, self._pool.submit(self._load, subject))
+
+    def take(self, subject: StudySubject) -> LoadedSubject:
+        """subject's loaded files: the prefetched ones if they are this subject's, else loaded now."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] is subject:
+            return pending[1].result()
+        return self._load(subject)
+
+    def close(self) -> None:
+        self._pending = None
+        self._pool.shutdown(wait=True, cancel_futures=True)
