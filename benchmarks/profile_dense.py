@@ -26,6 +26,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import jax
+    import numpy as np
 
     from benchmarks.inference import load_stages
     from jaxcascade.segmentation import dense, inference
@@ -60,10 +61,11 @@ def main(argv=None):
     sources = _op_sources(stage1, volume.shape, options)
     total = sum(totals.values())
     _, origins = dense.tile_geometry(candidates.shape, options.tile_size, stage1.dense_halo, stage1.patch_size)
-    pairs, singles = dense.pair_along_x(dense.occupied_tiles(candidates, origins, options.tile_size), options.tile_size)
-    print(f"stage 1 ({int(candidates.sum()):,} candidates, {2 * len(pairs) + len(singles)} blocks of "
-          f"{options.tile_size}^3, {2 * len(pairs)} of them in x-pairs): {plain:.2f} s, {traced:.2f} s while traced; "
-          f"{total / 1e6:.2f} s in XLA ops (summed over threads)")
+    groups = dense.group_blocks(dense.occupied_tiles(candidates, origins, options.tile_size), options.tile_size)
+    in_groups = ", ".join(f"{len(starts) * np.prod(group)} in {'x'.join(map(str, group))} groups"
+                          for group, starts in groups)
+    print(f"stage 1 ({int(candidates.sum()):,} candidates, blocks of {options.tile_size}^3: {in_groups}): "
+          f"{plain:.2f} s, {traced:.2f} s while traced; {total / 1e6:.2f} s in XLA ops (summed over threads)")
     for name, micros in totals.most_common(args.top):
         print(f"{micros / 1e3:9.1f} ms  {micros / total:6.1%}  {name:28s} {sources.get(name, '')}")
 
@@ -81,11 +83,11 @@ def _op_sources(stage, shape, options) -> dict[str, str]:
     widths = patches.bucketed_widths(shape, pad)
     padded = jax.ShapeDtypeStruct(tuple(s + a + b for s, (a, b) in zip(shape, widths)), np.float32)
     sources = {}
-    # The x-pair blocks (run 2) do most of the work; their ops name first where the two modules share names.
-    for run in (2, 1):
-        origins = jax.ShapeDtypeStruct((distributed.round_up_to_devices(max(1, options.tiles_per_batch // run)), 3),
-                                       np.int32)
-        predict = dense.make_tile_predictor(stage.graphdef, options.tile_size, stage.dense_halo, run)
+    # The largest groups do most of the work; their ops name first where the modules share names.
+    for group in ((2, 2, 2), (1, 1, 2), (1, 1, 1)):
+        per_call = max(1, options.tiles_per_batch // int(np.prod(group)))
+        origins = jax.ShapeDtypeStruct((distributed.round_up_to_devices(per_call), 3), np.int32)
+        predict = dense.make_tile_predictor(stage.graphdef, options.tile_size, stage.dense_halo, group)
         text = predict.lower(stage.variables, padded, origins).compile().as_text()
         for name, source in re.findall(r'%([\w.-]+) = .*?op_name="([^"]+)"', text):
             sources.setdefault(name, "/".join(part for part in source.split("/")[-2:] if "branch" not in part))

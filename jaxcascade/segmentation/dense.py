@@ -71,10 +71,36 @@ def pair_along_x(origins: np.ndarray, tile_size: int) -> tuple[np.ndarray, np.nd
     return origins[firsts], origins[~taken]
 
 
+def group_blocks(origins: np.ndarray, tile_size: int) -> list[tuple[tuple[int, int, int], np.ndarray]]:
+    """Occupied blocks in groups that each run as one box: [(group shape in blocks, group origins), ...].
+
+    Aligned 2 x 2 x 2 cubes of eight occupied blocks first (a brain's white matter is mostly such
+    cubes), then x-neighbour pairs of the rest (`pair_along_x`), then single blocks; every block is
+    in exactly one group. A group reads its halo once and computes its first layers once for all its
+    blocks: conv2 computes 26^3 outputs for eight 12^3 blocks where pairs compute 4 x 14 x 14 x 26
+    (14 % fewer) and single blocks 8 x 14^3, conv1 36 % fewer than pairs.
+    """
+    origins = np.asarray(origins, np.int32).reshape(-1, 3)
+    groups = []
+    if len(origins):
+        index = origins // tile_size
+        counts = 2 * (index.max(axis=0) // 2 + 1)  # an even number of blocks along each axis
+        occupied = np.zeros(counts, bool)
+        occupied[tuple(index.T)] = True
+        halves = counts // 2
+        cubes = occupied.reshape(halves[0], 2, halves[1], 2, halves[2], 2).all(axis=(1, 3, 5))
+        in_cube = cubes.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+        groups.append(((2, 2, 2), (np.argwhere(cubes) * 2 * tile_size).astype(np.int32)))
+        origins = origins[~in_cube[tuple(index.T)]]
+    pairs, singles = pair_along_x(origins, tile_size)
+    return [group for group in [*groups, ((1, 1, 2), pairs), ((1, 1, 1), singles)] if len(group[1])]
+
+
 @functools.lru_cache(maxsize=None)
-def make_tile_predictor(graphdef, tile_size: int, halo: int, run: int = 1) -> Callable:
-    """jitted (variables, padded_volume, origins (B, 3)) -> (B, T, T, run * T) lesion probability."""
-    box = (tile_size + halo, tile_size + halo, run * tile_size + halo)
+def make_tile_predictor(graphdef, tile_size: int, halo: int, group: tuple[int, int, int] = (1, 1, 1)) -> Callable:
+    """jitted (variables, padded_volume, origins (B, 3)) -> (B, gz T, gy T, gx T) lesion probability, for
+    groups of gz x gy x gx blocks of T^3 (`group_blocks`)."""
+    box = tuple(count * tile_size + halo for count in group)
 
     def predict_tiles(variables, padded_volume, origins):
         tiles = patches_lib.gather_patches(padded_volume[None], patches_lib.with_subject_index(origins), box)
@@ -95,9 +121,9 @@ def classify_dense(stage: Stage, volume: np.ndarray, mask: np.ndarray, options: 
     of jaxcascade's CPU kernel). Small tiles
     waste more on halos but skip more empty space and stay in cache: 12^3
     blocks, 8 per call, were fastest on a 2-core CPU (benchmarks/inference.py);
-    accelerators prefer larger ones. Occupied blocks that neighbour along x
-    run as one T x T x 2T block (`pair_along_x`, half as many per call), which
-    shares their halo: 4-5 % faster for a whole brain on that CPU, with
+    accelerators prefer larger ones. Occupied blocks that fill an aligned
+    2 x 2 x 2 cube run as one 2T^3 box, and x-neighbours of the rest as one
+    T x T x 2T box (`group_blocks`), which shares their halo, with
     bit-identical probabilities.
     """
     if stage.dense_halo is None:
@@ -110,17 +136,15 @@ def classify_dense(stage: Stage, volume: np.ndarray, mask: np.ndarray, options: 
     # Reads stay inside the tiles, so the bucket's extra zeros are never seen.
     padded = patches_lib.put_padded(volume, pad)
     variables = distributed.put_local_replicated(stage.variables)
-    pairs, singles = pair_along_x(origins, tile_size)
     blocks, placed = [], []
-    for run, starts in ((2, pairs), (1, singles)):
-        if len(starts) == 0:
-            continue
-        predict = make_tile_predictor(stage.graphdef, tile_size, halo, run)
+    for group, starts in group_blocks(origins, tile_size):
+        predict = make_tile_predictor(stage.graphdef, tile_size, halo, group)
         out = distributed.map_batches(lambda chunk, predict=predict: predict(variables, padded, chunk), starts,
-                                      max(1, options.tiles_per_batch // run), progress)
-        for k in range(run):  # a pair's two cubes, each at its own origin
-            blocks.append(out[..., k * tile_size : (k + 1) * tile_size])
-            placed.append(starts + np.array([0, 0, k * tile_size], np.int32))
+                                      max(1, options.tiles_per_batch // int(np.prod(group))), progress)
+        for offset in np.ndindex(*group):  # a group's blocks, each at its own origin
+            z, y, x = (k * tile_size for k in offset)
+            blocks.append(out[:, z : z + tile_size, y : y + tile_size, x : x + tile_size])
+            placed.append(starts + np.array([z, y, x], np.int32))
     full = stitch_blocks(np.concatenate(blocks), np.concatenate(placed), mask.shape, tile_size)
     return np.where(mask, full, np.float32(0))
 
