@@ -130,13 +130,17 @@ def baseline_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def baseline_environment(environ=None) -> dict:
-    """environ (default os.environ) with jaxcascade's malloc settings for glibc and the thread count."""
+def baseline_environment(environ=None, *, malloc_defaults: bool = False) -> dict:
+    """environ (default os.environ) with jaxcascade's malloc settings for glibc and the thread count;
+    malloc_defaults: glibc's own malloc settings instead (to show what the settings are worth)."""
     from jaxcascade import runtime
 
     threads = str(baseline_threads())
-    return {**(os.environ if environ is None else environ), "GLIBC_TUNABLES": runtime.GLIBC_TUNABLES,
-            "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    environ = {**(os.environ if environ is None else environ), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    if malloc_defaults:
+        environ.pop("GLIBC_TUNABLES", None)
+        return {**environ, runtime.MALLOC_ENV: "0", "JAXCASCADE_BASELINE_MALLOC": "default"}
+    return {**environ, "GLIBC_TUNABLES": runtime.GLIBC_TUNABLES}
 
 
 def configure_torch():
@@ -147,23 +151,25 @@ def configure_torch():
     from jaxcascade import runtime
 
     torch = torch_or_exit()
-    if os.environ.get("GLIBC_TUNABLES") != runtime.GLIBC_TUNABLES:
+    defaults = os.environ.get("JAXCASCADE_BASELINE_MALLOC") == "default"  # a row showing glibc's defaults
+    if not defaults and os.environ.get("GLIBC_TUNABLES") != runtime.GLIBC_TUNABLES:
         sys.exit("a PyTorch baseline must start with jaxcascade's malloc settings: run it through "
                  "benchmarks.common.run_baseline (or set GLIBC_TUNABLES as jaxcascade/runtime says)")
     torch.set_flush_denormal(True)
     torch.set_num_threads(baseline_threads())
-    settings = {"torch": torch.__version__, "own_process": True, "glibc_tunables": os.environ["GLIBC_TUNABLES"],
+    settings = {"torch": torch.__version__, "own_process": True, "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
                 "flush_to_zero": bool(torch.set_flush_denormal(True)), "threads": torch.get_num_threads()}
     return torch, settings
 
 
-def run_baseline(target: str, **kwargs) -> dict:
+def run_baseline(target: str, *, malloc_defaults: bool = False, **kwargs) -> dict:
     """Call 'module:function'(**kwargs) in a fresh PyTorch baseline process; its JSON result, with the
     settings it ran under in result['baseline'] (see configure_torch)."""
     import subprocess
 
     command = [sys.executable, "-m", "benchmarks.baseline", target, json.dumps(kwargs)]
-    finished = subprocess.run(command, env=baseline_environment(), capture_output=True, text=True,
+    finished = subprocess.run(command, env=baseline_environment(malloc_defaults=malloc_defaults),
+                              capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parents[1])
     if finished.returncode:
         sys.exit(f"baseline {target} failed:\n{finished.stderr.strip()[-3000:]}")

@@ -154,6 +154,11 @@ def main(argv=None):
             timings["torch"] = run_baseline("benchmarks.train_step:torch_step", network=network,
                                             batch_size=args.batch, repeats=args.repeats)
             baseline = timings["torch"].pop("baseline")
+            # The same baseline without the allocator settings: what they are worth to PyTorch here.
+            timings["torch (glibc malloc defaults)"] = run_baseline(
+                "benchmarks.train_step:torch_step", malloc_defaults=True, network=network, batch_size=args.batch,
+                repeats=args.repeats)
+            timings["torch (glibc malloc defaults)"].pop("baseline")
         else:
             print("torch not installed: pip install -e '.[bench]' for the PyTorch rows")
         reference = timings.get("torch")
