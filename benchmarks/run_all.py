@@ -5,7 +5,7 @@ Run from the repository root (after `pip install -e ".[bench,interop]"`):
     python -m benchmarks.run_all --only convs,train_step  # some steps; the other tables stay as they are
     python -m benchmarks.run_all --only gpu --render-only # tables from a gpu.json already in --out
 Steps: `demo` (trains the model the inference benchmark uses, resuming if present; skipped with --model),
-`convs`, `train_step`, `scaling` (train step over forced host devices and local processes), `inference`
+`convs`, `train_step`, `train_epoch` (whole training epochs against PyTorch's bare step), `scaling` (train step over forced host devices and local processes), `inference`
 (whole 1 mm brain), `startup` (a whole `segment` command, with and without the compilation cache),
 `study` (a BIDS cohort in one `segment --data` command against one call per session), `study_1mm` (a study
 of 1 mm brains: seconds per subject and per phase against PyTorch's stage 1), `nicms` (needs
@@ -29,7 +29,8 @@ from pathlib import Path
 from benchmarks.common import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("demo", "convs", "train_step", "scaling", "inference", "startup", "study", "study_1mm", "nicms", "gpu")
+STEPS = ("demo", "convs", "train_step", "train_epoch", "scaling", "inference", "startup", "study", "study_1mm",
+         "nicms", "gpu")
 
 
 def _command(step: str, args) -> list[str] | None:
@@ -40,6 +41,7 @@ def _command(step: str, args) -> list[str] | None:
                                          str(args.out / "demo")],
         "convs": python + ["benchmarks.convs", *out],
         "train_step": python + ["benchmarks.train_step", *out],
+        "train_epoch": python + ["benchmarks.train_epoch", *out],
         "scaling": python + ["benchmarks.train_step", "--networks", "valverde2017_valid", "--devices", "1,2,4",
                              "--processes", "1,2", *out],
         "inference": python + ["benchmarks.inference", "--model", model, "--repeats", str(args.repeats), *out],
@@ -95,6 +97,21 @@ def render_train_step(payload: dict) -> str:
              r.get("speedup_vs_torch"), r["faults_per_step"], r["sys_ms_per_step"]] for r in payload["rows"]]
     return _table(["network", "implementation", "step (ms), median (min-max)", "patches/s", "vs torch",
                    "page faults / step", "system ms / step"], rows)
+
+
+def render_train_epoch(payload: dict) -> str:
+    r = payload["rows"][0]
+    rows = [["jaxcascade, whole epochs", r["epochs_timed"], _span(r, "epoch_s", "min_s", "max_s"),
+             f"{_number(r['patches_per_s'])} ({_number(r['min_patches_per_s'])}-{_number(r['max_patches_per_s'])})",
+             f"{_number(r['ratio_vs_torch'])} ({_number(r['ratio_min'])}-{_number(r['ratio_max'])})"],
+            ["PyTorch, bare train step", payload["torch"]["repeats"], _span(r, "torch_step_ms", "torch_min_ms",
+                                                                         "torch_max_ms", 1e-3),
+             r["torch_patches_per_s"], "1"]]
+    table = _table(["", "n", "seconds (epoch or step), median (min-max)", "training patches/s", "vs PyTorch"], rows)
+    phases = [[row["phase"], _span(row, "median_s", "min_s", "max_s")] for row in payload["phases"]]
+    return (table + f"\n\nAn epoch: {r['steps_per_epoch']} steps of {r['batch']} patches from {r['subjects']} 1 mm "
+            f"phantom subjects, then {r['validation_patches']:,} validation patches, a checkpoint and the history. "
+            "Where an epoch's time goes:\n\n" + _table(["phase", "seconds, median (min-max)"], phases))
 
 
 def render_scaling(payload: dict) -> str:
@@ -171,6 +188,7 @@ def render_gpu_convs(payload: dict) -> str:
 
 # Page block name -> (results JSON, renderer); a step's blocks are those named after it.
 RENDER = {"inference": ("inference", render_inference), "train_step": ("train_step", render_train_step),
+          "train_epoch": ("train_epoch", render_train_epoch),
           "scaling": ("train_step_devices", render_scaling), "convs": ("convs", render_convs),
           "nicms": ("nicms_inference", render_nicms),
           "startup": ("startup", render_startup), "study": ("study", render_study),
