@@ -109,8 +109,8 @@ def render_train_epoch(payload: dict) -> str:
              r["torch_patches_per_s"], "1"]]
     table = _table(["", "n", "seconds (epoch or step), median (min-max)", "training patches/s", "vs PyTorch"], rows)
     phases = [[row["phase"], _span(row, "median_s", "min_s", "max_s")] for row in payload["phases"]]
-    return (table + f"\n\nAn epoch: {r['steps_per_epoch']} steps of {r['batch']} patches from {r['subjects']} 1 mm "
-            f"phantom subjects, then {r['validation_patches']:,} validation patches, a checkpoint and the history. "
+    return (table + f"\n\nAn epoch: {r['steps_per_epoch']} steps of {r['batch']} patches from {r['subjects']} phantom "
+            f"subjects at 1 mm, then {r['validation_patches']:,} validation patches, a checkpoint and the history. "
             "Where an epoch's time goes:\n\n" + _table(["phase", "seconds, median (min-max)"], phases))
 
 
