@@ -89,8 +89,14 @@ def _op_sources(stage, shape, options) -> dict[str, str]:
         origins = jax.ShapeDtypeStruct((distributed.round_up_to_devices(per_call), 3), np.int32)
         predict = dense.make_tile_predictor(stage.graphdef, options.tile_size, stage.dense_halo, group)
         text = predict.lower(stage.variables, padded, origins).compile().as_text()
-        for name, source in re.findall(r'%([\w.-]+) = .*?op_name="([^"]+)"', text):
-            sources.setdefault(name, "/".join(part for part in source.split("/")[-2:] if "branch" not in part))
+        for line in text.splitlines():
+            found = re.search(r'%([\w.-]+) = (\S+) .*?op_name="([^"]+)"', line)
+            if not found:
+                continue
+            name, shape, source = found.groups()
+            source = "/".join(part for part in source.split("/")[-2:] if "branch" not in part)
+            target = re.search(r'custom_call_target="([^"]+)"', line)  # the C++ kernels: which one, on what
+            sources.setdefault(name, f"{target.group(1)} -> {shape.split('{')[0]}" if target else source)
     return sources
 
 
