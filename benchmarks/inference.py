@@ -10,7 +10,7 @@ Compares, on the same candidates with the same weights:
   jax dense bf16 - the same with bfloat16 products and float32 sums (config.compute_dtype)
   jax patch   - jaxcascade's vectorised patch path
   ... (XLA GEMMs) - the same with JAXCASCADE_CPU_KERNEL=0: XLA's GEMM formulations (convs.py)
-  torch patch - PyTorch classifying each candidate's patch (the seed's method)
+  torch patch - PyTorch classifying each candidate's patch (the seed's method), at its fastest batch
   torch SAME  - PyTorch running the seed's own SAME-padded network patch-wise (stage 1)
 Each method runs in its own process so its peak RSS is its own, every one started with jaxcascade's
 malloc settings (GLIBC_TUNABLES); the PyTorch ones also get flush-to-zero and the same threads
@@ -107,19 +107,17 @@ def run_one(method: str, model_dir, out_dir: Path, subject_seed: int, repeats: i
         classify(stage1, warm)
     else:
         from benchmarks.common import configure_torch
-        from benchmarks.torch_reference import classify_candidates, from_jax
+        from benchmarks.torch_reference import classify_candidates, fastest_batch, from_jax
 
         _, baseline = configure_torch()  # flush-to-zero and threads; malloc settings checked
 
         torch_models = [from_jax(s.variables, 2, "SAME" if method == "torch SAME" else "VALID",
                                  config.model.bn_epsilon) for s in (stage1, stage2)]
+        batch, trials = fastest_batch(torch_models[0], volume, candidates)  # also the warm-up
+        baseline = {**baseline, "batch": batch, "batch_trials_s": {str(b): t for b, t in trials.items()}}
 
         def classify(stage, mask):
-            return classify_candidates(torch_models[0 if stage is stage1 else 1], volume, mask)
-
-        warm = np.zeros_like(candidates)
-        warm[tuple(np.argwhere(candidates)[:2048].T)] = True
-        classify(stage1, warm)
+            return classify_candidates(torch_models[0 if stage is stage1 else 1], volume, mask, batch)
 
     runs = [measure_once(lambda: classify(stage1, candidates)) for _ in range(repeats)]
     stage1_probability = runs[-1][0]
@@ -192,9 +190,10 @@ def main(argv=None):
                "stage1_system_s", "patches_per_s", "stage2_candidates", "cascade_s", "peak_rss_mb", "stage1_speedup_vs_torch", "stage1_speedup_vs_torch_SAME", "max_abs_diff_vs_torch"]
     print()
     print(markdown_table(rows, columns))
-    baseline = next((row.pop("baseline") for row in rows if "baseline" in row), None)
-    for row in rows:
-        row.pop("baseline", None)
+    baselines = {row["method"]: row.pop("baseline") for row in rows if "baseline" in row}
+    baseline = next(iter(baselines.values()), None)
+    for method, settings in baselines.items():  # each PyTorch method at its own fastest batch
+        next(row for row in rows if row["method"] == method)["batch"] = settings["batch"]
     path = write_results("inference", {"model": args.model or "random weights", "rows": rows, "baseline": baseline},
                          args.out)
     print(f"\nwrote {path}")

@@ -83,7 +83,8 @@ def _table(header: list[str], rows: list[list]) -> str:
 def render_inference(payload: dict) -> str:
     rows = []
     for r in payload["rows"]:
-        rows.append([r["method"], _span(r, "stage1_s", "stage1_min_s", "stage1_max_s"), r["patches_per_s"],
+        method = f"{r['method']} (batch {r['batch']})" if "batch" in r else r["method"]
+        rows.append([method, _span(r, "stage1_s", "stage1_min_s", "stage1_max_s"), r["patches_per_s"],
                      r.get("cascade_s"), r["peak_rss_mb"], r.get("stage1_speedup_vs_torch"),
                      r.get("stage1_speedup_vs_torch_SAME"), r.get("max_abs_diff_vs_torch"),
                      r["stage1_minor_faults"], r["stage1_system_s"], r.get("useful_gflops_per_s")])

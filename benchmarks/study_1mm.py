@@ -34,7 +34,6 @@ import numpy as np
 from benchmarks.common import markdown_table, run_baseline, time_call, write_results
 
 CLI = [sys.executable, "-m", "jaxcascade.cli", "segment"]
-BATCHES = (256, 1024, 4096)
 TARGET_SECONDS = 1.5  # per subject, the goal this benchmark tracks
 
 
@@ -81,17 +80,13 @@ def torch_stage1(scratch: str, repeats: int) -> dict:
     """PyTorch patch-wise stage 1 on the saved candidates at its fastest batch; in a baseline process."""
     import pickle
 
-    from benchmarks.torch_reference import classify_candidates, from_jax
+    from benchmarks.torch_reference import classify_candidates, fastest_batch, from_jax
 
     with open(Path(scratch) / "stage1.pkl", "rb") as file:
         saved = pickle.load(file)
     model = from_jax(saved["variables"], 2, "VALID", saved["bn_epsilon"])
     volume, candidates = saved["volume"], saved["candidates"]
-    subset = np.zeros_like(candidates)
-    subset[tuple(np.argwhere(candidates)[:: max(1, int(candidates.sum()) // 16384)].T)] = True
-    trials = {batch: time_call(lambda b=batch: classify_candidates(model, volume, subset, b), repeats=2)["median_s"]
-              for batch in BATCHES}
-    batch = min(trials, key=trials.get)
+    batch, trials = fastest_batch(model, volume, candidates)
     timing = time_call(lambda: classify_candidates(model, volume, candidates, batch), warmup=0, repeats=repeats)
     return {**timing, "batch": batch, "batch_trials_s": {str(b): s for b, s in trials.items()}}
 
