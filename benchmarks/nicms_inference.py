@@ -86,8 +86,9 @@ def torch_timing(scratch: str, repeats: int) -> dict:
     with open(Path(scratch) / "inputs.pkl", "rb") as file:
         inputs = pickle.load(file)
     model = torch_nicms(inputs["variables"])
-    # nicMSlesions' network costs ~60 M multiply-adds a patch: the batches are tried on 2,048 of them.
-    batch, trials = fastest_batch(model, inputs["volume"], inputs["mask"], voxels=2048)
+    # nicMSlesions' network costs ~60 M multiply-adds a patch and holds 13^3 x 32 activations per patch:
+    # smaller batches are tried, on 2,048 patches.
+    batch, trials = fastest_batch(model, inputs["volume"], inputs["mask"], batches=(64, 256, 1024), voxels=2048)
     timing = time_call(lambda: classify_candidates(model, inputs["volume"], inputs["mask"], batch), warmup=0,
                        repeats=repeats, keep_result=True)
     np.save(Path(scratch) / "torch_probability.npy", timing.pop("result"))

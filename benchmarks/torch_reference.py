@@ -94,9 +94,13 @@ BATCHES = (256, 1024, 4096)
 def fastest_batch(model: nn.Module, volume: np.ndarray, mask: np.ndarray, batches=BATCHES,
                   voxels: int = 16384) -> tuple[int, dict]:
     """PyTorch's fastest batch for classify_candidates here: each of batches timed (best of 2, after a warm-up)
-    on about `voxels` of mask's voxels, spread through it; returns (batch, {batch: seconds})."""
+    on about `voxels` of mask's voxels, spread through it; returns (batch, {batch: seconds}).
+
+    The subset holds at least two of the largest batch, so that every batch size runs full batches.
+    """
     import time
 
+    voxels = max(voxels, 2 * max(batches))
     subset = np.zeros_like(mask)
     subset[tuple(np.argwhere(mask)[:: max(1, int(mask.sum()) // voxels)][:voxels].T)] = True
     trials = {}
