@@ -49,8 +49,6 @@ METRIC_DEFINITIONS: dict[str, str] = {
 }
 
 
-
-
 def _as_binary(mask, name: str) -> np.ndarray:
     """Return `mask` as a bool array, refusing values other than 0 and 1."""
     array = np.asarray(mask)
