@@ -157,10 +157,10 @@ def configure_torch():
     if not defaults and os.environ.get("GLIBC_TUNABLES") != runtime.GLIBC_TUNABLES:
         sys.exit("a PyTorch baseline must start with jaxcascade's malloc settings: run it through "
                  "benchmarks.common.run_baseline (or set GLIBC_TUNABLES as jaxcascade/runtime says)")
-    torch.set_flush_denormal(True)
+    flush_to_zero = bool(torch.set_flush_denormal(True))  # False where the CPU cannot
     torch.set_num_threads(baseline_threads())
     settings = {"torch": torch.__version__, "own_process": True, "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
-                "flush_to_zero": bool(torch.set_flush_denormal(True)), "threads": torch.get_num_threads()}
+                "flush_to_zero": flush_to_zero, "threads": torch.get_num_threads()}
     return torch, settings
 
 

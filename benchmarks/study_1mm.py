@@ -18,22 +18,19 @@ several batch sizes tried on a subset first. Prints tables, writes benchmarks/re
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.common import markdown_table, run_baseline, time_call, write_results
+from benchmarks.study import study_seconds
 
-CLI = [sys.executable, "-m", "jaxcascade.cli", "segment"]
 TARGET_SECONDS = 1.5  # per subject, the goal this benchmark tracks
 
 
@@ -46,19 +43,12 @@ def one_mm_model(model: Path, target: Path) -> Path:
 
 def study_run(model: Path, data: Path, out: Path) -> dict:
     """One study command in a fresh process: its wall seconds, the subjects' seconds and phases."""
-    started = time.perf_counter()
-    done = subprocess.run([*CLI, "--model", str(model), "--data", str(data), "--out-dir", str(out), "--overwrite"],
-                          capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if done.returncode:
-        sys.exit(f"study_1mm: the study failed:\n{done.stderr.strip()[-2000:]}")
-    with open(out / "lesions.csv", newline="") as file:
-        rows = list(csv.DictReader(file))
+    wall, subject_s = study_seconds(str(model), data, out)
     reports = [json.loads(path.read_text()) for path in sorted(out.rglob("*_desc-lesion_report.json"))]
     finished = sorted(report["finished"] for report in reports)
-    return {"wall_s": wall, "subject_s": [float(row["seconds"]) for row in rows],
-            "intervals_s": list(np.diff(finished)), "phases": [report["seconds"] for report in reports],
-            "lesions": [int(r["lesion_count"]) for r in rows]}
+    return {"wall_s": wall, "subject_s": subject_s, "intervals_s": list(np.diff(finished)),
+            "phases": [report["seconds"] for report in reports],
+            "lesions": [report["row"]["lesion_count"] for report in reports]}
 
 
 def stage1_inputs(model: Path, data: Path) -> dict:

@@ -37,11 +37,9 @@ from benchmarks.common import markdown_table, run_baseline, write_results
 # phase -> (module, function) whose calls make up the phase; missing ones are skipped, so the same
 # benchmark measures older versions of the loop.
 PHASES = {
-    "host batch assembly": [("jaxcascade.training.train_loop", "training_batch"),
-                            ("jaxcascade.training.batching", "device_batches")],
+    "host batch assembly": [("jaxcascade.training.train_loop", "training_batch")],
     "validation": [("jaxcascade.training.train_loop", "evaluate")],
-    "checkpoint": [("jaxcascade.storage.checkpoints", "save_epoch"),
-                   ("jaxcascade.storage.checkpoints", "wait_until_saved")],
+    "checkpoint": [("jaxcascade.storage.checkpoints", "save_epoch")],
     "history (metrics.jsonl, curves)": [("jaxcascade.training.history", "write_history")],
 }
 

@@ -34,8 +34,8 @@ from jaxcascade.errors import MACHINE_ERRNOS, MachineFault, UserError
 from jaxcascade.runtime.outputs import check_output_path, write_json, write_text
 from jaxcascade.data.subjects import select_participants
 from jaxcascade.segmentation.study_report import LESION_COLUMNS, SUBJECT_COLUMNS, csv_text
-from jaxcascade.segmentation.study_subject import (Prefetcher, StudySubject, load_subject, segment_loaded,
-                                                   write_subject)
+from jaxcascade.segmentation.files import segment_images
+from jaxcascade.segmentation.study_subject import Prefetcher, StudySubject, load_subject, write_subject
 
 _LOG = logging.getLogger(__name__)
 
@@ -225,11 +225,11 @@ def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, 
         if fault is None:
             raise
         writer.shutdown(wait=True)  # what is being written finishes (or fails) before the tables
-        done = [report for report in map(_settled, reports) if report is not None]
-        finished = sum(report["row"]["status"] == "ok" for report in done)
+        settled = [(report, path) for report, path in zip(map(_settled, reports), report_paths) if report]
+        finished = sum(report["row"]["status"] == "ok" for report, _ in settled)
         name = current.name if current else str(out_dir)
         try:  # the tables of what is finished, if there is room for them
-            _write_tables(out_dir, done, [p for p, r in zip(report_paths, map(_settled, reports)) if r is not None])
+            _write_tables(out_dir, [report for report, _ in settled], [path for _, path in settled])
         except Exception:  # noqa: BLE001 - the fault at hand is what the user needs to read
             pass
         raise MachineFault(f"{name}: {fault}; stopped with {finished} subjects finished and kept in {out_dir}: "
@@ -294,7 +294,8 @@ def _study_subject(model, subject: StudySubject, out_dir: Path, report_path: Pat
         try:
             loaded = loader.take(subject)
             loader.prefetch(upcoming)
-            result = segment_loaded(model, loaded, settings, progress)
+            result = segment_images(model, loaded.images, brain_mask=loaded.brain_mask, progress=progress,
+                                    **settings)
         except Exception as error:  # noqa: BLE001 - sorted by _failed: a subject's error or a fault
             return _settle(_failed(error, subject, out_dir, log), subject, out_dir, report_path, log)
 

@@ -21,7 +21,6 @@ import numpy as np
 from jaxcascade.data import nifti
 from jaxcascade.evaluation import metrics, plots
 from jaxcascade.segmentation.cascade import Cascade, PhaseClock, Segmentation
-from jaxcascade.segmentation.files import segment_images
 from jaxcascade.segmentation.study_report import lesion_rows
 from jaxcascade.errors import UserError
 
@@ -67,10 +66,6 @@ def load_subject(model: Cascade, subject: StudySubject) -> LoadedSubject:
     truth = nifti.load_lesion_mask(subject.truth, reference) if subject.truth else None
     return LoadedSubject(images, reference, nifti.resampling_notes(images, model.modalities, config.data.flair),
                          brain_mask, stripped, truth, time.perf_counter() - started)
-
-
-def segment_loaded(model: Cascade, loaded: LoadedSubject, settings: dict, progress) -> Segmentation:
-    return segment_images(model, loaded.images, brain_mask=loaded.brain_mask, progress=progress, **settings)
 
 
 def write_subject(subject: StudySubject, loaded: LoadedSubject, result: Segmentation, out: Path,
