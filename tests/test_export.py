@@ -56,15 +56,16 @@ def test_train_step_exports_with_convolutions_for_accelerators_and_the_kernel_fo
 
 def test_inference_kernels_export_for_cuda_and_tpu_in_one_module(network):
     _, graphdef, variables = network
-    tiles = dense.make_tile_predictor(graphdef, 12, 9)
+    tiles = dense.make_tile_predictor(graphdef, 12, 9, 5)
     tile_args = (_abstract(variables), jax.ShapeDtypeStruct((60, 60, 60, 2), np.float32),
-                 jax.ShapeDtypeStruct((16, 3), np.int32))
+                 jax.ShapeDtypeStruct((60, 60, 60, 1), np.bool_), jax.ShapeDtypeStruct((16, 3), np.int32))
     patches = inference.make_centre_predictor(graphdef, 11)
     patch_args = (_abstract(variables), jax.ShapeDtypeStruct((60, 60, 60, 2), np.float32),
                   jax.ShapeDtypeStruct((256, 3), np.int32))
     assert cpu_kernel.available(), "the CPU kernel did not build here (a C++ compiler is needed)"
-    # On CPU both 3^3 convolutions run in the C++ kernel; the dense form's two pools and its head (dense1,
-    # ReLU, output layer) too. Off CPU the head is its two matrix products (cpu_kernel.dense_head_p).
+    # On CPU both 3^3 convolutions run in the C++ kernel (conv2 only where the mask's voxels read it); the
+    # dense form's two pools and its head (dense1, ReLU, output layer; at the mask's voxels) too. Off CPU the
+    # head is its two matrix products (kept_outputs.dense_head_where_p).
     for function, args, convolutions, kernel_calls in ((tiles, tile_args, 2, 5), (patches, patch_args, 2, 2)):
         ops = _exported_ops(function, args, ("cuda", "tpu"))
         assert ops["convolution"] >= 2 * convolutions and ops["dot_general"] >= 4, ops  # a branch per platform

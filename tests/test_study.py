@@ -37,7 +37,7 @@ def study(cohort, tmp_path_factory):
 
 def test_study_reports_every_subject_and_compiles_once_per_shape_bucket(trained_model, study, tmp_path, capsys):
     model = cascade.Cascade.load(trained_model)
-    predictor = dense.make_tile_predictor(model.stage1.graphdef, 12, model.stage1.dense_halo)
+    predictor = dense.make_tile_predictor(model.stage1.graphdef, 12, model.stage1.dense_halo, 5)
     compiled_before = predictor._cache_size()
     out = tmp_path / "out"
     # sub-c cannot be segmented: its row says why, and the exit status says that some subject failed.

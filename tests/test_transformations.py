@@ -241,11 +241,18 @@ def test_first_and_second_order_export_with_convolutions_off_cpu_and_the_kernel_
     # The dense form's gradient: through the dilated pools and the fused head too.
     dense = jax.jit(jax.grad(lambda params, tiles: jnp.sum(jnp.tanh(
         nnx.merge(graphdef, params, variables["batch_stats"]).dense(tiles)))))
+    # ... and where it computes only the positions a mask keeps (conv2 and the head skip the rest).
+    dense_where = jax.jit(jax.grad(lambda params, tiles, where: jnp.sum(jnp.tanh(
+        nnx.merge(graphdef, params, variables["batch_stats"]).dense(tiles, where=where)))))
+    where = np.array([[[[True, False], [False, False]], [[False, False], [False, True]]]] * 2)
     params = variables["params"]
     checks = [jax.export.DisabledSafetyCheck.custom_call(target) for target in cpu_kernel.TARGETS]
-    cases = ((gradient, (params, patches, labels), {cpu_kernel.TARGET, cpu_kernel.GRADIENT_TARGET}),
-             (hvp, (params, params, patches, labels), {cpu_kernel.TARGET, cpu_kernel.GRADIENT_TARGET}),
-             (dense, (params, patches), set(cpu_kernel.TARGETS)))
+    convolution = {cpu_kernel.TARGET, cpu_kernel.GRADIENT_TARGET}
+    cases = ((gradient, (params, patches, labels), convolution),
+             (hvp, (params, params, patches, labels), convolution),
+             (dense, (params, patches), convolution | {cpu_kernel.HEAD_TARGET, cpu_kernel.POOL_TARGET}),
+             (dense_where, (params, patches, where),
+              convolution | {cpu_kernel.WHERE_TARGET, cpu_kernel.HEAD_WHERE_TARGET, cpu_kernel.POOL_TARGET}))
     for function, args, targets in cases:
         for platform in ("cuda", "tpu", "cpu"):
             exported = jax.export.export(function, platforms=(platform,), disabled_checks=checks)(*args)

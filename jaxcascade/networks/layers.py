@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxcascade.ops import convs, cpu_kernel
+from jaxcascade.ops import convs, cpu_kernel, kept_outputs
 
 # Lasagne's and Keras' default kernel initialiser, which the seed code and nicMSlesions used.
 glorot = jax.nn.initializers.glorot_uniform()
@@ -45,17 +45,19 @@ class Conv3D(nnx.Module):
         self.implementation = implementation
         self.compute_dtype = compute_dtype
 
-    def __call__(self, x, *, dilation: int = 1, gather_taps: bool = False):
-        return self.apply(x, self.kernel[...], dilation=dilation, gather_taps=gather_taps) + self.bias[...]
+    def __call__(self, x, *, dilation: int = 1, gather_taps: bool = False, keep=None):
+        return self.apply(x, self.kernel[...], dilation=dilation, gather_taps=gather_taps, keep=keep) + self.bias[...]
 
-    def apply(self, x, kernel, *, dilation: int = 1, padding: str | None = None, gather_taps: bool = False):
+    def apply(self, x, kernel, *, dilation: int = 1, padding: str | None = None, gather_taps: bool = False,
+              keep=None):
         """This layer's convolution arithmetic on any kernel (the dense form reuses it).
 
         gather_taps: see convs.conv3d (x is not differentiated, and its producer
-        does not fuse into a gather).
+        does not fuse into a gather). keep: the outputs the caller reads (see
+        convs.conv3d; the others may be anything).
         """
         return convs.conv3d(x, kernel, padding=padding or self.padding, dilation=dilation,
-                            implementation=self.implementation, gather_taps=gather_taps,
+                            implementation=self.implementation, gather_taps=gather_taps, keep=keep,
                             compute_dtype=None if self.compute_dtype == "float32" else self.compute_dtype)
 
 
@@ -100,16 +102,30 @@ def dense_max_pool(x, dilation: int):
     return cpu_kernel.max_pool(x, dilation)
 
 
-def fused_dense_head(x, w1, b1, w2, b2):
+def fused_dense_head(x, w1, b1, w2, b2, keep=None):
     """relu(x @ w1 + b1) @ w2 + b2 over x's last axis in one primitive (`cpu_kernel.dense_head`), or None where
     jaxcascade's kernels are off or do not run this head (the caller then applies its own layers).
 
     When lowered for CPU the C++ kernel keeps the hidden layer in registers; elsewhere it is the same two
-    matrix products in jnp. Differentiable and batchable like any JAX operation.
+    matrix products in jnp. Differentiable and batchable like any JAX operation. keep: None, or a bool
+    of x's shape but its last axis: the rows to compute (`kept_outputs.dense_head_where`; 0 elsewhere).
     """
     if not (x.dtype == jnp.float32 and cpu_kernel.enabled() and cpu_kernel.head_supported(x.shape[-1], *w2.shape)):
         return None
+    if keep is not None:
+        return kept_outputs.dense_head_where(x, w1, b1, w2, b2, keep)
     return cpu_kernel.dense_head(x, w1, b1, w2, b2)
+
+
+def read_by_pool(keep, dilation: int):
+    """The inputs a dense 2^3 max-pool (taps `dilation` apart) reads for the outputs `keep` marks.
+
+    keep: bool (N, D, H, W) -> bool (N, D + dilation, H + dilation, W + dilation): position p is read
+    when some kept output sits at p or at p - dilation along each axis.
+    """
+    widths = ((0, 0),) + ((dilation, dilation),) * 3 + ((0, 0),)
+    padded = jnp.pad(keep.astype(jnp.float32)[..., None], widths)
+    return cpu_kernel.max_pool_reference(padded, dilation)[..., 0] > 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,12 +25,13 @@ import dataclasses
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxcascade.networks import nicms
 from jaxcascade.errors import UserError
-from jaxcascade.networks.layers import (COMPUTE_DTYPES, FLOAT32, Conv3D, Window, dense_max_pool, dilations, fused_dense_head,
-                               glorot, max_pool_2x2x2, receptive_halo)
+from jaxcascade.networks.layers import (COMPUTE_DTYPES, FLOAT32, Conv3D, Window, dense_max_pool, dilations,
+                                       fused_dense_head, glorot, max_pool_2x2x2, read_by_pool, receptive_halo)
 
 
 class Valverde2017(nnx.Module):
@@ -89,7 +90,7 @@ class Valverde2017(nnx.Module):
         """Extra input voxels per axis a dense output block needs; None (no exact dense form) with SAME padding."""
         return receptive_halo(self.windows) if self.padding == "VALID" else None
 
-    def dense(self, tiles):
+    def dense(self, tiles, where=None):
         """Logits at every position of (B, T + halo, T + halo, T + halo, C) tiles -> (B, T, T, T, 2).
 
         Output [b, i, j, k] is exactly `self(patch)` for the patch whose first
@@ -97,13 +98,19 @@ class Valverde2017(nnx.Module):
         runs with stride 1 and every later layer is dilated by the stride
         accumulated before it (2 after the first pool, 4 after the second), the
         dense layers become convolutions. Only VALID padding makes this exact.
+
+        where: None, or a bool (B, T, T, T) of the positions to classify: logits
+        there as without it, 0 elsewhere. Where jaxcascade's CPU kernels run,
+        conv2 and the head then compute only what those positions read.
         """
         if self.dense_halo is None:
             raise ValueError("dense evaluation is exact only for VALID padding")
         conv1, pool1, conv2, pool2, flat = dilations(self.windows)  # 1, 1, 2, 2, 4
         x = jax.nn.relu(self.bn1(self.conv1(tiles, dilation=conv1), use_running_average=True))
         x = dense_max_pool(x, pool1)
-        x = jax.nn.relu(self.bn2(self.conv2(x, dilation=conv2, gather_taps=True), use_running_average=True))
+        # conv2's outputs that pool2 reads for the kept positions (the head has one tap when size == 1).
+        read = None if where is None or self.pooled_size != 1 else read_by_pool(where, pool2)
+        x = jax.nn.relu(self.bn2(self.conv2(x, dilation=conv2, gather_taps=True, keep=read), use_running_average=True))
         x = dense_max_pool(x, pool2)
         size = self.pooled_size
         # The patch network flattens (size, size, size, 64) in C order: dense1 is
@@ -112,13 +119,14 @@ class Valverde2017(nnx.Module):
 
         def head(x):
             x = self.conv1.apply(x, kernel, dilation=flat, padding="VALID")
-            return self.out(jax.nn.relu(x + self.dense1.bias[...]))
+            logits = self.out(jax.nn.relu(x + self.dense1.bias[...]))
+            return logits if where is None else jnp.where(where[..., None], logits, 0)
 
         if size == 1 and self.conv1.compute_dtype == "float32":
             # Both dense layers in one primitive: on CPU a C++ kernel that keeps the hidden layer in registers
             # (cpu_kernel.dense_head); None where jaxcascade's kernels are off.
             fused = fused_dense_head(x, self.dense1.kernel[...], self.dense1.bias[...], self.out.kernel[...],
-                                     self.out.bias[...])
+                                     self.out.bias[...], keep=where)
             if fused is not None:
                 return fused
         return head(x)

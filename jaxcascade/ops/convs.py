@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxcascade.ops import conv_primitives, cpu_kernel
+from jaxcascade.ops import conv_primitives, cpu_kernel, kept_outputs
 
 IMPLEMENTATIONS = ("auto", "lax", "slices", "im2col", "gather", "direct")
 
@@ -82,6 +82,7 @@ def conv3d(
     implementation: str = "auto",
     compute_dtype=None,
     gather_taps: bool = False,
+    keep: jax.Array | None = None,
 ) -> jax.Array:
     """Cross-correlate channels-last volumes with a (k, k, k, in, out) kernel.
 
@@ -98,6 +99,9 @@ def conv3d(
         does not fuse into the gather: XLA fuses an elementwise producer (a
         normalisation, an activation, a pad) or another gather into it and
         recomputes it for every tap (nicMSlesions' PReLU layers: 4-10x slower).
+      keep: None, or a bool (batch, depth', height', width') of the outputs the
+        caller reads (the dense form's candidates): where the C++ kernel runs,
+        only those are computed and the others are 0; elsewhere it is ignored.
       compute_dtype: multiply in this dtype (e.g. bfloat16, whose GEMMs run
         4-8x faster on CPUs with AMX and on GPUs/TPUs) and sum in x's dtype;
         None: x's dtype throughout.
@@ -128,6 +132,8 @@ def conv3d(
                                       and cpu_kernel.supports(x.shape, kernel.shape, x.dtype)):
         # A JAX primitive (conv_primitives.py) whose lowering picks the C++ kernel on CPU, `lax.conv` elsewhere,
         # and whose derivatives and batching are again these primitives: every transformation composes.
+        if keep is not None and padding == "VALID":
+            return kept_outputs.conv3d_where(x, kernel, keep, dilation=dilation)
         return conv_primitives.conv3d(x, kernel, dilation=dilation, gather_taps=gather_taps)
     if implementation == "auto":
         # Chosen when the computation is lowered for a platform, not when it is

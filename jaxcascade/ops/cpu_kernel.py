@@ -39,8 +39,8 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from jaxcascade.ops.kernel_build import (  # noqa: F401  (re-exported: the loader's names callers use)
-    GRADIENT_TARGET, HANDLERS, HEAD_TARGET, KERNEL_ENV, POOL_TARGET, TARGET, TARGETS, _cpu_flags, available,
-    build, kernel_dir, wanted)
+    GRADIENT_TARGET, HANDLERS, HEAD_TARGET, HEAD_WHERE_TARGET, KERNEL_ENV, POOL_TARGET, TARGET, TARGETS,
+    WHERE_TARGET, _cpu_flags, available, build, kernel_dir, wanted)
 
 OUT_CHANNELS = (16, 32, 48, 64)  # output blocks the kernel keeps in registers
 CHUNK_FLOATS, MAX_CHUNKS = 2**17, 256  # the kernel gradient's chunks of cotangent: 512 KB each

@@ -97,15 +97,26 @@ def group_blocks(origins: np.ndarray, tile_size: int) -> list[tuple[tuple[int, i
 
 
 @functools.lru_cache(maxsize=None)
-def make_tile_predictor(graphdef, tile_size: int, halo: int, group: tuple[int, int, int] = (1, 1, 1)) -> Callable:
-    """jitted (variables, padded_volume, origins (B, 3)) -> (B, gz T, gy T, gx T) lesion probability, for
-    groups of gz x gy x gx blocks of T^3 (`group_blocks`)."""
-    box = tuple(count * tile_size + halo for count in group)
+def make_tile_predictor(graphdef, tile_size: int, halo: int, before: int,
+                        group: tuple[int, int, int] = (1, 1, 1)) -> Callable:
+    """jitted (variables, padded_volume, padded_mask, origins (B, 3)) -> (B, gz T, gy T, gx T) lesion
+    probability at the mask's voxels (0.5 elsewhere: logits 0), for groups of gz x gy x gx blocks of T^3
+    (`group_blocks`).
 
-    def predict_tiles(variables, padded_volume, origins):
+    padded_mask is the (D', H', W', 1) bool mask of the voxels to classify, padded like the volume, which
+    starts `before` voxels (patch_size // 2) ahead of voxel 0; the network computes only what they read.
+    """
+    box = tuple(count * tile_size + halo for count in group)
+    out_box = tuple(count * tile_size for count in group)
+
+    def predict_tiles(variables, padded_volume, padded_mask, origins):
         tiles = patches_lib.gather_patches(padded_volume[None], patches_lib.with_subject_index(origins), box)
+        # Output voxel o + (i, j, k) of a block is the patch whose first voxel is padded voxel o + (i, j, k):
+        # the volume's voxel there, whose mask value sits `before` further on in the padded mask.
+        where = patches_lib.gather_patches(padded_mask[None], patches_lib.with_subject_index(origins + before),
+                                           out_box)[..., 0]
         model = nnx.merge(graphdef, variables["params"], variables["batch_stats"])
-        return jax.nn.softmax(model.dense(tiles), axis=-1)[..., 1]
+        return jax.nn.softmax(model.dense(tiles, where=where), axis=-1)[..., 1]
 
     return jax.jit(predict_tiles)
 
@@ -135,12 +146,14 @@ def classify_dense(stage: Stage, volume: np.ndarray, mask: np.ndarray, options: 
     origins = occupied_tiles(mask, origins, tile_size)
     # Reads stay inside the tiles, so the bucket's extra zeros are never seen.
     padded = patches_lib.put_padded(volume, pad)
+    padded_mask = patches_lib.put_padded(np.asarray(mask, bool)[..., None], pad)
     variables = distributed.put_local_replicated(stage.variables)
     blocks, placed = [], []
     for group, starts in group_blocks(origins, tile_size):
-        predict = make_tile_predictor(stage.graphdef, tile_size, halo, group)
-        out = distributed.map_batches(lambda chunk, predict=predict: predict(variables, padded, chunk), starts,
-                                      max(1, options.tiles_per_batch // int(np.prod(group))), progress)
+        predict = make_tile_predictor(stage.graphdef, tile_size, halo, stage.patch_size // 2, group)
+        out = distributed.map_batches(
+            lambda chunk, predict=predict: predict(variables, padded, padded_mask, chunk), starts,
+            max(1, options.tiles_per_batch // int(np.prod(group))), progress)
         for offset in np.ndindex(*group):  # a group's blocks, each at its own origin
             z, y, x = (k * tile_size for k in offset)
             blocks.append(out[:, z : z + tile_size, y : y + tile_size, x : x + tile_size])

@@ -92,7 +92,8 @@ void interior_block(const Geometry& g, const float* x, const float* w, float* y,
 }
 
 template <int NV>
-void output_rows(const Geometry& g, const float* x, const float* w, float* y, int64_t first, int64_t last) {
+void output_rows(const Geometry& g, const float* x, const float* w, float* y, const bool* keep, int64_t first,
+                 int64_t last) {
   constexpr int R = 24 / NV;  // 24 accumulators + NV weight registers of the 32 AVX-512 has
   const int64_t span = (g.k - 1) * g.dilation;
   // Outputs whose taps all fall inside the row: [interior_first, interior_last).
@@ -100,10 +101,22 @@ void output_rows(const Geometry& g, const float* x, const float* w, float* y, in
   const int64_t interior_last = std::max(interior_first, std::min(g.ow, g.w + g.pad - span));
   for (int64_t index = first; index < last; ++index) {
     const int64_t row = index % g.oh, z = (index / g.oh) % g.od, batch = index / (g.oh * g.od);
+    const bool* kept = keep ? keep + index * g.ow : nullptr;  // this row's outputs to compute (all: nullptr)
+    float* out = y + index * g.ow * g.o;
     for (int64_t col = 0; col < g.ow;) {
+      if (kept && !kept[col]) {
+        std::fill(out + col * g.o, out + (col + 1) * g.o, 0.0f);
+        ++col;
+        continue;
+      }
       if (col >= interior_first && col < interior_last) {
-        const int64_t width = std::min<int64_t>(R, interior_last - col);
+        int64_t width = std::min<int64_t>(R, interior_last - col);
+        if (kept)  // the block ends at its last kept output: fewer multiply-adds for the same weight loads
+          while (!kept[col + width - 1]) --width;
         interior_block<NV, R>(g, x, w, y, batch, z, row, col, width);
+        if (kept)
+          for (int64_t c = col; c < col + width; ++c)
+            if (!kept[c]) std::fill(out + c * g.o, out + (c + 1) * g.o, 0.0f);
         col += width;
         continue;
       }
@@ -116,17 +129,19 @@ void output_rows(const Geometry& g, const float* x, const float* w, float* y, in
   }
 }
 
-void run_rows(const Geometry& g, const float* x, const float* w, float* y, int64_t first, int64_t last) {
+void run_rows(const Geometry& g, const float* x, const float* w, float* y, const bool* keep, int64_t first,
+              int64_t last) {
   switch (g.o / 16) {  // the caller checked O is 16, 32, 48 or 64
-    case 1: output_rows<1>(g, x, w, y, first, last); break;
-    case 2: output_rows<2>(g, x, w, y, first, last); break;
-    case 3: output_rows<3>(g, x, w, y, first, last); break;
-    default: output_rows<4>(g, x, w, y, first, last); break;
+    case 1: output_rows<1>(g, x, w, y, keep, first, last); break;
+    case 2: output_rows<2>(g, x, w, y, keep, first, last); break;
+    case 3: output_rows<3>(g, x, w, y, keep, first, last); break;
+    default: output_rows<4>(g, x, w, y, keep, first, last); break;
   }
 }
 
-ffi::Error Conv3dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                      ffi::ResultBuffer<ffi::F32> y, int64_t dilation, int64_t padding) {
+// keep: nullptr, or which outputs to compute (N, D', H', W'); the others are written as zeros.
+ffi::Error Convolve(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w, const bool* keep,
+                    ffi::ResultBuffer<ffi::F32>& y, int64_t dilation, int64_t padding) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 5 || wd.size() != 5 || yd.size() != 5) return ffi::Error::InvalidArgument("rank 5 expected");
   Geometry g{xd[0], xd[1], xd[2], xd[3], xd[4], wd[0], wd[4], dilation, yd[1], yd[2], yd[3], padding};
@@ -139,9 +154,26 @@ ffi::Error Conv3dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
-  run_row_chunks(pool, g.n * g.od * g.oh,
-                 [&g, xp, wp, yp](int64_t first, int64_t last) { run_rows(g, xp, wp, yp, first, last); });
+  run_row_chunks(pool, g.n * g.od * g.oh, [&g, xp, wp, yp, keep](int64_t first, int64_t last) {
+    run_rows(g, xp, wp, yp, keep, first, last);
+  });
   return ffi::Error::Success();
+}
+
+ffi::Error Conv3dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::ResultBuffer<ffi::F32> y, int64_t dilation, int64_t padding) {
+  return Convolve(pool, x, w, nullptr, y, dilation, padding);
+}
+
+// The convolution at the outputs `keep` marks, zeros elsewhere: the dense form computes only what the voxels
+// it classifies read.
+ffi::Error Conv3dWhereImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                           ffi::Buffer<ffi::PRED> keep, ffi::ResultBuffer<ffi::F32> y, int64_t dilation,
+                           int64_t padding) {
+  auto kd = keep.dimensions(), yd = y->dimensions();
+  if (kd.size() != 4 || yd.size() != 5 || kd[0] != yd[0] || kd[1] != yd[1] || kd[2] != yd[2] || kd[3] != yd[3])
+    return ffi::Error::InvalidArgument("conv3d where: the mask's shape is not the output's");
+  return Convolve(pool, x, w, keep.typed_data(), y, dilation, padding);
 }
 
 
@@ -262,6 +294,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcascadeConv3d, jaxcascade::Conv3dImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("dilation")
+                                  .Attr<int64_t>("padding"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcascadeConv3dWhere, jaxcascade::Conv3dWhereImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("dilation")
                                   .Attr<int64_t>("padding"));
