@@ -2,10 +2,11 @@
 
 Run on a machine with an NVIDIA GPU, JAX's CUDA wheels and PyTorch with CUDA:
     python -m benchmarks.gpu [--model jaxcascade-demo/model] [--out DIR]
-One process (the phantom is built once; JAX does not preallocate, so both
-frameworks share the card), every figure after a warm-up and the median of
->= 3 repetitions with min-max; GPU work is timed to completion
-(block_until_ready / torch.cuda.synchronize). Sections:
+JAX runs in this process; every PyTorch figure comes from a baseline process of its own
+(`common.run_baseline`: jaxcascade's malloc settings, flush-to-zero and threads, cuDNN autotuning on),
+which gets the card to itself while it runs and hands its probabilities back through a scratch folder.
+Every figure after a warm-up and the median of >= 3 repetitions with min-max; GPU work is timed to
+completion (block_until_ready / torch.cuda.synchronize). Sections:
   inference  - whole 1 mm brain stage 1 (197x233x189 phantom, same weights, same candidates): the dense
                kernel at several tile sizes (float32, bfloat16), the vectorised patch path, PyTorch
                patch-wise (the seed's method) and PyTorch on the seed's SAME network; probabilities compared
@@ -19,15 +20,18 @@ from __future__ import annotations
 
 import os
 
-# Both frameworks allocate on the same card: JAX must not take 75 % of it up front.
+# The PyTorch baselines run while this process holds its arrays: JAX must not take 75 % of the card up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
+import pickle  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import markdown_table, time_call, write_results  # noqa: E402
+from benchmarks.common import markdown_table, run_baseline, time_call, write_results  # noqa: E402
 
 # (tile_size, tiles_per_batch) of the dense kernel; the CPU default is (12, 8).
 DENSE_TILINGS = ((12, 8), (12, 64), (24, 16), (32, 8), (48, 4))
@@ -39,10 +43,9 @@ def _row(section: str, name: str, timing: dict, **extra) -> dict:
 
 
 def inference_rows(model_dir, repeats: int, log, size: str = "full") -> list[dict]:
-    import torch
+    import jax
 
     from benchmarks.inference import dense_work, load_stages
-    from benchmarks.torch_reference import classify_candidates, from_jax
     from jaxcascade.segmentation import inference
     from jaxcascade.networks import models
     from jaxcascade import phantom
@@ -87,27 +90,18 @@ def inference_rows(model_dir, repeats: int, log, size: str = "full") -> list[dic
     jax_row(f"jax auto (defaults: dense {default_options.tile_size}^3 x {default_options.tiles_per_batch})",
             stage1, default_options)
 
-    device = _torch_device()
-    torch.backends.cudnn.benchmark = True
-    for network, padding, batches in (("valverde2017_valid", "VALID", (256, 4096)), ("valverde2017", "SAME", (4096,))):
-        _, torch_stage1, _ = load_stages(model_dir, network)
-        model = from_jax(torch_stage1.variables, 2, padding, config.model.bn_epsilon).to(device)
-        for batch in batches:
-            timing = time_call(lambda: classify_candidates(model, volume, candidates, batch_size=batch, device=device),
-                               repeats=repeats, keep_result=True)
-            name = f"torch {'patch' if padding == 'VALID' else 'SAME'}, batch {batch}"
-            maps[name] = timing["result"]
-            rows.append(_row("inference", name, timing, voxels_per_s=count / timing["median_s"]))
+    with tempfile.TemporaryDirectory() as scratch:
+        stages = {network: jax.device_get(load_stages(model_dir, network)[1].variables)
+                  for network in ("valverde2017_valid", "valverde2017")}
+        with open(Path(scratch) / "inputs.pkl", "wb") as file:
+            pickle.dump({"volume": volume, "candidates": candidates, "variables": stages,
+                         "bn_epsilon": config.model.bn_epsilon}, file)
+        baseline = run_baseline("benchmarks.gpu:torch_inference", scratch=scratch, repeats=repeats)
+        for name, timing in baseline["timings"].items():
+            maps[name] = np.load(Path(scratch) / f"{baseline['files'][name]}")
+            rows.append(_row("inference", name, timing, voxels_per_s=count / timing["median_s"],
+                             baseline=baseline["baseline"]))
             log(f"{name}: {timing['median_s']:.3f} s")
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    model = from_jax(stage1.variables, 2, "VALID", config.model.bn_epsilon).to(device)
-    name = "torch patch, batch 4096, no TF32"
-    timing = time_call(lambda: classify_candidates(model, volume, candidates, batch_size=4096, device=device),
-                       repeats=repeats, keep_result=True)
-    maps[name] = timing["result"]
-    rows.append(_row("inference", name, timing, voxels_per_s=count / timing["median_s"]))
-    log(f"{name}: {timing['median_s']:.3f} s")
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     # Speed against PyTorch's fastest patch-wise run (its default TF32 convolutions), probabilities against
     # true float32 PyTorch (jaxcascade's float32 is true float32 on every platform; convs.conv3d).
     reference = next(r for r in rows if r["name"] == "torch patch, batch 4096")
@@ -123,6 +117,67 @@ def inference_rows(model_dir, repeats: int, log, size: str = "full") -> list[dic
     return rows
 
 
+def torch_inference(scratch: str, repeats: int) -> dict:
+    """PyTorch's inference rows on the saved volume and candidates; run in a baseline process
+    (common.run_baseline). Probabilities go to scratch as .npy files."""
+    import torch
+
+    from benchmarks.torch_reference import classify_candidates, from_jax
+
+    with open(Path(scratch) / "inputs.pkl", "rb") as file:
+        saved = pickle.load(file)
+    volume, candidates, device = saved["volume"], saved["candidates"], _torch_device()
+    torch.backends.cudnn.benchmark = True
+    timings, files = {}, {}
+
+    def measure(name, model, batch):
+        timing = time_call(lambda: classify_candidates(model, volume, candidates, batch_size=batch, device=device),
+                           repeats=repeats, keep_result=True)
+        files[name] = f"torch-{len(files)}.npy"
+        np.save(Path(scratch) / files[name], timing.pop("result"))
+        timings[name] = timing
+
+    for network, padding, batches in (("valverde2017_valid", "VALID", (256, 4096)), ("valverde2017", "SAME", (4096,))):
+        model = from_jax(saved["variables"][network], 2, padding, saved["bn_epsilon"]).to(device)
+        for batch in batches:
+            measure(f"torch {'patch' if padding == 'VALID' else 'SAME'}, batch {batch}", model, batch)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    model = from_jax(saved["variables"]["valverde2017_valid"], 2, "VALID", saved["bn_epsilon"]).to(device)
+    measure("torch patch, batch 4096, no TF32", model, 4096)
+    return {"timings": timings, "files": files}
+
+
+def torch_train_step(network: str, batch_size: int, repeats: int) -> dict:
+    """PyTorch's training step on the GPU (train_step.torch_step); run in a baseline process."""
+    from benchmarks import train_step
+
+    return train_step.torch_step(network, batch_size, repeats, device=_torch_device())
+
+
+def torch_convs(repeats: int) -> dict:
+    """PyTorch's conv3d (cuDNN, autotuned) on every case of benchmarks/convs.py; run in a baseline process."""
+    import torch
+
+    from benchmarks.convs import CASES, case_arrays
+
+    device = _torch_device()
+    torch.backends.cudnn.benchmark = True
+    timings = {}
+    for index, (name, _, _, dilation) in enumerate(CASES):
+        x, k = case_arrays(index)
+        tx = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1))).to(device)
+        tk = torch.from_numpy(np.ascontiguousarray(k.transpose(4, 3, 0, 1, 2))).to(device)
+
+        def run():
+            with torch.no_grad():
+                torch.nn.functional.conv3d(tx, tk, dilation=dilation)
+            if tx.is_cuda:
+                torch.cuda.synchronize()
+
+        timings[name] = time_call(run, warmup=3, repeats=repeats * 4)
+    return {"timings": timings}
+
+
 def train_step_rows(repeats: int, log) -> list[dict]:
     from benchmarks import train_step
 
@@ -135,10 +190,12 @@ def train_step_rows(repeats: int, log) -> list[dict]:
                              "median_s": timing["median_s"], "min_s": timing["min_s"], "max_s": timing["max_s"],
                              "repeats": repeats, "patches_per_s": batch / timing["median_s"]})
                 log(f"train {network} jax {dtype} batch {batch}: {timing['median_s'] * 1e3:.2f} ms")
-            timing = train_step.torch_step(network, batch, repeats, device=_torch_device())
+            timing = run_baseline("benchmarks.gpu:torch_train_step", network=network, batch_size=batch,
+                                  repeats=repeats)
             rows.append({"section": "train_step", "name": f"{network} torch float32", "batch": batch,
                          "median_s": timing["median_s"], "min_s": timing["min_s"], "max_s": timing["max_s"],
-                         "repeats": repeats, "patches_per_s": batch / timing["median_s"]})
+                         "repeats": repeats, "patches_per_s": batch / timing["median_s"],
+                         "baseline": timing["baseline"]})
             log(f"train {network} torch batch {batch}: {timing['median_s'] * 1e3:.2f} ms")
     for row in rows:
         torch_row = next(r for r in rows if r["name"].split()[0] == row["name"].split()[0]
@@ -150,16 +207,14 @@ def train_step_rows(repeats: int, log) -> list[dict]:
 def conv_rows(repeats: int, log) -> list[dict]:
     import jax
     import jax.numpy as jnp
-    import torch
 
-    from benchmarks.convs import CASES, conv_flops
+    from benchmarks.convs import CASES, case_arrays, conv_flops
     from jaxcascade.ops import convs
 
-    rng = np.random.default_rng(0)
+    baseline = run_baseline("benchmarks.gpu:torch_convs", repeats=repeats)
     rows = []
-    for name, shape, out_channels, dilation in CASES:
-        x = rng.normal(size=shape).astype(np.float32)
-        k = rng.normal(size=(3, 3, 3, shape[-1], out_channels)).astype(np.float32)
+    for index, (name, shape, out_channels, dilation) in enumerate(CASES):
+        x, k = case_arrays(index)
         flops = conv_flops(shape, out_channels, dilation)
         jx, jk = jnp.asarray(x), jnp.asarray(k)
         for dtype in ("float32", "bfloat16"):
@@ -167,20 +222,18 @@ def conv_rows(repeats: int, log) -> list[dict]:
                                                             compute_dtype=None if d == "float32" else d))
             timing = time_call(lambda: fn(jx, jk).block_until_ready(), warmup=3, repeats=repeats * 4)
             rows.append(_row("convs", f"{name} | jax lax.conv {dtype}", timing, tflops=flops / timing["median_s"] / 1e12))
-        tx = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1))).to(_torch_device())
-        tk = torch.from_numpy(np.ascontiguousarray(k.transpose(4, 3, 0, 1, 2))).to(_torch_device())
-
-        def run():
-            with torch.no_grad():
-                torch.nn.functional.conv3d(tx, tk, dilation=dilation)
-            if tx.is_cuda:
-                torch.cuda.synchronize()
-
-        torch.backends.cudnn.benchmark = True
-        timing = time_call(run, warmup=3, repeats=repeats * 4)
-        rows.append(_row("convs", f"{name} | torch conv3d float32", timing, tflops=flops / timing["median_s"] / 1e12))
+        timing = baseline["timings"][name]
+        rows.append(_row("convs", f"{name} | torch conv3d float32", timing, tflops=flops / timing["median_s"] / 1e12,
+                         baseline=baseline["baseline"]))
         log(f"{name}: " + ", ".join(f"{r['name'].split(' | ')[1]} {r['tflops']:.2f} TFLOP/s" for r in rows[-3:]))
     return rows
+
+
+def torch_cuda() -> dict:
+    """Whether PyTorch sees a GPU, and its CUDA version; asked in a baseline process."""
+    import torch
+
+    return {"available": torch.cuda.is_available(), "cuda": torch.version.cuda}
 
 
 def _torch_device():
@@ -200,11 +253,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import jax
-    import torch
 
-    if not args.smoke and (jax.default_backend() != "gpu" or not torch.cuda.is_available()):
+    torch_gpu = run_baseline("benchmarks.gpu:torch_cuda")
+    if not args.smoke and (jax.default_backend() != "gpu" or not torch_gpu["available"]):
         raise SystemExit(f"benchmarks.gpu needs a GPU for both JAX (backend: {jax.default_backend()}) "
-                         f"and PyTorch (cuda available: {torch.cuda.is_available()})")
+                         f"and PyTorch (cuda available: {torch_gpu['available']})")
     started = time.perf_counter()
 
     def log(line):
@@ -217,11 +270,11 @@ def main(argv=None):
     for section in args.sections.split(","):
         try:
             rows += builders[section]()
-        except Exception as error:  # one broken section must not lose the others' figures
+        except (Exception, SystemExit) as error:  # one broken section (or baseline) must not lose the others
             failures[section] = f"{type(error).__name__}: {error}"
             log(f"{section} FAILED: {failures[section]}")
         # Written after every section: a run cut short keeps what it measured.
-        write_results("gpu", {"gpu": jax.devices()[0].device_kind, "smoke": args.smoke, "torch_cuda": torch.version.cuda,
+        write_results("gpu", {"gpu": jax.devices()[0].device_kind, "smoke": args.smoke, "torch_cuda": torch_gpu["cuda"],
                               "model": args.model or "random weights", "failures": failures, "rows": rows}, args.out)
     for section in ("convs", "train_step", "inference"):
         section_rows = [r for r in rows if r["section"] == section]
