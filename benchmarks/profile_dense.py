@@ -82,13 +82,15 @@ def _op_sources(stage, shape, options) -> dict[str, str]:
     pad, _ = dense.tile_geometry(shape[:3], options.tile_size, stage.dense_halo, stage.patch_size)
     widths = patches.bucketed_widths(shape, pad)
     padded = jax.ShapeDtypeStruct(tuple(s + a + b for s, (a, b) in zip(shape, widths)), np.float32)
+    padded_mask = jax.ShapeDtypeStruct((*padded.shape[:3], 1), np.bool_)
     sources = {}
     # The largest groups do most of the work; their ops name first where the modules share names.
     for group in ((2, 2, 2), (1, 1, 2), (1, 1, 1)):
         per_call = max(1, options.tiles_per_batch // int(np.prod(group)))
         origins = jax.ShapeDtypeStruct((distributed.round_up_to_devices(per_call), 3), np.int32)
-        predict = dense.make_tile_predictor(stage.graphdef, options.tile_size, stage.dense_halo, group)
-        text = predict.lower(stage.variables, padded, origins).compile().as_text()
+        predict = dense.make_tile_predictor(stage.graphdef, options.tile_size, stage.dense_halo,
+                                            stage.patch_size // 2, group)
+        text = predict.lower(stage.variables, padded, padded_mask, origins).compile().as_text()
         for line in text.splitlines():
             found = re.search(r'%([\w.-]+) = (\S+) .*?op_name="([^"]+)"', line)
             if not found:
