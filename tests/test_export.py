@@ -63,7 +63,7 @@ def test_inference_kernels_export_for_cuda_and_tpu_in_one_module(network):
     patch_args = (_abstract(variables), jax.ShapeDtypeStruct((60, 60, 60, 2), np.float32),
                   jax.ShapeDtypeStruct((256, 3), np.int32))
     assert cpu_kernel.available(), "the CPU kernel did not build here (a C++ compiler is needed)"
-    # On CPU both 3^3 convolutions run in the C++ kernel (conv2 only where the mask's voxels read it); the
+    # On CPU both 3^3 convolutions run in the C++ kernel (only where the mask's voxels read them); the
     # dense form's two pools and its head (dense1, ReLU, output layer; at the mask's voxels) too. Off CPU the
     # head is its two matrix products (kept_outputs.dense_head_where_p).
     for function, args, convolutions, kernel_calls in ((tiles, tile_args, 2, 5), (patches, patch_args, 2, 2)):

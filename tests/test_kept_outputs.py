@@ -84,7 +84,7 @@ def network():
 @settings(max_examples=30, deadline=None)
 @given(where=arrays(np.bool_, (2, 4, 4, 4)))
 def test_the_dense_form_at_its_candidates_skips_nothing_they_read(network, where):
-    # The class of mistakes: conv2 outputs that pool2 reads for a kept voxel left out of read_by_pool.
+    # The class of mistakes: an output of conv1 or conv2 that a kept voxel reads left out (read_by_window).
     variables, tiles, dense, full = network
     got = np.asarray(dense(variables, tiles, where))
     np.testing.assert_array_equal(got, np.where(where[..., None], full, 0))

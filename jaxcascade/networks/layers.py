@@ -11,6 +11,7 @@ sequence of `Window`s gets its dense halo and per-layer dilations from
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -117,15 +118,21 @@ def fused_dense_head(x, w1, b1, w2, b2, keep=None):
     return cpu_kernel.dense_head(x, w1, b1, w2, b2)
 
 
-def read_by_pool(keep, dilation: int):
-    """The inputs a dense 2^3 max-pool (taps `dilation` apart) reads for the outputs `keep` marks.
+def read_by_window(keep, size: int, dilation: int):
+    """The inputs a dense layer with `size` taps per axis, `dilation` apart, reads for the outputs `keep` marks.
 
-    keep: bool (N, D, H, W) -> bool (N, D + dilation, H + dilation, W + dilation): position p is read
-    when some kept output sits at p or at p - dilation along each axis.
+    keep: bool (N, D, H, W) -> bool (N, D + s, H + s, W + s), s = (size - 1) * dilation: position p is
+    read when a kept output sits at p - t * dilation along each axis for some taps t. One axis at a time,
+    as ORs of shifted slices, which XLA fuses (a boolean reduce_window cost as much as the masks saved).
     """
-    widths = ((0, 0),) + ((dilation, dilation),) * 3 + ((0, 0),)
-    padded = jnp.pad(keep.astype(jnp.float32)[..., None], widths)
-    return cpu_kernel.max_pool_reference(padded, dilation)[..., 0] > 0
+    span = (size - 1) * dilation
+    for axis in (1, 2, 3):
+        widths = [(0, 0)] * 4
+        widths[axis] = (span, span)
+        padded, length = jnp.pad(keep, widths), keep.shape[axis] + span
+        keep = functools.reduce(jnp.logical_or, [jax.lax.slice_in_dim(padded, tap * dilation, tap * dilation + length,
+                                                                      axis=axis) for tap in range(size)])
+    return keep
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ from flax import nnx
 from jaxcascade.networks import nicms
 from jaxcascade.errors import UserError
 from jaxcascade.networks.layers import (COMPUTE_DTYPES, FLOAT32, Conv3D, Window, dense_max_pool, dilations,
-                                       fused_dense_head, glorot, max_pool_2x2x2, read_by_pool, receptive_halo)
+                                       fused_dense_head, glorot, max_pool_2x2x2, read_by_window, receptive_halo)
 
 
 class Valverde2017(nnx.Module):
@@ -101,16 +101,21 @@ class Valverde2017(nnx.Module):
 
         where: None, or a bool (B, T, T, T) of the positions to classify: logits
         there as without it, 0 elsewhere. Where jaxcascade's CPU kernels run,
-        conv2 and the head then compute only what those positions read.
+        both convolutions and the head then compute only what those positions read.
         """
         if self.dense_halo is None:
             raise ValueError("dense evaluation is exact only for VALID padding")
         conv1, pool1, conv2, pool2, flat = dilations(self.windows)  # 1, 1, 2, 2, 4
-        x = jax.nn.relu(self.bn1(self.conv1(tiles, dilation=conv1), use_running_average=True))
+        # The outputs of conv2 and conv1 that the kept positions read, layer by layer back from the head (one
+        # tap when size == 1): conv2's through pool2, conv1's through pool1 and conv2's taps.
+        keep2 = keep1 = None
+        if where is not None and self.pooled_size == 1:
+            _, pool1_window, conv2_window, pool2_window, _ = self.windows
+            keep2 = read_by_window(where, pool2_window.size, pool2)
+            keep1 = read_by_window(read_by_window(keep2, conv2_window.size, conv2), pool1_window.size, pool1)
+        x = jax.nn.relu(self.bn1(self.conv1(tiles, dilation=conv1, keep=keep1), use_running_average=True))
         x = dense_max_pool(x, pool1)
-        # conv2's outputs that pool2 reads for the kept positions (the head has one tap when size == 1).
-        read = None if where is None or self.pooled_size != 1 else read_by_pool(where, pool2)
-        x = jax.nn.relu(self.bn2(self.conv2(x, dilation=conv2, gather_taps=True, keep=read), use_running_average=True))
+        x = jax.nn.relu(self.bn2(self.conv2(x, dilation=conv2, gather_taps=True, keep=keep2), use_running_average=True))
         x = dense_max_pool(x, pool2)
         size = self.pooled_size
         # The patch network flattens (size, size, size, 64) in C order: dense1 is
