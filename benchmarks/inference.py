@@ -58,10 +58,13 @@ def load_stages(model_dir, network: str):
 
 
 def dense_work(stage, candidates, options, seconds: float) -> dict:
-    """Blocks the dense kernel evaluates and its useful GFLOP/s: every block voxel once through the network.
+    """Blocks the dense kernel evaluates, and the rate of a pass of every block voxel through the network.
 
     A voxel's output costs one multiply-add per weight of the dense form (each kernel is applied once
-    per output position), so the useful work is 2 x block voxels x kernel weights.
+    per output position), so a pass over the blocks is 2 x block voxels x kernel weights (`useful_tflop`,
+    the table's "block GFLOP/s" divided by the time). The kernels compute only the outputs the candidates
+    read (kept_outputs.py), so on CPU the rate can exceed the machine's FMA peak: it measures speed, not
+    arithmetic done.
     """
     import jax
 

@@ -90,7 +90,7 @@ def render_inference(payload: dict) -> str:
                      r["stage1_minor_faults"], r["stage1_system_s"], r.get("useful_gflops_per_s")])
     return _table(["method", "stage 1 (s), median (min-max)", "voxels/s", "cascade (s)", "peak RSS (MB)",
                    "stage 1 vs torch", "vs torch SAME", "max abs diff vs torch", "page faults / run",
-                   "system (s) / run", "useful GFLOP/s"], rows)
+                   "system (s) / run", "block GFLOP/s"], rows)
 
 
 def render_train_step(payload: dict) -> str:
@@ -172,7 +172,7 @@ def render_gpu_inference(payload: dict) -> str:
              r["vs_torch_same"], r.get("max_abs_diff_vs_float32_torch"), r.get("useful_gflops_per_s")]
             for r in _gpu_rows(payload, "inference")]
     return _table(["method", "stage 1 (s), median (min-max)", "voxels/s", "vs torch patch, batch 4096",
-                   "vs torch SAME", "max abs diff vs float32 torch", "useful GFLOP/s"], rows)
+                   "vs torch SAME", "max abs diff vs float32 torch", "block GFLOP/s"], rows)
 
 
 def render_gpu_train_step(payload: dict) -> str:

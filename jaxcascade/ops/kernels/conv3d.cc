@@ -12,6 +12,11 @@
 // Layouts: x (N, D, H, W, C), w (K, K, K, C, O), y (N, D', H', W', O), all
 // float32 and C-contiguous; VALID padding, `dilation` between taps; O must be
 // 16, 32, 48 or 64 (the Python side checks).
+//
+// JaxcascadeConv3dWhere also takes keep (N, D', H', W') and computes only the
+// outputs it marks (zeros elsewhere; ops/kept_outputs.py): a block of R outputs
+// starts at a kept output and ends at the last kept one within it, so the
+// dense form's sparse candidates cost about the outputs they read.
 
 #include <algorithm>
 #include <cstdint>

@@ -9,6 +9,8 @@
 //
 // Layouts: x (M, C), w1 (C, H), b1 (H), w2t (O, H) (the output layer transposed), b2 (O), logits (M, O);
 // float32, C-contiguous; H a multiple of 64 and O at most 4 (the Python side checks).
+// JaxcascadeDenseHeadWhere also takes keep (M) and computes only the voxels it marks, R at a time
+// (logits 0 elsewhere; ops/kept_outputs.py).
 
 #include <algorithm>
 #include <cstdint>
