@@ -81,11 +81,17 @@ def _conv_batch(args, dims, **params):
     return out.reshape(size, -1, *out.shape[1:]), 0
 
 
-conv3d_where_p = Primitive("jaxcascade_conv3d_where")
-conv3d_where_p.def_abstract_eval(_conv_aval)
-_register(conv3d_where_p, _conv_on_cpu, _conv_reference)
-ad.primitive_jvps[conv3d_where_p] = _conv_jvp
-batching.primitive_batchers[conv3d_where_p] = _conv_batch
+def _primitive(name: str, aval, on_cpu, reference, jvp, batch) -> Primitive:
+    primitive = Primitive(name)
+    primitive.def_abstract_eval(aval)
+    _register(primitive, on_cpu, reference)
+    ad.primitive_jvps[primitive] = jvp
+    batching.primitive_batchers[primitive] = batch
+    return primitive
+
+
+conv3d_where_p = _primitive("jaxcascade_conv3d_where", _conv_aval, _conv_on_cpu, _conv_reference, _conv_jvp,
+                            _conv_batch)
 
 
 def conv3d_where(x: jax.Array, kernel: jax.Array, keep: jax.Array, *, dilation: int = 1,
@@ -137,11 +143,8 @@ def _head_batch(args, dims):
     return out.reshape(size, -1, *out.shape[1:]), 0
 
 
-dense_head_where_p = Primitive("jaxcascade_dense_head_where")
-dense_head_where_p.def_abstract_eval(_head_aval)
-_register(dense_head_where_p, _head_on_cpu, _head_reference)
-ad.primitive_jvps[dense_head_where_p] = _head_jvp
-batching.primitive_batchers[dense_head_where_p] = _head_batch
+dense_head_where_p = _primitive("jaxcascade_dense_head_where", _head_aval, _head_on_cpu, _head_reference, _head_jvp,
+                                _head_batch)
 
 
 def dense_head_where(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array,
