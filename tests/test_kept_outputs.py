@@ -148,3 +148,11 @@ def test_masked_primitives_differentiate_and_vmap_like_their_reference():
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
     vmapped = jax.vmap(kept_outputs.dense_head_where, (1, None, None, None, None, 1), 1)(rows, *weights, kept)
     np.testing.assert_allclose(vmapped, head_reference(rows, *weights, kept), rtol=1e-5, atol=1e-5)
+    # vmap down to single rows (x of shape (64,), keep a scalar), and over masks alone with one shared row.
+    one_row = jax.vmap(jax.vmap(kept_outputs.dense_head_where, (0, None, None, None, None, 0)),
+                       (0, None, None, None, None, 0))(rows, *weights, kept)
+    np.testing.assert_allclose(one_row, head_reference(rows, *weights, kept), rtol=1e-5, atol=1e-5)
+    masks_only = jax.vmap(kept_outputs.dense_head_where, (None, None, None, None, None, 0))(rows[0, 0], *weights,
+                                                                                              kept[:, 0])
+    np.testing.assert_allclose(masks_only, head_reference(jnp.broadcast_to(rows[0, 0], (5, 64)), *weights,
+                                                          kept[:, 0]), rtol=1e-5, atol=1e-5)

@@ -135,12 +135,11 @@ def _head_batch(args, dims):
     (x, *weights, keep), (x_dim, *weight_dims, keep_dim) = args, dims
     if any(dim is not NOT_MAPPED for dim in weight_dims):  # vmapped weights: one call per example
         return _map(dense_head_where_p.bind, args, dims)
-    # Any leading axes are rows: the vmapped one joins them.
-    if x_dim == x.ndim - 1:
-        x, x_dim = jnp.moveaxis(x, x_dim, 0), 0
-    (x, keep), size = _folded((x, keep), (x_dim, keep_dim))
-    out = dense_head_where_p.bind(x, *weights, keep)
-    return out.reshape(size, -1, *out.shape[1:]), 0
+    # Every leading axis is a row, so the vmapped one becomes the first row axis (x may be one row: no folding).
+    size = x.shape[x_dim] if x_dim is not NOT_MAPPED else keep.shape[keep_dim]
+    x, keep = (jnp.broadcast_to(operand, (size, *operand.shape)) if dim is NOT_MAPPED else _moved(operand, dim, 0)
+               for operand, dim in ((x, x_dim), (keep, keep_dim)))
+    return dense_head_where_p.bind(x, *weights, keep), 0
 
 
 dense_head_where_p = _primitive("jaxcascade_dense_head_where", _head_aval, _head_on_cpu, _head_reference, _head_jvp,
