@@ -28,16 +28,17 @@ from jaxcascade.ops import conv_primitives, cpu_kernel
 from jaxcascade.ops.cpu_kernel import HEAD_WHERE_TARGET, NOT_MAPPED, WHERE_TARGET, _map, _moved, _register
 
 
-def _folded(operands, dims):
-    """The operands with the vmapped axis merged into their leading axis (broadcast where unmapped), and its
-    size."""
+def _leading(operands, dims):
+    """The operands with the vmapped axis first (broadcast where unmapped), and its size."""
     size = next(operand.shape[dim] for operand, dim in zip(operands, dims) if dim is not NOT_MAPPED)
-    folded = []
-    for operand, dim in zip(operands, dims):
-        operand = (jnp.broadcast_to(operand, (size, *operand.shape)) if dim is NOT_MAPPED
-                   else _moved(operand, dim, 0))
-        folded.append(operand.reshape(-1, *operand.shape[2:]))
-    return folded, size
+    return [jnp.broadcast_to(operand, (size, *operand.shape)) if dim is NOT_MAPPED else _moved(operand, dim, 0)
+            for operand, dim in zip(operands, dims)], size
+
+
+def _folded(operands, dims):
+    """The operands with the vmapped axis merged into their leading axis, and its size."""
+    leading, size = _leading(operands, dims)
+    return [operand.reshape(-1, *operand.shape[2:]) for operand in leading], size
 
 
 # --- the convolution -----------------------------------------------------------------------------------------
@@ -136,9 +137,7 @@ def _head_batch(args, dims):
     if any(dim is not NOT_MAPPED for dim in weight_dims):  # vmapped weights: one call per example
         return _map(dense_head_where_p.bind, args, dims)
     # Every leading axis is a row, so the vmapped one becomes the first row axis (x may be one row: no folding).
-    size = x.shape[x_dim] if x_dim is not NOT_MAPPED else keep.shape[keep_dim]
-    x, keep = (jnp.broadcast_to(operand, (size, *operand.shape)) if dim is NOT_MAPPED else _moved(operand, dim, 0)
-               for operand, dim in ((x, x_dim), (keep, keep_dim)))
+    (x, keep), _ = _leading((x, keep), (x_dim, keep_dim))
     return dense_head_where_p.bind(x, *weights, keep), 0
 
 
