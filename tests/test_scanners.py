@@ -255,12 +255,12 @@ def test_slice_profile_adds_the_slab_variance_along_the_last_axis():
     impulse = np.zeros((9, 9, 41), np.float32)
     impulse[4, 4, 20] = 1.0
     voxel = 1.0
-    blurred = phantom_core._slice_profile(impulse, 5.0, voxel)
+    blurred = phantom_core.slice_profile(impulse, 5.0, voxel)
     np.testing.assert_array_equal(blurred[:, :, 20] > 0, impulse[:, :, 20] > 0)  # nothing in-plane
     position = np.arange(41) - 20.0
     variance = (blurred[4, 4] * position**2).sum() / blurred[4, 4].sum()
     np.testing.assert_allclose(variance, (5.0**2 - voxel**2) / 12.0, rtol=0.02)
-    assert phantom_core._slice_profile(impulse, 3.0, 4.0) is impulse  # slices thinner than voxels
+    assert phantom_core.slice_profile(impulse, 3.0, 4.0) is impulse  # slices thinner than voxels
 
 
 def test_acquire_draws_noise_and_bias_from_the_scanner_ranges():

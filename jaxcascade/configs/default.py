@@ -23,6 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.modalities = ("T1", "FLAIR")  # channel order of the network input
     config.data.flair = "FLAIR"  # the modality that selects candidates
     config.data.lesion = "lesion"
+    # Partial annotation: where a subject folder also holds <labelled><suffix> (a 0/1 mask), only its
+    # voxels were labelled, and both stages sample their training voxels there alone. A rater can then
+    # outline the lesions of one hemisphere or a few slabs of a new scanner's subject and train on them.
+    config.data.labelled = "labelled"
     config.data.suffix = ".nii.gz"
     # A BIDS dataset instead (it has dataset_description.json): each session with a derivatives
     # *_label-lesion_mask is a training subject; modalities map to suffixes T1w, FLAIR, T2w, PDw unless

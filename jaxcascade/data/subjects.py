@@ -33,6 +33,11 @@ class Subject:
     number: int = 0  # position among all training subjects (seeds its sampling)
     shard: int = 0  # its data shard
     voxel_size_mm: tuple = ()  # of its FLAIR file
+    labelled: np.ndarray | None = None  # bool (D, H, W): where the lesion mask holds; None: everywhere
+
+    def sampling_region(self, mask: np.ndarray) -> np.ndarray:
+        """`mask` limited to the voxels whose label is known (all of it without a labelled region)."""
+        return mask if self.labelled is None else mask & self.labelled
 
     @property
     def flair(self) -> np.ndarray:
@@ -91,6 +96,18 @@ def training_files(data_dir, data_config, participants=None) -> list[tuple[str, 
             for folder in folders]
 
 
+def _labelled_region(lesion_file: Path, data_config, reference) -> np.ndarray | None:
+    """The subject's labelled-region mask beside its lesion mask, if it has one (folder layout only)."""
+    name = data_config.get("labelled", "")
+    path = Path(lesion_file).with_name(f"{name}{data_config.suffix}") if name else None
+    if path is None or not path.exists() or path == Path(lesion_file):
+        return None
+    region = nifti.load_lesion_mask(path, reference)
+    if not region.any():
+        raise UserError(f"{path}: the labelled region is empty; remove the file to use the whole image")
+    return region
+
+
 def load_training_subjects(data_dir, config, num_shards: int = 1, participants=None) -> list[Subject]:
     """This process's training subjects: those of its data shards (every subject with one shard).
 
@@ -118,16 +135,17 @@ def load_training_subjects(data_dir, config, num_shards: int = 1, participants=N
             images = nifti.load_sequences(inputs, modalities, name,
                                           orientation=config.data.orientation, reference=config.data.flair)
             lesion = nifti.load_lesion_mask(lesion_file, images[channel])
+            labelled = _labelled_region(lesion_file, config.data, images[channel])
             volume = normalise_channels([image.data for image in images], config.normalisation,
                                         bias_correction=config.bias_correction)
             zooms = tuple(float(z) for z in images[channel].nifti.header.get_zooms()[:3])
-            subjects.append(Subject(name, volume, lesion, channel, number, shard_of[number], zooms))
+            subjects.append(Subject(name, volume, lesion, channel, number, shard_of[number], zooms, labelled))
         return subjects
 
     subjects = distributed.agree(load, "loading its training subjects")
     lesion_voxels = np.zeros(num_shards, np.int64)
     for subject in subjects:
-        lesion_voxels[subject.shard] += int(subject.lesion.sum())
+        lesion_voxels[subject.shard] += int(subject.sampling_region(subject.lesion).sum())
     lesion_voxels = distributed.allgather(lesion_voxels).sum(axis=0)
     if not lesion_voxels.any():
         raise UserError(f"{data_dir}: no lesion voxels in any subject's lesion mask; nothing to learn from")

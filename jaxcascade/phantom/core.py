@@ -263,7 +263,7 @@ def acquire(rng, clean, head, voxel, scanner: scanners.Scanner = scanners.DEFAUL
     # Blur by half a voxel: border voxels mix the tissues they straddle.
     image = ndimage.gaussian_filter(clean, 0.5)
     if slice_mm is not None:
-        image = _slice_profile(image, slice_mm, voxel)
+        image = slice_profile(image, slice_mm, voxel)
     bias = smooth_field(rng, clean.shape, voxel, 70.0)
     low, high = bias[head].min(), bias[head].max()
     peak_to_peak = rng.uniform(*scanner.bias_peak_to_peak)
@@ -276,7 +276,7 @@ def acquire(rng, clean, head, voxel, scanner: scanners.Scanner = scanners.DEFAUL
     return image.astype(np.float32)
 
 
-def _slice_profile(image, slice_mm, voxel):
+def slice_profile(image, slice_mm, voxel):
     """`image` as if acquired in `slice_mm`-thick slices along its last axis, on the same grid.
 
     A slice averages a slab `slice_mm` thick; a voxel already averages one

@@ -84,7 +84,7 @@ def template(size: str) -> dict:
     wm = np.clip(maps["wm"], 0.0, 1.0) * brain
     csf = np.clip(1.0 - gm - wm, 0.0, 1.0) * brain
     voxel = float(abs(affine[0, 0]))
-    _, ventricles = _labels({"gm": gm, "wm": wm, "csf": csf}, brain, voxel)
+    _, ventricles = tissue_labels({"gm": gm, "wm": wm, "csf": csf}, brain, voxel)
     return {"gm": gm, "wm": wm, "csf": csf, "brain": brain.astype(np.float32), "affine": affine,
             "ventricle_centre": np.array(ndimage.center_of_mass(ventricles), np.float32)}
 
@@ -113,11 +113,11 @@ def make_subject(seed: int, size: str = "small", contrasts=("T1", "FLAIR"),
     base = template(size)
     voxel = float(abs(base["affine"][0, 0]))
     rng = np.random.default_rng(seed)
-    fractions = _deform(rng, base, voxel)
+    fractions = deform(rng, base, voxel)
     head = fractions["brain"] > 0.5
     for name in ("gm", "wm", "csf"):
         fractions[name] *= head
-    label, ventricles = _labels(fractions, head, voxel)
+    label, ventricles = tissue_labels(fractions, head, voxel)
     # Distances to the ventricles count from the edge of their partial-volume
     # band, which is labelled GM or CSF and would otherwise push lesions away.
     near_ventricles = ndimage.binary_dilation(ventricles, iterations=_PV_BAND_VOXELS) & (label != WM)
@@ -143,7 +143,7 @@ def make_subject(seed: int, size: str = "small", contrasts=("T1", "FLAIR"),
     return subject
 
 
-def _deform(rng, base: dict, voxel: float) -> dict:
+def deform(rng, base: dict, voxel: float) -> dict:
     """Tissue maps resampled through one subject's random spatial transform.
 
     Output voxel x samples the template at c + A (x - c) + warp(x) - atrophy(x):
@@ -168,7 +168,7 @@ def _deform(rng, base: dict, voxel: float) -> dict:
             for name in ("gm", "wm", "csf", "brain")}
 
 
-def _labels(fractions: dict, head: np.ndarray, voxel: float) -> tuple[np.ndarray, np.ndarray]:
+def tissue_labels(fractions: dict, head: np.ndarray, voxel: float) -> tuple[np.ndarray, np.ndarray]:
     """phantom_core tissue labels of the dominant tissue, and the ventricle mask."""
     stacked = np.stack([fractions["csf"], fractions["gm"], fractions["wm"]])
     label = np.array([CSF, GM, WM], np.uint8)[np.argmax(stacked, axis=0)]

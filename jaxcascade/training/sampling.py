@@ -1,6 +1,7 @@
 """Which voxels each stage trains on: the seed's balanced sampling and CNN2's hard negatives.
 
 CNN1 trains on every lesion voxel plus as many random non-lesion candidates;
+where a subject's labelled region is given, both stages draw inside it only;
 CNN2 on every lesion voxel plus as many of CNN1's hard negatives (non-lesion
 voxels CNN1 scores above config.sampling.hard_negative_probability). Each
 subject's draw comes from its own random stream (`seeding`), so it does not
@@ -24,7 +25,7 @@ def stage1_training_centres(subjects, config) -> tuple[list[np.ndarray], list[np
     for subject in subjects:
         candidates = candidate_mask(subject.flair, config.candidates.min_th)
         rng = seeding.stream(config.seed, "sampling", stage=1, subject=subject.number)
-        c, l = stage1_centres(subject.lesion, candidates, rng)
+        c, l = stage1_centres(subject.sampling_region(subject.lesion), subject.sampling_region(candidates), rng)
         centres.append(c)
         labels.append(l)
     return centres, labels
@@ -45,7 +46,7 @@ def stage2_training_centres(subjects, stage1_probability: Callable, config) -> t
             fallback_flair=config.sampling.hard_negative_fallback_flair,
         )
         rng = seeding.stream(config.seed, "sampling", stage=2, subject=subject.number)
-        c, l = stage2_centres(subject.lesion, hard, rng)
+        c, l = stage2_centres(subject.sampling_region(subject.lesion), subject.sampling_region(hard), rng)
         centres.append(c)
         labels.append(l)
     return centres, labels
