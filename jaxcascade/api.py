@@ -21,7 +21,7 @@ import numpy as np
 from jaxcascade import config as config_lib
 from jaxcascade.segmentation import files, study
 from jaxcascade.evaluation import metrics
-from jaxcascade.storage import model_dir as model_dir_lib
+from jaxcascade.storage import model_dir as model_dir_lib, shipped
 from jaxcascade.data import nifti
 from jaxcascade.training import pipeline
 from jaxcascade.segmentation.cascade import Cascade, Segmentation
@@ -33,14 +33,20 @@ _LOG = logging.getLogger(__name__)
 PathLike = str | os.PathLike
 
 
-def load_model(model_dir: PathLike, *, compute_dtype: str | None = None) -> Cascade:
+def load_model(model_dir: PathLike = shipped.DEFAULT_MODEL, *, compute_dtype: str | None = None) -> Cascade:
     """A trained (or imported) model directory as a `Cascade` (both stages and the model's config).
 
     Args:
-        model_dir: a `jaxcascade train` workdir or a `jaxcascade import-keras` output.
+        model_dir: a `jaxcascade train` workdir, a `jaxcascade import-keras` output, or the name of a
+            model that ships with jaxcascade (`shipped_models()`); the shipped 'default' if left out.
         compute_dtype: 'float32' or 'bfloat16' for the convolutions' products; the model's own by default.
     """
-    return Cascade.load(model_dir, compute_dtype=compute_dtype)
+    return Cascade.load(shipped.locate(model_dir), compute_dtype=compute_dtype)
+
+
+def shipped_models() -> dict[str, dict]:
+    """The models inside the package, each with its card: training data, licence, measured accuracy."""
+    return {name: shipped.card(name) for name in shipped.names()}
 
 
 def train(data_dir: PathLike, workdir: PathLike, *, config: str | object = "default", overrides: Sequence[str] = (),
@@ -54,7 +60,8 @@ def train(data_dir: PathLike, workdir: PathLike, *, config: str | object = "defa
         config: a packaged config name ('default', 'demo', 'robust'), a file with `get_config()`, or a
             `ml_collections.ConfigDict`. Ignored with init_from (the model's own config is used).
         overrides: `--config.a.b=value` strings, type-checked like the command line's.
-        init_from: a model directory to fine-tune instead of training from scratch.
+        init_from: a model directory (or a shipped model's name, e.g. 'default') to fine-tune instead of
+            training from scratch.
         participants: train on these participants only (BIDS labels, `01` or `sub-01`; folder names).
         log: called with one line per event (epochs, resumes).
         progress: wraps iterables for a progress bar (e.g. `tqdm.auto.tqdm`); None shows none.
@@ -63,7 +70,7 @@ def train(data_dir: PathLike, workdir: PathLike, *, config: str | object = "defa
         The trained cascade, loaded from workdir.
     """
     if init_from is not None:
-        settings = model_dir_lib.fine_tuning_config(init_from, list(overrides))
+        settings = model_dir_lib.fine_tuning_config(shipped.locate(init_from), list(overrides))
     else:
         base = config_lib.load_config(config) if isinstance(config, str) else config
         settings = config_lib.apply_overrides(base, list(overrides))
@@ -71,7 +78,7 @@ def train(data_dir: PathLike, workdir: PathLike, *, config: str | object = "defa
     return load_model(workdir)
 
 
-def segment(model: Cascade | PathLike, inputs: Mapping[str, PathLike | nib.Nifti1Image], *,
+def segment(model: Cascade | PathLike | None, inputs: Mapping[str, PathLike | nib.Nifti1Image], *,
             out: PathLike | None = None, probabilities: PathLike | None = None, brain_mask: PathLike | None = None,
             threshold: float | None = None, min_lesion_voxels: int | None = None,
             min_lesion_volume_mm3: float | None = None, method: str | None = None, tta: bool | None = None,
@@ -84,7 +91,8 @@ def segment(model: Cascade | PathLike, inputs: Mapping[str, PathLike | nib.Nifti
     own voxel grid.
 
     Args:
-        model: a `Cascade` (from `load_model` or `train`) or a model directory.
+        model: a `Cascade` (from `load_model` or `train`), a model directory, a shipped model's name, or
+            None for the shipped 'default' model.
         inputs: exactly the model's modalities, e.g. `{"T1": "t1.nii.gz", "FLAIR": "flair.nii.gz"}`.
         out: where to write the mask (.nii.gz or .nii, with the FLAIR's header); None writes nothing.
         probabilities: a folder for both stages' probability maps (stage1.nii.gz, stage2.nii.gz).
@@ -100,6 +108,8 @@ def segment(model: Cascade | PathLike, inputs: Mapping[str, PathLike | nib.Nifti
         A `Segmentation`: `mask`, `stage1_probability`, `stage2_probability` (on the FLAIR's grid, in
         the model's processing orientation) and the candidate counts.
     """
+    if not isinstance(model, Cascade):
+        model = shipped.locate(model)
     with tempfile.TemporaryDirectory(prefix="jaxcascade-inputs-") as folder:
         paths = {}
         for name, value in inputs.items():
@@ -117,12 +127,12 @@ def segment(model: Cascade | PathLike, inputs: Mapping[str, PathLike | nib.Nifti
             progress=progress, warn=warn)
 
 
-def segment_study(model: PathLike, data_dir: PathLike, out_dir: PathLike, *, probabilities: bool = False,
+def segment_study(model: PathLike | None, data_dir: PathLike, out_dir: PathLike, *, probabilities: bool = False,
                   overwrite: bool = False, **options) -> list[dict]:
     """Segment every subject (or BIDS session) of data_dir into out_dir, the model compiled once.
 
     Args:
-        model: a model directory.
+        model: a model directory, a shipped model's name, or None for the shipped 'default'.
         data_dir: one folder per subject, or a BIDS dataset.
         out_dir: per-subject masks, QC pictures and reports, `lesions.csv` and `lesion_table.csv`
             (a BIDS derivatives dataset when data_dir is BIDS). Rerunning skips finished subjects.
@@ -135,7 +145,7 @@ def segment_study(model: PathLike, data_dir: PathLike, out_dir: PathLike, *, pro
         One row per subject (the rows of `lesions.csv`): status, lesion count and volume, and the
         scores where a lesion mask exists.
     """
-    return study.segment_study(model, data_dir, out_dir, probabilities=probabilities, overwrite=overwrite, **options)
+    return study.segment_study(shipped.locate(model), data_dir, out_dir, probabilities=probabilities, overwrite=overwrite, **options)
 
 
 def evaluate(prediction: PathLike | np.ndarray, truth: PathLike | np.ndarray, *,

@@ -107,11 +107,16 @@ def cmd_phantom(args, _overrides) -> None:
     if args.subjects < 1 or args.sessions < 1:
         raise UserError(f"--subjects {args.subjects} --sessions {args.sessions}: need at least one of each")
     outputs.check_output_path(args.out, is_dir=True)
-    generator = phantom
+    generator, options = phantom, {"scanner": args.scanner}
     if args.kind == "mni":
         from jaxcascade.phantom import mni as generator
+    elif args.kind == "synth":
+        from jaxcascade.phantom import synth as generator
+        if args.scanner != scanners.DEFAULT.name:
+            raise UserError(f"--kind synth draws its own acquisition for every subject; drop --scanner {args.scanner}")
+        options, args.scanner = {}, "randomised"
     names = generator.write_cohort(args.out, args.subjects, args.seed, args.size, layout=args.layout,
-                                   sessions=args.sessions, scanner=args.scanner)
+                                   sessions=args.sessions, **options)
     layout = f" as a BIDS dataset ({args.sessions} session{'s' if args.sessions > 1 else ''} each)" \
         if args.layout == "bids" else ""
     _log(f"wrote {len(names)} {args.size} {args.kind} phantom subjects (scanner {args.scanner}) to "
@@ -124,8 +129,10 @@ def cmd_train(args, overrides) -> None:
     from jaxcascade.training.history import read_history
 
     if args.init_from and args.config:
-        raise UserError("--init-from starts from the model's own config; give --config.KEY=VALUE overrides, "
-                        "not --config FILE")
+        from jaxcascade import config as config_lib
+
+        # A recipe's overrides first, so that the user's own overrides win.
+        overrides = [*config_lib.load_fine_tuning_recipe(args.config), *overrides]
     api.train(args.data, args.workdir, config=args.config or "default", overrides=overrides,
               init_from=args.init_from, participants=participant_labels(args.participant_label), log=_log,
               progress=_progress)
@@ -194,6 +201,25 @@ def _segment_study(args) -> int:
     return EXIT_SUBJECTS_FAILED if failed else 0
 
 
+def cmd_models(args, _overrides) -> None:
+    from jaxcascade.storage import shipped
+
+    cards = {name: shipped.card(name) for name in shipped.names()}
+    if args.json:
+        print(json.dumps(cards, indent=2))
+        return
+    if not cards:
+        print("no shipped models in this installation")
+    for name, card in cards.items():
+        default = " (used when --model is left out)" if name == shipped.DEFAULT_MODEL else ""
+        print(f"{name}{default}: {card['summary']}")
+        print(f"  inputs: {', '.join(card['inputs'])}; trained on: {card['training_data']}")
+        for row in card.get("accuracy", []):
+            print(f"  {row['data']}: DSC {row['dsc']:.2f}, lesion F1 {row['lesion_f1']:.2f}, "
+                  f"volume error {row['volume_error_percent']:+.0f} % ({row['protocol']})")
+        print(f"  licence: {card['licence']}")
+
+
 def cmd_evaluate(args, _overrides) -> None:
     from jaxcascade import api
     from jaxcascade.evaluation import metrics
@@ -227,6 +253,28 @@ def cmd_demo(args, _overrides) -> None:
     demo.run_demo(args.workdir, log=_log, progress=_progress)
 
 
+def probability(text: str) -> float:
+    """An option's value from 0 to 1; argparse turns the error into its one line naming the option."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: a probability, from 0 to 1")
+    return value
+
+
+def voxel_count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: a number of voxels, 0 or more")
+    return value
+
+
+def volume_mm3(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text}: a volume in mm^3, 0 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxcascade", description="Cascaded 3D CNN MS lesion segmentation (Valverde et al. 2017).")
     parser.add_argument("--version", action="version", version=f"jaxcascade {__version__}")
@@ -249,8 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", choices=("tiny", "small", "full"), default="small")
-    p.add_argument("--kind", choices=("procedural", "mni"), default="procedural",
-                   help="procedural brain, or MNI152 anatomy (needs pip install -e '.[nilearn]')")
+    p.add_argument("--kind", choices=("procedural", "mni", "synth"), default="procedural",
+                   help="procedural brain, MNI152 anatomy, or MNI152 anatomy with every tissue contrast, lesion and "
+                        "acquisition drawn at random for training models for real scans (mni and synth need "
+                        "pip install -e '.[nilearn]')")
     p.add_argument("--layout", choices=("folders", "bids"), default="folders",
                    help="one folder per subject (for training), or a BIDS dataset with lesion masks as a derivative")
     p.add_argument("--sessions", type=int, default=1, help="sessions per subject (BIDS layout)")
@@ -261,15 +311,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="train both stages (resumes an interrupted run)")
     p.add_argument("--data", required=True, help="folder with one sub-folder per subject")
     p.add_argument("--workdir", required=True, help="where the model, checkpoints and metrics go")
-    p.add_argument("--config", help="config file with get_config(), or a packaged name (default, demo)")
-    p.add_argument("--init-from", metavar="MODEL_DIR",
-                   help="fine-tune a trained or imported model (e.g. --config.train.trainable=out)")
+    p.add_argument("--config", help="config file with get_config(), or a packaged name: default (the paper's budget), "
+                                     "demo (12 epochs), robust (N4, augmentation), synth (domain-randomised phantoms); "
+                                     "with --init-from, a fine-tuning recipe such as oneshot. KEY=VALUE overrides "
+                                     "follow as --config.train.max_epochs=50")
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="fine-tune a trained, imported or shipped model, e.g. `--init-from default --config oneshot` "
+                        "on one labelled subject of your scanner")
     p.add_argument("--participant-label", nargs="+", action="extend", metavar="LABEL",
                    help="train on these participants only (01 or sub-01; folder names in the folder layout)")
     p.set_defaults(run=cmd_train, overrides=True)
 
     p = commands.add_parser("segment", help="segment one subject, or every subject of a folder, with a trained model")
-    p.add_argument("--model", required=True, help="a train --workdir")
+    p.add_argument("--model", help="a train --workdir, an import-keras output or a shipped model's name "
+                                    "(`jaxcascade models`); the shipped 'default' if left out")
     p.add_argument("--input", action="append", metavar="NAME=PATH", help="one per modality (one subject)")
     p.add_argument("--out", help="binary mask to write (.nii.gz) (one subject)")
     p.add_argument("--probabilities", nargs="?", const="", metavar="DIR",
@@ -287,10 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bids-filter", action="append", metavar="[MODALITY:]ENTITY=VALUE",
                    help="BIDS: keep images with this entity where a session has several (e.g. FLAIR:acq=3d, run=1); "
                         "without one, the last run is used and other ambiguities are that session's error")
-    p.add_argument("--threshold", type=float, help="t_bin on CNN2's probability (model's config by default)")
-    p.add_argument("--min-lesion-voxels", "--min-lesion-size", dest="min_lesion_voxels", type=int, metavar="N",
+    p.add_argument("--threshold", type=probability, help="t_bin on CNN2's probability (model's config by default)")
+    p.add_argument("--min-lesion-voxels", "--min-lesion-size", dest="min_lesion_voxels", type=voxel_count,
+                   metavar="N",
                    help="keep lesions (connected components) of more than N voxels (model's config by default)")
-    p.add_argument("--min-lesion-volume", type=float, metavar="MM3",
+    p.add_argument("--min-lesion-volume", type=volume_mm3, metavar="MM3",
                    help="keep lesions larger than this many mm^3 (instead of --min-lesion-voxels)")
     p.add_argument("--resample", choices=("auto", "never"), default="auto",
                    help="auto: segment inputs of another voxel size at the model's, results on the input's grid")
@@ -303,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "stage2_std.nii.gz, the spread over the flips")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(run=cmd_segment)
+
+    p = commands.add_parser("models", help="list the models that ship with jaxcascade: training data, licence, "
+                            "accuracy measured on real scans")
+    p.add_argument("--json", action="store_true", help="print the model cards as JSON")
+    p.set_defaults(run=cmd_models)
 
     p = commands.add_parser("evaluate", help="compare a segmentation with the truth")
     p.add_argument("--pred", required=True)

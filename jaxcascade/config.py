@@ -14,11 +14,8 @@ from jaxcascade.errors import UserError
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
-def load_config(path: str | None = None) -> ml_collections.ConfigDict:
-    """The config of a `get_config()` file; the packaged default when path is None.
-
-    A bare name such as 'demo' finds the packaged `configs/demo.py`.
-    """
+def _config_module(path: str | None):
+    """The module of a config file (a bare name such as 'demo' finds the packaged `configs/demo.py`)."""
     if path is None:
         path = str(PACKAGED_CONFIGS / "default.py")
     elif not path.endswith(".py") and (PACKAGED_CONFIGS / f"{path}.py").exists():
@@ -32,12 +29,35 @@ def load_config(path: str | None = None) -> ml_collections.ConfigDict:
         spec.loader.exec_module(module)
     except Exception as error:  # a user's Python file can fail in any way
         raise UserError(f"{path}: config file failed to load ({type(error).__name__}: {error})") from None
+    return module
+
+
+def load_config(path: str | None = None) -> ml_collections.ConfigDict:
+    """The config of a `get_config()` file; the packaged default when path is None.
+
+    A bare name such as 'demo' finds the packaged `configs/demo.py`.
+    """
+    module = _config_module(path)
     if not hasattr(module, "get_config"):
         raise UserError(f"{path}: config file has no get_config() function")
     config = module.get_config()
     if not isinstance(config, ml_collections.ConfigDict):
         raise UserError(f"{path}: get_config() must return an ml_collections.ConfigDict")
     return config
+
+
+def load_fine_tuning_recipe(path: str) -> list[str]:
+    """The `--config.KEY=VALUE` overrides of a fine-tuning recipe file (its `fine_tuning_overrides()`).
+
+    A recipe changes how an existing model is trained further (epochs, learning rate, thresholds),
+    never the model itself, so it is a list of overrides applied to the model's own config.
+    """
+    module = _config_module(path)
+    if not hasattr(module, "fine_tuning_overrides"):
+        raise UserError(f"{path}: with --init-from, --config takes a fine-tuning recipe (a file with "
+                        "fine_tuning_overrides(), e.g. the packaged 'oneshot'); give --config.KEY=VALUE overrides "
+                        "for anything else")
+    return list(module.fine_tuning_overrides())
 
 
 def _parse_value(raw: str, current, key: str):

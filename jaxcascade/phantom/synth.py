@@ -9,7 +9,7 @@ tissues differ from scanner to scanner. In the manner of SynthSeg and WMH-SynthS
 
 - tissue intensities per contrast (grey matter, CSF, the periventricular rim) from wide ranges
   around those of 1.5-3 T scanners, a gamma and a gain per image;
-- 8-60 lesions at periventricular (touching the ventricles' edge), juxtacortical (touching
+- 8-80 lesions (log-uniform) at periventricular (touching the ventricles' edge), juxtacortical (touching
   grey matter), deep white-matter and infratentorial sites, radii log-uniform over 0.7-9 mm,
   overlapping freely, so that confluent lesions occur;
 - each lesion a soft presence map (an irregular ellipsoid union whose edge fades over 0.3-1.5 mm)
@@ -38,7 +38,7 @@ from jaxcascade.errors import UserError
 # Per contrast: ranges (relative to white matter = 1) of grey matter, CSF, the ependymal rim,
 # lesion peaks, and the image gain. Wider than any one scanner: 1.5 T and 3 T, 2D and 3D FLAIR.
 RANGES = {
-    "FLAIR": {"gm": (1.05, 1.40), "csf": (0.05, 0.45), "rim": (1.00, 1.35), "lesion": (1.20, 2.20),
+    "FLAIR": {"gm": (1.05, 1.40), "csf": (0.05, 0.45), "rim": (1.00, 1.15), "lesion": (1.20, 2.20),
               "gain": (50.0, 800.0)},
     "T1": {"gm": (0.55, 0.85), "csf": (0.10, 0.45), "rim": (0.95, 1.00), "lesion": (0.45, 0.97),
            "gain": (200.0, 1200.0)},
@@ -47,7 +47,7 @@ RANGES = {
     "PD": {"gm": (1.05, 1.30), "csf": (1.05, 1.60), "rim": (1.02, 1.15), "lesion": (1.08, 1.50),
            "gain": (200.0, 900.0)},
 }
-LESION_COUNT = (8, 60)
+LESION_COUNT = (8, 80)  # log-uniform: from a few lesions to a heavy, confluent load
 RADIUS_MM = (0.7, 9.0)  # log-uniform: most lesions small, a few large
 EDGE_MM = (0.3, 1.5)  # width of a lesion's fading edge
 # Sites and their shares; infratentorial lesions lie below this MNI height (mm): pons, cerebellum.
@@ -80,7 +80,9 @@ def make_subject(seed: int, size: str = "full", contrasts=("T1", "FLAIR")) -> di
         fractions[name] *= head
     label, ventricles = mni.tissue_labels(fractions, head, voxel)
     presence, peaks = lesion_presence(rng, fractions, label, ventricles, base["affine"], voxel)
-    rim = ndimage.binary_dilation(ventricles, iterations=max(1, int(round(2.5 / voxel)))) & ~ventricles
+    # The ependymal rim: a thin, faint FLAIR-bright lining, dimmer than any lesion, so that the
+    # confluent periventricular lesions of real scans are not taught as its look-alikes.
+    rim = ndimage.binary_dilation(ventricles, iterations=max(1, int(round(1.5 / voxel)))) & ~ventricles
     lesion = presence > 0.5
 
     subject = {}
@@ -121,7 +123,7 @@ def lesion_presence(rng, fractions, label, ventricles, affine, voxel) -> tuple[n
 
     presence = np.zeros(shape, np.float32)
     peak = np.zeros(shape, np.float32)
-    count = rng.integers(LESION_COUNT[0], LESION_COUNT[1] + 1)
+    count = int(np.exp(rng.uniform(*np.log(LESION_COUNT))))
     for _ in range(count):
         site = names[rng.choice(len(names), p=shares / shares.sum())]
         radius = float(np.exp(rng.uniform(*np.log(RADIUS_MM))))
