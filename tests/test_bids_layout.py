@@ -122,7 +122,9 @@ def test_several_runs_take_the_last_with_a_note_and_other_entities_ask_for_a_fil
     assert rows[0]["status"] == "ok" and rows[1]["status"].startswith("error: 2 *_FLAIR images differ in acq")
     assert cli.main(["segment", "--model", str(trained_model), "--data", str(ds), "--out-dir", str(out),
                      "--bids-filter", "FLAIR:acq=3d", "--participant-label", "02"]) == 0
-    assert [r["status"] for r in read_csv(out / "lesions.csv")] == ["ok"]
+    # sub-02 redone with the filter; sub-01's row, from its report, stays in the table.
+    assert [(r["participant_id"], r["status"]) for r in read_csv(out / "lesions.csv")] == [("sub-01", "ok"),
+                                                                                           ("sub-02", "ok")]
 
 
 def test_sessions_in_some_participants_nii_symlinks_and_participants_tsv(phantom_bids, tmp_path):

@@ -1,13 +1,14 @@
 """Outputs: paths checked before any work starts, and files that appear whole or not at all.
 
 Every file jaxcascade writes goes through `atomic_path`: written under a
-temporary name in the target's folder, then renamed into place, so a reader
-(or a crash) never sees half a file.
+temporary name in the target's folder, synced, then renamed into place, so a
+reader (or a crash, or a lost node) never sees half a file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -96,11 +97,26 @@ def atomic_path(path: str | os.PathLike):
         yield Path(tmp)
         # mkstemp makes owner-only files; outputs get the usual permissions.
         os.chmod(tmp, 0o666 & ~_umask())
+        # Synced before the rename and the folder after it: a crash or a lost node (a file system that
+        # commits the rename before the data) leaves the old file or the new one, never a zero-length one.
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent, folder=True)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _fsync(path, folder: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if not folder or error.errno not in (errno.EINVAL, errno.ENOTSUP):  # some file systems cannot sync a folder
+            raise
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

@@ -23,6 +23,17 @@ from jaxcascade.data.normalisation import flair_channel, normalise_channels
 from jaxcascade.runtime.outputs import NIFTI_SUFFIXES, check_free_space, check_output_path
 
 
+def check_overrides(*, threshold=None, min_lesion_voxels=None, min_lesion_volume_mm3=None) -> None:
+    """Refuse a setting outside its range in one line, before any work (the command line's parser does
+    the same for its options): a threshold of 1.5 would keep no voxel and say nothing."""
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise UserError(f"threshold {threshold}: a probability, from 0 to 1")
+    if min_lesion_voxels is not None and not min_lesion_voxels >= 0:
+        raise UserError(f"min_lesion_voxels {min_lesion_voxels}: a number of voxels, 0 or more")
+    if min_lesion_volume_mm3 is not None and not 0 <= min_lesion_volume_mm3 < float("inf"):
+        raise UserError(f"min_lesion_volume_mm3 {min_lesion_volume_mm3}: a volume in mm^3, 0 or more")
+
+
 def segment_images(model: Cascade, images: list[nifti.Image], *, threshold=None, min_lesion_voxels=None,
                    min_lesion_volume_mm3=None, method=None, tta=None, brain_mask: np.ndarray | None = None,
                    resample: str = "auto", warn: Callable = warn_user, progress=None) -> Segmentation:
@@ -114,6 +125,8 @@ def segment_files(model: Cascade | str | os.PathLike, inputs: dict, out=None, *,
     brain_mask: a mask file restricting normalisation and candidates (for images not skull-stripped);
     without one, an image that does not look skull-stripped gets a one-line `warn`.
     """
+    check_overrides(threshold=threshold, min_lesion_voxels=min_lesion_voxels,
+                    min_lesion_volume_mm3=min_lesion_volume_mm3)
     probability_paths = check_segmentation_outputs(out, probabilities_dir, inputs=[*inputs.values(), brain_mask],
                                                    overwrite=overwrite, tta=bool(tta))
     if not isinstance(model, Cascade):

@@ -11,16 +11,19 @@ one row per lesion (volume, RAS centroid, probabilities).
 The data folder is the training layout (`<subject>/<MODALITY><suffix>`, the lesion file optional) or a
 BIDS dataset (`bids_layout.py`). The model is loaded and compiled once: the kernels see volumes padded
 to shape buckets, so subjects of different shapes share compilations. A subject whose files fail a
-check becomes a row with its one-line error and the others go on. A subject whose report exists is not
-redone (rerun to resume) unless overwrite. Every file is written atomically and the CSVs are rebuilt
-from the reports, so they always describe exactly the subjects finished.
+check becomes a row with its one-line error and the others go on. A subject whose report records the
+model, settings and inputs of this run is not redone (rerun to resume) unless overwrite; any other is.
+The study deletes or overwrites only files it recorded as its own, and refuses a folder that another
+tool's dataset_description.json describes (`study_record.py`). Every file is written atomically and
+synced, and the CSVs are rebuilt from every report in the folder, so they describe exactly the subjects
+finished, whichever participants a run was limited to.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
-import json
+import glob
 import logging
 import os
 import traceback
@@ -33,9 +36,10 @@ from jaxcascade.segmentation.cascade import Cascade
 from jaxcascade.errors import MACHINE_ERRNOS, MachineFault, UserError
 from jaxcascade.runtime.outputs import check_output_path, write_json, write_text
 from jaxcascade.data.subjects import select_participants
+from jaxcascade.segmentation import study_record
 from jaxcascade.segmentation.study_report import LESION_COLUMNS, SUBJECT_COLUMNS, csv_text
-from jaxcascade.segmentation.files import segment_images
-from jaxcascade.segmentation.study_subject import Prefetcher, StudySubject, load_subject, write_subject
+from jaxcascade.segmentation.files import check_overrides, segment_images
+from jaxcascade.segmentation.study_subject import Prefetcher, StudySubject, load_subject, output_names, write_subject
 
 _LOG = logging.getLogger(__name__)
 
@@ -127,10 +131,13 @@ def _claim(out_dir: Path, subject: StudySubject):
     return lock
 
 
-def _remove_stale_temporaries(folder: Path) -> None:
-    """Temporary files a killed run left in a subject's folder (only the holder of its lock gets here)."""
-    for path in folder.glob(".*.tmp-*") if folder.is_dir() else ():
-        path.unlink(missing_ok=True)
+def _remove_stale_temporaries(out_dir: Path, names) -> None:
+    """Temporary files a killed run left beside a subject's outputs (only the holder of its lock gets
+    here): `atomic_path` names them `.<name>.tmp-*`, and only those of the subject's own names go."""
+    for name in names:
+        path = out_dir / name
+        for temporary in path.parent.glob(f".{glob.escape(path.name)}.tmp-*") if path.parent.is_dir() else ():
+            temporary.unlink(missing_ok=True)
 
 
 def _error_report(subject: StudySubject, message: str) -> dict:
@@ -140,30 +147,53 @@ def _error_report(subject: StudySubject, message: str) -> dict:
 
 def _failure(error: Exception, subject: StudySubject, out_dir: Path) -> dict:
     """The error row of a subject that failed unexpectedly; its traceback goes to OUT/logs/<prefix>.log."""
-    log_path = out_dir / "logs" / f"{subject.prefix}.log"
-    log_path.parent.mkdir(exist_ok=True)
-    write_text("".join(traceback.format_exception(error)), log_path)
+    name = _log_name(subject)
     first = (str(error).strip().splitlines() or [""])[0]
-    return _error_report(subject, f"{type(error).__name__}: {first} (details in {log_path.relative_to(out_dir)})")
+    if study_record.foreign(out_dir, _key(subject), [name]) is not None:  # someone else's file: kept
+        return _error_report(subject, f"{type(error).__name__}: {first}")
+    study_record.claim(out_dir, _key(subject), [name])
+    (out_dir / name).parent.mkdir(exist_ok=True)
+    write_text("".join(traceback.format_exception(error)), out_dir / name)
+    return _error_report(subject, f"{type(error).__name__}: {first} (details in {name})")
 
 
 def _write_tables(out_dir: Path, reports: list[dict], report_paths: list[Path]) -> list[dict]:
-    """lesions.csv and lesion_table.csv from every subject's report, under a lock so that of two processes
-    on one folder the later writer sees what the earlier finished; returns the subject rows."""
+    """lesions.csv and lesion_table.csv from every subject's report in out_dir (this run's and those of
+    subjects it did not include), under a lock so that of two processes on one folder the later writer
+    sees what the earlier finished; returns this run's subject rows."""
     from filelock import FileLock
 
     (out_dir / LOCKS).mkdir(exist_ok=True)
     with FileLock(out_dir / LOCKS / "tables.lock"):
         for i, (report, path) in enumerate(zip(reports, report_paths)):
-            if report["row"].get("in_progress") and path.exists():  # finished meanwhile by the other process
-                reports[i] = json.loads(path.read_text())
+            finished = study_record.read_report(path) if report["row"].get("in_progress") else None
+            if finished is not None:  # finished meanwhile by the other process
+                reports[i] = finished
                 reports[i]["row"]["resumed"] = True
         rows = [report["row"] for report in reports]
+        every = sorted([*reports, *_reports_of_others(out_dir, report_paths)],
+                       key=lambda report: (report["row"]["participant_id"], report["row"]["session_id"]))
         lesions = [{**lesion, "participant_id": report["row"]["participant_id"],
-                    "session_id": report["row"]["session_id"]} for report in reports for lesion in report["lesions"]]
-        write_text(csv_text(rows, SUBJECT_COLUMNS), out_dir / "lesions.csv")
+                    "session_id": report["row"]["session_id"]} for report in every for lesion in report["lesions"]]
+        study_record.claim(out_dir, study_record.STUDY, study_record.TABLES)
+        write_text(csv_text([report["row"] for report in every], SUBJECT_COLUMNS), out_dir / "lesions.csv")
         write_text(csv_text(lesions, LESION_COLUMNS), out_dir / "lesion_table.csv")
     return rows
+
+
+def _reports_of_others(out_dir: Path, report_paths: list[Path]) -> list[dict]:
+    """The outcome (report, else error record) of every subject with files in out_dir that this run left out."""
+    ours = {path.resolve() for path in report_paths}
+    found = []
+    for key in study_record.recorded_keys(out_dir):
+        owned = study_record.owned(out_dir, key)
+        for suffix in ("_desc-lesion_report.json", "_desc-lesion_error.json"):
+            if key + suffix in owned and (out_dir / f"{key}_desc-lesion_report.json").resolve() not in ours:
+                report = study_record.read_report(out_dir / (key + suffix))
+                if report is not None and {"participant_id", "session_id"} <= report["row"].keys():
+                    found.append(report)
+                    break
+    return found
 
 
 def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, overwrite: bool = False,
@@ -180,15 +210,24 @@ def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, 
     before segmenting it, so every subject is done once. A subject that fails in any way becomes an
     error row (unexpected errors: traceback in OUT/logs/); a fault of the machine (`machine_fault`)
     raises MachineFault, with every finished subject kept. Rows finished earlier, by another shard or
-    by another process carry `resumed` (not a CSV column).
+    by another process carry `resumed` (not a CSV column). The CSVs also keep the rows of subjects
+    this run left out (other participants), as their reports in out_dir say.
     """
+    check_overrides(min_lesion_volume_mm3=min_lesion_volume_mm3)
     out_dir = check_output_path(out_dir, is_dir=True)
     if Path(data_dir).is_dir() and out_dir.is_dir() and out_dir.resolve() == Path(data_dir).resolve():
         raise UserError(f"{out_dir}: is the --data folder; outputs would mix with the subjects' files: choose "
                         "another --out-dir (for BIDS data, e.g. DATA/derivatives/jaxcascade)")
+    if out_dir.is_dir():
+        study_record.check_out_dir(out_dir)
     model = Cascade.load(model_dir, compute_dtype=compute_dtype)
     subjects = study_subjects(data_dir, model.config, bids_suffixes, participants=participants,
                               bids_filters=bids_filters, log=log)
+    # What each subject's result is made from: a report that records anything else is stale.
+    made_of = dict(tta=tta, resample=resample, min_lesion_volume_mm3=min_lesion_volume_mm3,
+                   probabilities=bool(probabilities), compute_dtype=compute_dtype)
+    model_hash = study_record.model_identity(model_dir)
+    identities = [study_record.subject_identity(model_hash, made_of, _input_files(subject)) for subject in subjects]
     reports, report_paths, (index, count) = [], [], shard
     settings = dict(tta=tta, resample=resample, min_lesion_volume_mm3=min_lesion_volume_mm3, warn=log)
     loader = Prefetcher(functools.partial(load_subject, model))
@@ -203,10 +242,10 @@ def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, 
             report_path = _report_path(out_dir, subject)
             report_paths.append(report_path)
             current = subject
-            upcoming = _next_to_segment(subjects, number, shard, out_dir, overwrite)
-            outcome = _study_subject(model, subject, out_dir, report_path, number % count == index,
-                                     f"pending: shard {number % count}/{count}", overwrite, probabilities,
-                                     settings, log, progress, loader, writer, upcoming)
+            upcoming = _next_to_segment(subjects, identities, number, shard, out_dir, overwrite)
+            outcome = _study_subject(model, subject, identities[number], out_dir, report_path,
+                                     number % count == index, f"pending: shard {number % count}/{count}", overwrite,
+                                     probabilities, settings, log, progress, loader, writer, upcoming)
             reports.append(outcome)
             if isinstance(outcome, Future):
                 # The previous subject's files were written while this one computed; wait for them
@@ -239,18 +278,42 @@ def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, 
         writer.shutdown(wait=True)
 
 
+def _input_files(subject: StudySubject) -> dict:
+    return {**subject.inputs, "truth": subject.truth, "brain_mask": subject.brain_mask}
+
+
+def _key(subject: StudySubject) -> str:
+    return study_record.subject_key(subject.folder, subject.prefix)
+
+
 def _report_path(out_dir: Path, subject: StudySubject) -> Path:
     return out_dir / subject.folder / f"{subject.prefix}_desc-lesion_report.json"
 
 
-def _next_to_segment(subjects: list, number: int, shard: tuple[int, int], out_dir: Path,
+def _error_name(subject: StudySubject) -> str:
+    return (subject.folder / f"{subject.prefix}_desc-lesion_error.json").as_posix()
+
+
+def _log_name(subject: StudySubject) -> str:
+    return f"logs/{subject.prefix}.log"
+
+
+def _finished(report_path: Path, identity: dict) -> dict | None:
+    """The subject's report if it is finished from exactly what this run would segment it from, else None."""
+    report = study_record.read_report(report_path)
+    if report is None or report["row"]["status"] != "ok" or report.get("identity") != identity:
+        return None
+    return report
+
+
+def _next_to_segment(subjects: list, identities: list, number: int, shard: tuple[int, int], out_dir: Path,
                      overwrite: bool) -> StudySubject | None:
     """The subject after subjects[number] that this process will segment (to load it early), if any."""
     index, count = shard
     for later in range(number + 1, len(subjects)):
         if later % count == index:
             subject = subjects[later]
-            wanted = overwrite or not _report_path(out_dir, subject).exists()
+            wanted = overwrite or _finished(_report_path(out_dir, subject), identities[later]) is None
             return subject if wanted and not subject.problem else None
     return None
 
@@ -262,23 +325,26 @@ def _settled(outcome) -> dict | None:
     return outcome.result() if outcome.done() and outcome.exception() is None else None
 
 
-def _study_subject(model, subject: StudySubject, out_dir: Path, report_path: Path, mine: bool, pending: str,
-                   overwrite: bool, probabilities: bool, settings: dict, log, progress, loader: Prefetcher,
-                   writer: ThreadPoolExecutor, upcoming: StudySubject | None) -> dict | Future:
+def _resumed(report: dict) -> dict:
+    report["row"]["resumed"] = True  # finished by an earlier run or another process (not a CSV column)
+    return report
+
+
+def _study_subject(model, subject: StudySubject, identity: dict, out_dir: Path, report_path: Path, mine: bool,
+                   pending: str, overwrite: bool, probabilities: bool, settings: dict, log, progress,
+                   loader: Prefetcher, writer: ThreadPoolExecutor, upcoming: StudySubject | None) -> dict | Future:
     """One subject's report: read back if finished (or not this process's), else segmented now, its
     files then written by `writer` (a Future of the report) while the caller goes on to the next."""
-    # A failure is recorded apart from the report: other shards read it, its own shard retries it.
-    failure_path = report_path.with_name(f"{subject.prefix}_desc-lesion_error.json")
-    if report_path.exists() and not (overwrite and mine):
-        report = json.loads(report_path.read_text())
-        report["row"]["resumed"] = True  # finished by an earlier run (not a CSV column)
-        return report
+    finished = _finished(report_path, identity)
+    if finished is not None and not (overwrite and mine):
+        return _resumed(finished)
     if not mine:
-        other = json.loads(failure_path.read_text()) if failure_path.exists() else {
-            "row": {"participant_id": subject.participant_id, "session_id": subject.session_id,
-                    "status": pending}, "lesions": []}
-        other["row"]["resumed"] = True  # another shard's outcome, not this run's
-        return other
+        # A failure is recorded apart from the report: other shards read it, its own shard retries it.
+        other = study_record.read_report(out_dir / _error_name(subject))
+        if other is None or other.get("identity") != identity:
+            other = {"row": {"participant_id": subject.participant_id, "session_id": subject.session_id,
+                             "status": pending}, "lesions": []}
+        return _resumed(other)
     claim = _claim(out_dir, subject)
     if claim is None:
         log(f"{subject.name}: being segmented by another process; left to it")
@@ -286,18 +352,21 @@ def _study_subject(model, subject: StudySubject, out_dir: Path, report_path: Pat
                         "status": "pending: another process", "resumed": True, "in_progress": True}, "lesions": []}
     handed_over = False
     try:
-        if report_path.exists() and not overwrite:  # finished by another process since we looked
-            report = json.loads(report_path.read_text())
-            report["row"]["resumed"] = True
-            return report
-        _remove_stale_temporaries(out_dir / subject.folder)
+        finished = _finished(report_path, identity)
+        if finished is not None and not overwrite:  # finished by another process since we looked
+            return _resumed(finished)
+        names = [(subject.folder / name).as_posix() for name in output_names(subject.prefix, probabilities)]
+        _remove_stale_temporaries(out_dir, [*names, _error_name(subject), _log_name(subject)])
         try:
+            # Whatever an earlier attempt left (stale, failed or to overwrite) goes before the new one starts.
+            study_record.remove_owned(out_dir, _key(subject))
+            study_record.claim(out_dir, _key(subject), names)
             loaded = loader.take(subject)
             loader.prefetch(upcoming)
             result = segment_images(model, loaded.images, brain_mask=loaded.brain_mask, progress=progress,
                                     **settings)
         except Exception as error:  # noqa: BLE001 - sorted by _failed: a subject's error or a fault
-            return _settle(_failed(error, subject, out_dir, log), subject, out_dir, report_path, log)
+            return _settle(_failed(error, subject, out_dir, log), subject, identity, out_dir, report_path, log)
 
         def write() -> dict:
             try:
@@ -305,7 +374,7 @@ def _study_subject(model, subject: StudySubject, out_dir: Path, report_path: Pat
                     report = write_subject(subject, loaded, result, out_dir / subject.folder, probabilities)
                 except Exception as error:  # noqa: BLE001 - as above
                     report = _failed(error, subject, out_dir, log)
-                return _settle(report, subject, out_dir, report_path, log)
+                return _settle(report, subject, identity, out_dir, report_path, log)
             finally:
                 claim.release()
 
@@ -329,19 +398,19 @@ def _failed(error: Exception, subject: StudySubject, out_dir: Path, log) -> dict
     return report
 
 
-def _settle(report: dict, subject: StudySubject, out_dir: Path, report_path: Path, log) -> dict:
+def _settle(report: dict, subject: StudySubject, identity: dict, out_dir: Path, report_path: Path, log) -> dict:
     """Record a subject's outcome: its report (written last: a subject without one is redone) or, for a
     failure, its error record alone."""
-    failure_path = report_path.with_name(f"{subject.prefix}_desc-lesion_error.json")
+    report["identity"] = identity
+    key, error_name = _key(subject), _error_name(subject)
     if report["row"]["status"] != "ok":
-        # Whatever this attempt wrote goes: a failed subject leaves its error record only.
-        for written in (out_dir / subject.folder).glob(f"{subject.prefix}_desc-*"):
-            if written != failure_path:
-                written.unlink(missing_ok=True)
-        failure_path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(report, failure_path)
+        # Whatever this attempt wrote goes: a failed subject leaves its error record (and log) only.
+        study_record.remove_owned(out_dir, key, keep=(error_name, _log_name(subject)))
+        if study_record.foreign(out_dir, key, [error_name]) is None:
+            study_record.claim(out_dir, key, [error_name])
+            (out_dir / subject.folder).mkdir(parents=True, exist_ok=True)
+            write_json(report, out_dir / error_name)
         return report
-    failure_path.unlink(missing_ok=True)
     write_json(report, report_path)
     row = report["row"]
     log(f"{subject.name}: {row['lesion_count']} lesions, {row['lesion_volume_ml']:.2f} ml ({row['seconds']:.1f} s)"

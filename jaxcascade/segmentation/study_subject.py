@@ -68,6 +68,12 @@ def load_subject(model: Cascade, subject: StudySubject) -> LoadedSubject:
                          brain_mask, stripped, truth, time.perf_counter() - started)
 
 
+def output_names(prefix: str, probabilities: bool) -> list[str]:
+    """Every file a subject's segmentation may write (`write_subject`, then the study's report), by name."""
+    maps = ("stage1_probseg.nii.gz", "stage2_probseg.nii.gz", "stage2std_probseg.nii.gz") if probabilities else ()
+    return [f"{prefix}_desc-{desc}" for desc in ("lesion_mask.nii.gz", *maps, "qc.png", "lesion_report.json")]
+
+
 def write_subject(subject: StudySubject, loaded: LoadedSubject, result: Segmentation, out: Path,
                   probabilities: bool) -> dict:
     """Write a segmented subject's files into out; its report: row, lesions, seconds per phase."""
