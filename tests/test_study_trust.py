@@ -4,6 +4,8 @@ changed, reads a damaged report as "not done", and takes no option out of its ra
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -11,6 +13,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import jaxcascade
 from jaxcascade import cli, phantom
@@ -246,3 +249,124 @@ def test_the_python_api_refuses_the_same_ranges(trained_model, cohort, data, tmp
     with pytest.raises(UserError, match="min_lesion_volume_mm3"):
         jaxcascade.segment_study(trained_model, data, tmp_path / "out", min_lesion_volume_mm3=-5.0)
     assert not (tmp_path / "out").exists()
+
+
+# Generated histories: reruns with other models and settings, participant subsets, inputs replaced, broken
+# and restored, reports damaged. After every run the answer is the right one and nothing foreign is lost.
+
+@pytest.fixture(scope="module")
+def strict_model(trained_model, tmp_path_factory):
+    """The trained model with another threshold: another model to the study, with another mask."""
+    strict = tmp_path_factory.mktemp("strict") / "model"
+    shutil.copytree(trained_model, strict)
+    config = json.loads((strict / "config.json").read_text())
+    config["inference"]["threshold"] = 0.999
+    (strict / "config.json").write_text(json.dumps(config))
+    return strict
+
+
+_RUN = st.tuples(st.just("run"), st.fixed_dictionaries({
+    "model": st.sampled_from(["trained", "strict"]),
+    "min_lesion_volume": st.sampled_from([None, 300.0]),
+    "probabilities": st.booleans(),
+    "tta": st.sampled_from([False, False, True]),
+    "participants": st.sampled_from([None, ("sub-01",), ("sub-02",)]),
+}))
+_CHANGE = st.tuples(st.sampled_from(["replace", "break", "restore", "empty-report", "cut-report"]),
+                    st.sampled_from(SUBJECTS))
+HISTORY_EXAMPLES = int(os.environ.get("HISTORY_EXAMPLES", 12))  # 60 pass in ~80 s on 2 cores
+
+
+def _history_run(models, data, out, step) -> tuple[int, str]:
+    argv = ["segment", "--model", str(models[step["model"]]), "--data", str(data), "--out-dir", str(out)]
+    argv += ["--min-lesion-volume", str(step["min_lesion_volume"])] if step["min_lesion_volume"] else []
+    argv += ["--probabilities"] * step["probabilities"] + ["--tta"] * step["tta"]
+    argv += ["--participant-label", *step["participants"]] if step["participants"] else []
+    with contextlib.redirect_stdout(io.StringIO()) as printed, contextlib.redirect_stderr(io.StringIO()) as err:
+        status = cli.main(argv)
+    assert "Traceback" not in err.getvalue(), err.getvalue()
+    return status, printed.getvalue()
+
+
+@settings(max_examples=HISTORY_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(history=st.lists(st.one_of(_RUN, _CHANGE), min_size=1, max_size=4).map(
+    lambda steps: [*steps, ("run", {"model": "trained", "min_lesion_volume": None, "probabilities": False,
+                                    "tta": False, "participants": None})]))
+def test_a_generated_study_history_gives_the_right_answer_and_loses_nothing(trained_model, strict_model, data,
+                                                                           tmp_path_factory, history):
+    root = tmp_path_factory.mktemp("history")
+    study, out = root / "data", root / "out"
+    shutil.copytree(data, study)
+    originals = {name: (study / name / "FLAIR.nii.gz").read_bytes() for name in SUBJECTS}
+    models = {"trained": trained_model, "strict": strict_model}
+    # Other tools' files, some at names beside the study's own.
+    _plant_nifti(out / "sub-01" / "sub-01_desc-brain_mask.nii.gz")
+    _plant_nifti(out / "sub-02" / "sub-02_desc-brain_mask.nii.gz")
+    (out / "logs").mkdir()
+    (out / "logs" / "other-tool.log").write_text("kept\n")
+    (out / "notes.txt").write_text("kept\n")
+    foreign = _files(out)
+
+    # The model of the study: per subject, its FLAIR's content and version, whether it is broken, and
+    # what its last outcome was made from (None: failed or never run) and whether that report is intact.
+    content = {name: name for name in SUBJECTS}
+    version = {name: 0 for name in SUBJECTS}
+    broken = {name: False for name in SUBJECTS}
+    made_of = {name: None for name in SUBJECTS}
+    outcome = {name: None for name in SUBJECTS}
+    masks = {}  # a subject's mask for (model, volume, tta, its FLAIR's content): the first run's
+    for kind, detail in history:
+        if kind == "run":
+            selected = list(detail["participants"] or SUBJECTS)
+            status, printed = _history_run(models, study, out, detail)
+            expected = {"segmented": 0, "already done": 0, "failed": 0}
+            for name in selected:
+                key = (detail["model"], detail["min_lesion_volume"], detail["tta"], detail["probabilities"],
+                       version[name])
+                if broken[name]:
+                    expected["failed"] += 1
+                    made_of[name], outcome[name] = None, "error"
+                elif made_of[name] == key and outcome[name] == "ok":
+                    expected["already done"] += 1
+                else:
+                    expected["segmented"] += 1
+                    made_of[name], outcome[name] = key, "ok"
+            assert status == (1 if expected["failed"] else 0), printed
+            assert _summary(printed).startswith(
+                f"{len(selected)} subjects: {expected['segmented']} segmented, "
+                f"{expected['already done']} already done, {expected['failed']} failed"), printed
+        elif kind in ("replace", "restore", "break"):
+            flair = study / detail / "FLAIR.nii.gz"
+            if kind == "break":
+                _truncate(flair)
+            else:
+                other = SUBJECTS[1 - SUBJECTS.index(detail)] if kind == "replace" else detail
+                flair.write_bytes(originals[other])
+                content[detail] = other
+            broken[detail] = kind == "break"
+            version[detail] += 1
+            os.utime(flair, ns=(version[detail] * 10**9, version[detail] * 10**9))  # coarse clocks: a new mtime
+        elif outcome[detail] == "ok":  # a damaged report (only where there is one)
+            report = out / detail / f"{detail}_desc-lesion_report.json"
+            report.write_bytes(b"" if kind == "empty-report" else report.read_bytes()[:40])
+            outcome[detail] = "damaged"
+
+        # Nothing foreign touched; after a run, every subject's files and row are those of its last outcome.
+        assert {name: data for name, data in _files(out).items() if name in foreign} == foreign
+        if kind != "run":
+            continue
+        rows = {row["participant_id"]: row for row in read_csv(out / "lesions.csv")}
+        assert sorted(rows) == sorted(name for name in SUBJECTS if outcome[name] in ("ok", "error"))
+        for name in SUBJECTS:
+            own = {p.name for p in (out / name).iterdir()} - {p.rsplit("/", 1)[-1] for p in foreign}
+            if outcome[name] == "error":
+                assert rows[name]["status"].startswith("error: ") and own == {f"{name}_desc-lesion_error.json"}
+            if outcome[name] != "ok":
+                continue
+            model, volume, tta, probabilities, _ = made_of[name]
+            maps = ["stage1_probseg.nii.gz", "stage2_probseg.nii.gz"] + ["stage2std_probseg.nii.gz"] * tta
+            assert rows[name]["status"] == "ok" and own == {f"{name}_desc-{desc}" for desc in [
+                "lesion_mask.nii.gz", "qc.png", "lesion_report.json", *(maps if probabilities else [])]}
+            mask = np.asarray(nib.load(out / name / f"{name}_desc-lesion_mask.nii.gz").dataobj)
+            reference = masks.setdefault((name, model, volume, tta, content[name]), mask)
+            np.testing.assert_array_equal(mask, reference)  # never a stale mask
