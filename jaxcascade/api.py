@@ -108,8 +108,6 @@ def segment(model: Cascade | PathLike | None, inputs: Mapping[str, PathLike | ni
         A `Segmentation`: `mask`, `stage1_probability`, `stage2_probability` (on the FLAIR's grid, in
         the model's processing orientation) and the candidate counts.
     """
-    if not isinstance(model, Cascade):
-        model = shipped.locate(model)
     with tempfile.TemporaryDirectory(prefix="jaxcascade-inputs-") as folder:
         paths = {}
         for name, value in inputs.items():
@@ -145,7 +143,7 @@ def segment_study(model: PathLike | None, data_dir: PathLike, out_dir: PathLike,
         One row per subject (the rows of `lesions.csv`): status, lesion count and volume, and the
         scores where a lesion mask exists.
     """
-    return study.segment_study(shipped.locate(model), data_dir, out_dir, probabilities=probabilities, overwrite=overwrite, **options)
+    return study.segment_study(model, data_dir, out_dir, probabilities=probabilities, overwrite=overwrite, **options)
 
 
 def evaluate(prediction: PathLike | np.ndarray, truth: PathLike | np.ndarray, *,

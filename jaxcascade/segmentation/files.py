@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxcascade.data import nifti, resolution
 from jaxcascade.segmentation.cascade import Cascade, Segmentation, segment_volume
+from jaxcascade.storage import shipped
 from jaxcascade.errors import UserError
 from jaxcascade.errors import warn as warn_user
 from jaxcascade.segmentation.inference import InferenceOptions, resolve_method
@@ -130,7 +131,7 @@ def segment_files(model: Cascade | str | os.PathLike, inputs: dict, out=None, *,
     probability_paths = check_segmentation_outputs(out, probabilities_dir, inputs=[*inputs.values(), brain_mask],
                                                    overwrite=overwrite, tta=bool(tta))
     if not isinstance(model, Cascade):
-        model = Cascade.load(model, compute_dtype=compute_dtype)
+        model = Cascade.load(shipped.locate(model), compute_dtype=compute_dtype)
     if method is not None:
         resolve_method(model.stage1, method)  # refuse an impossible --inference before any work
     images = nifti.load_sequences(inputs, model.modalities, orientation=model.config.data.orientation,

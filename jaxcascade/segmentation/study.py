@@ -33,6 +33,7 @@ from typing import Callable
 
 from jaxcascade.data import bids_layout
 from jaxcascade.segmentation.cascade import Cascade
+from jaxcascade.storage import shipped
 from jaxcascade.errors import MACHINE_ERRNOS, MachineFault, UserError
 from jaxcascade.runtime.outputs import check_output_path, write_json, write_text
 from jaxcascade.data.subjects import select_participants
@@ -220,6 +221,7 @@ def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, 
                         "another --out-dir (for BIDS data, e.g. DATA/derivatives/jaxcascade)")
     if out_dir.is_dir():
         study_record.check_out_dir(out_dir)
+    model_dir = shipped.locate(model_dir)
     model = Cascade.load(model_dir, compute_dtype=compute_dtype)
     subjects = study_subjects(data_dir, model.config, bids_suffixes, participants=participants,
                               bids_filters=bids_filters, log=log)
