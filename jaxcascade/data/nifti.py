@@ -19,12 +19,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from jaxcascade.errors import UserError
+from jaxcascade.errors import UserError, warn
 from jaxcascade.runtime.outputs import atomic_path
 
 AFFINE_TOLERANCE_MM = 1e-3
 # Below this share of the reference's field of view, two sequences are taken as not co-registered.
 MIN_OVERLAP = 0.5
+# Deflate never compresses better than about 1032:1, so a .gz file of n bytes holds at most this many
+# times n bytes of data (the margin covers the header and gzip's own fields).
+GZIP_MAX_RATIO = 1100
 
 
 NATIVE = "native"  # process images in the voxel order they are stored in (nicMSlesions' behaviour)
@@ -62,7 +65,12 @@ class Image:
 
     @property
     def voxel_volume_ml(self) -> float:
-        return float(np.prod(self.nifti.header.get_zooms()[:3])) / 1000.0
+        """|det| of the affine: the volume the voxel covers in scanner space, whatever pixdim says."""
+        zooms_mm3 = float(np.prod(self.nifti.header.get_zooms()[:3]))
+        det_mm3 = abs(float(np.linalg.det(self.nifti.affine[:3, :3])))
+        # Where pixdim agrees with the affine (every file `load_image` passed on unchanged, unless its axes are
+        # sheared), its product is kept: volumes and voxel counts stay what they always were, bit for bit.
+        return (zooms_mm3 if abs(zooms_mm3 - det_mm3) <= 1e-6 * det_mm3 else det_mm3) / 1000.0
 
 
 def check_orientation(orientation: str, setting: str = "data.orientation") -> str:
@@ -98,10 +106,15 @@ def load_image(path: str | os.PathLike, *, allow_all_zero: bool = False, orienta
         nifti = nib.load(str(path))
         if not isinstance(nifti, (nib.Nifti1Image, nib.Nifti2Image)):
             raise UserError(f"{path}: not a NIfTI image ({type(nifti).__name__}); convert it to .nii/.nii.gz")
-        data = np.asarray(nifti.dataobj, dtype=np.float32)
+        # A lying header is refused before its data is read: a 1 MB file claiming 8000^3 voxels must not
+        # make the reader ask for 2 TB (a MemoryError reads as the machine's fault, and stops a study).
+        check_header(path, nifti.header, getattr(nifti.dataobj, "offset", 0))
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflowing scale shows up as Inf, refused below
+            data = np.asarray(nifti.dataobj, dtype=np.float32)
     except UserError:
         raise
-    except (nib.filebasedimages.ImageFileError, EOFError, zlib.error, OSError, ValueError) as error:
+    except (nib.filebasedimages.ImageFileError, EOFError, zlib.error, OSError, ValueError, TypeError,
+            nib.spatialimages.HeaderDataError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"{path}: not a readable NIfTI image, or truncated ({reason})") from None
     if data.ndim == 4 and data.shape[3] == 1:
@@ -109,6 +122,7 @@ def load_image(path: str | os.PathLike, *, allow_all_zero: bool = False, orienta
     if data.ndim != 3:
         raise UserError(f"{path}: expected a 3D image, got shape {data.shape}; give one volume per file")
     _check_qform_sform(path, nifti)
+    _take_affine_voxel_size(path, nifti)
     finite = np.isfinite(data)
     if not finite.all():
         raise UserError(f"{path}: {int((~finite).sum())} voxels are NaN or Inf; fix or mask them before use")
@@ -122,6 +136,56 @@ def load_image(path: str | os.PathLike, *, allow_all_zero: bool = False, orienta
     if transform is not None:
         data = np.ascontiguousarray(nib.orientations.apply_orientation(data, transform))
     return Image(path=path, data=data, nifti=nifti, orientation=orientation)
+
+
+def check_header(path: Path, header, data_offset: int = 0) -> None:
+    """Refuse a header whose data cannot be in the file: no voxels, a type that is no intensity, or more
+    bytes than the file holds (raw) or could hold (gzip, at deflate's best ratio)."""
+    shape = tuple(int(n) for n in header.get_data_shape())
+    if not shape or min(shape) < 1:
+        raise UserError(f"{path}: the header's dimensions {shape} hold no voxel; the header is damaged")
+    dtype = header.get_data_dtype()
+    if dtype.kind not in "biuf" or dtype.fields is not None:
+        raise UserError(f"{path}: voxel type {dtype} (datatype {int(header['datatype'])}) is not an intensity; "
+                        "convert the image to an integer or floating-point type")
+    claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    size = path.stat().st_size
+    compressed = path.suffix in (".gz", ".bz2", ".zst")
+    room = size * GZIP_MAX_RATIO if compressed else size - int(data_offset)
+    if claimed > room:
+        raise UserError(
+            f"{path}: the header claims {'x'.join(map(str, shape))} voxels of {dtype} ({_bytes(claimed)}), "
+            f"more than this {_bytes(size)} file {'can hold' if compressed else 'holds'}; the file is truncated "
+            "or its header damaged: export it again")
+    if not np.all(np.isfinite(header.get_best_affine())):
+        raise UserError(f"{path}: the header's affine holds NaN or Inf; fix its sform/qform")
+
+
+def _bytes(count: int) -> str:
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if count < 1000 or unit == "TB":
+            return f"{count:.3g} {unit}" if unit != "bytes" else f"{count} bytes"
+        count /= 1000
+    return ""
+
+
+def _take_affine_voxel_size(path: Path, nifti) -> None:
+    """Voxel sizes are the affine's: where pixdim disagrees, it is corrected (with one warning).
+
+    nibabel's affine is the sform (else the qform, else pixdim's own); a converter that wrote a 2 mm sform
+    over 1 mm pixdim would otherwise have volumes measured 8x too small. The qform is built from pixdim,
+    so only an sform can disagree with it.
+    """
+    affine = nifti.affine
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise UserError(f"{path}: the affine {_fmt_affine(affine)} is singular (a voxel of no volume); "
+                        "fix the header's sform/qform and pixdim")
+    from_affine = np.sqrt(np.sum(affine[:3, :3] ** 2, axis=0))
+    zooms = np.abs(np.array(nifti.header.get_zooms()[:3], np.float64))
+    if not np.allclose(zooms, from_affine, rtol=1e-3, atol=AFFINE_TOLERANCE_MM):
+        warn(f"{path}: the header's voxel size (pixdim {'x'.join(f'{z:.4g}' for z in zooms)} mm) disagrees with "
+             f"its affine's ({'x'.join(f'{z:.4g}' for z in from_affine)} mm); the affine's is used")
+        nifti.header.set_zooms((*from_affine, *nifti.header.get_zooms()[3:]))
 
 
 def _check_qform_sform(path: Path, nifti) -> None:

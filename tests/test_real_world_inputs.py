@@ -1,0 +1,148 @@
+"""Real-world files that the phantoms never produce: headers that lie, backgrounds that are not quite 0, lesion
+masks in another convention, long names, dangling links, BIDS datasets beyond anatomy. Each gets the right
+answer or one line naming the file, and a study goes on past it."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from jaxcascade.data import nifti
+from jaxcascade.errors import UserError
+
+
+def _lying_header(path, shape=(8000, 8000, 8000)) -> None:
+    """A small gzip'ed image whose header claims `shape` voxels (what a damaged converter leaves)."""
+    image = nib.Nifti1Image(np.random.default_rng(0).random((100, 100, 30)).astype(np.float32), np.eye(4))
+    image.header.set_data_shape(shape)
+    data = image.header.binaryblock + b"\0" * 4 + np.random.default_rng(0).bytes(1_200_000)
+    path.write_bytes(gzip.compress(data, compresslevel=1))
+
+
+def test_a_header_claiming_more_voxels_than_the_file_holds_is_one_line(tmp_path):
+    path = tmp_path / "FLAIR.nii.gz"
+    _lying_header(path)
+    with pytest.raises(UserError) as caught:
+        nifti.load_image(path)
+    message = str(caught.value)
+    assert message.startswith(str(path)) and "8000x8000x8000" in message and "\n" not in message
+    raw = tmp_path / "T1.nii"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), raw)
+    raw.write_bytes(raw.read_bytes()[:-40])  # a cut-short uncompressed file
+    with pytest.raises(UserError, match="truncated"):
+        nifti.load_image(raw)
+
+
+def test_an_sform_that_disagrees_with_pixdim_is_taken_and_warned_about(tmp_path):
+    path = tmp_path / "FLAIR.nii.gz"
+    data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6) + 1
+    image = nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    image.header.set_qform(None, code=0)
+    image.header.set_zooms((1.0, 1.0, 1.0))  # pixdim 1 mm under a 2 mm sform
+    nib.save(image, path)
+    with pytest.warns(UserWarning, match="affine's is used") as caught:
+        loaded = nifti.load_image(path)
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    assert loaded.voxel_volume_ml == pytest.approx(8e-3)
+    assert loaded.nifti.header.get_zooms()[:3] == pytest.approx((2.0, 2.0, 2.0))
+
+
+# Every datatype nibabel writes, intensities or not (complex, RGB and bool-like must be one line, never a crash).
+DATATYPES = (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.float32, np.float64,
+             np.complex64)
+
+
+@st.composite
+def headers(draw):
+    shape = tuple(draw(st.lists(st.integers(1, 5), min_size=3, max_size=3)))
+    if draw(st.booleans()):
+        shape += (draw(st.sampled_from([1, 2])),)
+    dtype = draw(st.sampled_from(DATATYPES))
+    pixdim = draw(st.lists(st.sampled_from([0.0, -1.0, 0.5, 1.0, 1.2, 3.0]), min_size=3, max_size=3))
+    sform = np.diag([*draw(st.lists(st.sampled_from([0.0, -2.0, 0.7, 1.0, 2.0]), min_size=3, max_size=3)), 1.0])
+    if draw(st.booleans()):  # oblique
+        angle = draw(st.floats(-0.5, 0.5))
+        rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+        sform[:3, :3] = rotation @ sform[:3, :3]
+    sform[:3, 3] = draw(st.lists(st.floats(-100, 100), min_size=3, max_size=3))
+    return {"shape": shape, "dtype": dtype, "pixdim": pixdim, "sform": sform,
+            "sform_code": draw(st.sampled_from([0, 1, 2, 4])), "qform_code": draw(st.sampled_from([0, 1, 2])),
+            "slope": draw(st.sampled_from([np.nan, 0.0, 1.0, 2.5, -1.0, 1e-3, 1e30])),
+            "inter": draw(st.sampled_from([0.0, -1024.0, 1e-6, 3.5])),
+            "gz": draw(st.booleans()), "nifti2": draw(st.booleans()), "seed": draw(st.integers(0, 2**16)),
+            # after writing, the header's first dimension is multiplied by this (a header that lies)
+            "claim": draw(st.sampled_from([1, 1, 1, 2, 8000]))}
+
+
+def _write(header: dict, path):
+    rng = np.random.default_rng(header["seed"])
+    dtype = np.dtype(header["dtype"])
+    if dtype.kind in "fc":
+        raw = rng.normal(100, 30, header["shape"]).astype(dtype)
+    else:
+        info = np.iinfo(dtype)
+        raw = rng.integers(max(info.min, -1000), min(info.max, 1000), header["shape"], endpoint=True).astype(dtype)
+    kind = nib.Nifti2Image if header["nifti2"] else nib.Nifti1Image
+    image = kind(raw, None, dtype=dtype)
+    image.header.set_sform(header["sform"], code=header["sform_code"])
+    singular = abs(np.linalg.det(header["sform"][:3, :3])) < 1e-9  # a qform cannot hold it: its own rotation
+    image.header.set_qform(np.eye(4) if singular else header["sform"], code=header["qform_code"])
+    # pixdim as a converter may leave it, whatever the affine says (nibabel would write the affine's).
+    image.header["pixdim"][1:4] = header["pixdim"]
+    image.header["scl_slope"], image.header["scl_inter"] = header["slope"], header["inter"]
+    nib.save(image, path)
+    if header["claim"] != 1:
+        _claim_more(path, header["claim"])
+    return raw
+
+
+def _claim_more(path, factor: int) -> None:
+    """Rewrite the file's header so that it claims `factor` times the voxels along its first axis."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as file:
+        content = file.read()
+    stored = nib.load(str(path)).header
+    lying = type(stored).from_fileobj(io.BytesIO(content))  # as on disk (a loaded image's header is not)
+    lying["dim"][1] = min(int(lying["dim"][1]) * factor, 32767)  # an int16 field
+    with opener(path, "wb") as file:
+        file.write(lying.binaryblock + content[len(lying.binaryblock):])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=headers())
+def test_generated_headers_give_the_right_image_or_one_line(header, tmp_path_factory):
+    """Whatever the header: the data written (scaled as NIfTI says) on a voxel of |det(affine)|, or one
+    UserError line naming the file."""
+    path = tmp_path_factory.mktemp("header") / ("image.nii.gz" if header["gz"] else "image.nii")
+    raw = _write(header, path)
+    stored = nib.load(str(path))
+    if header["claim"] != 1:
+        with pytest.raises(UserError) as caught:
+            nifti.load_image(path, allow_all_zero=True)
+        assert str(caught.value).startswith(str(path)) and "\n" not in str(caught.value)
+        return
+    # The scaling the file holds, as NIfTI defines it (a slope of 0 or NaN: none), which nibabel keeps with the data.
+    slope, inter = stored.dataobj.slope, stored.dataobj.inter
+    expected = raw.real.astype(np.float64) * slope + inter
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            image = nifti.load_image(path, allow_all_zero=True)
+        except UserError as error:
+            message = str(error)
+            assert message.startswith(str(path)) and "\n" not in message
+            return
+    for warning in caught:
+        assert "\n" not in str(warning.message)
+    assert np.dtype(header["dtype"]).kind != "c"  # a complex image is no intensity
+    if expected.ndim == 4:
+        assert expected.shape[3] == 1
+        expected = expected[..., 0]
+    assert np.allclose(image.to_file_grid(image.data), expected.astype(np.float32), rtol=1e-6, atol=1e-6)
+    assert image.voxel_volume_ml * 1000 == pytest.approx(abs(np.linalg.det(stored.affine[:3, :3])), rel=1e-5)
