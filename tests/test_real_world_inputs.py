@@ -146,3 +146,36 @@ def test_generated_headers_give_the_right_image_or_one_line(header, tmp_path_fac
         expected = expected[..., 0]
     assert np.allclose(image.to_file_grid(image.data), expected.astype(np.float32), rtol=1e-6, atol=1e-6)
     assert image.voxel_volume_ml * 1000 == pytest.approx(abs(np.linalg.det(stored.affine[:3, :3])), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["nonzero", "nicms", "percentile", "wm_peak"])
+def test_a_background_that_is_not_quite_zero_gives_the_clean_images_candidates(cohort, tmp_path, method):
+    """A skull-stripped FLAIR whose background is 1e-6, or int16 whose scl_slope/inter puts the stored 0 at
+    -1024, is normalised (and selects candidates) as its clean twin with a background of exactly 0."""
+    from jaxcascade.data.normalisation import candidate_mask, normalise_channels
+
+    clean_file = nib.load(str(cohort / "held_out" / "FLAIR.nii.gz"))
+    clean = np.asarray(clean_file.dataobj, np.float32)
+    assert (clean == 0).mean() > 0.3  # a skull-stripped phantom
+    offset = tmp_path / "offset.nii.gz"
+    nib.save(nib.Nifti1Image(np.where(clean == 0, np.float32(1e-6), clean), clean_file.affine), offset)
+    scaled = tmp_path / "scaled.nii.gz"
+    stored = np.round(clean / clean.max() * 3000).astype(np.int16)
+    image = nib.Nifti1Image(stored, clean_file.affine, dtype=np.int16)
+    image.header.set_slope_inter(0.5, -1024.0)
+    nib.save(image, scaled)
+    twin = stored.astype(np.float32) * 0.5  # the same image with its background at 0
+
+    def candidates(data):
+        normalised = normalise_channels([data], method)[..., 0]
+        return normalised, candidate_mask(normalised, 0.5)
+
+    expected, expected_candidates = candidates(nifti.load_image(cohort / "held_out" / "FLAIR.nii.gz").data)
+    got, got_candidates = candidates(nifti.load_image(offset).data)
+    assert np.array_equal(got_candidates, expected_candidates) and np.allclose(got, expected, atol=1e-4)
+    expected, expected_candidates = candidates(nifti.load_image(scaled).from_file_grid(twin))
+    got, got_candidates = candidates(nifti.load_image(scaled).data)
+    assert np.array_equal(got_candidates, expected_candidates) and np.allclose(got, expected, atol=1e-4)
+    # Arrays given directly (the API) are treated the same way.
+    got, got_candidates = candidates(np.where(clean == 0, np.float32(1e-6), clean))
+    assert np.array_equal(got_candidates, candidates(clean)[1])

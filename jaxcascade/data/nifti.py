@@ -19,6 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from jaxcascade.data.normalisation import zero_background
 from jaxcascade.errors import UserError, warn
 from jaxcascade.runtime.outputs import atomic_path
 
@@ -127,6 +128,8 @@ def load_image(path: str | os.PathLike, *, allow_all_zero: bool = False, orienta
     if not finite.all():
         raise UserError(f"{path}: {int((~finite).sum())} voxels are NaN or Inf; fix or mask them before use")
     if not allow_all_zero:
+        # An intensity image's background is 0 from here on, whatever the file stored it as (a mask is left as is).
+        data = zero_background(data)
         if not data.any():
             raise UserError(f"{path}: image is all zero")
         nonzero = data[data != 0]

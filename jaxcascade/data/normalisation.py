@@ -30,6 +30,14 @@ IQR / 1.349 is about half its std there, so lesions sit about twice as many
 units above the centre, and settings in those units that lie far in the tail
 (sampling.hard_negative_fallback_flair) mean something else.
 Bias-field correction (`bias_field.py`) runs before any of them.
+
+"Nonzero" presumes a background of exactly 0. Skull-stripping tools and
+converters do not always leave one: a float background of 1e-6, or an int16
+image whose scl_slope/inter puts the stored 0 at -1024. `zero_background`
+takes the background to be the value that most of the field of view's border
+shares and moves it to 0 (the whole image shifted by it), so such an image
+gives what its clean twin gives; an image whose border is mostly 0 already,
+or does not mostly share one value (an unstripped head), is left as it is.
 """
 
 from __future__ import annotations
@@ -49,6 +57,36 @@ _NORMAL_IQR = 1.3489795
 # out), smoothed over 3 of its 200 bins so that noise cannot make a peak.
 _HISTOGRAM_BINS = 200
 _HISTOGRAM_SMOOTHING_BINS = 3.0
+# Voxels this close to the background value (a share of the image's intensity range) are background:
+# a float background written as 1e-6 +- rounding, never a tissue (which lies far above it).
+_BACKGROUND_TOLERANCE = 1e-4
+# The share of the border that must hold the background value for it to be taken as one.
+_BACKGROUND_SHARE = 0.5
+
+
+def background_level(image: np.ndarray) -> float:
+    """The value most of the field of view's six faces hold (within tolerance), or 0.0 if there is none."""
+    image = np.asarray(image)
+    if image.ndim != 3 or min(image.shape) < 1:
+        return 0.0
+    border = np.concatenate([face.ravel() for face in (image[0], image[-1], image[:, 0], image[:, -1],
+                                                       image[:, :, 0], image[:, :, -1])])
+    level = float(np.median(border))
+    if level == 0.0:
+        return 0.0
+    tolerance = _BACKGROUND_TOLERANCE * float(np.ptp(image))
+    return level if np.mean(np.abs(border - level) <= tolerance) > _BACKGROUND_SHARE else 0.0
+
+
+def zero_background(image: np.ndarray) -> np.ndarray:
+    """The image with its background (`background_level`) at exactly 0: itself, unchanged, when it is already."""
+    level = background_level(image)
+    if level == 0.0:
+        return image
+    tolerance = _BACKGROUND_TOLERANCE * float(np.ptp(image))
+    shifted = (np.asarray(image, np.float64) - level).astype(np.float32)
+    shifted[np.abs(np.asarray(image, np.float64) - level) <= tolerance] = 0.0
+    return shifted
 
 
 def normalise(image: np.ndarray, method: str = "nonzero") -> np.ndarray:
@@ -124,9 +162,11 @@ def normalise_channels(channels: list[np.ndarray], method: str, *, bias_correcti
     """Stack the images, bias-corrected (config.bias_correction) then normalised, into a (D, H, W, C) float32 volume.
 
     Voxels at 0 (outside the brain, or outside a brain mask the caller applied)
-    stay out of every statistic and of the bias-field fit.
+    stay out of every statistic and of the bias-field fit; a background at another
+    value is moved to 0 first (`zero_background`).
     """
-    return np.stack([normalise(bias_field.correct(image, bias_correction), method) for image in channels], axis=-1)
+    return np.stack([normalise(bias_field.correct(zero_background(image), bias_correction), method)
+                     for image in channels], axis=-1)
 
 
 def flair_channel(config) -> int:
