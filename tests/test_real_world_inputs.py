@@ -5,6 +5,7 @@ answer or one line naming the file, and a study goes on past it."""
 from __future__ import annotations
 
 import gzip
+import os
 import io
 import warnings
 
@@ -179,3 +180,65 @@ def test_a_background_that_is_not_quite_zero_gives_the_clean_images_candidates(c
     # Arrays given directly (the API) are treated the same way.
     got, got_candidates = candidates(np.where(clean == 0, np.float32(1e-6), clean))
     assert np.array_equal(got_candidates, candidates(clean)[1])
+
+
+def _segment(model, data, out, *extra) -> int:
+    from jaxcascade import cli
+
+    return cli.main(["segment", "--model", str(model), "--data", str(data), "--out-dir", str(out), *extra])
+
+
+def test_a_study_segments_every_subject_whatever_its_lesion_mask_or_header(trained_model, cohort, tmp_path):
+    """Lesion masks of 0/255, labels 1/2, probabilities, on another grid or not fetched (DataLad) are scored as
+    meant or left unscored with a note, never an error row; a FLAIR whose header lies is that subject's error
+    row and the subjects after it still run; a background of 1e-6 gives the clean subject's lesions."""
+    import shutil
+
+    from conftest import read_csv
+
+    source = cohort / "train" / "sub-01"
+    lesion_file = nib.load(str(source / "lesion.nii.gz"))
+    lesion = np.asarray(lesion_file.dataobj) > 0
+    data = tmp_path / "data"
+    names = ("a-clean", "b-255", "c-labels", "d-probabilities", "e-grid", "f-not-fetched", "g-lying", "h-offset")
+    for name in names:
+        shutil.copytree(source, data / name)
+
+    def truth(name, values, affine=lesion_file.affine):
+        (data / name / "lesion.nii.gz").unlink()
+        nib.save(nib.Nifti1Image(values, affine), data / name / "lesion.nii.gz")
+
+    truth("b-255", lesion.astype(np.uint8) * 255)
+    labels = lesion.astype(np.uint8)
+    labels[lesion & (np.indices(lesion.shape)[0] % 2 == 0)] = 2
+    truth("c-labels", labels)
+    truth("d-probabilities", np.where(lesion, 0.9, np.where(np.indices(lesion.shape)[1] % 3 == 0, 0.3, 0.0)))
+    shifted = lesion_file.affine.copy()
+    shifted[:3, 3] -= shifted[:3, :3] @ [2, 2, 2]  # the same space, two voxels more on every side
+    truth("e-grid", np.pad(lesion.astype(np.uint8), 2), shifted)
+    (data / "f-not-fetched" / "lesion.nii.gz").unlink()
+    (data / "f-not-fetched" / "lesion.nii.gz").symlink_to("../.git/annex/objects/XX/SHA256E-s1--0.nii.gz")
+    _lying_header(data / "g-lying" / "FLAIR.nii.gz")
+    for sequence in ("T1", "FLAIR"):
+        image = nib.load(str(source / f"{sequence}.nii.gz"))
+        values = np.asarray(image.dataobj, np.float32)
+        nib.save(nib.Nifti1Image(np.where(values == 0, np.float32(1e-6), values), image.affine),
+                 data / "h-offset" / f"{sequence}.nii.gz")
+
+    assert _segment(trained_model, data, tmp_path / "out") == 1  # one error row: the lying header's
+    rows = {row["participant_id"]: row for row in read_csv(tmp_path / "out" / "lesions.csv")}
+    assert list(rows) == list(names)
+    assert rows["g-lying"]["status"].startswith("error: ") and "8000x8000x8000" in rows["g-lying"]["status"]
+    ok = [name for name in names if name != "g-lying"]
+    assert all(rows[name]["status"] == "ok" for name in ok)
+    for name in ok:  # the same images: the same segmentation
+        assert rows[name]["lesion_count"] == rows["a-clean"]["lesion_count"]
+        assert rows[name]["lesion_volume_ml"] == rows["a-clean"]["lesion_volume_ml"]
+    assert rows["a-clean"]["dsc"] != "" and rows["a-clean"]["scoring"] == ""
+    for name in ("b-255", "c-labels", "d-probabilities", "e-grid"):  # the same truth, read as meant
+        assert rows[name]["dsc"] == rows["a-clean"]["dsc"] and rows[name]["scoring"], name
+    assert "0/255" in rows["b-255"]["scoring"] and "labels 0, 1, 2" in rows["c-labels"]["scoring"]
+    assert "probabilities" in rows["d-probabilities"]["scoring"] and "nearest" in rows["e-grid"]["scoring"]
+    assert rows["f-not-fetched"]["dsc"] == "" and "datalad get" in rows["f-not-fetched"]["scoring"]
+    assert rows["f-not-fetched"]["scoring"].startswith("not scored: ")
+    assert all(os.path.exists(tmp_path / "out" / name / f"{name}_desc-lesion_mask.nii.gz") for name in ok)

@@ -99,6 +99,9 @@ def _reorientation(affine: np.ndarray, orientation: str, inverse: bool = False):
 def load_image(path: str | os.PathLike, *, allow_all_zero: bool = False, orientation: str = "RAS") -> Image:
     """Read a 3D NIfTI image (a 4D one with a trailing singleton axis is accepted) into `orientation`."""
     path = Path(path)
+    if not path.exists() and path.is_symlink():
+        raise UserError(f"{path}: a broken symbolic link (content not fetched? for DataLad or git-annex: "
+                        "datalad get / git annex get)")
     if not path.exists():
         raise UserError(f"{path}: file not found")
     if not os.access(path, os.R_OK) or path.is_dir():
@@ -114,8 +117,7 @@ def load_image(path: str | os.PathLike, *, allow_all_zero: bool = False, orienta
             data = np.asarray(nifti.dataobj, dtype=np.float32)
     except UserError:
         raise
-    except (nib.filebasedimages.ImageFileError, EOFError, zlib.error, OSError, ValueError, TypeError,
-            nib.spatialimages.HeaderDataError) as error:
+    except (nib.filebasedimages.ImageFileError, EOFError, zlib.error, OSError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"{path}: not a readable NIfTI image, or truncated ({reason})") from None
     if data.ndim == 4 and data.shape[3] == 1:
@@ -234,6 +236,43 @@ def load_lesion_mask(path: str | os.PathLike, reference: Image) -> np.ndarray:
     return image.data > 0
 
 
+def read_lesion_mask(path: str | os.PathLike, reference: Image) -> tuple[np.ndarray, str]:
+    """A lesion mask to score against, on the reference's grid (processing orientation) as bool, and how
+    it was read ('' if as is).
+
+    Unlike training's `load_lesion_mask`, scoring takes masks in the conventions their authors meant: 0/255
+    or labels (every value > 0 is lesion), probabilities (>= 0.5), another grid of the same space (nearest
+    neighbour).
+    UserError, one line, for a mask that none of these fits.
+    """
+    image = load_image(path, allow_all_zero=True, orientation=reference.orientation)
+    notes = []
+    if image.data.shape != reference.data.shape or not np.allclose(image.affine, reference.affine,
+                                                                    atol=AFFINE_TOLERANCE_MM):
+        image = on_grid_of(image, reference, order=0)
+        notes.append(f"lesion mask resampled (nearest) from {image.resampled_from}")
+    mask, note = lesion_mask_values(image.data)
+    if mask is None:
+        raise UserError(f"{image.path}: {note}")
+    return mask, "; ".join([*notes, note] if note else notes)
+
+
+def lesion_mask_values(data: np.ndarray) -> tuple[np.ndarray | None, str]:
+    """(lesion voxels, how they were read) for a mask's values; (None, why not) where no convention fits."""
+    values = np.unique(data)
+    shown = ", ".join(f"{v:g}" for v in values[:5]) + (", ..." if values.size > 5 else "")
+    if np.all((values == 0) | (values == 1)):
+        return data > 0, ""
+    if values.min() < 0:
+        return None, f"a lesion mask holds negative values ({shown}); give 0 (background) and 1 (lesion)"
+    if np.all(values == np.round(values)):
+        what = f"a 0/{values[-1]:g} mask" if values.size <= 2 else f"labels {shown}"
+        return data > 0, f"lesion mask read as {what}: every value above 0 is lesion"
+    if values.max() <= 1:
+        return data >= 0.5, "lesion mask read as probabilities: 0.5 and above is lesion"
+    return None, f"a lesion mask of values {shown} (neither labels nor probabilities); give 0 and 1"
+
+
 def _world_box(nifti) -> tuple[np.ndarray, np.ndarray]:
     """Scanner-space bounding box (mm) of an image's field of view, voxel edges included."""
     shape = np.array(nifti.shape[:3])
@@ -242,8 +281,8 @@ def _world_box(nifti) -> tuple[np.ndarray, np.ndarray]:
     return world.min(axis=0), world.max(axis=0)
 
 
-def on_grid_of(image: Image, reference: Image) -> Image:
-    """`image` resampled (trilinear, through both affines) onto the reference's voxel grid.
+def on_grid_of(image: Image, reference: Image, order: int = 1) -> Image:
+    """`image` resampled (spline `order`, trilinear by default, through both affines) onto the reference's grid.
 
     Sequences of one session share the scanner's space but often not its grid (a 1 mm 3D T1 and a
     3 mm 2D FLAIR). Images whose fields of view barely overlap are not co-registered: that is refused.
@@ -261,7 +300,7 @@ def on_grid_of(image: Image, reference: Image) -> Image:
             f"(affine {_fmt_affine(image.affine)} vs {_fmt_affine(reference.affine)}); the sequences are not "
             "co-registered: register them first (e.g. ANTs, FSL FLIRT, SPM)"
         )
-    resampled = resample_onto(image, reference.nifti.shape[:3], reference.affine, like=reference.nifti)
+    resampled = resample_onto(image, reference.nifti.shape[:3], reference.affine, order=order, like=reference.nifti)
     resampled.resampled_from = describe_grid(image.nifti)
     return resampled
 

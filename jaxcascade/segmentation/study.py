@@ -75,7 +75,9 @@ def study_subjects(data_dir, config, bids_suffixes: dict | None = None, *, parti
     for folder in folders:
         truth, brain = folder / f"{config.data.lesion}{config.data.suffix}", folder / f"brain_mask{config.data.suffix}"
         subjects.append(StudySubject(folder.name, "", {m: folder / f"{m}{config.data.suffix}" for m in modalities},
-                                     truth if truth.exists() else None, Path(folder.name), folder.name,
+                                     # a broken link (a DataLad file not fetched) is tried, to say so
+                                     truth if truth.exists() or truth.is_symlink() else None,
+                                     Path(folder.name), folder.name,
                                      brain_mask=brain if brain.exists() else None))
     return subjects
 
@@ -417,5 +419,6 @@ def _settle(report: dict, subject: StudySubject, identity: dict, out_dir: Path, 
     row = report["row"]
     log(f"{subject.name}: {row['lesion_count']} lesions, {row['lesion_volume_ml']:.2f} ml ({row['seconds']:.1f} s)"
         + ("; the FLAIR does not look skull-stripped: add a brain mask" if row["skull_stripped"] == "no" else "")
-        + (f"; {row['resampled']}" if row.get("resampled") else ""))
+        + (f"; {row['resampled']}" if row.get("resampled") else "")
+        + (f"; {row['scoring']}" if row.get("scoring") else ""))
     return report

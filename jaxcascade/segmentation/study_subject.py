@@ -50,6 +50,7 @@ class LoadedSubject:
     skull_stripped: str
     truth: np.ndarray | None
     seconds: float  # spent loading
+    scoring: str = ""  # how the lesion mask was read, or why the subject is not scored
 
 
 def load_subject(model: Cascade, subject: StudySubject) -> LoadedSubject:
@@ -63,9 +64,15 @@ def load_subject(model: Cascade, subject: StudySubject) -> LoadedSubject:
     reference = images[model.modalities.index(config.data.flair)]
     brain_mask = nifti.load_brain_mask(subject.brain_mask, reference) if subject.brain_mask else None
     stripped = "masked" if brain_mask is not None else "yes" if nifti.looks_skull_stripped(reference.data) else "no"
-    truth = nifti.load_lesion_mask(subject.truth, reference) if subject.truth else None
+    truth, scoring = None, ""
+    if subject.truth:
+        # Scoring never blocks segmenting: a mask that cannot be read is said in the report, and not scored.
+        try:
+            truth, scoring = nifti.read_lesion_mask(subject.truth, reference)
+        except UserError as error:
+            scoring = f"not scored: {error}"
     return LoadedSubject(images, reference, nifti.resampling_notes(images, model.modalities, config.data.flair),
-                         brain_mask, stripped, truth, time.perf_counter() - started)
+                         brain_mask, stripped, truth, time.perf_counter() - started, scoring)
 
 
 def output_names(prefix: str, probabilities: bool) -> list[str]:
@@ -94,7 +101,8 @@ def write_subject(subject: StudySubject, loaded: LoadedSubject, result: Segmenta
     row = {"participant_id": subject.participant_id, "session_id": subject.session_id, "status": "ok",
            "lesion_count": len(lesions), "lesion_volume_ml": round(volume_ml, 6),
            "voxel_size_mm": "x".join(f"{z:g}" for z in reference.nifti.header.get_zooms()[:3]),
-           "skull_stripped": loaded.skull_stripped, "resampled": "; ".join(loaded.resampled)}
+           "skull_stripped": loaded.skull_stripped, "resampled": "; ".join(loaded.resampled),
+           "scoring": loaded.scoring}
     if loaded.truth is not None:
         scores = metrics.segmentation_metrics(result.mask, loaded.truth, reference.voxel_volume_ml)
         row.update({key: round(scores[key], 5) for key in ("dsc", "ppv", "tpr", "lesion_f1")},
