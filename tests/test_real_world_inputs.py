@@ -242,3 +242,65 @@ def test_a_study_segments_every_subject_whatever_its_lesion_mask_or_header(train
     assert rows["f-not-fetched"]["dsc"] == "" and "datalad get" in rows["f-not-fetched"]["scoring"]
     assert rows["f-not-fetched"]["scoring"].startswith("not scored: ")
     assert all(os.path.exists(tmp_path / "out" / name / f"{name}_desc-lesion_mask.nii.gz") for name in ok)
+
+
+def test_names_too_long_for_a_file_system_are_shortened_with_a_hash(trained_model, cohort, tmp_path):
+    """A 240-character subject folder: its outputs get a shortened name (start and hash), recorded in the
+    report, and a rerun finds them done; a valid 220-character BIDS label likewise."""
+    import json
+    import shutil
+
+    from conftest import read_csv
+
+    from jaxcascade.runtime import outputs
+
+    data = tmp_path / "data"
+    long_name = "patient_" + "x" * 232
+    shutil.copytree(cohort / "train" / "sub-01", data / long_name)
+    out = tmp_path / "out"
+    assert _segment(trained_model, data, out) == 0
+    [row] = read_csv(out / "lesions.csv")
+    assert row["participant_id"] == long_name and row["status"] == "ok"
+    [report_path] = (out / long_name).glob("*_desc-lesion_report.json")
+    report = json.loads(report_path.read_text())
+    assert report["file_prefix"]["shortened_from"] == long_name
+    assert report_path.name == f"{report['file_prefix']['used']}_desc-lesion_report.json"
+    assert all(len(p.name.encode()) <= 255 for p in out.rglob("*"))
+    assert (out / long_name / f"{report['file_prefix']['used']}_desc-lesion_mask.nii.gz").is_file()
+    assert _segment(trained_model, data, out) == 0  # a rerun: already done
+    # The same name always maps to the same prefix, and two long names that share a start to two.
+    assert outputs.fitting_prefix(long_name, 30) == outputs.fitting_prefix(long_name, 30)
+    assert outputs.fitting_prefix(long_name, 30) != outputs.fitting_prefix(long_name[:-1] + "y", 30)
+    assert outputs.fitting_prefix("sub-01", 30) == "sub-01"
+    # BIDS: sub-<220 characters>.
+    bids = tmp_path / "bids"
+    label = "a" * 220
+    anat = bids / f"sub-{label}" / "anat"
+    anat.mkdir(parents=True)
+    (bids / "dataset_description.json").write_text('{"Name": "long", "BIDSVersion": "1.9.0"}')
+    for sequence, suffix in (("T1", "T1w"), ("FLAIR", "FLAIR")):
+        shutil.copy(cohort / "train" / "sub-01" / f"{sequence}.nii.gz", anat / f"sub-{label}_{suffix}.nii.gz")
+    assert _segment(trained_model, bids, tmp_path / "bids-out") == 0
+    [row] = read_csv(tmp_path / "bids-out" / "lesions.csv")
+    assert row["participant_id"] == f"sub-{label}" and row["status"] == "ok"
+
+
+@pytest.mark.parametrize("command", ["segment-dir", "probabilities", "train", "phantom"])
+def test_a_dangling_symbolic_link_as_an_output_folder_is_one_line_before_any_work(command, cohort, tmp_path,
+                                                                                  capsys):
+    from jaxcascade import cli
+
+    link = tmp_path / "gone"
+    link.symlink_to(tmp_path / "nowhere")
+    arguments = {
+        "segment-dir": ["segment", "--model", "demo", "--data", str(cohort / "train"), "--out-dir", str(link)],
+        "probabilities": ["segment", "--model", "demo", "--input", f"T1={cohort / 'held_out' / 'T1.nii.gz'}",
+                          "--input", f"FLAIR={cohort / 'held_out' / 'FLAIR.nii.gz'}", "--out",
+                          str(tmp_path / "seg.nii.gz"), "--probabilities", str(link)],
+        "train": ["train", "--data", str(cohort / "train"), "--workdir", str(link)],
+        "phantom": ["phantom", str(link), "--subjects", "1"],
+    }[command]
+    assert cli.main(arguments) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(link) in err and "does not exist" in err, err
+    assert not (tmp_path / "nowhere").exists() and not (tmp_path / "seg.nii.gz").exists()

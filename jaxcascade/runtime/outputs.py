@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +22,22 @@ from jaxcascade.errors import UserError
 
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# The longest file name (bytes) that Linux file systems (ext4, xfs, btrfs, tmpfs, NFS) take.
+NAME_MAX = 255
+# What `atomic_path` adds to a name for its temporary: "." + name + ".tmp-" + 8 random characters + suffix.
+_TEMPORARY_EXTRA = 1 + 5 + 8 + len(".nii.gz")
+
+
+def fitting_prefix(prefix: str, longest_suffix: int) -> str:
+    """`prefix`, or where prefix + a suffix of `longest_suffix` bytes (and its temporary) would pass NAME_MAX,
+    its start and a hash of the whole: distinct prefixes stay distinct, and the same one always maps alike."""
+    room = NAME_MAX - _TEMPORARY_EXTRA - longest_suffix
+    encoded = prefix.encode()
+    if len(encoded) <= room:
+        return prefix
+    digest = hashlib.sha256(encoded).hexdigest()[:12]
+    start = encoded[:room - len(digest) - 1].decode(errors="ignore")  # whole characters only
+    return f"{start}-{digest}"
 
 
 def _check_parent(path: Path, shown: str, parents: bool = False) -> None:
@@ -52,6 +69,12 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False, is_di
         raise UserError("an output path is empty; give a file or folder name")
     path = Path(text)
     kind = "folder" if is_dir else "file"
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"{text}: a symbolic link to {os.readlink(path)}, which does not exist; create its "
+                        "target or choose another path")
+    if any(len(os.fsencode(part)) > NAME_MAX for part in path.parts):
+        raise UserError(f"{text}: a name in this path is longer than {NAME_MAX} bytes, which file systems refuse; "
+                        "choose a shorter one")
     if not is_dir and text.endswith(os.sep):
         raise UserError(f"{text}: names a folder (trailing {os.sep}); give a file name, e.g. {text.rstrip(os.sep)}"
                         f"{'' if text.rstrip(os.sep).endswith(NIFTI_SUFFIXES) else '/seg.nii.gz'}")

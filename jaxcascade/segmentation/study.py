@@ -40,7 +40,8 @@ from jaxcascade.data.subjects import select_participants
 from jaxcascade.segmentation import study_record
 from jaxcascade.segmentation.study_report import LESION_COLUMNS, SUBJECT_COLUMNS, csv_text
 from jaxcascade.segmentation.files import check_overrides, segment_images
-from jaxcascade.segmentation.study_subject import Prefetcher, StudySubject, load_subject, output_names, write_subject
+from jaxcascade.segmentation.study_subject import (Prefetcher, StudySubject, fit_file_names, load_subject,
+                                                  output_names, write_subject)
 
 _LOG = logging.getLogger(__name__)
 
@@ -54,6 +55,16 @@ def study_subjects(data_dir, config, bids_suffixes: dict | None = None, *, parti
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"{data_dir}: data folder not found")
+    subjects = _discovered(data_dir, config, bids_suffixes, participants, bids_filters, log)
+    # A name too long for a file system gets a shorter one (its start and a hash), said in its report.
+    subjects = [fit_file_names(subject) for subject in subjects]
+    for subject in subjects:
+        if subject.shortened_from and log is not None:
+            log(f"{subject.name}: too long for file names; its outputs are named {subject.prefix}_desc-*")
+    return subjects
+
+
+def _discovered(data_dir: Path, config, bids_suffixes, participants, bids_filters, log) -> list[StudySubject]:
     modalities = tuple(config.data.modalities)
     if bids_layout.is_bids(data_dir):
         found = bids_layout.sessions(data_dir, modalities, bids_suffixes or bids_layout.DEFAULT_SUFFIXES,

@@ -23,6 +23,7 @@ from jaxcascade.evaluation import metrics, plots
 from jaxcascade.segmentation.cascade import Cascade, PhaseClock, Segmentation
 from jaxcascade.segmentation.study_report import lesion_rows
 from jaxcascade.errors import UserError
+from jaxcascade.runtime.outputs import fitting_prefix
 
 
 @dataclasses.dataclass
@@ -35,6 +36,7 @@ class StudySubject:
     prefix: str  # of every output file name
     problem: str | None = None  # a reason it cannot be segmented, found while discovering
     brain_mask: Path | None = None  # restricts normalisation and candidates
+    shortened_from: str = ""  # the prefix its name gave, where too long for a file name (prefix: shortened)
 
     @property
     def name(self) -> str:
@@ -73,6 +75,15 @@ def load_subject(model: Cascade, subject: StudySubject) -> LoadedSubject:
             scoring = f"not scored: {error}"
     return LoadedSubject(images, reference, nifti.resampling_notes(images, model.modalities, config.data.flair),
                          brain_mask, stripped, truth, time.perf_counter() - started, scoring)
+
+
+def fit_file_names(subject: StudySubject) -> StudySubject:
+    """The subject, its prefix shortened with a hash where its longest output name would pass 255 bytes."""
+    longest = max(len(name.encode()) for name in [*output_names("", True), "_desc-lesion_error.json"])
+    prefix = fitting_prefix(subject.prefix, longest)
+    if prefix != subject.prefix:
+        subject = dataclasses.replace(subject, prefix=prefix, shortened_from=subject.prefix)
+    return subject
 
 
 def output_names(prefix: str, probabilities: bool) -> list[str]:
@@ -115,8 +126,11 @@ def write_subject(subject: StudySubject, loaded: LoadedSubject, result: Segmenta
     # A subject's own work; in a pipeline its steps overlap its neighbours', so these add up to more
     # than the study's wall time per subject (`finished`, a wall-clock time stamp, gives the rate).
     row["seconds"] = round(sum(seconds.values()), 3)
-    return {"row": row, "lesions": lesions, "seconds": {phase: round(s, 4) for phase, s in seconds.items()},
-            "finished": time.time()}
+    report = {"row": row, "lesions": lesions, "seconds": {phase: round(s, 4) for phase, s in seconds.items()},
+              "finished": time.time()}
+    if subject.shortened_from:
+        report["file_prefix"] = {"used": subject.prefix, "shortened_from": subject.shortened_from}
+    return report
 
 
 class Prefetcher:
