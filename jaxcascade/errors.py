@@ -16,6 +16,21 @@ MACHINE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk q
                   errno.EROFS: "read-only file system"}
 
 
+def out_of_memory(error: BaseException) -> str | None:
+    """'out of memory' (and XLA's own first line) if `error` says memory ran out, else None.
+
+    XLA reports an allocation it cannot make as a RuntimeError (jax.errors.JaxRuntimeError) whose message
+    starts with its status code RESOURCE_EXHAUSTED, not as a MemoryError; matched by text so that this
+    module imports no jax.
+    """
+    if isinstance(error, MemoryError):
+        return "out of memory"
+    first = (str(error).strip().splitlines() or [""])[0]
+    if isinstance(error, RuntimeError) and first.startswith("RESOURCE_EXHAUSTED"):
+        return f"out of memory ({first[:200]})"
+    return None
+
+
 class UserError(Exception):
     """A problem with the user's input, files or options (not a bug)."""
 

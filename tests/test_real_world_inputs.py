@@ -304,3 +304,28 @@ def test_a_dangling_symbolic_link_as_an_output_folder_is_one_line_before_any_wor
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(link) in err and "does not exist" in err, err
     assert not (tmp_path / "nowhere").exists() and not (tmp_path / "seg.nii.gz").exists()
+
+
+def test_xla_out_of_memory_stops_a_study_as_a_fault_of_the_machine(trained_model, cohort, tmp_path, monkeypatch,
+                                                                    capsys):
+    """XLA's RESOURCE_EXHAUSTED (a JaxRuntimeError, not a MemoryError) is the machine's fault: exit 3 and one
+    line, not an error row for every subject."""
+    import shutil
+
+    import jax
+
+    from jaxcascade.segmentation import study
+
+    data = tmp_path / "data"
+    for name in ("sub-01", "sub-02"):
+        shutil.copytree(cohort / "train" / name, data / name)
+
+    def exhausted(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB.\n"
+                                         "BufferAssignment OOM Debugging.")
+
+    monkeypatch.setattr(study, "segment_images", exhausted)
+    assert _segment(trained_model, data, tmp_path / "out") == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "out of memory" in err and "RESOURCE_EXHAUSTED" in err, err
+    assert not (tmp_path / "out" / "sub-02").exists()  # stopped at the first subject

@@ -34,7 +34,7 @@ from typing import Callable
 from jaxcascade.data import bids_layout
 from jaxcascade.segmentation.cascade import Cascade
 from jaxcascade.storage import shipped
-from jaxcascade.errors import MACHINE_ERRNOS, MachineFault, UserError
+from jaxcascade.errors import MACHINE_ERRNOS, MachineFault, UserError, out_of_memory
 from jaxcascade.runtime.outputs import check_output_path, write_json, write_text
 from jaxcascade.data.subjects import select_participants
 from jaxcascade.segmentation import study_record
@@ -118,8 +118,8 @@ LOCKS = ".locks"  # one lock file per subject being segmented (released when its
 
 def machine_fault(error: BaseException, out_dir: Path) -> str | None:
     """What went wrong, if `error` is a fault of the machine or of the output folder rather than of a subject."""
-    if isinstance(error, MemoryError):
-        return "out of memory"
+    if out_of_memory(error):
+        return out_of_memory(error)
     if not isinstance(error, OSError):
         return None
     where = f" writing {error.filename}" if error.filename else ""
