@@ -329,3 +329,82 @@ def test_xla_out_of_memory_stops_a_study_as_a_fault_of_the_machine(trained_model
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "out of memory" in err and "RESOURCE_EXHAUSTED" in err, err
     assert not (tmp_path / "out" / "sub-02").exists()  # stopped at the first subject
+
+
+def _bids(root, sessions: dict) -> None:
+    """A BIDS dataset: {relative folder: [file names]} of empty stand-ins (only names are read here)."""
+    root.mkdir(parents=True)
+    (root / "dataset_description.json").write_text('{"Name": "test", "BIDSVersion": "1.9.0"}')
+    for folder, names in sessions.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (root / folder / name).write_bytes(b"")
+
+
+def test_bids_participants_without_anatomy_are_skipped_with_a_note(tmp_path):
+    """sub-emptyroom (MEG only) and a session with func/ only are no error: skipped, each with a note."""
+    from jaxcascade.data import bids_layout
+
+    root = tmp_path / "ds"
+    _bids(root, {"sub-01/anat": ["sub-01_T1w.nii.gz", "sub-01_FLAIR.nii.gz"],
+                 "sub-emptyroom/ses-20200101/meg": ["sub-emptyroom_ses-20200101_task-noise_meg.fif"],
+                 "sub-02/ses-1/anat": ["sub-02_ses-1_T1w.nii.gz", "sub-02_ses-1_FLAIR.nii.gz"],
+                 "sub-02/ses-2/func": ["sub-02_ses-2_task-rest_bold.nii.gz"]})
+    notes = []
+    entries = bids_layout.sessions(root, ("T1", "FLAIR"), bids_layout.DEFAULT_SUFFIXES, log=notes.append)
+    assert [(e["participant_id"], e["session_id"], e["problem"]) for e in entries] == [
+        ("sub-01", "", None), ("sub-02", "ses-1", None)]
+    assert notes == ["sub-02 ses-2: no anat/ folder (no anatomical images); skipped",
+                     "sub-emptyroom ses-20200101: no anat/ folder (no anatomical images); skipped"]
+
+
+def test_bids_filter_entity_none_picks_the_images_without_it(tmp_path):
+    """fMRIPrep-style derivatives: space=none picks the native desc-preproc_T1w, not the MNI one."""
+    from jaxcascade.data import bids_layout
+
+    root = tmp_path / "fmriprep"
+    _bids(root, {"sub-01/anat": ["sub-01_desc-preproc_T1w.nii.gz",
+                                 "sub-01_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz",
+                                 "sub-01_FLAIR.nii.gz"]})
+    [entry] = bids_layout.sessions(root, ("T1", "FLAIR"), bids_layout.DEFAULT_SUFFIXES, filters=["space=none"])
+    assert entry["problem"] is None and entry["inputs"]["T1"].name == "sub-01_desc-preproc_T1w.nii.gz"
+    [entry] = bids_layout.sessions(root, ("T1", "FLAIR"), bids_layout.DEFAULT_SUFFIXES, filters=["T1:space=none"])
+    assert entry["inputs"]["T1"].name == "sub-01_desc-preproc_T1w.nii.gz"
+    [entry] = bids_layout.sessions(root, ("T1", "FLAIR"), bids_layout.DEFAULT_SUFFIXES, filters=["desc=none"])
+    assert entry["problem"].startswith("none of 2 *_T1w images has no desc-")
+
+
+def test_a_participants_tsv_with_a_byte_order_mark_is_read(tmp_path):
+    from jaxcascade.data import bids_layout
+
+    root = tmp_path / "ds"
+    _bids(root, {"sub-01/anat": ["sub-01_T1w.nii.gz", "sub-01_FLAIR.nii.gz"]})
+    (root / "participants.tsv").write_bytes("participant_id\tage\nsub-01\t31\nsub-02\t40\n".encode("utf-8-sig"))
+    notes = []
+    bids_layout.sessions(root, ("T1", "FLAIR"), bids_layout.DEFAULT_SUFFIXES, log=notes.append)
+    assert notes == [f"{root}: participants.tsv lists sub-02 without a folder; skipped"]
+
+
+def test_participant_label_names_a_training_layout_folder(cohort, tmp_path, capsys):
+    """--participant-label patient_01 picks that folder of a training layout; in BIDS, one line."""
+    import shutil
+
+    from jaxcascade import cli
+    from jaxcascade.configs import default
+    from jaxcascade.data import bids_layout
+    from jaxcascade.segmentation import study
+
+    data = tmp_path / "data"
+    for name in ("patient_01", "patient_02"):
+        shutil.copytree(cohort / "train" / "sub-01", data / name)
+    labels = bids_layout.participant_labels(["patient_01"])
+    assert [s.participant_id for s in study.study_subjects(data, default.get_config(), participants=labels)] == [
+        "patient_01"]
+    root = tmp_path / "ds"
+    _bids(root, {"sub-01/anat": ["sub-01_T1w.nii.gz", "sub-01_FLAIR.nii.gz"]})
+    with pytest.raises(UserError, match="a BIDS participant label is letters and digits"):
+        study.study_subjects(root, default.get_config(), participants=labels)
+    # The command line takes it too (it fails later, on the model, not on the label).
+    assert cli.main(["segment", "--model", str(tmp_path / "no-model"), "--data", str(data), "--out-dir",
+                     str(tmp_path / "out"), "--participant-label", "patient_01"]) == 2
+    assert "model directory not found" in capsys.readouterr().err

@@ -10,7 +10,8 @@ a participants.tsv (participants it lists without a folder are named in a note).
 
 Several images of one suffix in a session (runs, acquisitions, reconstructions, echoes, ...):
   - `--bids-filter [MODALITY:]ENTITY=VALUE` keeps those with that entity (e.g. FLAIR:acq=3d, run=1),
-    wherever a session has several images carrying the entity;
+    wherever a session has several images carrying the entity; ENTITY=none keeps those without it
+    (space=none: fMRIPrep's native-space desc-preproc_T1w rather than its space-MNI* ones);
   - if what remains differs only in `run`, the last run is used (the usual repeat of a spoilt
     acquisition), and a note says which;
   - otherwise the session is an error row naming the entities that differ and the filter to give.
@@ -39,6 +40,10 @@ from jaxcascade.runtime.outputs import write_json
 DEFAULT_SUFFIXES = {"T1": "T1w", "FLAIR": "FLAIR", "T2": "T2w", "PD": "PDw"}
 _EXTENSIONS = (".nii.gz", ".nii")
 _LABEL = re.compile(r"^[a-zA-Z0-9]+$")
+# A training-layout folder's name may hold more than a BIDS label (patient_01, case-3.b); never a path.
+_FOLDER_NAME = re.compile(r"^[\w.-]+$")
+# A filter's value that keeps the images without the entity (space=none: fMRIPrep's native-space outputs).
+NO_ENTITY = "none"
 
 
 def is_bids(root) -> bool:
@@ -77,14 +82,15 @@ def parse_filters(pairs) -> list[tuple[str | None, str, str]]:
 
 
 def participant_labels(labels) -> list[str]:
-    """['01', 'sub-02'] -> ['01', '02'] (BIDS Apps accept either form)."""
+    """['01', 'sub-02'] -> ['01', '02'] (BIDS Apps accept either form); in a training-layout folder a
+    label may also be a subject folder's name (patient_01), which `sessions` refuses for BIDS."""
     cleaned = []
     for label in labels or []:
         for part in str(label).replace(",", " ").split():
             bare = part[4:] if part.startswith("sub-") else part
-            if not _LABEL.match(bare):
+            if not _FOLDER_NAME.match(bare) or bare in (".", ".."):
                 raise UserError(f"--participant-label {part!r}: a participant label is letters and digits, "
-                                "e.g. 01 or sub-01")
+                                "e.g. 01 or sub-01 (or, in a training-layout folder, a subject folder's name)")
             cleaned.append(bare)
     return cleaned
 
@@ -126,9 +132,10 @@ def _choose(images, modality: str, suffix: str, filters, where: str) -> tuple[Pa
     for target, entity, value in filters:
         # A filter chooses among several images that carry its entity; elsewhere it does not apply.
         if target in (None, modality) and len(matching) > 1 and any(entity in e for e, _ in matching):
-            kept = [(e, p) for e, p in matching if e.get(entity) == value]
+            kept = [(e, p) for e, p in matching if (entity not in e if value == NO_ENTITY else e.get(entity) == value)]
             if not kept:
-                return None, None, (f"none of {len(matching)} *_{suffix} images has {entity}-{value} "
+                wanted = f"no {entity}-" if value == NO_ENTITY else f"{entity}-{value}"
+                return None, None, (f"none of {len(matching)} *_{suffix} images has {wanted} "
                                     f"({', '.join(p.name for _, p in matching)}); fix --bids-filter")
             matching = kept
     if len(matching) == 1:
@@ -174,7 +181,8 @@ def _derivative_masks(root: Path, subject: str, session: str) -> tuple[list[Path
 
 def _listed_participants(root: Path) -> list[str]:
     try:
-        with open(root / "participants.tsv", newline="") as table:
+        # utf-8-sig: a table saved by Excel or Notepad starts with a byte-order mark, not with its header.
+        with open(root / "participants.tsv", newline="", encoding="utf-8-sig") as table:
             return [row.get("participant_id", "") for row in csv.DictReader(table, delimiter="\t")]
     except (OSError, UnicodeDecodeError, csv.Error):
         return []
@@ -204,6 +212,10 @@ def sessions(root, modalities: tuple[str, ...], suffixes: dict[str, str], *, par
             "without a folder; skipped")
     if participants:
         wanted = participant_labels(participants)
+        not_bids = [label for label in wanted if not _LABEL.match(label)]
+        if not_bids:
+            raise UserError(f"--participant-label {not_bids[0]!r}: a BIDS participant label is letters and digits, "
+                            f"e.g. 01 or sub-01 ({root} is a BIDS dataset)")
         missing = [label for label in wanted if label not in subjects]
         if missing:
             shown = ", ".join(subjects[:10]) + (" ..." if len(subjects) > 10 else "")
@@ -216,6 +228,11 @@ def sessions(root, modalities: tuple[str, ...], suffixes: dict[str, str], *, par
             where = f"sub-{subject} ses-{session}" if session else f"sub-{subject}"
             entry = {"participant_id": f"sub-{subject}", "session_id": f"ses-{session}" if session else "",
                      "inputs": {}, "truth": None, "brain_mask": None, "problem": None}
+            if not anat.is_dir():
+                # Not a session of this tool's kind (sub-emptyroom's MEG, a session with func/ only); an anat/
+                # that lacks a sequence is a problem of that session, said in its row.
+                log(f"{where}: no anat/ folder (no anatomical images); skipped")
+                continue
             images = _images(anat, subject, session)
             problems = []
             for modality in modalities:
@@ -236,8 +253,8 @@ def sessions(root, modalities: tuple[str, ...], suffixes: dict[str, str], *, par
             entry["brain_mask"] = brains[0] if len(brains) == 1 else None
             found.append(entry)
     if not found:
-        raise UserError(f"{root}: a BIDS dataset without subjects (expected sub-<label>/[ses-<label>/]anat/"
-                        "sub-<label>_<suffix>.nii.gz)")
+        raise UserError(f"{root}: a BIDS dataset without anatomical images (expected sub-<label>/[ses-<label>/]"
+                        "anat/sub-<label>_<suffix>.nii.gz)")
     return found
 
 
