@@ -17,7 +17,6 @@ import sys
 import warnings
 from pathlib import Path
 
-from jaxcascade.phantom import scanners
 from jaxcascade.errors import MACHINE_ERRNOS, JaxcascadeWarning, MachineFault, TrainingInterrupted, UserError
 from jaxcascade.version import __version__
 
@@ -100,13 +99,32 @@ def parse_inputs(pairs: list[str]) -> dict[str, str]:
     return inputs
 
 
+class _ScannerNames:
+    """--scanner's choices, read from jaxcascade.phantom (numpy, scipy) only when argparse checks a value or
+    writes help: a command line that fails on its arguments imports nothing heavy."""
+
+    def _names(self):
+        from jaxcascade.phantom import scanners
+
+        return tuple(scanners.SCANNERS)
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
 def cmd_phantom(args, _overrides) -> None:
     from jaxcascade.runtime import outputs
     from jaxcascade import phantom
 
+    from jaxcascade.phantom import scanners
+
     if args.subjects < 1 or args.sessions < 1:
         raise UserError(f"--subjects {args.subjects} --sessions {args.sessions}: need at least one of each")
     outputs.check_output_path(args.out, is_dir=True)
+    args.scanner = args.scanner or scanners.DEFAULT.name
     generator, options = phantom, {"scanner": args.scanner}
     if args.kind == "mni":
         from jaxcascade.phantom import mni as generator
@@ -164,9 +182,6 @@ def cmd_segment(args, _overrides) -> int | None:
 
 
 def _segment_study(args) -> int:
-    from jaxcascade import api
-    from jaxcascade.segmentation import study
-
     if not (args.data and args.out_dir) or args.input or args.out:
         raise UserError("jaxcascade segment: a study takes --data DIR and --out-dir OUT, without --input/--out")
     if args.brain_mask:
@@ -178,7 +193,9 @@ def _segment_study(args) -> int:
     if args.threshold is not None or args.min_lesion_voxels is not None or args.inference:
         raise UserError("jaxcascade segment --data: --threshold, --min-lesion-voxels and --inference apply to one "
                         "subject; for a study set them in the model's config")
+    from jaxcascade import api
     from jaxcascade.data import bids_layout
+    from jaxcascade.segmentation import study
 
     rows = api.segment_study(args.model, args.data, args.out_dir, probabilities=args.probabilities is not None,
                                overwrite=args.overwrite, compute_dtype=args.compute_dtype,
@@ -304,8 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=("folders", "bids"), default="folders",
                    help="one folder per subject (for training), or a BIDS dataset with lesion masks as a derivative")
     p.add_argument("--sessions", type=int, default=1, help="sessions per subject (BIDS layout)")
-    p.add_argument("--scanner", choices=tuple(scanners.SCANNERS), default=scanners.DEFAULT.name,
-                   help="acquisition settings: lesion contrast, noise, bias field, FLAIR slices (README, The phantom)")
+    p.add_argument("--scanner", choices=_ScannerNames(), default=None, metavar="NAME",
+                   help="acquisition settings: lesion contrast, noise, bias field, FLAIR slices (README, The phantom); "
+                        "one of %(choices)s")
     p.set_defaults(run=cmd_phantom)
 
     p = commands.add_parser("train", help="train both stages (resumes an interrupted run)")

@@ -408,3 +408,21 @@ def test_participant_label_names_a_training_layout_folder(cohort, tmp_path, caps
     assert cli.main(["segment", "--model", str(tmp_path / "no-model"), "--data", str(data), "--out-dir",
                      str(tmp_path / "out"), "--participant-label", "patient_01"]) == 2
     assert "model directory not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arguments", [["segment"], ["segment", "--input", "T1", "x"],
+                                       ["segment", "--data", "d", "--out-dir", "o", "--threshold", "0.5"],
+                                       ["segment", "--threshold", "1.5"], ["train"], ["phantom"]])
+def test_a_command_that_fails_on_its_arguments_imports_nothing_heavy(arguments):
+    """No jax, flax, nibabel, scipy or matplotlib before the arguments are checked (they take seconds)."""
+    import json
+    import subprocess
+    import sys
+
+    wrapper = ("import json, sys\nfrom jaxcascade import cli\ntry:\n    status = cli.main(sys.argv[1:])\n"
+               "except SystemExit as stop:\n    status = stop.code\n"
+               "heavy = [m for m in ('jax', 'flax', 'nibabel', 'scipy', 'matplotlib') if m in sys.modules]\n"
+               "print(json.dumps({'status': status, 'heavy': heavy}))\n")
+    result = subprocess.run([sys.executable, "-c", wrapper, *arguments], capture_output=True, text=True, timeout=120)
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome == {"status": 2, "heavy": []}, result.stderr

@@ -39,6 +39,7 @@ from pathlib import Path
 
 MALLOC_ENV = "JAXCASCADE_MALLOC"
 CACHE_ENV = "JAXCASCADE_COMPILATION_CACHE"
+_CACHE_SET_ENV = "JAXCASCADE_SET_JAX_CACHE_DIR"  # the JAX_COMPILATION_CACHE_DIR that jaxcascade set
 _OFF = ("0", "off", "false", "no")
 
 # glibc's mallopt parameters (malloc.h) and the values set.
@@ -126,15 +127,23 @@ def default_cache_dir() -> Path:
 
 
 def configure_compilation_cache() -> str:
-    """Turn on JAX's persistent compilation cache in the per-user folder; returns the folder or why not."""
+    """Turn on JAX's persistent compilation cache in the per-user folder; returns the folder or why not.
+
+    Before jax is imported this sets the environment variables jax reads at its import, so that importing
+    jaxcascade imports no jax (a command that fails on its arguments answers at once, ~0.1 s rather than
+    2-5 s); after, it updates jax's config. A child process inherits the variables: _CACHE_SET_ENV marks
+    them as jaxcascade's own, so that only a user's JAX_COMPILATION_CACHE_DIR counts as explicit.
+    """
+    ours = os.environ.get(_CACHE_SET_ENV)
+    if ours and os.environ.get("JAX_COMPILATION_CACHE_DIR") == ours and "jax" not in sys.modules:
+        del os.environ["JAX_COMPILATION_CACHE_DIR"]  # a parent's choice, made afresh here (or disabled)
     setting = os.environ.get(CACHE_ENV, "").strip()
     if setting.lower() in _OFF:
         return "disabled"
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") and os.environ["JAX_COMPILATION_CACHE_DIR"] != ours:
         return f"{os.environ['JAX_COMPILATION_CACHE_DIR']} (JAX_COMPILATION_CACHE_DIR)"
-    import jax
-
-    if jax.config.jax_compilation_cache_dir:
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.config.jax_compilation_cache_dir and jax.config.jax_compilation_cache_dir != ours:
         return f"{jax.config.jax_compilation_cache_dir} (jax config)"
     try:
         import filelock  # noqa: F401 - JAX's size-limited cache locks with it
@@ -146,10 +155,16 @@ def configure_compilation_cache() -> str:
     except OSError as error:
         _warn(f"{folder}: cannot create the compilation cache ({error.strerror}); compiling afresh each run")
         return "unwritable"
+    min_seconds = os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(CACHE_MIN_COMPILE_SECONDS))
+    if jax is None:
+        os.environ.update({"JAX_COMPILATION_CACHE_DIR": str(folder), _CACHE_SET_ENV: str(folder),
+                           "JAX_COMPILATION_CACHE_MAX_SIZE": str(CACHE_MAX_BYTES),
+                           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": min_seconds})
+        return str(folder)
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
-    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_seconds))
+    os.environ[_CACHE_SET_ENV] = str(folder)
     return str(folder)
 
 
