@@ -10,7 +10,7 @@ from jaxcascade import runtime as _runtime  # noqa: E402
 
 _runtime.configure()
 
-__all__ = ["train", "segment", "segment_study", "load_model", "evaluate"]
+__all__ = ["train", "segment", "segment_study", "load_model", "evaluate", "shipped_models"]
 
 
 def __getattr__(name: str):
