@@ -9,6 +9,7 @@ Run from the repository root:
 
     python -m experiments.real_scans folds OUT            # the two half-brain subject folders (links, no copies)
     python -m experiments.real_scans score MODEL OUT.json [--region left|right|all] [--sweep]
+    python -m experiments.real_scans figure OUT.png         # synthetic FLAIRs beside the real one
 
 `score` segments the patient once with both stages' probabilities kept down to CNN1 > 0.3, then
 applies the model's own threshold and minimum lesion size (and, with --sweep, a grid of both, for
@@ -109,6 +110,65 @@ def score(model_dir, region: str = "all", sweep: bool = False, patient: Path = P
     return result
 
 
+SHIPPED_FILES = ("config.json", "training_data.json", "metrics.jsonl")
+
+
+def ship(model_dir: Path, name: str, card: dict) -> Path:
+    """Copy a trained model's directory (no checkpoints) into the package as shipped model `name`, with its card.
+
+    The config's `train.init_from` names a folder of the machine that trained it; the card records
+    the model's history instead.
+    """
+    import shutil
+
+    from jaxcascade.storage import shipped
+
+    target = shipped.SHIPPED_ROOT / name
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for file in SHIPPED_FILES:
+        shutil.copy2(model_dir / file, target / file)
+    shutil.copytree(model_dir / "weights", target / "weights")
+    config = json.loads((target / "config.json").read_text())
+    config["train"]["init_from"] = ""
+    (target / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    (target / shipped.MODEL_CARD).write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n")
+    return target
+
+
+def synthetic_figure(out: Path, seeds=(101, 102, 103), patient: Path = PATIENT) -> None:
+    """The real FLAIR and three `synth` phantoms' FLAIRs, an axial slice each, lesion outlines below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jaxcascade.phantom import synth
+
+    def canonical(path):
+        return np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj, np.float32)
+
+    panels = [("real: Ljubljana patient26 (Lesjak et al. 2018, CC-BY)", canonical(patient / "FLAIR.nii.gz"),
+               canonical(patient / "lesion.nii.gz") > 0)]
+    for seed in seeds:
+        subject = synth.make_subject(seed, "full", ("FLAIR",))
+        panels.append((f"synth phantom, seed {seed}", subject["FLAIR"], subject["lesion"] > 0))
+    figure, axes = plt.subplots(2, len(panels), figsize=(3.2 * len(panels), 7.2))
+    for column, (title, image, lesion) in enumerate(panels):
+        z = int(np.argmax(lesion.sum(axis=(0, 1))))
+        top = np.percentile(image[image > 0], 99.5)
+        for row in range(2):
+            axes[row, column].imshow(image[:, :, z].T, origin="lower", cmap="gray", vmin=0, vmax=top)
+            axes[row, column].axis("off")
+        axes[1, column].contour(lesion[:, :, z].T, [0.5], colors="red", linewidths=0.6)
+        axes[0, column].set_title(title, fontsize=8)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=90)
+    plt.close(figure)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -119,7 +179,12 @@ def main(argv=None) -> None:
     scoring.add_argument("out", type=Path)
     scoring.add_argument("--region", choices=REGIONS, default="all")
     scoring.add_argument("--sweep", action="store_true")
+    drawing = commands.add_parser("figure", help="synthetic FLAIRs beside the real one")
+    drawing.add_argument("out", type=Path)
     args = parser.parse_args(argv)
+    if args.command == "figure":
+        synthetic_figure(args.out)
+        return
     if args.command == "folds":
         print(json.dumps({k: str(v) for k, v in write_folds(args.out).items()}))
         return
