@@ -11,8 +11,10 @@ folder shared by a cluster's nodes and containers, killed jobs and full disks ar
   truncated or corrupt file (a build killed mid-write, a full disk) is rebuilt once, never loaded;
 - a failed build leaves a marker and the compiler's whole output (`build.log`) beside it: later processes
   warn once with the compiler's first `error:` line and do not retry; `jaxcascade build-kernels` does;
-- a library is loaded only if it belongs to this user (or root, or the owner of a JAXCASCADE_KERNEL_DIR)
-  and no one else may write to it or its folder; folders in the user's cache are made owner-only (0o700);
+- a library is loaded only if it and every folder from the root down to it belong to this user (or root,
+  or the owner of a JAXCASCADE_KERNEL_DIR) and no one else may write to them (a sticky folder aside), and
+  what is loaded is the bytes checked, read through the checked descriptors, not the path again; folders
+  in the user's cache are made owner-only (0o700);
 - a node without a compiler loads the newest whole build for its CPU that is already there;
 - the root is JAXCASCADE_KERNEL_DIR if set (e.g. a prebuilt folder shared on a cluster whose compute
   nodes have no compiler: `jaxcascade build-kernels` on a login node of the same CPU fills it), else the
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import hashlib
 import json
@@ -141,32 +144,107 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _trusted(path: Path) -> str | None:
-    """Why path must not be loaded, or None: it and its folder must belong to this user (or root, or the
-    owner of JAXCASCADE_KERNEL_DIR, a folder shared on purpose) and be writable by no one else."""
-    owners = {os.getuid(), 0}
-    if os.environ.get(KERNEL_DIR_ENV) and kernels_root().exists():
-        owners.add(kernels_root().stat().st_uid)
-    for item in (path, path.parent):
-        info = item.stat()
-        if info.st_uid not in owners:
-            return f"{item} belongs to user {info.st_uid}, not to this user"
-        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            return f"{item} is writable by other users"
+def _refusal(name, info: os.stat_result, owners: set[int]) -> str | None:
+    """Why a folder or file with this status must not be trusted, or None: it must belong to this user (or
+    root, or the owner of JAXCASCADE_KERNEL_DIR, a folder shared on purpose) and be writable by no one else.
+    A sticky folder (/tmp's 1777) lets others add entries but not rename or remove ours, and every entry on
+    the way down is checked in turn, so it is accepted."""
+    if info.st_uid not in owners:
+        return f"{name} belongs to user {info.st_uid}, not to this user"
+    sticky_folder = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_folder:
+        return f"{name} is writable by other users"
     return None
+
+
+def _open_below(folder_fd: int, name: str, shown: Path, library: Path, *, folder: bool = False) -> int:
+    """name inside the folder of folder_fd, opened without following a symbolic link (refused: it could
+    point anywhere, past the checks)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_DIRECTORY if folder else 0)
+    try:
+        return os.open(name, flags, dir_fd=folder_fd)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR) and \
+                stat.S_ISLNK(os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_mode):
+            raise KernelUnavailable(f"refusing to load {library}: {shown} is a symbolic link") from None
+        raise
+
+
+def _read_trusted(library: Path) -> bytes | None:
+    """The library's bytes, if it can be trusted and matches its checksum; None if it must be (re)built.
+
+    Whoever may write a folder on the way to the library may swap what lies below it, so every folder from
+    the kernels' root down is checked, each opened relative to the one checked before it and checked
+    through its descriptor: what is read is what was checked, whatever happens to the paths meanwhile.
+    Raises KernelUnavailable naming what others could have written.
+    """
+    root, folder = kernels_root(), library.parent
+    top = root if folder.is_relative_to(root) else folder
+    opened: list[int] = []
+
+    def check(name, descriptor: int) -> None:
+        reason = _refusal(name, os.fstat(descriptor), owners)
+        if reason:
+            raise KernelUnavailable(f"refusing to load {library}: {reason}")
+
+    try:
+        try:
+            opened.append(os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))  # the root as configured
+            owners = {os.getuid(), 0}
+            if os.environ.get(KERNEL_DIR_ENV) and top == root:
+                owners.add(os.fstat(opened[0]).st_uid)
+            check(top, opened[0])
+            path = top
+            for part in folder.relative_to(top).parts:
+                path = path / part
+                opened.append(_open_below(opened[-1], part, path, library, folder=True))
+                check(path, opened[-1])
+            checksum_fd = _open_below(opened[-1], CHECKSUM, folder / CHECKSUM, library)
+            with open(checksum_fd, "rb") as file:
+                checksum = file.read().decode(errors="replace").strip()
+            opened.append(_open_below(opened[-1], LIBRARY, library, library))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not stat.S_ISREG(os.fstat(opened[-1]).st_mode):
+            return None
+        check(library, opened[-1])
+        with open(opened.pop(), "rb") as file:
+            data = file.read()
+        return data if hashlib.sha256(data).hexdigest() == checksum else None
+    finally:
+        for descriptor in opened:
+            os.close(descriptor)
 
 
 def verified(folder: Path) -> Path | None:
     """The folder's library if its checksum matches and it can be trusted; None if it must be (re)built."""
-    library, checksum = folder / LIBRARY, folder / CHECKSUM
-    if not library.is_file() or not checksum.is_file():
-        return None
-    if checksum.read_text().strip() != _sha256(library):
-        return None
-    reason = _trusted(library)
-    if reason:
-        raise KernelUnavailable(f"refusing to load {library}: {reason}")
-    return library
+    return folder / LIBRARY if _read_trusted(folder / LIBRARY) is not None else None
+
+
+def load(library: Path) -> ctypes.CDLL:
+    """dlopen exactly the bytes that were checked (`_read_trusted`), never the path again: a file renamed
+    over the library between the check and the load is not what runs.
+
+    The bytes go to an anonymous memory file (memfd) loaded through /proc/self/fd; where that is not allowed
+    (no memfd, vm.memfd_noexec, no /proc), to a private copy in a folder only this process knows (mkdtemp's
+    0o700, created afresh, the file created exclusively).
+    """
+    data = _read_trusted(library)
+    if data is None:
+        raise KernelUnavailable(f"{library} no longer matches its checksum; `jaxcascade build-kernels` rebuilds it")
+    with contextlib.suppress(AttributeError, OSError):
+        descriptor = os.memfd_create(LIBRARY, os.MFD_CLOEXEC)
+        try:
+            with open(descriptor, "wb", closefd=False) as file:
+                file.write(data)
+            return ctypes.CDLL(f"/proc/self/fd/{descriptor}")
+        finally:
+            os.close(descriptor)
+    with tempfile.TemporaryDirectory(prefix="jaxcascade-kernels-") as private:
+        path = os.path.join(private, LIBRARY)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o700), "wb") as file:
+            file.write(data)
+        return ctypes.CDLL(path)  # mapped now: removing the copy leaves the loaded library whole
 
 
 def first_error(output: str) -> str:
@@ -289,7 +367,7 @@ def available() -> bool:
     import jax
 
     try:
-        library = ctypes.cdll.LoadLibrary(str(build()))
+        library = load(build())
         for target, symbol in HANDLERS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (KernelUnavailable, OSError, AttributeError) as error:
