@@ -105,8 +105,9 @@ def segment(model: Cascade | PathLike | None, inputs: Mapping[str, PathLike | ni
         warn: called with a one-line warning (an image that does not look skull-stripped, ...).
 
     Returns:
-        A `Segmentation`: `mask`, `stage1_probability`, `stage2_probability` (on the FLAIR's grid, in
-        the model's processing orientation) and the candidate counts.
+        A `Segmentation`: `mask` (bool), `stage1_probability`, `stage2_probability` (float32) on the FLAIR
+        file's own voxel grid and axis order, the arrays written to `out` and `probabilities` (so they
+        compare with arrays read from the subject's files as they are stored), and the candidate counts.
     """
     with tempfile.TemporaryDirectory(prefix="jaxcascade-inputs-") as folder:
         paths = {}

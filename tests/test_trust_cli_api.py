@@ -146,3 +146,59 @@ def test_what_is_loaded_is_the_library_that_was_checked(marked_libraries, tmp_pa
     assert result.returncode == 0, result.stderr
     assert not swap.exists() and library.read_bytes() == marked_libraries["B"].read_bytes()  # the swap happened
     assert (tmp_path / "ran").read_text() == "A", result.stderr
+
+
+def _reoriented(source: Path, target: Path, axes: tuple[str, str, str]) -> Path:
+    """source's image stored in another voxel order (same anatomy, same world coordinates)."""
+    import nibabel as nib
+
+    image = nib.load(source)
+    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(image.affine),
+                                                nib.orientations.axcodes2ornt(axes))
+    nib.save(image.as_reoriented(transform), target)
+    return target
+
+
+@pytest.mark.parametrize("axes", [("L", "P", "S"), ("A", "S", "L")])
+def test_segment_returns_on_the_flairs_own_grid_the_arrays_it_wrote(trained_model, cohort, tmp_path, axes):
+    """An LPS (or axis-permuted) subject: the returned mask was in the model's RAS order, so scoring it
+    against the subject's own truth array read DSC 0.04 while the written file was right."""
+    import nibabel as nib
+    import numpy as np
+
+    import jaxcascade
+
+    files = {name: _reoriented(cohort / "held_out" / f"{name}.nii.gz", tmp_path / f"{name}.nii.gz", axes)
+             for name in ("T1", "FLAIR", "lesion")}
+    assert nib.aff2axcodes(nib.load(files["FLAIR"]).affine) == axes
+    result = jaxcascade.segment(trained_model, {"T1": files["T1"], "FLAIR": files["FLAIR"]},
+                                out=tmp_path / "seg.nii.gz", probabilities=tmp_path / "maps")
+    written = np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj)
+    assert result.mask.dtype == bool and result.mask.shape == written.shape == nib.load(files["FLAIR"]).shape
+    assert written.any() and np.array_equal(result.mask, written)
+    for name in ("stage1", "stage2"):
+        on_file = np.asarray(nib.load(tmp_path / "maps" / f"{name}.nii.gz").dataobj)
+        assert np.array_equal(getattr(result, f"{name}_probability"), on_file), name
+    truth = np.asarray(nib.load(files["lesion"]).dataobj) > 0
+    from_arrays = jaxcascade.evaluate(result.mask, truth)["dsc"]
+    assert from_arrays == jaxcascade.evaluate(tmp_path / "seg.nii.gz", files["lesion"])["dsc"] and from_arrays > 0.3
+
+
+def test_a_resampled_t1_is_named_by_its_own_path(trained_model, cohort, tmp_path, capsys):
+    """The warning about a T1 resampled onto the FLAIR's grid began with the FLAIR's path."""
+    import nibabel as nib
+    import numpy as np
+
+    from jaxcascade import cli
+
+    t1 = nib.load(cohort / "held_out" / "T1.nii.gz")
+    shifted = t1.affine.copy()
+    shifted[:3, 3] += shifted[:3, :3] @ np.array([2.0, 0.0, 0.0])  # another grid of the same space
+    nib.save(nib.Nifti1Image(np.asarray(t1.dataobj)[2:], shifted, header=t1.header), tmp_path / "T1.nii.gz")
+    flair = cohort / "held_out" / "FLAIR.nii.gz"
+    assert cli.main(["segment", "--model", str(trained_model), "--input", f"T1={tmp_path / 'T1.nii.gz'}",
+                     "--input", f"FLAIR={flair}", "--out", str(tmp_path / "s.nii.gz")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"jaxcascade: warning: {tmp_path / 'T1.nii.gz'}: T1 resampled from "), err
+    assert str(flair) not in err[0].split(": T1 resampled")[0]

@@ -7,6 +7,7 @@ resampled where their grid is not the model's, the cascade run, the mask and map
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -125,6 +126,7 @@ def segment_files(model: Cascade | str | os.PathLike, inputs: dict, out=None, *,
     model: a loaded `Cascade` or a model directory; out: the mask's file (None: returned, not written).
     brain_mask: a mask file restricting normalisation and candidates (for images not skull-stripped);
     without one, an image that does not look skull-stripped gets a one-line `warn`.
+    Returns the mask and maps on the FLAIR file's own voxel grid and axis order, the arrays written.
     """
     check_overrides(threshold=threshold, min_lesion_voxels=min_lesion_voxels,
                     min_lesion_volume_mm3=min_lesion_volume_mm3)
@@ -137,8 +139,9 @@ def segment_files(model: Cascade | str | os.PathLike, inputs: dict, out=None, *,
     images = nifti.load_sequences(inputs, model.modalities, orientation=model.config.data.orientation,
                                   reference=model.config.data.flair)
     reference = images[model.modalities.index(model.config.data.flair)]
-    for note in nifti.resampling_notes(images, model.modalities, model.config.data.flair):
-        warn(f"{reference.path}: {note}")
+    resampled = [image for image in images if image.resampled_from]  # the notes' order
+    for image, note in zip(resampled, nifti.resampling_notes(images, model.modalities, model.config.data.flair)):
+        warn(f"{image.path}: {note}")
     mask = nifti.load_brain_mask(brain_mask, reference) if brain_mask else None
     if mask is None and not nifti.looks_skull_stripped(reference.data):
         warn(f"{reference.path}: nonzero voxels reach most faces of the field of view; the image does not look "
@@ -165,4 +168,17 @@ def segment_files(model: Cascade | str | os.PathLike, inputs: dict, out=None, *,
         for path in written:
             path.unlink(missing_ok=True)
         raise
-    return result
+    return on_file_grid(result, reference)
+
+
+def on_file_grid(result: Segmentation, reference: nifti.Image) -> Segmentation:
+    """result's arrays (on the processing grid) on the reference file's own voxel grid, as `save_like` writes
+    them: a caller scores them against arrays read from files, in the files' axis order (an LPS truth
+    scored against the RAS mask read DSC 0.04 where the written mask was right)."""
+    def file_grid(array, dtype=np.float32):
+        return None if array is None else reference.to_file_grid(array).astype(dtype, copy=False)
+
+    return dataclasses.replace(result, mask=file_grid(result.mask, bool),
+                               stage1_probability=file_grid(result.stage1_probability),
+                               stage2_probability=file_grid(result.stage2_probability),
+                               stage2_std=file_grid(result.stage2_std))
