@@ -1,9 +1,9 @@
 """`jaxcascade` command line: parse arguments, call library functions, report.
 
 User mistakes (`UserError`) become one line on stderr and exit status 2; faults of the machine
-(`MachineFault`, a full disk or quota) one line and status 3; a study in which some subjects failed
-exits with 1. A reader that closes the pipe early (`| head`) ends the command quietly; nothing else
-is caught, so a bug still shows its traceback.
+(`MachineFault`, a full disk or quota, memory exhausted: MemoryError or XLA's RESOURCE_EXHAUSTED) one
+line and status 3; a study in which some subjects failed exits with 1. A reader that closes the pipe
+early (`| head`) ends the command quietly; nothing else is caught, so a bug still shows its traceback.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from jaxcascade.errors import MACHINE_ERRNOS, JaxcascadeWarning, MachineFault, TrainingInterrupted, UserError
+from jaxcascade.errors import (MACHINE_ERRNOS, JaxcascadeWarning, MachineFault, TrainingInterrupted, UserError,
+                               out_of_memory)
 from jaxcascade.version import __version__
 
 EXIT_USER_ERROR = 2
@@ -211,8 +212,8 @@ def _segment_study(args) -> int:
     failed = [row for row in this_run if row["status"].startswith("error")]
     earlier = [row for row in rows if row.get("resumed") and row["status"] == "ok"]
     others = len(rows) - len(this_run) - len(earlier)
-    _log(f"{args.out_dir}: {len(rows)} subjects: {len(this_run) - len(failed)} segmented, {len(earlier)} already "
-         f"done, {len(failed)} failed" + (" (see lesions.csv)" if failed else "")
+    _log(f"{args.out_dir}: {study.subject_count(rows)}: {len(this_run) - len(failed)} segmented, "
+         f"{len(earlier)} already done, {len(failed)} failed" + (" (see lesions.csv)" if failed else "")
          + (f", {others} left to or failed in other shards" if others else "")
          + "; lesions.csv and lesion_table.csv written")
     return EXIT_SUBJECTS_FAILED if failed else 0
@@ -309,7 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_parser = commands.add_parser
     commands.add_parser = lambda *a, **k: add_parser(*a, parents=[verbosity], **k)
 
-    p = commands.add_parser("phantom", help="write a synthetic MS cohort (T1, FLAIR, lesion mask)")
+    p = commands.add_parser("phantom", help="write a synthetic MS cohort (T1, FLAIR, lesion mask)",
+                            description="Write a synthetic MS cohort: T1, FLAIR and lesion mask of each subject, in "
+                                        "one folder per subject (for training) or as a BIDS dataset. Everything is "
+                                        "drawn from --seed, so the same command writes the same files.")
     p.add_argument("out", help="output folder (one sub-folder per subject)")
     p.add_argument("--subjects", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -326,7 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "one of %(choices)s")
     p.set_defaults(run=cmd_phantom)
 
-    p = commands.add_parser("train", help="train both stages (resumes an interrupted run)")
+    p = commands.add_parser("train", help="train both stages (resumes an interrupted run)",
+                            description="Train both stages of the cascade on labelled subjects (one folder each, or "
+                                        "a BIDS dataset) into --workdir, or fine-tune a model with --init-from. "
+                                        "Running the same command again resumes where it stopped.")
     p.add_argument("--data", required=True, help="folder with one sub-folder per subject")
     p.add_argument("--workdir", required=True, help="where the model, checkpoints and metrics go")
     p.add_argument("--config", help="config file with get_config(), or a packaged name: default (the paper's budget), "
@@ -340,7 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on these participants only (01 or sub-01; folder names in the folder layout)")
     p.set_defaults(run=cmd_train, overrides=True)
 
-    p = commands.add_parser("segment", help="segment one subject, or every subject of a folder, with a trained model")
+    p = commands.add_parser("segment", help="segment one subject, or every subject of a folder, with a trained model",
+                            description="Segment MS lesions: one subject (--input NAME=PATH per modality, --out "
+                                        "SEG.nii.gz) or a whole study (--data DIR --out-dir OUT: masks, QC pictures, "
+                                        "lesions.csv). The mask is written on the FLAIR's own grid, with its header.")
     p.add_argument("--model", help="a train --workdir, an import-keras output or a shipped model's name "
                                     "(`jaxcascade models`); the shipped 'default' if left out")
     p.add_argument("--input", action="append", metavar="NAME=PATH", help="one per modality (one subject)")
@@ -379,17 +389,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_segment)
 
     p = commands.add_parser("models", help="list the models that ship with jaxcascade: training data, licence, "
-                            "accuracy measured on real scans")
+                            "accuracy measured on real scans",
+                            description="List the models that ship inside jaxcascade (the names --model and "
+                                        "--init-from take), each with what it was trained on, its licence and the "
+                                        "accuracy measured on real scans.")
     p.add_argument("--json", action="store_true", help="print the model cards as JSON")
     p.set_defaults(run=cmd_models)
 
-    p = commands.add_parser("evaluate", help="compare a segmentation with the truth")
+    p = commands.add_parser("evaluate", help="compare a segmentation with the truth",
+                            description="Score a predicted lesion mask against the true one on the same grid: Dice, "
+                                        "precision, recall, volume difference and lesion-wise detection.")
     p.add_argument("--pred", required=True)
     p.add_argument("--truth", required=True)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=cmd_evaluate)
 
-    p = commands.add_parser("import-keras", help="import nicMSlesions' Keras model_1/model_2.hdf5 as a model")
+    p = commands.add_parser("import-keras", help="import nicMSlesions' Keras model_1/model_2.hdf5 as a model",
+                            description="Convert nicMSlesions' trained Keras networks (model_1.hdf5, model_2.hdf5) "
+                                        "into a jaxcascade model directory that segment --model and train "
+                                        "--init-from take (needs pip install -e '.[interop]').")
     p.add_argument("--model1", required=True, help="CNN1's Keras HDF5 file (model_1.hdf5)")
     p.add_argument("--model2", required=True, help="CNN2's Keras HDF5 file (model_2.hdf5)")
     p.add_argument("--modalities", required=True, metavar="T1,FLAIR",
@@ -398,13 +416,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_import_keras)
 
     p = commands.add_parser("build-kernels", help="build the C++ CPU kernels now (e.g. on a cluster's login node), "
-                            "retrying a failed build")
+                            "retrying a failed build",
+                            description="Build jaxcascade's C++ CPU kernels for this CPU now, retrying a build that "
+                                        "failed before. With JAXCASCADE_KERNEL_DIR set, the build serves every node "
+                                        "of the same CPU, including nodes without a compiler.")
     p.set_defaults(run=cmd_build_kernels)
 
-    p = commands.add_parser("demo", help="phantom cohort -> train -> segment a held-out subject -> metrics")
+    p = commands.add_parser("demo", help="phantom cohort -> train -> segment a held-out subject -> metrics",
+                            description="Run the whole method on a small phantom cohort: write it, train both "
+                                        "stages, segment a held-out subject and score it, all in --workdir.")
     p.add_argument("--workdir", default="jaxcascade-demo")
     p.set_defaults(run=cmd_demo)
     return parser
+
+
+def _hint_input_pairs(inputs: list[str] | None, unknown: list[str]) -> None:
+    """`--input T1 t1.nii.gz` leaves 't1.nii.gz' unrecognised: say how to write it rather than that."""
+    bare = [value for value in inputs or [] if "=" not in value]
+    if bare:
+        raise UserError(f"--input {bare[0]} {unknown[0]}: use NAME=PATH, e.g. --input {bare[0]}={unknown[0]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -414,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         args, unknown = parser.parse_known_args(argv)
         configure_output(args.verbosity)
         if unknown and not getattr(args, "overrides", False):
+            _hint_input_pairs(getattr(args, "input", None), unknown)
             raise UserError(f"jaxcascade {args.command}: unrecognised arguments: {' '.join(unknown)} (see --help)")
         status = args.run(args, unknown) or 0
         sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit
@@ -442,6 +473,13 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as interrupted:  # a scheduler's SIGTERM: saved, resumable
         print(f"jaxcascade: {interrupted}", file=sys.stderr)
         return 128 + interrupted.signum
+    except Exception as error:  # noqa: BLE001 - last: memory exhausted is the machine's fault, the rest bugs
+        reason = out_of_memory(error)
+        if reason is None:
+            raise
+        print(f"jaxcascade: error: {reason}; close other programs or use a machine with more memory, then run the "
+              "command again", file=sys.stderr)
+        return EXIT_MACHINE_FAULT
     return status
 
 

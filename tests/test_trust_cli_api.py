@@ -184,6 +184,85 @@ def test_segment_returns_on_the_flairs_own_grid_the_arrays_it_wrote(trained_mode
     assert from_arrays == jaxcascade.evaluate(tmp_path / "seg.nii.gz", files["lesion"])["dsc"] and from_arrays > 0.3
 
 
+COMMANDS = ("phantom", "train", "segment", "models", "evaluate", "import-keras", "build-kernels", "demo")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_says_what_it_does_in_its_help(command, capsys):
+    from jaxcascade import cli
+
+    description = cli.build_parser()._subparsers._group_actions[0].choices[command].description
+    assert description and description.endswith(".") and description.count(". ") <= 1, description
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0 and " ".join(description.split()[:6]) in " ".join(capsys.readouterr().out.split())
+
+
+def test_an_input_given_as_name_space_path_gets_the_form_to_use(tmp_path, capsys):
+    from jaxcascade import cli
+
+    argv = ["segment", "--input", "T1", "t1.nii.gz", "--input", "FLAIR=flair.nii.gz",
+            "--out", str(tmp_path / "s.nii.gz")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "jaxcascade: error: --input T1 t1.nii.gz: use NAME=PATH, e.g. --input T1=t1.nii.gz"]
+
+
+def _exhausted():
+    import jax
+
+    return jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.20GiB.")
+
+
+@pytest.mark.parametrize("fault", [MemoryError, _exhausted])
+def test_a_subject_that_runs_out_of_memory_ends_in_one_line_and_exit_3(trained_model, cohort, tmp_path, capsys,
+                                                                      monkeypatch, fault):
+    """Single-subject segment: a MemoryError or XLA's RESOURCE_EXHAUSTED was a traceback (a study already
+    stopped with one line)."""
+    from jaxcascade import cli
+    from jaxcascade.segmentation import files
+
+    def exhausted(*args, **kwargs):
+        raise fault()
+
+    monkeypatch.setattr(files, "segment_images", exhausted)
+    out = tmp_path / "seg.nii.gz"
+    argv = ["segment", "--model", str(trained_model), "--input", f"T1={cohort / 'held_out' / 'T1.nii.gz'}",
+            "--input", f"FLAIR={cohort / 'held_out' / 'FLAIR.nii.gz'}", "--out", str(out)]
+    assert cli.main(argv) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("jaxcascade: error: out of memory") and "more memory" in err[0], err
+    assert not out.exists()
+
+
+def test_any_other_error_still_shows_its_traceback(trained_model, cohort, tmp_path, monkeypatch):
+    from jaxcascade import cli
+    from jaxcascade.segmentation import files
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("INTERNAL: a bug")
+
+    monkeypatch.setattr(files, "segment_images", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["segment", "--model", str(trained_model), "--input", f"T1={cohort / 'held_out' / 'T1.nii.gz'}",
+                  "--input", f"FLAIR={cohort / 'held_out' / 'FLAIR.nii.gz'}", "--out", str(tmp_path / "s.nii.gz")])
+
+
+def test_a_study_of_sessions_counts_sessions_and_participants(trained_model, tmp_path, capsys):
+    """Two participants scanned twice were '4 subjects'."""
+    from jaxcascade import cli, phantom
+    from jaxcascade.segmentation import study
+
+    phantom.write_cohort(tmp_path / "bids", 2, seed=3, size="tiny", layout="bids", sessions=2)
+    assert cli.main(["segment", "--model", str(trained_model), "--data", str(tmp_path / "bids"),
+                     "--out-dir", str(tmp_path / "out")]) == 0
+    assert f"{tmp_path / 'out'}: 4 sessions of 2 participants: 4 segmented, 0 already done, 0 failed" \
+        in capsys.readouterr().out
+    assert study.subject_count([{"participant_id": "sub-01", "session_id": "ses-1"}]) == "1 session of 1 participant"
+    assert study.subject_count([{"participant_id": "a", "session_id": ""}] * 3) == "3 subjects"
+
+
 def test_a_resampled_t1_is_named_by_its_own_path(trained_model, cohort, tmp_path, capsys):
     """The warning about a T1 resampled onto the FLAIR's grid began with the FLAIR's path."""
     import nibabel as nib

@@ -93,6 +93,16 @@ def _discovered(data_dir: Path, config, bids_suffixes, participants, bids_filter
     return subjects
 
 
+def subject_count(rows: list[dict]) -> str:
+    """How many subjects the rows are: 'N subjects', or 'N sessions of M participants' where they are BIDS
+    sessions (2 participants scanned twice are 4 rows, not 4 subjects)."""
+    if not any(row.get("session_id") for row in rows):
+        return f"{len(rows)} subjects"
+    participants = len({row["participant_id"] for row in rows})
+    return (f"{len(rows)} session{'s' if len(rows) != 1 else ''} of {participants} "
+            f"participant{'s' if participants != 1 else ''}")
+
+
 def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int]:
     """'I/N' (0 <= I < N), 'slurm' (this SLURM array task of the array), or None: (0, 1)."""
     if not text:
@@ -280,13 +290,13 @@ def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, 
             raise
         writer.shutdown(wait=True)  # what is being written finishes (or fails) before the tables
         settled = [(report, path) for report, path in zip(map(_settled, reports), report_paths) if report]
-        finished = sum(report["row"]["status"] == "ok" for report, _ in settled)
+        finished = subject_count([report["row"] for report, _ in settled if report["row"]["status"] == "ok"])
         name = current.name if current else str(out_dir)
         try:  # the tables of what is finished, if there is room for them
             _write_tables(out_dir, [report for report, _ in settled], [path for _, path in settled])
         except Exception:  # noqa: BLE001 - the fault at hand is what the user needs to read
             pass
-        raise MachineFault(f"{name}: {fault}; stopped with {finished} subjects finished and kept in {out_dir}: "
+        raise MachineFault(f"{name}: {fault}; stopped with {finished} finished and kept in {out_dir}: "
                            "fix it and run the same command again to continue") from None
     finally:
         loader.close()
