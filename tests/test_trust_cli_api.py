@@ -148,6 +148,16 @@ def test_what_is_loaded_is_the_library_that_was_checked(marked_libraries, tmp_pa
     assert (tmp_path / "ran").read_text() == "A", result.stderr
 
 
+
+def test_without_memory_files_a_private_copy_of_the_checked_library_is_loaded(marked_libraries, tmp_path):
+    """Where memfd is missing or may not be executed (vm.memfd_noexec), the checked bytes are copied."""
+    env, library = _cache(tmp_path, marked_libraries["A"])
+    swap = tmp_path / "swap.so"
+    shutil.copy(marked_libraries["B"], swap)
+    result = _run("import os; del os.memfd_create\n" + SWAPPING_PROBE, SWAP=str(swap), **env)
+    assert result.returncode == 0 and not swap.exists(), result.stderr
+    assert (tmp_path / "ran").read_text() == "A", result.stderr
+
 def _reoriented(source: Path, target: Path, axes: tuple[str, str, str]) -> Path:
     """source's image stored in another voxel order (same anatomy, same world coordinates)."""
     import nibabel as nib
