@@ -13,6 +13,7 @@ PUBLIC = {
     "segment_study": ["model", "data_dir", "out_dir", "probabilities", "overwrite", "options"],
     "load_model": ["model_dir", "compute_dtype"],
     "evaluate": ["prediction", "truth", "voxel_volume_ml"],
+    "shipped_models": [],
 }
 
 
