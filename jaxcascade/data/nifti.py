@@ -66,7 +66,7 @@ class Image:
 
     @property
     def voxel_volume_ml(self) -> float:
-        """|det| of the affine: the volume the voxel covers in scanner space, whatever pixdim says."""
+        """The voxel volume in ml, the absolute determinant of the affine, whatever pixdim says."""
         zooms_mm3 = float(np.prod(self.nifti.header.get_zooms()[:3]))
         det_mm3 = abs(float(np.linalg.det(self.nifti.affine[:3, :3])))
         # Where pixdim agrees with the affine (every file `load_image` passed on unchanged, unless its axes are

@@ -8,12 +8,10 @@ tissues differ from scanner to scanner. In the manner of SynthSeg and WMH-SynthS
 (Billot et al. 2023; Laso et al. 2024) each subject here draws, from its seed alone:
 
 - tissue intensities per contrast (grey matter, CSF, the periventricular rim) from wide ranges
-  around those of 1.5-3 T scanners, grey matter varying by up to 15 % in patches (FLAIR-bright
-  cortex is the commonest false positive on real scans), a gamma and a gain per image;
-- 8-80 lesions (log-uniform) at periventricular (touching the ventricles' edge, 40 %), deep
-  white-matter (42 %), juxtacortical (within 2.5 mm of grey matter, 8 %) and infratentorial
-  (10 %) sites, radii log-uniform over 0.7-9 mm, overlapping freely, so that confluent lesions
-  occur, and fading where grey matter or CSF takes over a voxel;
+  around those of 1.5-3 T scanners, a gamma and a gain per image;
+- 8-80 lesions (log-uniform) at periventricular (touching the ventricles' edge), juxtacortical (touching
+  grey matter), deep white-matter and infratentorial sites, radii log-uniform over 0.7-9 mm,
+  overlapping freely, so that confluent lesions occur;
 - each lesion a soft presence map (an irregular ellipsoid union whose edge fades over 0.3-1.5 mm)
   with its own peak intensity and a smooth inner texture: the mask is where presence exceeds
   one half, as a rater outlines a lesion by its visible edge;
@@ -53,15 +51,14 @@ LESION_COUNT = (8, 80)  # log-uniform: from a few lesions to a heavy, confluent 
 RADIUS_MM = (0.7, 9.0)  # log-uniform: most lesions small, a few large
 EDGE_MM = (0.3, 1.5)  # width of a lesion's fading edge
 # Sites and their shares; infratentorial lesions lie below this MNI height (mm): pons, cerebellum.
-SITES = {"periventricular": 0.4, "juxtacortical": 0.08, "deep": 0.42, "infratentorial": 0.1}
+SITES = {"periventricular": 0.4, "juxtacortical": 0.2, "deep": 0.3, "infratentorial": 0.1}
 _INFRATENTORIAL_Z_MM = -18.0
 _BLUR_VOXELS = (0.2, 0.9)
 _SLICE_PROBABILITY, _SLICE_MM = 0.35, (2.0, 5.0)
 _NOISE = (0.005, 0.06)
 _BIAS = (0.0, 0.30)
 _GAMMA = (0.8, 1.25)
-_TEXTURE = (0.0, 0.04)
-_GM_PATCHES = (0.03, 0.15)  # smooth multiplicative tissue texture, relative amplitude
+_TEXTURE = (0.0, 0.04)  # smooth multiplicative tissue texture, relative amplitude
 
 
 def make_subject(seed: int, size: str = "full", contrasts=("T1", "FLAIR")) -> dict:
@@ -122,9 +119,7 @@ def lesion_presence(rng, fractions, label, ventricles, affine, voxel) -> tuple[n
     if not names:
         raise UserError("synthetic phantom: no white matter found in the deformed template")
     shares = np.array([SITES[name] for name in names])
-    # A lesion shows in white matter: it fades where grey matter or CSF takes over a voxel, so that
-    # bright cortex is never taught as lesion (real raters outline the white-matter part).
-    host = fractions["wm"]
+    host = fractions["wm"] + fractions["gm"]  # a lesion shows only where tissue is (not in CSF)
 
     presence = np.zeros(shape, np.float32)
     peak = np.zeros(shape, np.float32)
@@ -181,10 +176,7 @@ def _render(rng, contrast, fractions, rim, presence, peaks, head, voxel) -> np.n
     inner = 1.0 + rng.uniform(0.0, 0.15) * phantom_core.smooth_field(rng, head.shape, voxel, 6.0)
     white = np.where(rim, np.float32(rim_c), np.float32(1.0))
     white = white * (1.0 - presence) + lesion_level * inner * presence
-    # Grey matter is not one intensity: FLAIR-bright cortex (insula, temporal poles, hippocampi) is the
-    # commonest false positive on real scans, so it varies by up to +-15 % in patches about 12 mm wide.
-    grey = gm_c * (1.0 + rng.uniform(*_GM_PATCHES) * phantom_core.smooth_field(rng, head.shape, voxel, 12.0))
-    clean = fractions["csf"] * csf_c + fractions["gm"] * grey + fractions["wm"] * white
+    clean = fractions["csf"] * csf_c + fractions["gm"] * gm_c + fractions["wm"] * white
     texture = 1.0 + rng.uniform(*_TEXTURE) * phantom_core.smooth_field(rng, head.shape, voxel, 4.0)
     image = ndimage.gaussian_filter(clean * texture, rng.uniform(*_BLUR_VOXELS))
     if contrast == "FLAIR" and rng.random() < _SLICE_PROBABILITY:
