@@ -64,6 +64,9 @@ def test_study_reports_every_subject_and_compiles_once_per_shape_bucket(trained_
         assert int(rows[name]["lesion_count"]) == len(own) > 0
         assert sum(int(lesion["voxels"]) for lesion in own) == mask.sum()
         assert 0 <= float(rows[name]["dsc"]) <= 1
+        # The volume error beside DSC, from the same volumes the row reports.
+        volume, truth = float(rows[name]["lesion_volume_ml"]), float(rows[name]["true_volume_ml"])
+        assert float(rows[name]["volume_error_percent"]) == pytest.approx(100 * (volume - truth) / truth, abs=0.01)
         assert (out / name / f"{name}_desc-stage2_probseg.nii.gz").exists() and (out / name / f"{name}_desc-qc.png").exists()
     # A lesion's centroid lies in scanner space inside the image's extent.
     corners = nib.affines.apply_affine(nib.load(study / "sub-a" / "FLAIR.nii.gz").affine,

@@ -11,8 +11,8 @@ from jaxcascade.evaluation.lesions import label_lesions, lesion_statistics
 from jaxcascade.data import nifti
 
 SUBJECT_COLUMNS = ("participant_id", "session_id", "status", "lesion_count", "lesion_volume_ml", "voxel_size_mm",
-                   "skull_stripped", "seconds", "dsc", "ppv", "tpr", "lesion_f1", "true_volume_ml", "resampled",
-                   "scoring")
+                   "skull_stripped", "seconds", "dsc", "ppv", "tpr", "lesion_f1", "volume_error_percent", "true_volume_ml",
+                   "resampled", "scoring")
 LESION_COLUMNS = ("participant_id", "session_id", "label", "volume_ml", "centroid_x_mm", "centroid_y_mm",
                   "centroid_z_mm", "voxels", "mean_probability", "max_probability")
 

@@ -116,8 +116,9 @@ def write_subject(subject: StudySubject, loaded: LoadedSubject, result: Segmenta
            "scoring": loaded.scoring}
     if loaded.truth is not None:
         scores = metrics.segmentation_metrics(result.mask, loaded.truth, reference.voxel_volume_ml)
+        # The volume error beside DSC: a mask can overlap well and still miss half the lesion load.
         row.update({key: round(scores[key], 5) for key in ("dsc", "ppv", "tpr", "lesion_f1")},
-                   true_volume_ml=round(scores["truth_volume_ml"], 6))
+                   volume_error_percent=round(100.0 * scores["rvd"], 2), true_volume_ml=round(scores["truth_volume_ml"], 6))
     clock.lap("lesion_table")
     title = f"{subject.prefix}: {len(lesions)} lesions, {volume_ml:.2f} ml"
     plots.overlay(reference.data, loaded.truth, result.mask, out / f"{subject.prefix}_desc-qc.png", title=title)
