@@ -228,28 +228,40 @@ def _lesion_blob(rng, centre, radius, voxel, shape):
     A union of 1-3 overlapping rotated ellipsoids whose outline is perturbed
     by smooth noise.
     """
-    half = int(np.ceil(2.0 * radius / voxel)) + 1
+    box, u, wobble = blob_frame(rng, centre, radius, int(np.ceil(2.0 * radius / voxel)) + 1, voxel, shape)
+    blob = np.zeros(wobble.shape, bool)
+    for rho, _ in ellipsoid_parts(rng, u, radius, main=(0.75, 1.25), offset=(0.4, 0.8), part=(0.45, 0.8)):
+        blob |= rho < 1.0 + wobble
+    return box, blob
+
+
+def blob_frame(rng, centre, radius, half, voxel, shape):
+    """A lesion's box (`half` voxels each side of `centre`, clipped), its voxels' offsets (mm) from the
+    centre, and a smooth random perturbation of the outline (relative, std 0.15)."""
     lo = np.maximum(centre - half, 0)
     hi = np.minimum(centre + half + 1, shape)
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    u = np.meshgrid(*[(np.arange(a, b) - c) * voxel for a, b, c in zip(lo, hi, centre)],
-                    indexing="ij")
-    box_shape = u[0].shape
-    wobble = ndimage.gaussian_filter(rng.standard_normal(box_shape), max(1.0, 0.4 * radius / voxel))
+    u = np.meshgrid(*[(np.arange(a, b) - c) * voxel for a, b, c in zip(lo, hi, centre)], indexing="ij")
+    wobble = ndimage.gaussian_filter(rng.standard_normal(u[0].shape), max(1.0, 0.4 * radius / voxel))
     wobble *= 0.15 / max(wobble.std(), 1e-6)
-    blob = np.zeros(box_shape, bool)
-    for part in range(rng.integers(1, 4)):
-        if part == 0:
-            offset, radii = np.zeros(3), radius * rng.uniform(0.75, 1.25, 3)
+    return box, u, wobble
+
+
+def ellipsoid_parts(rng, u, radius, *, main, offset, part):
+    """For each of 1-3 rotated ellipsoids making one lesion: the normalised radius of every offset in `u`
+    (1 on its surface) and its radii (mm). The first is centred with radii `radius` x uniform(`main`);
+    the others sit `radius` x uniform(`offset`) away in a random direction, radii `radius` x uniform(`part`).
+    """
+    for index in range(rng.integers(1, 4)):
+        if index == 0:
+            shift, radii = np.zeros(3), radius * rng.uniform(*main, 3)
         else:
             direction = rng.standard_normal(3)
-            offset = direction / np.linalg.norm(direction) * radius * rng.uniform(0.4, 0.8)
-            radii = radius * rng.uniform(0.45, 0.8, 3)
+            shift = direction / np.linalg.norm(direction) * radius * rng.uniform(*offset)
+            radii = radius * rng.uniform(*part, 3)
         turn = rotation(rng.uniform(-np.pi, np.pi, 3))
-        d = [u[i] - offset[i] for i in range(3)]
-        rho = sum((sum(d[j] * turn[j, k] for j in range(3)) / radii[k]) ** 2 for k in range(3))
-        blob |= np.sqrt(rho) < 1.0 + wobble
-    return box, blob
+        d = [u[i] - shift[i] for i in range(3)]
+        yield np.sqrt(sum((sum(d[j] * turn[j, k] for j in range(3)) / radii[k]) ** 2 for k in range(3))), radii
 
 
 def acquire(rng, clean, head, voxel, scanner: scanners.Scanner = scanners.DEFAULT, slice_mm=None):

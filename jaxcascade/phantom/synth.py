@@ -142,23 +142,10 @@ def lesion_presence(rng, fractions, label, ventricles, affine, voxel) -> tuple[n
 def _soft_blob(rng, centre, radius, edge_mm, voxel, shape):
     """A box around `centre` and an irregular blob's presence in it: 1 inside, fading over `edge_mm`."""
     half = int(np.ceil((2.0 * radius + 2 * edge_mm) / voxel)) + 1
-    lo = np.maximum(centre - half, 0)
-    hi = np.minimum(centre + half + 1, shape)
-    window = tuple(slice(a, b) for a, b in zip(lo, hi))
-    u = np.meshgrid(*[(np.arange(a, b) - c) * voxel for a, b, c in zip(lo, hi, centre)], indexing="ij")
-    wobble = ndimage.gaussian_filter(rng.standard_normal(u[0].shape), max(1.0, 0.4 * radius / voxel))
-    wobble *= 0.15 / max(wobble.std(), 1e-6)
-    distance = np.full(u[0].shape, np.inf)
-    for part in range(rng.integers(1, 4)):
-        if part == 0:
-            offset, radii = np.zeros(3), radius * rng.uniform(0.6, 1.4, 3)
-        else:
-            direction = rng.standard_normal(3)
-            offset = direction / np.linalg.norm(direction) * radius * rng.uniform(0.4, 0.9)
-            radii = radius * rng.uniform(0.4, 0.8, 3)
-        turn = phantom_core.rotation(rng.uniform(-np.pi, np.pi, 3))
-        d = [u[i] - offset[i] for i in range(3)]
-        rho = np.sqrt(sum((sum(d[j] * turn[j, k] for j in range(3)) / radii[k]) ** 2 for k in range(3)))
+    window, u, wobble = phantom_core.blob_frame(rng, centre, radius, half, voxel, shape)
+    distance = np.full(wobble.shape, np.inf)
+    for rho, radii in phantom_core.ellipsoid_parts(rng, u, radius, main=(0.6, 1.4), offset=(0.4, 0.9),
+                                                   part=(0.4, 0.8)):
         # Signed distance (mm, approximately) outside the ellipsoid's surface.
         distance = np.minimum(distance, (rho - 1.0 - wobble) * radii.min())
     soft = 1.0 / (1.0 + np.exp(distance / (edge_mm / 4.0)))
