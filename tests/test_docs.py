@@ -201,14 +201,11 @@ def test_the_template_marker_is_read():
     assert not TEMPLATE.match("% template:")
 
 
-# docs/real-scans.md's examples are a real patient's scans (t1.nii.gz, flair.nii.gz) and not marked as
-# templates yet; its commands are still parsed above.
-NOT_RUN_YET = {REPO / "docs" / "real-scans.md"}
 # Pages whose blocks take minutes: the demo trains 12 + 12 epochs, distributed.md trains in two processes.
 SLOW_PAGES = {REPO / "README.md", REPO / "docs" / "cli.md", REPO / "docs" / "studies.md",
               REPO / "docs" / "distributed.md"}
 SHELL_PAGES = [pytest.param(page, id=str(page.relative_to(REPO)), marks=[pytest.mark.slow] if page in SLOW_PAGES else [])
-               for page in PAGES if runnable_shell_blocks(page) and page not in NOT_RUN_YET and page.name != "README.md"]
+               for page in PAGES if runnable_shell_blocks(page) and page.name != "README.md"]
 
 
 @pytest.mark.parametrize("page", SHELL_PAGES)
