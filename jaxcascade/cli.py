@@ -437,6 +437,10 @@ def _hint_input_pairs(inputs: list[str] | None, unknown: list[str]) -> None:
         raise UserError(f"--input {bare[0]} {unknown[0]}: use NAME=PATH, e.g. --input {bare[0]}={unknown[0]}")
 
 
+# Commands that start JAX: under a small address-space limit they would die in C++ rather than fail in Python.
+_COMPUTING_COMMANDS = ("train", "segment", "demo", "import-keras")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -446,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
         if unknown and not getattr(args, "overrides", False):
             _hint_input_pairs(getattr(args, "input", None), unknown)
             raise UserError(f"jaxcascade {args.command}: unrecognised arguments: {' '.join(unknown)} (see --help)")
+        if args.command in _COMPUTING_COMMANDS:
+            from jaxcascade.runtime import address_space_problem
+
+            problem = address_space_problem()
+            if problem is not None:
+                raise MachineFault(problem)
         status = args.run(args, unknown) or 0
         sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit
     except BrokenPipeError:

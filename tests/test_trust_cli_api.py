@@ -291,3 +291,37 @@ def test_a_resampled_t1_is_named_by_its_own_path(trained_model, cohort, tmp_path
     assert len(err) == 1, err
     assert err[0].startswith(f"jaxcascade: warning: {tmp_path / 'T1.nii.gz'}: T1 resampled from "), err
     assert str(flair) not in err[0].split(": T1 resampled")[0]
+
+
+# --- An address-space limit too small for JAX: one line before anything starts, not a C++ abort ---------------
+
+
+@pytest.mark.parametrize("limit_mb", [600, 800])
+def test_a_small_address_space_limit_is_one_line_not_an_abort(trained_model, cohort, tmp_path, limit_mb):
+    # Before this check, under `ulimit -v` 600-800 MB, whichever allocation failed first decided: XLA's threads
+    # could not be created and C++ aborted the process (exit 134, "terminate called ... std::system_error"),
+    # or tensorstore failed to load or decompress the weights with a traceback (exit 1).
+    import shlex
+
+    from conftest import held_out_inputs
+
+    out = tmp_path / "seg.nii.gz"
+    command = [sys.executable, "-m", "jaxcascade.cli", "segment", "--model", str(trained_model),
+               *held_out_inputs(cohort), "--out", str(out)]
+    # The limit is set by the shell, not in a forked copy of this (multithreaded) test process.
+    result = subprocess.run(["bash", "-c", f"ulimit -v {limit_mb * 1024} && exec {shlex.join(command)}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "address-space limit (ulimit -v)" in lines[0] and f"{limit_mb} MiB" in lines[0]
+    assert not out.exists()
+
+
+def test_the_address_space_rule():
+    import resource
+
+    from jaxcascade.runtime import MIN_ADDRESS_SPACE_BYTES, address_space_problem
+
+    assert address_space_problem((resource.RLIM_INFINITY, resource.RLIM_INFINITY)) is None
+    assert address_space_problem((MIN_ADDRESS_SPACE_BYTES, resource.RLIM_INFINITY)) is None
+    assert "512 MiB" in address_space_problem((512 << 20, resource.RLIM_INFINITY))
