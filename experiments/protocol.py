@@ -23,7 +23,7 @@ import numpy as np
 
 import jaxcascade
 from jaxcascade.data import bids_layout, nifti
-from jaxcascade.storage import checkpoints
+from jaxcascade.storage import weights
 from jaxcascade import config as config_lib, phantom
 from jaxcascade.segmentation import files, postprocess
 from jaxcascade.evaluation import metrics
@@ -250,7 +250,7 @@ def score_subject(model: Cascade, subject_dir: Path, segmentation_path: Path) ->
 
 def fold_finished(fold_dir: Path) -> bool:
     model = fold_dir / "model"
-    return (fold_dir / "metrics.json").exists() and all(checkpoints.stage_done(model, s) for s in (1, 2))
+    return (fold_dir / "metrics.json").exists() and all(weights.stage_done(model, s) for s in (1, 2))
 
 
 def _method_settings(config: dict) -> dict:

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from experiments import baselines, figures, protocol
-from jaxcascade.storage import checkpoints, interop, model_dir
+from jaxcascade.storage import interop, model_dir, weights
 from jaxcascade import config as config_lib, phantom
 from jaxcascade.training import pipeline
 from jaxcascade.segmentation.cascade import Cascade
@@ -84,7 +84,7 @@ def _train(model: Path, data: Path, config, log: Callable) -> float:
         if changed:
             raise UserError(f"{model}: trained with other settings ({', '.join(changed[:4])}); "
                             "use a new --config.results_dir")
-        if all(checkpoints.stage_done(model, stage) for stage in (1, 2)):
+        if all(weights.stage_done(model, stage) for stage in (1, 2)):
             return json.loads(timing.read_text())["seconds"] if timing.exists() else float("nan")
     resumed = model.exists()
     started = time.perf_counter()

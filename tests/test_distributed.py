@@ -76,10 +76,9 @@ def test_four_devices_train_like_one(single_device, tmp_path):
 
 
 def _weights(workdir):
-    from jaxcascade.storage import checkpoints
+    from jaxcascade.storage import weights
 
-    with checkpoints.ocp.StandardCheckpointer() as checkpointer:
-        return [checkpointer.restore(checkpoints.weights_dir(workdir, stage)) for stage in (1, 2)]
+    return [weights.load(workdir, stage) for stage in (1, 2)]
 
 
 @pytest.fixture(scope="module")

@@ -317,7 +317,7 @@ def test_mni_cohort_through_the_command_line(tmp_path, mni_subjects):
 
 def test_new_scanner_smoke_rows_one_shot_and_resume(tmp_path):
     """Every variant, the one-shot model and the FLAIR floor get a row; one-shot trains only the dense layers."""
-    from jaxcascade.storage import checkpoints
+    from jaxcascade.storage import weights
     from jaxcascade import config as config_lib
     from jaxcascade.segmentation.cascade import Stage
 
@@ -340,18 +340,18 @@ def test_new_scanner_smoke_rows_one_shot_and_resume(tmp_path):
     config = config_lib.load_config("demo")
     for stage in (1, 2):
         template = Stage.load(models / "faithful", stage, config).variables
-        base = checkpoints.load_weights(models / "faithful", stage, template)["params"]
-        tuned = checkpoints.load_weights(models / "faithful+one-shot", stage, template)["params"]
+        base = weights.load(models / "faithful", stage, template)["params"]
+        tuned = weights.load(models / "faithful+one-shot", stage, template)["params"]
         assert np.array_equal(base["conv1"]["kernel"], tuned["conv1"]["kernel"])
         assert not np.array_equal(base["out"]["kernel"], tuned["out"]["kernel"])
     assert set(summary["targets"]) >= {"unseen_scanner_dsc", "one_shot_dsc", "robust_minus_faithful_on_a"}
     assert (results / "new_scanner.png").stat().st_size > 1000
-    def weights():
+    def weight_mtimes():
         return {str(p): p.stat().st_mtime_ns for p in sorted(models.rglob("*")) if "weights" in p.parts}
 
-    before = weights()
+    before = weight_mtimes()
     messages: list[str] = []
     launch.run(smoke_config("new_scanner", results, dense_only), log=messages.append)
-    assert before and weights() == before and not any("epoch" in m for m in messages)
+    assert before and weight_mtimes() == before and not any("epoch" in m for m in messages)
     with pytest.raises(UserError, match="trained with other settings"):  # never reported as this run's model
         launch.run(smoke_config("new_scanner", results), log=lambda _: None)

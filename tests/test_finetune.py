@@ -3,7 +3,7 @@
 import numpy as np
 
 from jaxcascade.segmentation import cascade
-from jaxcascade.storage import checkpoints, model_dir
+from jaxcascade.storage import model_dir, weights
 from jaxcascade import cli, config as config_lib
 from conftest import QUICK_OVERRIDES
 from test_errors import assert_user_error
@@ -17,8 +17,8 @@ def test_fine_tune_only_the_output_layer(trained_model, cohort, tmp_path):
     config = config_lib.apply_overrides(config_lib.load_config("demo"), QUICK_OVERRIDES)
     for stage in (1, 2):
         template = cascade.Stage.load(trained_model, stage, config).variables
-        before = checkpoints.load_weights(trained_model, stage, template)
-        after = checkpoints.load_weights(workdir, stage, template)
+        before = weights.load(trained_model, stage, template)
+        after = weights.load(workdir, stage, template)
         for frozen in ("conv1", "conv2", "dense1"):
             assert np.array_equal(before["params"][frozen]["kernel"], after["params"][frozen]["kernel"])
         for frozen in ("bn1", "bn2"):

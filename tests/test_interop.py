@@ -22,7 +22,7 @@ import scipy.special
 from flax import nnx
 
 from jaxcascade.segmentation import cascade, inference
-from jaxcascade.storage import checkpoints, interop, model_dir as model_dir_lib
+from jaxcascade.storage import interop, model_dir as model_dir_lib, weights
 from jaxcascade import cli, phantom
 from jaxcascade.networks import layers, models
 from jaxcascade.data.normalisation import candidate_mask, normalise_channels
@@ -230,7 +230,7 @@ def test_import_writes_a_stamped_model_directory_with_provenance(model_dir, kera
     assert config.data.orientation == "native"  # nicMSlesions read images in their stored voxel order
     assert (config.inference.threshold, config.inference.min_lesion_voxels, config.inference.min_volume_ml) == (
         0.5, 10, 0.5)
-    assert checkpoints.stage_done(model_dir, 1) and checkpoints.stage_done(model_dir, 2)
+    assert weights.stage_done(model_dir, 1) and weights.stage_done(model_dir, 2)
     provenance = json.loads((model_dir / "provenance.json").read_text())
     assert "baseline_2ch" in provenance["source"] and "GPL-3" in provenance["source"]
     assert [f["sha256"] for f in provenance["files"]] == [interop.sha256(p) for p in keras_files]
@@ -331,7 +331,7 @@ def test_a_failed_write_leaves_nothing_behind(keras_files, tmp_path, monkeypatch
     def disk_full(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoints, "save_weights", disk_full)
+    monkeypatch.setattr(weights, "save", disk_full)
     with pytest.raises(OSError, match="disk full"):
         interop.import_keras(*keras_files, ("T1", "FLAIR"), tmp_path / "out")
     assert os.listdir(tmp_path) == []

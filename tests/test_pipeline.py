@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxcascade.storage import checkpoints, model_dir
+from jaxcascade.storage import model_dir, weights
 from jaxcascade import cli
 from jaxcascade.evaluation import metrics
 from conftest import QUICK_OVERRIDES, held_out_inputs
@@ -20,7 +20,7 @@ def test_trained_workdir_has_everything(trained_model):
     assert {r["stage"] for r in records} == {1, 2}
     assert all(np.isfinite(r["val_loss"]) for r in records)
     assert (trained_model / "training_curves.png").stat().st_size > 1000
-    assert checkpoints.stage_done(trained_model, 1) and checkpoints.stage_done(trained_model, 2)
+    assert weights.stage_done(trained_model, 1) and weights.stage_done(trained_model, 2)
 
 
 def test_segment_held_out_beats_trivial_baseline(trained_model, cohort, tmp_path, capsys):

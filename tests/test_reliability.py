@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxcascade.segmentation import cascade
-from jaxcascade.storage import checkpoints
+from jaxcascade.storage import weights
 from jaxcascade import cli, config as config_lib
 from conftest import QUICK_OVERRIDES, held_out_inputs
 
@@ -45,8 +45,8 @@ def _run_until(command, condition, timeout=300):
 def _same_weights(a_dir, b_dir, config):
     for stage in (1, 2):
         template = cascade.Stage.load(a_dir, stage, config).variables
-        a = checkpoints.load_weights(a_dir, stage, template)
-        b = checkpoints.load_weights(b_dir, stage, template)
+        a = weights.load(a_dir, stage, template)
+        b = weights.load(b_dir, stage, template)
         assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))), stage
 
 
@@ -61,7 +61,7 @@ def test_sigterm_and_sigkill_then_resume_gives_the_uninterrupted_weights(trained
     assert process.returncode == 128 + signal.SIGTERM, stderr
     lines = stderr.strip().splitlines()
     assert lines[-1].startswith("jaxcascade: SIGTERM: stopped in stage 1") and "Traceback" not in stderr
-    assert not checkpoints.stage_done(workdir, 1)
+    assert not weights.stage_done(workdir, 1)
 
     # SIGKILL in stage 2, with no chance to save anything; a leftover temporary checkpoint too.
     process = _run_until(command, lambda: any(r["stage"] == 2 for r in _history(workdir)))
@@ -99,7 +99,7 @@ def test_non_finite_training_stops_with_epoch_and_step(cohort, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1
     assert "non-finite loss or gradient at epoch 1, step" in err[0]
-    assert not checkpoints.stage_done(tmp_path / "wd", 1)
+    assert not weights.stage_done(tmp_path / "wd", 1)
 
 
 @pytest.mark.skipif(os.name != "posix", reason="signals")

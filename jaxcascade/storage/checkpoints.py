@@ -1,11 +1,12 @@
-"""Orbax checkpoints: per-epoch training state (for resuming) and each stage's final weights.
+"""Orbax checkpoints: per-epoch training state, for resuming.
 
 Where they lie in a model directory is `model_dir.py`: checkpoints/stage{1,2}/N/
 holds the state after global step N (end of an epoch, or where SIGINT/SIGTERM
-stopped it): train state, best weights, loop bookkeeping; weights/stage{1,2}/
-the stage's final (best-validation) weights. Orbax writes to a temporary
-directory and renames it on commit, so a killed run leaves either the previous
-checkpoint or a temporary folder that is ignored and removed on the next start.
+stopped it): train state, best weights, loop bookkeeping. Orbax writes to a
+temporary directory and renames it on commit, so a killed run leaves either the
+previous checkpoint or a temporary folder that is ignored and removed on the next
+start. A stage's final weights are `weights.py`'s .npz; model directories written
+before it hold them as orbax checkpoints, read here.
 """
 
 from __future__ import annotations
@@ -66,24 +67,8 @@ def restore_latest(manager: ocp.CheckpointManager, state_template: dict):
     return restored["state"], restored["loop"]
 
 
-def weights_dir(model_dir: str | Path, stage: int) -> Path:
-    return Path(model_dir).resolve() / "weights" / f"stage{stage}"
-
-
-def save_weights(model_dir: str | Path, stage: int, variables: dict) -> None:
-    path = weights_dir(model_dir, stage)
-    _remove_orbax_temporaries(path.parent)
-    if path.exists() and distributed.is_primary():
-        shutil.rmtree(path)
-    distributed.barrier(f"save weights {stage}")
+def load_orbax_weights(directory: Path, template: dict | None = None) -> dict:
+    """A stage's final weights as model directories before the .npz stored them (`weights.py`)."""
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path, jax.tree.map(np.asarray, variables))
-
-
-def load_weights(model_dir: str | Path, stage: int, template: dict) -> dict:
-    with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(weights_dir(model_dir, stage), _abstract(template))
-
-
-def stage_done(model_dir: str | Path, stage: int) -> bool:
-    return weights_dir(model_dir, stage).is_dir()
+        restored = checkpointer.restore(directory, None if template is None else _abstract(template))
+    return jax.tree.map(np.asarray, restored)

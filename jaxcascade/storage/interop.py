@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxcascade.storage import checkpoints, model_dir
+from jaxcascade.storage import model_dir, weights
 from jaxcascade import config as config_lib
 from jaxcascade.networks import models
 from jaxcascade.data import nifti
@@ -106,13 +106,13 @@ def read_keras_weights(path) -> dict:
         for layer in (_text(name) for name in root.attrs["layer_names"]):
             if layer not in root:
                 raise UserError(f"{path}: layer {layer} is listed but has no group in the file")
-            group, weights = root[layer], {}
+            group, layer_weights = root[layer], {}
             for weight_name in (_text(name) for name in group.attrs.get("weight_names", [])):
                 if weight_name not in group:
                     raise UserError(f"{path}: layer {layer} lists weight {weight_name} but holds no such dataset")
                 # 'bn_1_1_1/moving_mean:0' -> 'moving_mean'
-                weights[weight_name.rsplit("/", 1)[-1].split(":")[0]] = np.asarray(group[weight_name], np.float32)
-            layers[layer] = weights
+                layer_weights[weight_name.rsplit("/", 1)[-1].split(":")[0]] = np.asarray(group[weight_name], np.float32)
+            layers[layer] = layer_weights
     return layers
 
 
@@ -262,8 +262,8 @@ def import_keras(model1, model2, modalities: tuple, out_dir) -> dict:
         model_dir.prepare_workdir(staging, config)  # config.json with the "jaxcascade" stamp
         outputs.write_json(provenance, staging / "provenance.json")
         model_dir.record_voxel_size(staging, NICMS_VOXEL_SIZE_MM)
-        checkpoints.save_weights(staging, 1, keras.stage1)
-        checkpoints.save_weights(staging, 2, keras.stage2)
+        weights.save(staging, 1, keras.stage1)
+        weights.save(staging, 2, keras.stage2)
         if out_dir.is_dir():
             out_dir.rmdir()  # checked empty above; rename cannot replace a folder otherwise
         os.rename(staging, out_dir)

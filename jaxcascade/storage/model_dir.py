@@ -4,7 +4,7 @@
                               {"jaxcascade": {"format_version", "version"}} stamp
     metrics.jsonl             one line per epoch (`history.py`), training_curves.png
     checkpoints/stage{1,2}/N/ training state after global step N, for resuming (`checkpoints.py`)
-    weights/stage{1,2}/       each stage's final weights; present = stage done
+    weights/stage{1,2}.npz    each stage's final weights (`weights.py`); present = stage done
     provenance.json           imported models only: the source files and their hashes
 
 A directory written in another format version is refused with a message
@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from jaxcascade.version import __version__
-from jaxcascade.storage import checkpoints
+from jaxcascade.storage import weights
 from jaxcascade import config as config_lib
 from jaxcascade.runtime import distributed
 from jaxcascade.errors import UserError
@@ -100,7 +100,7 @@ def recorded_voxel_size(model_dir):
 def require_stages(model_dir, problem: str) -> None:
     """UserError '<model_dir>: stage N <problem>' unless both stages have final weights."""
     for stage in (1, 2):
-        if not checkpoints.stage_done(model_dir, stage):
+        if not weights.stage_done(model_dir, stage):
             raise UserError(f"{model_dir}: stage {stage} {problem}")
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from jaxcascade.training import batching, history
-from jaxcascade.storage import checkpoints, model_dir as model_dir_lib
+from jaxcascade.storage import model_dir as model_dir_lib, weights
 from jaxcascade.runtime import distributed
 from jaxcascade.networks import models
 from jaxcascade.training import sampling
@@ -50,7 +50,7 @@ def _fit(stage, subjects, num_shards, centres, labels, config, workdir, log, pro
     initial = None
     if config.train.init_from:
         _, template = models.split_model(model)
-        initial = checkpoints.load_weights(config.train.init_from, stage, template)
+        initial = weights.load(config.train.init_from, stage, template)
         log(f"stage {stage}: starting from {config.train.init_from}")
     best, stage_history = fit_stage(
         stage=stage, model=model, data=data, config=config, workdir=workdir, log=log, on_epoch=on_epoch,
@@ -58,7 +58,7 @@ def _fit(stage, subjects, num_shards, centres, labels, config, workdir, log, pro
     )
     histories[stage] = stage_history
     history.write_history(workdir, histories)
-    checkpoints.save_weights(workdir, stage, best)
+    weights.save(workdir, stage, best)
     return Stage.from_network(model, best)
 
 
@@ -97,14 +97,14 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = _LOG.info, progr
     fit = dict(subjects=subjects, num_shards=num_shards, config=config, workdir=workdir, log=log,
                progress=progress, histories=histories)
 
-    if checkpoints.stage_done(workdir, 1):
+    if weights.stage_done(workdir, 1):
         log("stage 1: already trained, skipping")
         stage1 = Stage.load(workdir, 1, config)
     else:
         centres, labels = sampling.stage1_training_centres(subjects, config)
         stage1 = _fit(1, centres=centres, labels=labels, **fit)
 
-    if checkpoints.stage_done(workdir, 2):
+    if weights.stage_done(workdir, 2):
         log("stage 2: already trained, skipping")
     else:
         options = InferenceOptions.from_config(config)

@@ -1,0 +1,55 @@
+"""Run `jaxcascade segment ARGS` and note when the networks are first called (benchmarks/startup.py's probe).
+
+Usage: python -m benchmarks.startup_probe STAMP_FILE SEGMENT_ARGS...
+Writes time.time() at the first call of `segmentation.inference.classify` (stage 1 starting) to STAMP_FILE.
+The hook is put on the module when the CLI itself imports it, so the CLI's own import order (and any
+overlap it arranges) is what gets measured, not an order this probe would impose.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+import time
+
+TARGET = "jaxcascade.segmentation.inference"
+
+
+class _StampFirstClassify(importlib.abc.MetaPathFinder):
+    def __init__(self, stamp_file: str):
+        self.stamp_file = stamp_file
+
+    def find_spec(self, name, path, target=None):
+        if name != TARGET:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            execute(module)
+            classify = module.classify
+
+            def stamped(*args, **kwargs):
+                if self.stamp_file:
+                    with open(self.stamp_file, "w") as stamp:
+                        stamp.write(repr(time.time()))
+                    self.stamp_file = None
+                return classify(*args, **kwargs)
+
+            module.classify = stamped
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def main() -> int:
+    stamp_file, *arguments = sys.argv[1:]
+    sys.meta_path.insert(0, _StampFirstClassify(stamp_file))
+    from jaxcascade.cli import main as cli_main
+    return cli_main(["segment", *arguments])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
