@@ -1,10 +1,14 @@
-"""What a user waits for: a whole `jaxcascade segment` command, with and without the compilation cache.
+"""What a user waits for: a whole `jaxcascade segment` command, and how long before it starts computing.
 
-Run (after `jaxcascade demo`, whose model and held-out subject it uses):
-    python -m benchmarks.startup [--model jaxcascade-demo/model] [--subject jaxcascade-demo/cohort/held_out/sub-06]
-Each call is a fresh process. 'no cache' runs with JAXCASCADE_COMPILATION_CACHE=0 (everything compiles
-every time); 'cold' is the first call into an empty cache folder (compiles and writes); 'warm' the calls
-after it (reads). Prints a table, writes benchmarks/results/startup.json.
+Run (the shipped default model on the real patient in ../shared, or any model and subject folder):
+    python -m benchmarks.startup [--model default] [--subject ../shared/data/ljubljana-ms/cross-sectional/patient26]
+                                 [--baseline-tree DIR]
+Each call is a fresh process (`benchmarks/startup_probe.py` runs the CLI and notes when stage 1 is first
+called). 'no cache' runs with JAXCASCADE_COMPILATION_CACHE=0 (everything compiles every time); 'cold' is the
+first call into an empty cache folder (compiles and writes); 'warm' the calls after it (reads).
+--baseline-tree: a checkout of another commit (e.g. `git worktree add --detach ../before HEAD~3`) whose
+warm-cache calls run interleaved with this tree's, so that the before/after ratio comes from one run on
+the same machine state. Prints a table, writes benchmarks/results/startup.json.
 """
 
 from __future__ import annotations
@@ -20,36 +24,64 @@ from pathlib import Path
 
 from benchmarks.common import markdown_table, write_results
 
+REPO = Path(__file__).resolve().parents[1]
+PATIENT = REPO.parent / "shared" / "data" / "ljubljana-ms" / "cross-sectional" / "patient26"
 
-def segment_seconds(model: str, subject: Path, out: Path, cache: str) -> float:
-    command = [sys.executable, "-m", "jaxcascade.cli", "segment", "--model", model, "--out", str(out), "--overwrite",
+
+def segment_seconds(model: str, subject: Path, scratch: Path, cache: str, tree: Path = REPO) -> tuple[float, float]:
+    """(seconds until stage 1 is first called, seconds of the whole command) of one fresh process."""
+    stamp = scratch / "stamp"
+    stamp.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "benchmarks.startup_probe", str(stamp), "--model", model, "-q",
+               "--out", str(scratch / "seg.nii.gz"), "--overwrite",
                "--input", f"T1={subject / 'T1.nii.gz'}", "--input", f"FLAIR={subject / 'FLAIR.nii.gz'}"]
-    started = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True, env={**os.environ, "JAXCASCADE_COMPILATION_CACHE": cache})
-    return time.perf_counter() - started
+    # The probe comes from this tree; jaxcascade from `tree` (this one, or the baseline checkout).
+    environ = {**os.environ, "JAXCASCADE_COMPILATION_CACHE": cache,
+               "PYTHONPATH": os.pathsep.join([str(tree), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    started = time.time()
+    subprocess.run(command, check=True, capture_output=True, env=environ, cwd=scratch)
+    finished = time.time()
+    return float(stamp.read_text()) - started, finished - started
+
+
+def _row(name: str, runs: list[tuple[float, float]]) -> dict:
+    first, total = [r[0] for r in runs], [r[1] for r in runs]
+    return {"run": name, "calls": len(runs),
+            "to_first_computation_median_s": statistics.median(first), "to_first_computation_min_s": min(first),
+            "to_first_computation_max_s": max(first),
+            "median_s": statistics.median(total), "min_s": min(total), "max_s": max(total)}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="jaxcascade-demo/model")
-    parser.add_argument("--subject", type=Path, default=Path("jaxcascade-demo/cohort/held_out/sub-06"))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--subject", type=Path, default=PATIENT)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--baseline-tree", type=Path, default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    rows = []
+    subject = args.subject.resolve()
     with tempfile.TemporaryDirectory() as scratch:
-        out, cache = Path(scratch) / "seg.nii.gz", Path(scratch) / "cache"
-        runs = {"no cache": [segment_seconds(args.model, args.subject, out, "0") for _ in range(args.repeats)],
-                "cold cache": [segment_seconds(args.model, args.subject, out, str(cache))],
-                "warm cache": [segment_seconds(args.model, args.subject, out, str(cache)) for _ in range(args.repeats)]}
-    for name, seconds in runs.items():
-        rows.append({"run": name, "calls": len(seconds), "median_s": statistics.median(seconds),
-                     "min_s": min(seconds), "max_s": max(seconds)})
-    baseline = rows[0]["median_s"]
-    for row in rows:
-        row["speedup_vs_no_cache"] = baseline / row["median_s"]
-    print(markdown_table(rows, ["run", "calls", "median_s", "min_s", "max_s", "speedup_vs_no_cache"]))
-    print(f"\nwrote {write_results('startup', {'rows': rows, 'subject': str(args.subject)}, args.out)}")
+        scratch, cache = Path(scratch), str(Path(scratch) / "cache")
+        runs = {"no cache": [segment_seconds(args.model, subject, scratch, "0") for _ in range(args.repeats)],
+                "cold cache": [segment_seconds(args.model, subject, scratch, cache)],
+                "warm cache": []}
+        if args.baseline_tree is not None:
+            baseline_cache = str(scratch / "baseline-cache")
+            segment_seconds(args.model, subject, scratch, baseline_cache, args.baseline_tree.resolve())  # fills it
+            runs["warm cache, baseline tree"] = []
+        for _ in range(args.repeats):
+            runs["warm cache"].append(segment_seconds(args.model, subject, scratch, cache))
+            if args.baseline_tree is not None:
+                runs["warm cache, baseline tree"].append(
+                    segment_seconds(args.model, subject, scratch, baseline_cache, args.baseline_tree.resolve()))
+    rows = [_row(name, seconds) for name, seconds in runs.items()]
+    columns = ["run", "calls", "to_first_computation_median_s", "to_first_computation_min_s",
+               "to_first_computation_max_s", "median_s", "min_s", "max_s"]
+    print(markdown_table(rows, columns))
+    payload = {"rows": rows, "subject": str(args.subject), "model": args.model,
+               "baseline_tree": str(args.baseline_tree) if args.baseline_tree else None}
+    print(f"\nwrote {write_results('startup', payload, args.out)}")
 
 
 if __name__ == "__main__":
