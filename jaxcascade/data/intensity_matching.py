@@ -19,10 +19,14 @@ import numpy as np
 from jaxcascade.errors import UserError
 
 DEFAULT_QUANTILES = tuple(np.round(np.linspace(0.02, 0.98, 25), 4))
+# Landmarks from at most this many voxels (every k-th in the mask): quantiles of a million samples are within
+# about 0.1 % of the whole brain's, and sorting a 1 mm brain's 1.5 M voxels twice cost most of the time.
+_MAX_SAMPLES = 1_000_000
 
 
 def _landmarks(image: np.ndarray, mask: np.ndarray, quantiles, name: str) -> np.ndarray:
     values = np.asarray(image)[mask]
+    values = values[::max(1, values.size // _MAX_SAMPLES)]
     if values.size < 2 * len(quantiles):
         raise UserError(f"intensity matching: the {name} mask holds {values.size} voxels; it needs at least "
                         f"{2 * len(quantiles)} (is the brain mask on the image's grid?)")
@@ -52,12 +56,13 @@ def match_intensities(moving: np.ndarray, reference: np.ndarray, moving_mask: np
     target = _landmarks(reference, np.asarray(reference_mask, bool), quantiles, "reference")
     source, first = np.unique(source, return_index=True)
     target = np.maximum.accumulate(target[first])
-    values = np.asarray(moving, np.float64)
+    values = np.asarray(moving)
     if source.size == 1:  # a constant image inside its mask: all one can do is move it onto the median
         return np.full(values.shape, np.median(target), np.float32)
-    mapped = np.interp(values, source, target)
+    mapped = np.interp(values, source, target).astype(np.float32)
     low_slope = (target[1] - target[0]) / (source[1] - source[0])
     high_slope = (target[-1] - target[-2]) / (source[-1] - source[-2])
-    mapped = np.where(values < source[0], target[0] + (values - source[0]) * low_slope, mapped)
-    mapped = np.where(values > source[-1], target[-1] + (values - source[-1]) * high_slope, mapped)
-    return mapped.astype(np.float32)
+    below, above = values < source[0], values > source[-1]
+    mapped[below] = target[0] + (values[below].astype(np.float64) - source[0]) * low_slope
+    mapped[above] = target[-1] + (values[above].astype(np.float64) - source[-1]) * high_slope
+    return mapped

@@ -191,19 +191,23 @@ def classify_changes(baseline, followup, affine, criteria: ChangeCriteria = Chan
     if box is None:
         empty = ChangeSummary(0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0)
         return LesionChanges(change_mask, group_mask, activity_mask, (), empty, criteria)
-    before, after = baseline_mask[box], followup_mask[box]
-    before_lesions, after_lesions = label_lesions(before), label_lesions(after)
-    before_labels, after_labels = before_lesions.full_labels(), after_lesions.full_labels()
+    before_lesions = label_lesions(baseline_mask[box])
+    after_lesions = label_lesions(followup_mask[box])
     n_before, n_after = before_lesions.count, after_lesions.count
+    # Every statistic below runs over the lesion voxels of either visit only, not over the box.
+    union = baseline_mask[box] | followup_mask[box]
+    where = np.nonzero(union)
+    label_before = before_lesions.full_labels()[where]
+    label_after = after_lesions.full_labels()[where]
 
     # The overlap graph: nodes are baseline lesions 0..n_before-1 then follow-up lesions; an edge per shared voxel.
-    both = (before_labels > 0) & (after_labels > 0)
-    rows_, cols_ = before_labels[both] - 1, after_labels[both] - 1 + n_before
-    graph = coo_matrix((np.ones(rows_.size), (rows_, cols_)), shape=(n_before + n_after,) * 2)
+    both = (label_before > 0) & (label_after > 0)
+    graph = coo_matrix((np.ones(int(both.sum())), (label_before[both] - 1, label_after[both] - 1 + n_before)),
+                       shape=(n_before + n_after,) * 2)
     _, node_group = connected_components(graph, directed=False)
 
-    voxels_before = np.bincount(before_labels.ravel(), minlength=n_before + 1)[1:]
-    voxels_after = np.bincount(after_labels.ravel(), minlength=n_after + 1)[1:]
+    voxels_before = np.bincount(label_before, minlength=n_before + 1)[1:]
+    voxels_after = np.bincount(label_after, minlength=n_after + 1)[1:]
     group_of_before, group_of_after = node_group[:n_before], node_group[n_before:]
     n_groups = int(node_group.max()) + 1
     count_before = np.bincount(group_of_before, minlength=n_groups)
@@ -212,17 +216,16 @@ def classify_changes(baseline, followup, affine, criteria: ChangeCriteria = Chan
     volume_after = np.bincount(group_of_after, weights=voxels_after, minlength=n_groups) * voxel_mm3
 
     # Each lesion voxel's group (a voxel in both visits has the same group from either, by construction).
-    voxel_group = np.full(before.shape, -1, np.int64)
-    voxel_group[before_labels > 0] = group_of_before[before_labels[before_labels > 0] - 1]
-    voxel_group[after_labels > 0] = group_of_after[after_labels[after_labels > 0] - 1]
-    where = np.nonzero(voxel_group >= 0)
-    members = voxel_group[where]
+    in_before = label_before > 0
+    members = np.empty(label_before.size, np.int64)
+    members[in_before] = group_of_before[label_before[in_before] - 1]
+    members[~in_before] = group_of_after[label_after[~in_before] - 1]
     union_voxels = np.bincount(members, minlength=n_groups)
     centre_voxel = np.stack([np.bincount(members, weights=index + s.start, minlength=n_groups)
                              for index, s in zip(where, box)], axis=1) / np.maximum(union_voxels, 1)[:, None]
     centre_mm = centre_voxel @ affine[:3, :3].T + affine[:3, 3]
-    grown = after & ~before
-    grown_voxels = np.bincount(voxel_group[grown], minlength=n_groups)
+    grown = (label_after > 0) & (label_before == 0)
+    grown_voxels = np.bincount(members[grown], minlength=n_groups)
 
     rows, ignored = [], 0
     number = np.zeros(n_groups, np.int32)
@@ -245,7 +248,7 @@ def classify_changes(baseline, followup, affine, criteria: ChangeCriteria = Chan
 
     change_mask[box][where] = codes[members]
     group_mask[box][where] = number[members]
-    activity_mask[box] = grown & active_groups[np.maximum(voxel_group, 0)] & (voxel_group >= 0)
+    activity_mask[box][where] = grown & active_groups[members]
 
     counts = {name: sum(row.change_class == name for row in rows) for name in CHANGE_CLASSES}
     summary = ChangeSummary(
