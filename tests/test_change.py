@@ -264,3 +264,9 @@ def test_the_phantom_is_its_seed_and_its_spec():
     assert sorted(c.change_class for c in one.changes) == ["enlarging", "new", "stable"]
     assert np.allclose(one.motion, np.eye(4))
     assert np.array_equal(one.followup_mask, one.followup_mask_unmoved)
+
+
+def test_a_phantom_with_no_room_says_so_in_one_line():
+    crowded = dataclasses.replace(longitudinal.LongitudinalSpec(), stable=40, size="tiny")
+    with pytest.raises(UserError, match="no room"):
+        longitudinal.make_pair(0, crowded)

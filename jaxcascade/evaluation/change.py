@@ -112,7 +112,8 @@ class LesionChange:
 
 @dataclasses.dataclass(frozen=True)
 class ChangeSummary:
-    """One participant's pair of visits: counts per class and the activity's volume."""
+    """One participant's pair of visits: groups per class, active groups (new or grown), the activity's volume, the
+    lesion volume at each visit (over the table's groups) and how many lesions were too small to count."""
 
     new_count: int
     enlarging_count: int

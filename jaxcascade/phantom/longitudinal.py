@@ -1,4 +1,4 @@
-"""A synthetic pair of visits: lesions appear, grow, shrink, vanish, merge and split; the head moves; the scanner changes.
+"""Two synthetic visits: lesions appear, grow, shrink, vanish, merge and split; the head moves; the scanner changes.
 
 The procedural anatomy (`procedural.anatomy`) is imaged twice. Its lesions are analytic ellipsoids, each
 group of them given one fate between the visits (`evaluation.change`'s classes): stable, enlarging
@@ -19,6 +19,7 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
+from jaxcascade.errors import UserError
 from jaxcascade.phantom import core as phantom_core, procedural, scanners
 from jaxcascade.phantom.core import BG, WM
 
@@ -127,7 +128,7 @@ def _place_groups(rng, label, affine, voxel, counts):
     wm_centres = np.argwhere((label == WM) & (brain_depth >= 12.0))
     groups = []
     for fate in fates:
-        for _ in range(500):
+        for _ in range(500 if len(wm_centres) else 0):
             centre = affine[:3, :3] @ wm_centres[rng.integers(len(wm_centres))] + affine[:3, 3]
             before, after, extent = _group(rng, fate, centre, voxel)
             index = tuple(np.round(np.linalg.solve(affine[:3, :3], centre - affine[:3, 3])).astype(int))
@@ -137,7 +138,7 @@ def _place_groups(rng, label, affine, voxel, counts):
                 groups.append((centre, extent, fate, before, after))
                 break
         else:
-            raise ValueError(f"no room for a {fate} lesion group: ask for fewer groups or a larger grid")
+            raise UserError(f"longitudinal phantom: no room for a {fate} lesion group; ask for fewer groups or a larger size")
     return groups
 
 
