@@ -16,7 +16,7 @@ from jaxcascade.data.intensity_matching import match_intensities
 from jaxcascade.errors import UserError
 from jaxcascade.evaluation import plots
 from jaxcascade.evaluation.change import (CHANGE_CLASSES, CHANGE_CODES, MIRRORED, ChangeCriteria, classify_changes,
-                                          score_change)
+                                          score_change, summary_row, table_rows)
 from jaxcascade.phantom import longitudinal
 
 
@@ -163,6 +163,13 @@ def test_table_and_summary_on_a_known_case():
     # The default criterion at 8 mm^3 voxels: +4 voxels (32 mm^3, +50 %) enlarges, +1 voxel does not.
     assert ChangeCriteria().grew(64.0, 96.0) and not ChangeCriteria().grew(64.0, 72.0)
     assert not ChangeCriteria().grew(1000.0, 1400.0)  # +40 %: within measurement variability
+    # Flat rows for a CSV: one per group, the centroid in three columns; the summary with its criterion.
+    table = table_rows(changes)
+    assert [row["change_class"] for row in table] == [row.change_class for row in changes.rows]
+    assert (table[0]["centroid_x_mm"], table[0]["centroid_y_mm"]) == changes.rows[0].centroid_mm[:2]
+    assert "centroid_mm" not in table[0] and table[0]["group"] == 1
+    flat_summary = summary_row(changes)
+    assert flat_summary["new_count"] == 1 and flat_summary["min_relative_growth"] == 0.5
     empty = classify_changes(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)), np.eye(4))
     assert empty.rows == () and empty.summary.active_count == 0 and not empty.change_mask.any()
 

@@ -262,6 +262,21 @@ def classify_changes(baseline, followup, affine, criteria: ChangeCriteria = Chan
     return LesionChanges(change_mask, group_mask, activity_mask, tuple(rows), summary, criteria)
 
 
+def table_rows(changes: LesionChanges) -> list[dict]:
+    """The change table as flat rows (one per group, units in the column names), for a CSV or a data frame."""
+    rows = []
+    for row in changes.rows:
+        flat = dataclasses.asdict(row)
+        x, y, z = flat.pop("centroid_mm")
+        rows.append({**flat, "centroid_x_mm": x, "centroid_y_mm": y, "centroid_z_mm": z})
+    return rows
+
+
+def summary_row(changes: LesionChanges) -> dict:
+    """The per-participant summary as one flat row, with the growth criterion it was counted under."""
+    return {**dataclasses.asdict(changes.summary), **dataclasses.asdict(changes.criteria)}
+
+
 @dataclasses.dataclass(frozen=True)
 class ChangeScore:
     """A predicted lesion change scored against a true one (binary masks of changed lesion tissue).
