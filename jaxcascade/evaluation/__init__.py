@@ -1,4 +1,5 @@
-"""Scoring and showing results: voxel- and lesion-level metrics (`metrics`) and figures (`plots`).
+"""Scoring and showing results: voxel- and lesion-level metrics (`metrics`), lesion change between two visits
+(`change`) and figures (`plots`).
 
 May import `jaxcascade.data` and below.
 """

@@ -101,3 +101,45 @@ def overlay(flair: np.ndarray, truth: np.ndarray | None, prediction: np.ndarray,
               else "FLAIR: segmentation (orange)")
     figure.text(0.5, 0.985, f"{title}\n{legend}" if title else legend, ha="center", va="top", fontsize="large")
     _save(figure, path, tight=False)
+
+
+# Okabe-Ito again: new lesions vermilion, enlarging yellow, every other lesion of either visit sky blue.
+NEW_COLOUR, ENLARGING_COLOUR, OTHER_LESION_COLOUR = "#D55E00", "#F0E442", "#56B4E9"
+
+
+def change_figure(baseline: np.ndarray, followup: np.ndarray, change_mask: np.ndarray, *, title: str = "",
+                  count: int = 3):
+    """Both visits (rows) on axial slices through the new and enlarging lesions (columns), outlined.
+
+    `baseline` and `followup` are one contrast (usually FLAIR) on one grid, `change_mask` the
+    `evaluation.change` codes on it: new lesions are outlined vermilion, enlarging ones yellow and every
+    other lesion sky blue, on both rows, so what appeared is seen beside where it was not.
+    """
+    from jaxcascade.evaluation.change import CHANGE_CODES
+
+    new = change_mask == CHANGE_CODES["new"]
+    enlarging = change_mask == CHANGE_CODES["enlarging"]
+    other = (change_mask > 0) & ~new & ~enlarging
+    active = new | enlarging
+    slices = overlay_slices(active if active.any() else change_mask > 0, count)
+    figure = _figure(3.4 * len(slices), 7.4)
+    width, height = 1 / len(slices), 0.44
+    for row, (visit, image) in enumerate((("baseline", baseline), ("follow-up", followup))):
+        for index, z in enumerate(slices):
+            axis = figure.add_axes((index * width + 0.005, 0.47 - row * 0.47, width - 0.01, height))
+            axis.set_axis_off()
+            axis.imshow(np.rot90(image[:, :, z]), cmap="gray", interpolation="nearest")
+            for mask, colour, line in ((other, OTHER_LESION_COLOUR, 0.7), (enlarging, ENLARGING_COLOUR, 1.2),
+                                       (new, NEW_COLOUR, 1.2)):
+                if mask[:, :, z].any():
+                    axis.contour(np.rot90(mask[:, :, z]), levels=[0.5], colors=colour, linewidths=line)
+            axis.text(0.5, 1.01, f"{visit}, axial slice {z}", transform=axis.transAxes, ha="center", va="bottom")
+    legend = "new lesions vermilion, enlarging yellow, other lesions blue"
+    figure.text(0.5, 0.995, f"{title}\n{legend}" if title else legend, ha="center", va="top", fontsize="large")
+    return figure
+
+
+def change_overlay(baseline: np.ndarray, followup: np.ndarray, change_mask: np.ndarray, path: str | Path,
+                   *, title: str = "", count: int = 3) -> None:
+    """`change_figure` written to `path` as a PNG (atomically)."""
+    _save(change_figure(baseline, followup, change_mask, title=title, count=count), path, tight=False)

@@ -1,6 +1,7 @@
 """Synthetic MS cohorts, so that everything runs without downloading anything: a procedural phantom
 (`procedural`, whose generator this package exposes), an MNI152-based one (`mni`), what both share
-(`core`) and named acquisition settings (`scanners`).
+(`core`), named acquisition settings (`scanners`) and a two-visit phantom with known lesion changes
+(`longitudinal`).
 
 May import `jaxcascade.data` and below.
 """
