@@ -32,14 +32,16 @@ def segment_seconds(model: str, subject: Path, scratch: Path, cache: str, tree: 
     """(seconds until stage 1 is first called, seconds of the whole command) of one fresh process."""
     stamp = scratch / "stamp"
     stamp.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "benchmarks.startup_probe", str(stamp), "--model", model, "-q",
+    command = [sys.executable, str(REPO / "benchmarks" / "startup_probe.py"), str(stamp), "--model", model, "-q",
                "--out", str(scratch / "seg.nii.gz"), "--overwrite",
                "--input", f"T1={subject / 'T1.nii.gz'}", "--input", f"FLAIR={subject / 'FLAIR.nii.gz'}"]
     # The probe comes from this tree; jaxcascade from `tree` (this one, or the baseline checkout).
     environ = {**os.environ, "JAXCASCADE_COMPILATION_CACHE": cache,
-               "PYTHONPATH": os.pathsep.join([str(tree), str(REPO), os.environ.get("PYTHONPATH", "")])}
+               "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
     started = time.time()
-    subprocess.run(command, check=True, capture_output=True, env=environ, cwd=scratch)
+    done = subprocess.run(command, capture_output=True, text=True, env=environ, cwd=scratch)
+    if done.returncode:
+        raise SystemExit(f"{tree}: segment failed (exit {done.returncode}): {done.stderr.strip()[-500:]}")
     finished = time.time()
     return float(stamp.read_text()) - started, finished - started
 

@@ -1,6 +1,6 @@
 """Run `jaxcascade segment ARGS` and note when the networks are first called (benchmarks/startup.py's probe).
 
-Usage: python -m benchmarks.startup_probe STAMP_FILE SEGMENT_ARGS...
+Usage: python benchmarks/startup_probe.py STAMP_FILE SEGMENT_ARGS...
 Writes time.time() at the first call of `segmentation.inference.classify` (stage 1 starting) to STAMP_FILE.
 The hook is put on the module when the CLI itself imports it, so the CLI's own import order (and any
 overlap it arranges) is what gets measured, not an order this probe would impose.

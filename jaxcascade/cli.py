@@ -170,14 +170,23 @@ def cmd_segment(args, _overrides) -> int | None:
     if args.shard or args.bids_suffix or args.bids_filter or args.participant_label:
         raise UserError("jaxcascade segment: --shard, --participant-label, --bids-suffix and --bids-filter apply "
                         "to a study (--data DIR --out-dir OUT)")
+    inputs = parse_inputs(args.input)
+    # The inputs are inflated in the background while JAX is imported (`data/prefetch.py`).
+    from jaxcascade.data import prefetch
+
+    prefetch.start([*inputs.values(), *([args.brain_mask] if args.brain_mask else [])])
     from jaxcascade import api
 
-    result = api.segment(
-        args.model, parse_inputs(args.input), out=args.out, probabilities=args.probabilities,
-        threshold=args.threshold, min_lesion_voxels=args.min_lesion_voxels, method=args.inference,
-        compute_dtype=args.compute_dtype, min_lesion_volume_mm3=args.min_lesion_volume, tta=args.tta or None,
-        brain_mask=args.brain_mask, resample=args.resample, overwrite=args.overwrite, progress=_progress, warn=_warn,
-    )
+    try:
+        result = api.segment(
+            args.model, inputs, out=args.out, probabilities=args.probabilities,
+            threshold=args.threshold, min_lesion_voxels=args.min_lesion_voxels, method=args.inference,
+            compute_dtype=args.compute_dtype, min_lesion_volume_mm3=args.min_lesion_volume, tta=args.tta or None,
+            brain_mask=args.brain_mask, resample=args.resample, overwrite=args.overwrite, progress=_progress,
+            warn=_warn,
+        )
+    finally:
+        prefetch.forget()
     _log(f"{args.out}: {int(result.mask.sum())} lesion voxels "
          f"({result.candidate_count} candidates, {result.stage2_candidate_count} to stage 2)")
 

@@ -426,3 +426,61 @@ def test_a_command_that_fails_on_its_arguments_imports_nothing_heavy(arguments):
     result = subprocess.run([sys.executable, "-c", wrapper, *arguments], capture_output=True, text=True, timeout=120)
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     assert outcome == {"status": 2, "heavy": []}, result.stderr
+
+
+def _load_outcome(path):
+    """What load_image makes of a file: its data and affine, or its one-line error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            image = nifti.load_image(path, allow_all_zero=True)
+        except UserError as error:
+            return str(error)
+    return image.data, image.affine, image.voxel_volume_ml
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=headers(), cut=st.sampled_from([None, None, 0.3, 0.9]), replaced=st.booleans())
+def test_inputs_inflated_in_the_background_read_as_the_file_itself(header, cut, replaced, tmp_path_factory):
+    """The command line inflates inputs while JAX imports (`data/prefetch.py`): the image read from those
+    bytes equals the file read directly — same data, affine and voxel size, or the same one-line error —
+    for every generated header, for truncated files, and for a file replaced after the inflating began."""
+    from jaxcascade.data import prefetch
+
+    path = tmp_path_factory.mktemp("prefetch") / ("image.nii.gz" if header["gz"] else "image.nii")
+    _write(header, path)
+    if cut is not None:
+        content = path.read_bytes()
+        path.write_bytes(content[:max(1, int(len(content) * cut))])
+    prefetch.start([path])
+    if replaced:  # another file at the same path (a new inode) once the thread has read the old one
+        if header["gz"]:
+            prefetch._pending[os.path.abspath(path)][0].join()
+        _write({**header, "seed": header["seed"] + 1, "claim": 1}, path.with_name("new" + path.name))
+        os.replace(path.with_name("new" + path.name), path)
+    through_prefetch = _load_outcome(path)
+    directly = _load_outcome(path)
+    assert type(through_prefetch) is type(directly)
+    if isinstance(directly, str):
+        assert through_prefetch == directly
+    else:
+        assert np.array_equal(through_prefetch[0], directly[0]) and through_prefetch[0].dtype == directly[0].dtype
+        assert np.array_equal(through_prefetch[1], directly[1]) and through_prefetch[2] == directly[2]
+
+
+def test_the_prefetch_is_used_and_forgotten_after_one_read(tmp_path):
+    from jaxcascade.data import prefetch
+
+    path = tmp_path / "flair.nii.gz"
+    nib.save(nib.Nifti1Image(np.arange(60, dtype=np.float32).reshape(3, 4, 5) + 1, np.eye(4)), path)
+    prefetch.forget()
+    prefetch.start([path, tmp_path / "missing.nii.gz", tmp_path])
+    assert list(prefetch._pending) == [str(path)]  # only existing .gz files
+    assert nib.Nifti1Image.from_bytes(prefetch.take(path)).get_fdata().sum() == sum(range(1, 61))
+    assert prefetch.take(path) is None and not prefetch._pending
+    # A command that fails before reading its inputs keeps none of them in memory.
+    from jaxcascade import cli
+
+    assert cli.main(["segment", "--model", str(tmp_path / "no-model"), "--input", f"T1={path}",
+                     "--input", f"FLAIR={path}", "--out", str(tmp_path / "seg.nii.gz")]) == 2
+    assert not prefetch._pending

@@ -19,6 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from jaxcascade.data import prefetch
 from jaxcascade.data.normalisation import zero_background
 from jaxcascade.errors import UserError, warn
 from jaxcascade.runtime.outputs import atomic_path
@@ -106,20 +107,13 @@ def load_image(path: str | os.PathLike, *, allow_all_zero: bool = False, orienta
         raise UserError(f"{path}: file not found")
     if not os.access(path, os.R_OK) or path.is_dir():
         raise UserError(f"{path}: cannot be read (check permissions)")
+    inflated = prefetch.take(path)
     try:
-        nifti = nib.load(str(path))
-        if not isinstance(nifti, (nib.Nifti1Image, nib.Nifti2Image)):
-            raise UserError(f"{path}: not a NIfTI image ({type(nifti).__name__}); convert it to .nii/.nii.gz")
-        # A lying header is refused before its data is read: a 1 MB file claiming 8000^3 voxels must not
-        # make the reader ask for 2 TB (a MemoryError reads as the machine's fault, and stops a study).
-        check_header(path, nifti.header, getattr(nifti.dataobj, "offset", 0))
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflowing scale shows up as Inf, refused below
-            data = np.asarray(nifti.dataobj, dtype=np.float32)
-    except UserError:
-        raise
-    except (nib.filebasedimages.ImageFileError, EOFError, zlib.error, OSError, ValueError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"{path}: not a readable NIfTI image, or truncated ({reason})") from None
+        nifti, data = _read(path, inflated)
+    except (UserError, nib.filebasedimages.ImageFileError, EOFError, zlib.error, OSError, ValueError):
+        if inflated is None:
+            raise
+        nifti, data = _read(path, None)  # whatever is wrong is said as the file itself shows it
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -141,6 +135,35 @@ def load_image(path: str | os.PathLike, *, allow_all_zero: bool = False, orienta
     if transform is not None:
         data = np.ascontiguousarray(nib.orientations.apply_orientation(data, transform))
     return Image(path=path, data=data, nifti=nifti, orientation=orientation)
+
+
+def _read(path: Path, inflated: bytes | None):
+    """(the nibabel image, its data as float32) of path, or of its bytes inflated ahead (`prefetch.py`)."""
+    try:
+        nifti = _from_bytes(inflated) if inflated is not None else nib.load(str(path))
+        if not isinstance(nifti, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise UserError(f"{path}: not a NIfTI image ({type(nifti).__name__}); convert it to .nii/.nii.gz")
+        # A lying header is refused before its data is read: a 1 MB file claiming 8000^3 voxels must not
+        # make the reader ask for 2 TB (a MemoryError reads as the machine's fault, and stops a study).
+        check_header(path, nifti.header, getattr(nifti.dataobj, "offset", 0))
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflowing scale shows up as Inf, refused below
+            return nifti, np.asarray(nifti.dataobj, dtype=np.float32)
+    except UserError:
+        raise
+    except (nib.filebasedimages.ImageFileError, EOFError, zlib.error, OSError, ValueError) as error:
+        if inflated is not None:
+            raise
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"{path}: not a readable NIfTI image, or truncated ({reason})") from None
+
+
+def _from_bytes(raw: bytes):
+    """The image in a file's inflated bytes (`prefetch.py`), NIfTI-1 or -2 by its header size."""
+    for order in ("little", "big"):
+        size = int.from_bytes(raw[:4], order)
+        if size in (348, 540):
+            return (nib.Nifti1Image if size == 348 else nib.Nifti2Image).from_bytes(raw)
+    raise ValueError("no NIfTI header size (348 or 540) in its first bytes")
 
 
 def check_header(path: Path, header, data_offset: int = 0) -> None:
