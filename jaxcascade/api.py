@@ -171,3 +171,55 @@ def evaluate(prediction: PathLike | np.ndarray, truth: PathLike | np.ndarray, *,
         truth = nifti.load_lesion_mask(truth, truth_image)
         voxel_volume_ml = truth_image.voxel_volume_ml if voxel_volume_ml is None else voxel_volume_ml
     return metrics.segmentation_metrics(prediction, truth, voxel_volume_ml)
+
+
+def detect_changes(model: Cascade | PathLike | None, baseline: Mapping[str, PathLike],
+                   followup: Mapping[str, PathLike], *, out_dir: PathLike | None = None,
+                   baseline_transforms: Mapping[str, PathLike] | None = None,
+                   followup_transforms: Mapping[str, PathLike] | None = None,
+                   options=None, overwrite: bool = False):
+    """New and enlarging lesions between two visits of one patient (`jaxcascade change`).
+
+    Args:
+        model: a `Cascade`, a model directory, a shipped model's name, or None for the shipped 'default'.
+        baseline, followup: each visit's sequences by modality (the model's, FLAIR among them), any grids,
+            skull on or off: each visit's sequences are registered onto its FLAIR, the follow-up onto the
+            baseline, and a brain mask is extracted where the FLAIR is not skull-stripped.
+        out_dir: where to write the outputs (`longitudinal.pipeline.OUTPUTS`); None writes nothing.
+        baseline_transforms, followup_transforms: ITK text transforms already estimated, used instead of
+            registering: `T1` (the visit's FLAIR points -> T1 points, i.e. the T1's registration onto the
+            FLAIR), and `FLAIR` for both visits (a common space -> that visit's FLAIR).
+        options: a `longitudinal.pipeline.ChangeOptions` (alignment, change criteria, subtraction check).
+        overwrite: replace outputs of an earlier run in out_dir.
+
+    Returns:
+        A `ChangeRun`: the aligned visits, both segmentations and `changes` (change mask, one row per lesion
+        group, the summary) on the working grid (`aligned.grid_affine`).
+    """
+    from jaxcascade.longitudinal import pipeline, visits
+
+    options = options or pipeline.ChangeOptions()
+    if out_dir is not None:
+        pipeline.check_outputs(out_dir, overwrite=overwrite)
+    cascade = model if isinstance(model, Cascade) else load_model(model or shipped.DEFAULT_MODEL)
+    run = pipeline.detect_changes(cascade, visits.Visit(dict(baseline), dict(baseline_transforms or {})),
+                                  visits.Visit(dict(followup), dict(followup_transforms or {})), options)
+    if out_dir is not None:
+        pipeline.write_change(run, out_dir)
+    return run
+
+
+def change_study(model: PathLike | None, data_dir: PathLike, out_dir: PathLike, *, options=None,
+                 participants: Sequence[str] | None = None, bids_suffixes: Mapping[str, str] | None = None,
+                 bids_filters: Sequence[str] | None = None, overwrite: bool = False,
+                 log: Callable[[str], None] = _LOG.info) -> list[dict]:
+    """`detect_changes` for every two consecutive sessions of each participant of a study (BIDS sessions, or
+    folder names in the training layout, in label order); outputs under OUT/sub-X/ses-A_to_ses-B/ and one row
+    per pair in OUT/change_summary.csv (returned)."""
+    from jaxcascade.longitudinal import pipeline
+
+    cascade = load_model(model or shipped.DEFAULT_MODEL)
+    subjects = study.study_subjects(data_dir, cascade.config, dict(bids_suffixes or {}) or None,
+                                    participants=participants, bids_filters=bids_filters, log=log)
+    return pipeline.change_study(cascade, subjects, out_dir, options or pipeline.ChangeOptions(),
+                                 overwrite=overwrite, log=log)

@@ -228,6 +228,48 @@ def _segment_study(args) -> int:
     return EXIT_SUBJECTS_FAILED if failed else 0
 
 
+def _pairs(flag: str, pairs: list[str] | None) -> dict[str, str]:
+    try:
+        return parse_inputs(pairs or [])
+    except UserError as error:
+        raise UserError(str(error).replace("--input", flag)) from None
+
+
+def cmd_change(args, _overrides) -> None:
+    from jaxcascade.longitudinal.pipeline import ChangeOptions
+    from jaxcascade.longitudinal.visits import AlignmentOptions
+    from jaxcascade.evaluation.change import ChangeCriteria
+
+    options = ChangeOptions(
+        alignment=AlignmentOptions(brain_mask=args.brain_mask, match_intensities=not args.no_intensity_matching),
+        criteria=ChangeCriteria(min_relative_growth=args.min_growth_percent / 100),
+        difference_z=args.difference_z)
+    if args.data:
+        if args.baseline or args.followup:
+            raise UserError("jaxcascade change: --data pairs a study's sessions itself; leave out --baseline/--followup")
+        from jaxcascade import api
+
+        rows = api.change_study(args.model, args.data, args.out_dir, options=options,
+                                participants=args.participant_label, overwrite=args.overwrite, log=_log)
+        failed = sum(row["status"] != "ok" for row in rows)
+        _log(f"{args.out_dir}: {len(rows) - failed} of {len(rows)} visit pairs compared (change_summary.csv)")
+        return 1 if failed else None
+    baseline, followup = _pairs("--baseline", args.baseline), _pairs("--followup", args.followup)
+    if not baseline or not followup:
+        raise UserError("jaxcascade change: give --baseline NAME=PATH and --followup NAME=PATH for each sequence "
+                        "(or --data DIR for a study's sessions); see --help")
+    from jaxcascade import api
+
+    run = api.detect_changes(args.model, baseline, followup, out_dir=args.out_dir,
+                             baseline_transforms=_pairs("--baseline-transform", args.baseline_transform),
+                             followup_transforms=_pairs("--followup-transform", args.followup_transform),
+                             options=options, overwrite=args.overwrite)
+    summary = run.changes.summary
+    _log(f"{args.out_dir}: {summary.new_count} new, {summary.enlarging_count} enlarging lesions "
+         f"({summary.new_and_enlarging_volume_ml:.2f} ml new or grown); {summary.disappearing_count} gone, "
+         f"{summary.shrinking_count} shrinking, {summary.stable_count} stable")
+
+
 def cmd_models(args, _overrides) -> None:
     from jaxcascade.storage import shipped
 
@@ -299,6 +341,22 @@ def volume_mm3(text: str) -> float:
     value = float(text)
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text}: a volume in mm^3, 0 or more")
+    return value
+
+
+def _percent(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text}: a percentage, 0 or more")
+    return value
+
+
+def _z_or_none(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text}: a number of standard deviations, 0 or more, or none")
     return value
 
 
@@ -397,6 +455,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(run=cmd_segment)
 
+    p = commands.add_parser("change", help="new and enlarging lesions between two visits (raw clinical scans)",
+                            description="Compare two visits of one patient: each visit's sequences are registered "
+                                        "onto its FLAIR and the follow-up onto the baseline, the brain extracted "
+                                        "where the FLAIR is not skull-stripped, both visits segmented on one grid, "
+                                        "and their lesions matched (new, enlarging, shrinking, disappearing, "
+                                        "merging, splitting, stable). --data DIR compares every two consecutive "
+                                        "sessions of each participant of a study.")
+    p.add_argument("--model", help="a model directory or a shipped model's name; the shipped 'default' if left out")
+    p.add_argument("--baseline", action="append", metavar="NAME=PATH", help="one per sequence of the first visit")
+    p.add_argument("--followup", action="append", metavar="NAME=PATH", help="one per sequence of the second visit")
+    p.add_argument("--baseline-transform", action="append", metavar="NAME=FILE",
+                   help="an ITK text transform to use instead of registering: NAME onto the visit's FLAIR, or "
+                        "FLAIR=FILE (with --followup-transform FLAIR=...): a common space -> this visit's FLAIR")
+    p.add_argument("--followup-transform", action="append", metavar="NAME=FILE", help="as --baseline-transform")
+    p.add_argument("--data", metavar="DIR", help="a study (BIDS sessions): every two consecutive sessions")
+    p.add_argument("--participant-label", nargs="+", action="extend", metavar="LABEL",
+                   help="with --data: only these participants (01 or sub-01)")
+    p.add_argument("--out-dir", metavar="OUT", required=True,
+                   help="change_mask, new_and_enlarging, both visits' masks, changes.csv, summary.csv, QC picture")
+    p.add_argument("--brain-mask", choices=("auto", "extract", "none"), default="auto",
+                   help="auto: extract the brain where the baseline FLAIR is not skull-stripped (default)")
+    p.add_argument("--min-growth-percent", type=_percent, default=50.0, metavar="P",
+                   help="a lesion is enlarging when it grew by P %% of its baseline volume (and by 14.1 mm^3)")
+    p.add_argument("--difference-z", type=_z_or_none, default=3.0, metavar="Z",
+                   help="a lesion voxel seen at one visit only counts where the FLAIR changed by > Z robust "
+                        "standard deviations (default 3; none: the masks alone decide)")
+    p.add_argument("--no-intensity-matching", action="store_true",
+                   help="do not map the follow-up's intensities onto the baseline's")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run")
+    p.set_defaults(run=cmd_change)
+
     p = commands.add_parser("models", help="list the models that ship with jaxcascade: training data, licence, "
                             "accuracy measured on real scans",
                             description="List the models that ship inside jaxcascade (the names --model and "
@@ -447,7 +536,7 @@ def _hint_input_pairs(inputs: list[str] | None, unknown: list[str]) -> None:
 
 
 # Commands that start JAX: under a small address-space limit they would die in C++ rather than fail in Python.
-_COMPUTING_COMMANDS = ("train", "segment", "demo", "import-keras")
+_COMPUTING_COMMANDS = ("train", "segment", "demo", "import-keras", "change")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,35 @@ OUTPUTS = {
 class ChangeOptions:
     alignment: visits.AlignmentOptions = visits.AlignmentOptions()
     criteria: change.ChangeCriteria = change.ChangeCriteria()
+    # A lesion voxel seen at one visit only counts as change where the FLAIR changed that way by more than
+    # this many robust standard deviations of the difference image (None: the masks alone decide).
+    difference_z: float | None = 3.0
+
+    def __post_init__(self):
+        if self.difference_z is not None and not self.difference_z >= 0:
+            raise UserError(f"difference_z={self.difference_z}: give a number of standard deviations >= 0, or None")
+
+
+def confirmed_masks(baseline_mask, followup_mask, baseline_flair, followup_flair, brain_mask,
+                    difference_z: float | None):
+    """(baseline, follow-up) masks in which a voxel marked at one visit only is kept where the FLAIR changed.
+
+    Two segmentations of the same brain disagree at lesion edges and on faint lesions even where
+    nothing changed (a thick-slice FLAIR, another position in the scanner); subtraction imaging, the
+    radiologist's check, asks whether the signal itself changed. The difference image's spread is
+    1.4826 x its median absolute deviation inside the brain (most of the brain did not change), so
+    z = 3 asks a one-visit voxel to be brighter (new) or darker (gone) than 99.9 % of unchanged tissue.
+    Voxels marked at both visits are kept whatever the difference. Swapping the visits swaps the result.
+    """
+    baseline_mask, followup_mask = np.asarray(baseline_mask, bool), np.asarray(followup_mask, bool)
+    if difference_z is None:
+        return baseline_mask, followup_mask
+    difference = np.asarray(followup_flair, np.float64) - np.asarray(baseline_flair, np.float64)
+    inside = difference[np.asarray(brain_mask, bool)]
+    spread = 1.4826 * np.median(np.abs(inside - np.median(inside))) if inside.size else 0.0
+    brighter, darker = difference > difference_z * spread, difference < -difference_z * spread
+    both = baseline_mask & followup_mask
+    return both | (baseline_mask & darker), both | (followup_mask & brighter)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +101,11 @@ def detect_changes(model: Cascade, baseline: visits.Visit, followup: visits.Visi
         results[key] = segment_images(model, images, brain_mask=aligned.brain_mask, resample="never")
     seconds["segment both visits"] = time.perf_counter() - started
     started = time.perf_counter()
-    changes = change.classify_changes(results["baseline"].mask, results["followup"].mask, aligned.grid_affine,
-                                      options.criteria)
+    flair = aligned.flair_channel
+    baseline_mask, followup_mask = confirmed_masks(
+        results["baseline"].mask, results["followup"].mask, aligned.baseline[flair], aligned.followup[flair],
+        aligned.brain_mask, options.difference_z)
+    changes = change.classify_changes(baseline_mask, followup_mask, aligned.grid_affine, options.criteria)
     seconds["match lesions"] = time.perf_counter() - started
     return ChangeRun(aligned, results["baseline"], results["followup"], changes, seconds)
 
@@ -128,3 +160,50 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     outputs.write_text(text.getvalue(), path)
+
+
+def visit_pairs(subjects) -> list[tuple]:
+    """(baseline, follow-up) StudySubjects: every two consecutive sessions of each participant, by label."""
+    by_participant: dict[str, list] = {}
+    for subject in subjects:
+        by_participant.setdefault(subject.participant_id, []).append(subject)
+    pairs = []
+    for participant in sorted(by_participant):
+        sessions = sorted(by_participant[participant], key=lambda s: s.session_id or "")
+        pairs.extend(zip(sessions, sessions[1:]))
+    return pairs
+
+
+def change_study(model: Cascade, subjects, out_dir, options: ChangeOptions = ChangeOptions(), *,
+                 overwrite: bool = False, log=lambda line: None) -> list[dict]:
+    """`detect_changes` for every consecutive pair of sessions; one summary row per pair (status ok/error).
+
+    A pair's own problem (a missing sequence, an unreadable file, an empty brain) is its error row and
+    the study goes on; its outputs go to OUT/sub-X/ses-A_to_ses-B/ and the rows to OUT/change_summary.csv.
+    """
+    out_dir = Path(out_dir)
+    rows = []
+    for first, second in visit_pairs(subjects):
+        folder = out_dir / first.participant_id / f"{first.session_id}_to_{second.session_id}"
+        row = {"participant_id": first.participant_id, "baseline_session": first.session_id,
+               "followup_session": second.session_id, "status": "ok", "message": ""}
+        try:
+            problem = first.problem or second.problem
+            if problem:
+                raise UserError(problem)
+            check_outputs(folder, overwrite=overwrite)
+            run = detect_changes(model, visits.Visit(dict(first.inputs)), visits.Visit(dict(second.inputs)), options)
+            row.update(write_change(run, folder, title=f"{first.participant_id}: {first.session_id} -> "
+                                                       f"{second.session_id}"))
+            log(f"{folder}: {row['new_count']} new, {row['enlarging_count']} enlarging lesions "
+                f"({row['new_and_enlarging_volume_ml']:.2f} ml)")
+        except UserError as error:
+            row.update(status="error", message=str(error))
+            log(f"{first.participant_id} {first.session_id} -> {second.session_id}: {error}")
+        rows.append(row)
+    if not rows:
+        raise UserError(f"{out_dir}: no participant has two sessions with the model's sequences; nothing to compare")
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_csv(out_dir / "change_summary.csv", [{c: row.get(c, "") for c in columns} for row in rows])
+    return rows
