@@ -113,7 +113,7 @@ def detect_changes(model: Cascade, baseline: visits.Visit, followup: visits.Visi
 def check_outputs(out_dir, *, overwrite: bool = False) -> None:
     """One line, before any work, if out_dir cannot take the outputs (or holds them and overwrite is off)."""
     out_dir = Path(out_dir)
-    outputs.check_output_path(out_dir, overwrite=True, is_dir=True)
+    outputs.check_output_path(out_dir, overwrite=True, is_dir=True, parents=True)
     if not overwrite:
         present = [name for name in OUTPUTS if (out_dir / name).exists()]
         if present:
