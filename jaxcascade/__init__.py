@@ -10,7 +10,8 @@ from jaxcascade import runtime as _runtime  # noqa: E402
 
 _runtime.configure()
 
-__all__ = ["train", "segment", "segment_study", "load_model", "evaluate", "shipped_models"]
+__all__ = ["train", "segment", "segment_study", "load_model", "evaluate", "shipped_models", "detect_changes",
+           "change_study"]
 
 
 def __getattr__(name: str):

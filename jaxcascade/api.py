@@ -14,6 +14,7 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -26,6 +27,9 @@ from jaxcascade.data import nifti
 from jaxcascade.segmentation.cascade import Cascade, Segmentation
 from jaxcascade.errors import warn as warn_user
 from jaxcascade.errors import UserError
+
+if TYPE_CHECKING:  # the longitudinal package (SimpleITK, nilearn) is imported when a change is asked for
+    from jaxcascade.longitudinal.pipeline import ChangeOptions, ChangeRun
 
 _LOG = logging.getLogger(__name__)
 
@@ -177,7 +181,7 @@ def detect_changes(model: Cascade | PathLike | None, baseline: Mapping[str, Path
                    followup: Mapping[str, PathLike], *, out_dir: PathLike | None = None,
                    baseline_transforms: Mapping[str, PathLike] | None = None,
                    followup_transforms: Mapping[str, PathLike] | None = None,
-                   options=None, overwrite: bool = False):
+                   options: "ChangeOptions | None" = None, overwrite: bool = False) -> "ChangeRun":
     """New and enlarging lesions between two visits of one patient (`jaxcascade change`).
 
     Args:
@@ -209,7 +213,8 @@ def detect_changes(model: Cascade | PathLike | None, baseline: Mapping[str, Path
     return run
 
 
-def change_study(model: PathLike | None, data_dir: PathLike, out_dir: PathLike, *, options=None,
+def change_study(model: PathLike | None, data_dir: PathLike, out_dir: PathLike, *,
+                 options: "ChangeOptions | None" = None,
                  participants: Sequence[str] | None = None, bids_suffixes: Mapping[str, str] | None = None,
                  bids_filters: Sequence[str] | None = None, overwrite: bool = False,
                  log: Callable[[str], None] = _LOG.info) -> list[dict]:

@@ -14,6 +14,10 @@ PUBLIC = {
     "load_model": ["model_dir", "compute_dtype"],
     "evaluate": ["prediction", "truth", "voxel_volume_ml"],
     "shipped_models": [],
+    "detect_changes": ["model", "baseline", "followup", "out_dir", "baseline_transforms", "followup_transforms",
+                       "options", "overwrite"],
+    "change_study": ["model", "data_dir", "out_dir", "options", "participants", "bids_suffixes", "bids_filters",
+                     "overwrite", "log"],
 }
 
 
