@@ -39,7 +39,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from jaxcascade.ops.kernel_build import (  # noqa: F401  (re-exported: the loader's names callers use)
-    GRADIENT_TARGET, HANDLERS, HEAD_TARGET, HEAD_WHERE_TARGET, KERNEL_ENV, POOL_TARGET, TARGET, TARGETS,
+    GRADIENT_TARGET, HANDLERS, HEAD_TARGET, HEAD_WHERE_TARGET, ISA_ENV, KERNEL_ENV, POOL_TARGET, TARGET, TARGETS,
     WHERE_TARGET, _cpu_flags, available, build, kernel_dir, wanted)
 
 OUT_CHANNELS = (16, 32, 48, 64)  # output blocks the kernel keeps in registers
@@ -54,12 +54,13 @@ def _flags() -> frozenset[str]:
 
 
 def enabled() -> bool:
-    """Whether jaxcascade uses its kernels (JAXCASCADE_CPU_KERNEL, else AVX-512), without building them.
+    """Whether jaxcascade uses its kernels (JAXCASCADE_CPU_KERNEL, JAXCASCADE_CPU_KERNEL_ISA, else the CPU
+    class: kernel_target.choose), without building them.
 
-    Read at every trace and every lowering, so the environment variable also
-    switches them within a process (for functions traced and compiled afresh).
+    Read at every trace and every lowering, so the environment variables also
+    switch them within a process (for functions traced and compiled afresh).
     """
-    return wanted(os.environ.get(KERNEL_ENV, ""), platform.machine(), _flags())
+    return wanted(os.environ.get(KERNEL_ENV, ""), platform.machine(), _flags(), os.environ.get(ISA_ENV, ""))
 
 
 def runs_here() -> bool:
