@@ -35,6 +35,28 @@ struct Geometry {
   int64_t pad = 0;             // zeros before the input on each spatial axis (the output sizes say how many after)
 };
 
+// acc[r][v] += xs[r * x_stride] * w[v * kLanes]: one tap and input channel for R outputs (simd.h says in which
+// order: the sums are the same).
+template <int NV, int R>
+inline void multiply_add(vec (&acc)[R][NV], const float* xs, int64_t x_stride, const float* w) {
+  if constexpr (kBroadcastFirst) {
+    vec s[R];
+    for (int r = 0; r < R; ++r) s[r] = splat(xs[r * x_stride]);
+    for (int v = 0; v < NV; ++v) {
+      vec wv = load(w + kLanes * v);
+      in_register(wv);
+      for (int r = 0; r < R; ++r) acc[r][v] += s[r] * wv;
+    }
+  } else {
+    vec wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = load(w + kLanes * v);
+    for (int r = 0; r < R; ++r) {
+      const float s = xs[r * x_stride];
+      for (int v = 0; v < NV; ++v) acc[r][v] += s * wv[v];
+    }
+  }
+}
+
 // R consecutive outputs along W, output channels [channel, channel + NV * kLanes), kept in registers; taps c
 // in [c_first, c_last) (all of them but where a tap would read the zero padding left or right of the row).
 template <int NV, int R>
@@ -56,27 +78,13 @@ inline void output_block(const Geometry& g, const float* x, const float* w, floa
       if (g.dilation == 1) {
         // Taps (c, ci) of one row are one contiguous run in x and in w: one loop (long for 2-channel input).
         const float* xt = x_row + (col - g.pad) * g.c;
-        for (int64_t j = c_first * g.c; j < c_last * g.c; ++j) {
-          vec wv[NV];
-          for (int v = 0; v < NV; ++v) wv[v] = load(wab + j * g.o + kLanes * v);
-          for (int r = 0; r < R; ++r) {
-            const float s = xt[r * g.c + j];
-            for (int v = 0; v < NV; ++v) acc[r][v] += s * wv[v];
-          }
-        }
+        for (int64_t j = c_first * g.c; j < c_last * g.c; ++j) multiply_add<NV, R>(acc, xt + j, g.c, wab + j * g.o);
         continue;
       }
       for (int64_t c = c_first; c < c_last; ++c) {
         const float* xt = x_row + (col + c * g.dilation - g.pad) * g.c;
         const float* wt = wab + c * tap_stride;
-        for (int64_t ci = 0; ci < g.c; ++ci) {
-          vec wv[NV];
-          for (int v = 0; v < NV; ++v) wv[v] = load(wt + ci * g.o + kLanes * v);
-          for (int r = 0; r < R; ++r) {
-            const float s = xt[r * g.c + ci];
-            for (int v = 0; v < NV; ++v) acc[r][v] += s * wv[v];
-          }
-        }
+        for (int64_t ci = 0; ci < g.c; ++ci) multiply_add<NV, R>(acc, xt + ci, g.c, wt + ci * g.o);
       }
     }
   }
@@ -108,7 +116,7 @@ void interior_block(const Geometry& g, const float* x, const float* w, float* y,
 template <int NV>
 void output_rows(const Geometry& g, const float* x, const float* w, float* y, const bool* keep, int64_t first,
                  int64_t last) {
-  constexpr int R = kAccumulators / NV;  // + NV weight registers and a broadcast (simd.h)
+  constexpr int R = block_outputs(NV);  // simd.h
   const int64_t span = (g.k - 1) * g.dilation;
   // Outputs whose taps all fall inside the row: [interior_first, interior_last).
   const int64_t interior_first = std::min(g.ow, g.pad);
@@ -220,11 +228,21 @@ void gradient_block(const Gradient& q, const float* x, const float* dy, float* p
   int64_t y = rest % g.oh, z = (rest / g.oh) % g.od, n = rest / (g.oh * g.od);
   const float* base = x + n * sb + z * sd + y * sh + w * g.c;
   for (int64_t p = begin; p < end; ++p) {
-    vec gv[NV];
-    for (int j = 0; j < NV; ++j) gv[j] = load(dy + p * g.o + channel + kLanes * j);
-    for (int r = 0; r < R; ++r) {
-      const float s = base[offset[r]];
-      for (int j = 0; j < NV; ++j) acc[r][j] += s * gv[j];
+    if constexpr (kBroadcastFirst) {  // as in multiply_add
+      vec s[R];
+      for (int r = 0; r < R; ++r) s[r] = splat(base[offset[r]]);
+      for (int j = 0; j < NV; ++j) {
+        vec gv = load(dy + p * g.o + channel + kLanes * j);
+        in_register(gv);
+        for (int r = 0; r < R; ++r) acc[r][j] += s[r] * gv;
+      }
+    } else {
+      vec gv[NV];
+      for (int j = 0; j < NV; ++j) gv[j] = load(dy + p * g.o + channel + kLanes * j);
+      for (int r = 0; r < R; ++r) {
+        const float s = base[offset[r]];
+        for (int j = 0; j < NV; ++j) acc[r][j] += s * gv[j];
+      }
     }
     // the next output position, and where its taps start in x
     if (++w == g.ow) {

@@ -14,19 +14,29 @@
 #ifndef JAXCASCADE_KERNELS_SIMD_H_
 #define JAXCASCADE_KERNELS_SIMD_H_
 
+#include <utility>
+
 namespace jaxcascade {
 
+// kBroadcastFirst: with 16 registers, the R inputs of a block are broadcast into registers first and each
+// weight vector is loaded once for its R multiply-adds (oneDNN's AVX2 order); otherwise x86 compilers keep
+// one broadcast and fold every weight load into its FMA, R loads per weight vector instead of one, and the
+// loads, not the FMAs, bound the loop. With 32 registers the weights stay in registers either way.
 #if defined(__AVX512F__)
-constexpr int kLanes = 16, kAccumulators = 24;
+constexpr int kLanes = 16, kAccumulators = 24, kRegisters = 32;
+constexpr bool kBroadcastFirst = false;
 constexpr const char* kIsa = "avx512";
 #elif defined(__AVX2__) && defined(__FMA__)
-constexpr int kLanes = 8, kAccumulators = 12;
+constexpr int kLanes = 8, kAccumulators = 12, kRegisters = 16;
+constexpr bool kBroadcastFirst = true;
 constexpr const char* kIsa = "avx2";
 #elif defined(__aarch64__)
-constexpr int kLanes = 4, kAccumulators = 24;
+constexpr int kLanes = 4, kAccumulators = 24, kRegisters = 32;
+constexpr bool kBroadcastFirst = false;
 constexpr const char* kIsa = "neon";
 #else
-constexpr int kLanes = 4, kAccumulators = 12;
+constexpr int kLanes = 4, kAccumulators = 12, kRegisters = 16;
+constexpr bool kBroadcastFirst = true;
 constexpr const char* kIsa = "generic";
 #endif
 constexpr int kMaxVectors = 4;  // output-channel vectors per block
@@ -36,7 +46,26 @@ typedef float vec __attribute__((vector_size(4 * kLanes)));
 typedef float vecu __attribute__((vector_size(4 * kLanes), aligned(4)));
 
 inline vec load(const float* p) { return *reinterpret_cast<const vecu*>(p); }
+template <int... Lane>
+inline vec splat_lanes(float x, std::integer_sequence<int, Lane...>) {
+  return vec{((void)Lane, x)...};
+}
+inline vec splat(float x) { return splat_lanes(x, std::make_integer_sequence<int, kLanes>{}); }  // a broadcast
+// v in a register from here on: GCC would otherwise fold its load into each FMA that reads it (a load per use).
+inline void in_register(vec& v) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm("" : "+x"(v));
+#endif
+}
 inline void store(float* p, vec v) { *reinterpret_cast<vecu*>(p) = v; }
+
+// Outputs per block for NV vectors of channels: NV x R accumulators, plus (kBroadcastFirst) R broadcasts and
+// a weight vector, within the registers.
+constexpr int block_outputs(int nv) {
+  const int by_accumulators = kAccumulators / nv;
+  const int by_registers = (kRegisters - 1) / (nv + 1);
+  return kBroadcastFirst && by_registers < by_accumulators ? by_registers : by_accumulators;
+}
 
 // `vectors` vectors of channels (a multiple of kLanes) in equal groups of at most kMaxVectors: the group's
 // width in vectors. 16-64 channels: AVX-512 1-4 vectors, one group; AVX2 2-8, NEON 4-16.
