@@ -97,8 +97,12 @@ inline void output_block(const Geometry& g, const float* x, const float* w, floa
 template <int NV, int R>
 inline void output_groups(const Geometry& g, const float* x, const float* w, float* y, int64_t batch,
                           int64_t z, int64_t row, int64_t col, int64_t c_first, int64_t c_last) {
-  for (int64_t channel = 0; channel < g.o; channel += NV * kLanes)
-    output_block<NV, R>(g, x, w, y, batch, z, row, col, c_first, c_last, channel);
+  if constexpr (kOneGroup) {
+    output_block<NV, R>(g, x, w, y, batch, z, row, col, c_first, c_last, 0);
+  } else {
+    for (int64_t channel = 0; channel < g.o; channel += NV * kLanes)
+      output_block<NV, R>(g, x, w, y, batch, z, row, col, c_first, c_last, channel);
+  }
 }
 
 // Outputs [col, col + width) with every tap c inside the row (no padding read along W).
@@ -269,8 +273,12 @@ void gradient_rows(const Gradient& q, const float* x, const float* dy, float* pa
                    int64_t rows, int64_t chunk) {
   if constexpr (R > 0) {
     if (rows == R) {
-      for (int64_t channel = 0; channel < q.g.o; channel += NV * kLanes)
-        gradient_block<NV, R>(q, x, dy, partial, first_row, chunk, channel);
+      if constexpr (kOneGroup) {
+        gradient_block<NV, R>(q, x, dy, partial, first_row, chunk, 0);
+      } else {
+        for (int64_t channel = 0; channel < q.g.o; channel += NV * kLanes)
+          gradient_block<NV, R>(q, x, dy, partial, first_row, chunk, channel);
+      }
     } else
       gradient_rows<NV, R - 1>(q, x, dy, partial, first_row, rows, chunk);
   }

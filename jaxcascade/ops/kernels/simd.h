@@ -40,6 +40,9 @@ constexpr bool kBroadcastFirst = true;
 constexpr const char* kIsa = "generic";
 #endif
 constexpr int kMaxVectors = 4;  // output-channel vectors per block
+// Whether every output width (at most 64 channels) is one group: AVX-512's 4 vectors of 16. The loop over
+// groups is then left out at compile time, and the AVX-512 code is what it was before there were groups.
+constexpr bool kOneGroup = kLanes * kMaxVectors >= 64;
 
 // One vector register of floats (GCC/Clang vector extensions), and the same for unaligned loads and stores.
 typedef float vec __attribute__((vector_size(4 * kLanes)));
