@@ -9,8 +9,9 @@ block of outputs in registers and never builds the buffer (170-310 GFLOP/s,
 also runs the head (dense1 + ReLU + output layer, the hidden layer kept in
 registers) and the dilated 2^3 max-pools in one pass each.
 
-It is built and loaded by kernel_build.py; it is used by default on x86-64 CPUs
-with AVX-512 (see `kernel_build.wanted`); JAXCASCADE_CPU_KERNEL=1 forces it
+It is built and loaded by kernel_build.py, as the variant for the CPU's vector
+width (kernel_target.py); it is used by default on x86-64 CPUs with AVX-512 or
+AVX2 (see `kernel_target.choose`); JAXCASCADE_CPU_KERNEL=1 forces it
 elsewhere, JAXCASCADE_CPU_KERNEL=0 turns it off (the results then are
 bit-identical to jaxcascade before it; with it, they differ by float32
 rounding, ~1e-6). Results do not depend on the thread count.
