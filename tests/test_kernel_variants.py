@@ -93,6 +93,16 @@ def test_a_study_without_the_kernels_says_why_in_one_line(tmp_path):
     assert "disabled by JAXCASCADE_CPU_KERNEL=0" in notes[0] and "`jaxcascade doctor`" in notes[0]
 
 
+def test_the_note_starts_no_jax_backend():
+    # train's multi-host runs call jax.distributed.initialize after the note, which must come before any backend.
+    code = ("from jaxcascade.ops.kernel_report import without_kernels_note\nfrom jax._src import xla_bridge\n"
+            "print(without_kernels_note() is not None, xla_bridge.backends_are_initialized())")
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("JAXCASCADE_CPU_KERNEL")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            env={**environ, "JAXCASCADE_CPU_KERNEL": "0", "JAX_PLATFORMS": "cpu"})
+    assert result.stdout.split() == ["True", "False"], result.stderr
+
+
 def test_doctor_with_a_wrong_argument_imports_nothing_heavy():
     wrapper = ("import json, sys\nfrom jaxcascade import cli\nstatus = cli.main(['doctor', '--bogus'])\n"
                "print(json.dumps({'status': status, 'jax': 'jax' in sys.modules}))\n")

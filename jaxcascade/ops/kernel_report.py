@@ -60,14 +60,27 @@ def kernel_report() -> dict:
     return report
 
 
+def _cpu_only() -> bool:
+    """Whether JAX will compute on the CPU, decided without starting a backend (a multi-host job must call
+    jax.distributed.initialize before any backend starts): JAX_PLATFORMS if set, else no accelerator plugin
+    installed (PJRT plugins register under the `jax_plugins` entry points; TPUs come with libtpu)."""
+    import importlib.metadata
+    import importlib.util
+    import os
+
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip().lower() == "cpu"
+    return not importlib.metadata.entry_points(group="jax_plugins") and importlib.util.find_spec("libtpu") is None
+
+
 def without_kernels_note() -> str | None:
     """One line for a long job computing on the CPU without the kernels (why, and where to look); None when
-    they are used or JAX computes elsewhere. Builds them where they would be used, as the job would."""
-    import jax
-
+    they are used or JAX may compute elsewhere. Builds them where they would be used, as the job would, and
+    starts no JAX backend."""
     from jaxcascade.ops import kernel_build
 
-    if jax.default_backend() != "cpu":
+    if not _cpu_only():
         return None
     choice = kernel_target.this_machine()
     if choice.use and kernel_build.available():
