@@ -268,20 +268,10 @@ def cmd_build_kernels(args, _overrides) -> None:
 
 
 def cmd_doctor(args, _overrides) -> None:
-    from jaxcascade.ops.kernel_report import kernel_report
+    from jaxcascade.ops.kernel_report import describe, kernel_report
 
     report = kernel_report()
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return
-    used = "yes" if report["used"] else "no"
-    print(f"jaxcascade {__version__}\n"
-          f"CPU: {report['cpu']} ({report['machine']}), class {report['cpu_class']} "
-          f"(flags found: {', '.join(report['cpu_flags']) or 'none of avx512f, avx2, fma, asimd'})\n"
-          f"C++ kernels: {report['variant']} variant; built: {'yes' if report['built'] else 'no'} "
-          f"({report['library']}); used: {used}: {report['reason']}\n"
-          f"compiler: {report['compiler']}\n"
-          f"JAX {report['jax']}, backend {report['backend']}, devices: {', '.join(report['devices'])}")
+    print(json.dumps(report, indent=2) if args.json else f"jaxcascade {__version__}\n{describe(report)}")
 
 
 def _note_without_kernels() -> None:

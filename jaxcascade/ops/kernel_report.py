@@ -60,6 +60,16 @@ def kernel_report() -> dict:
     return report
 
 
+def describe(report: dict) -> str:
+    """`kernel_report` as the lines `jaxcascade doctor` prints."""
+    flags = ", ".join(report["cpu_flags"]) or "none of " + ", ".join(_DECIDING_FLAGS)
+    return (f"CPU: {report['cpu']} ({report['machine']}), class {report['cpu_class']} (flags found: {flags})\n"
+            f"C++ kernels: {report['variant']} variant; built: {'yes' if report['built'] else 'no'} "
+            f"({report['library']}); used: {'yes' if report['used'] else 'no'}: {report['reason']}\n"
+            f"compiler: {report['compiler']}\n"
+            f"JAX {report['jax']}, backend {report['backend']}, devices: {', '.join(report['devices'])}")
+
+
 def _cpu_only() -> bool:
     """Whether JAX will compute on the CPU, decided without starting a backend (a multi-host job must call
     jax.distributed.initialize before any backend starts): JAX_PLATFORMS if set, else no accelerator plugin
