@@ -45,6 +45,32 @@ def measure_once(fn: Callable[[], object]) -> tuple[object, dict]:
                     "system_s": after.ru_stime - before.ru_stime}
 
 
+ISA_CHOICES = ("native", "avx2")
+
+
+def force_isa(isa: str) -> None:
+    """Measure as an AVX2 CPU would run (isa "avx2"), on an AVX-512 one: XLA's generated code capped at AVX2
+    (--xla_cpu_max_isa=AVX2), jaxcascade's kernels built as their AVX2 variant (JAXCASCADE_CPU_KERNEL_ISA),
+    PyTorch's baselines capped too (ONEDNN_MAX_CPU_ISA for oneDNN, ATEN_CPU_CAPABILITY for ATen's own kernels).
+
+    Call it before the first JAX computation (XLA reads its flags when the CPU backend starts); the
+    processes a benchmark starts inherit it. XLA's matrix products go to YNNPACK, which picks its kernels
+    from CPUID and ignores the cap, so the emulated XLA GEMM path keeps AVX-512 products (on AMD Zen 4,
+    which executes AVX-512 as two 256-bit halves, about AVX2's FMA rate): a bound in XLA's favour.
+    """
+    if isa == "native":
+        return
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_max_isa=AVX2"]))
+    os.environ["JAXCASCADE_CPU_KERNEL_ISA"] = isa
+    os.environ.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+
+
+def add_isa_option(parser) -> None:
+    parser.add_argument("--isa", choices=ISA_CHOICES, default="native",
+                        help="avx2: run as an AVX2 CPU would, on an AVX-512 one (XLA capped at AVX2, the kernels' "
+                             "AVX2 variant; see common.force_isa)")
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -91,6 +117,8 @@ def machine() -> dict:
         "cpus": os.cpu_count(),
         "jaxcascade_runtime": dict(jaxcascade.runtime.STATUS),
         "cpu_kernel": "on" if jaxcascade.ops.cpu_kernel.available() else "off",
+        "cpu_kernel_variant": jaxcascade.ops.kernel_build.target_isa() if jaxcascade.ops.cpu_kernel.available() else None,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jaxcascade": jaxcascade.__version__,
         "commit": source_commit(),
         "jax": jax.__version__,

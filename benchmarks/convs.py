@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import markdown_table, run_baseline, time_call, write_results
+from benchmarks.common import add_isa_option, force_isa, markdown_table, run_baseline, time_call, write_results
 from jaxcascade.ops import convs, cpu_kernel
 
 # (name, input shape NDHWC, out channels, dilation)
@@ -59,7 +59,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    add_isa_option(parser)
     args = parser.parse_args(argv)
+    force_isa(args.isa)
     rng = np.random.default_rng(len(CASES))
     rows, baseline = [], None
     for index, (name, shape, out_channels, dilation) in enumerate(CASES):
@@ -96,7 +98,8 @@ def main(argv=None):
     print()
     print(markdown_table(rows, ["case", "formulation", "GFLOP/s", "of GEMM ceiling", "median ms", "min ms", "max ms",
                                 "faults/call", "sys ms/call"]))
-    path = write_results("convs", {"rows": rows, "baseline": baseline}, args.out)
+    path = write_results("convs" + ("" if args.isa == "native" else f"_{args.isa}"),
+                         {"isa": args.isa, "rows": rows, "baseline": baseline}, args.out)
     print(f"\nwrote {path}")
 
 

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import baseline_environment, markdown_table, measure_once, peak_rss_mb, write_results
+from benchmarks.common import (add_isa_option, baseline_environment, force_isa, markdown_table, measure_once, peak_rss_mb,
+                               write_results)
 from jaxcascade.ops import cpu_kernel
 
 METHODS = ("jax dense", "jax dense 16^3 x 4", "jax dense 24^3 x 2", "jax dense bf16", "jax dense (XLA GEMMs)",
@@ -155,7 +156,9 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--only", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    add_isa_option(parser)
     args = parser.parse_args(argv)
+    force_isa(args.isa)  # the methods' processes inherit it
 
     if args.only:  # child process: one method
         print(json.dumps(run_one(args.only, args.model, Path(args.scratch), args.seed, args.repeats)))
@@ -197,8 +200,8 @@ def main(argv=None):
     baseline = next(iter(baselines.values()), None)
     for method, settings in baselines.items():  # each PyTorch method at its own fastest batch
         next(row for row in rows if row["method"] == method)["batch"] = settings["batch"]
-    path = write_results("inference", {"model": args.model or "random weights", "rows": rows, "baseline": baseline},
-                         args.out)
+    payload = {"isa": args.isa, "model": args.model or "random weights", "rows": rows, "baseline": baseline}
+    path = write_results("inference" + ("" if args.isa == "native" else f"_{args.isa}"), payload, args.out)
     print(f"\nwrote {path}")
 
 

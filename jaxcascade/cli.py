@@ -152,6 +152,7 @@ def cmd_train(args, overrides) -> None:
 
         # A recipe's overrides first, so that the user's own overrides win.
         overrides = [*config_lib.load_fine_tuning_recipe(args.config), *overrides]
+    _note_without_kernels()
     api.train(args.data, args.workdir, config=args.config or "default", overrides=overrides,
               init_from=args.init_from, participants=participant_labels(args.participant_label), log=_log,
               progress=_progress)
@@ -207,6 +208,7 @@ def _segment_study(args) -> int:
     from jaxcascade.data import bids_layout
     from jaxcascade.segmentation import study
 
+    _note_without_kernels()
     rows = api.segment_study(args.model, args.data, args.out_dir, probabilities=args.probabilities is not None,
                                overwrite=args.overwrite, compute_dtype=args.compute_dtype,
                                bids_suffixes=bids_layout.parse_suffixes(args.bids_suffix),
@@ -314,6 +316,22 @@ def cmd_build_kernels(args, _overrides) -> None:
 
     built = kernel_build.build_kernels()
     _log(f"built {built['library']}\n  with {built['compiler']}\n  command: {built['command']}")
+
+
+def cmd_doctor(args, _overrides) -> None:
+    from jaxcascade.ops.kernel_report import describe, kernel_report
+
+    report = kernel_report()
+    print(json.dumps(report, indent=2) if args.json else f"jaxcascade {__version__}\n{describe(report)}")
+
+
+def _note_without_kernels() -> None:
+    """One line on stderr when a long job computes on the CPU without the C++ kernels (-q silences it)."""
+    from jaxcascade.ops.kernel_report import without_kernels_note
+
+    note = without_kernels_note()
+    if note and not _QUIET["on"]:
+        print(f"jaxcascade: note: {note}", file=sys.stderr, flush=True)
 
 
 def cmd_demo(args, _overrides) -> None:
@@ -519,6 +537,15 @@ def build_parser() -> argparse.ArgumentParser:
                                         "failed before. With JAXCASCADE_KERNEL_DIR set, the build serves every node "
                                         "of the same CPU, including nodes without a compiler.")
     p.set_defaults(run=cmd_build_kernels)
+
+    p = commands.add_parser("doctor", help="what this machine gets: CPU class, whether the C++ kernels are built "
+                            "and used here (and why not), JAX version and devices",
+                            description="Print this CPU's class (AVX-512, AVX2, ARM, other) and the flags found, "
+                                        "whether jaxcascade's C++ CPU kernels are built, loaded and used here and "
+                                        "why not, and the JAX version and devices. Builds the kernels where they "
+                                        "would be used, as a first run would.")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.set_defaults(run=cmd_doctor)
 
     p = commands.add_parser("demo", help="phantom cohort -> train -> segment a held-out subject -> metrics",
                             description="Run the whole method on a small phantom cohort: write it, train both "

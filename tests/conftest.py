@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 
-# jaxcascade's C++ kernels are on by default only on CPUs with AVX-512 (cpu_kernel.wanted); the tests run
-# them on whatever CPU they land on (a test that needs them off says so), subprocesses included.
+# jaxcascade's C++ kernels are on by default only on CPUs with AVX-512 or AVX2 (kernel_target.choose); the tests
+# run them on whatever CPU they land on (a test that needs them off says so), subprocesses included.
+# JAXCASCADE_CPU_KERNEL_ISA=avx2 runs them as their AVX2 variant on an AVX-512 CPU (.ci/run does).
 os.environ.setdefault("JAXCASCADE_CPU_KERNEL", "1")
 
 import csv  # noqa: E402

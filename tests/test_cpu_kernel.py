@@ -32,12 +32,16 @@ def test_the_kernel_builds_on_this_machine():
     assert cpu_kernel.available(), "the CPU kernel did not build (see the warning above)"
 
 
-def test_used_by_default_on_avx512_only_and_the_switch_decides():
-    avx512, avx2 = {"sse2", "avx2", "avx512f"}, {"sse2", "avx2"}
-    assert cpu_kernel.wanted("", "x86_64", avx512)
-    assert not cpu_kernel.wanted("", "x86_64", avx2) and not cpu_kernel.wanted("", "aarch64", set())
-    assert cpu_kernel.wanted(" 1", "aarch64", set()) and cpu_kernel.wanted("on", "x86_64", avx2)
-    assert not cpu_kernel.wanted("0", "x86_64", avx512) and not cpu_kernel.wanted("off", "x86_64", avx512)
+def test_used_by_default_on_avx512_and_avx2_and_the_switch_decides():
+    avx512, avx2, sse = {"sse2", "avx2", "fma", "avx512f"}, {"sse2", "avx2", "fma"}, {"sse2", "sse4_2"}
+    assert cpu_kernel.wanted("", "x86_64", avx512) and cpu_kernel.wanted("", "x86_64", avx2)
+    assert not cpu_kernel.wanted("", "x86_64", sse) and not cpu_kernel.wanted("", "aarch64", set())
+    assert cpu_kernel.wanted(" 1", "aarch64", set()) and cpu_kernel.wanted("on", "x86_64", sse)
+    assert not cpu_kernel.wanted("0", "x86_64", avx512) and not cpu_kernel.wanted("off", "x86_64", avx2)
+    # A variant asked for by name is used (CI tests the AVX2 one on AVX-512 CPUs), unless the CPU cannot run it.
+    assert cpu_kernel.wanted("", "x86_64", avx512, "avx2") and cpu_kernel.wanted("", "x86_64", sse, "generic")
+    assert not cpu_kernel.wanted("", "x86_64", avx2, "avx512") and not cpu_kernel.wanted("", "x86_64", avx2, "sve")
+    assert not cpu_kernel.wanted("0", "x86_64", avx512, "avx2")
 
 
 # (input NDHWC, out channels, kernel size, dilation): each register width (16-64 channels), 2-64 input channels,

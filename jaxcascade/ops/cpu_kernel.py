@@ -9,8 +9,9 @@ block of outputs in registers and never builds the buffer (170-310 GFLOP/s,
 also runs the head (dense1 + ReLU + output layer, the hidden layer kept in
 registers) and the dilated 2^3 max-pools in one pass each.
 
-It is built and loaded by kernel_build.py; it is used by default on x86-64 CPUs
-with AVX-512 (see `kernel_build.wanted`); JAXCASCADE_CPU_KERNEL=1 forces it
+It is built and loaded by kernel_build.py, as the variant for the CPU's vector
+width (kernel_target.py); it is used by default on x86-64 CPUs with AVX-512 or
+AVX2 (see `kernel_target.choose`); JAXCASCADE_CPU_KERNEL=1 forces it
 elsewhere, JAXCASCADE_CPU_KERNEL=0 turns it off (the results then are
 bit-identical to jaxcascade before it; with it, they differ by float32
 rounding, ~1e-6). Results do not depend on the thread count.
@@ -39,7 +40,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from jaxcascade.ops.kernel_build import (  # noqa: F401  (re-exported: the loader's names callers use)
-    GRADIENT_TARGET, HANDLERS, HEAD_TARGET, HEAD_WHERE_TARGET, KERNEL_ENV, POOL_TARGET, TARGET, TARGETS,
+    GRADIENT_TARGET, HANDLERS, HEAD_TARGET, HEAD_WHERE_TARGET, ISA_ENV, KERNEL_ENV, POOL_TARGET, TARGET, TARGETS,
     WHERE_TARGET, _cpu_flags, available, build, kernel_dir, wanted)
 
 OUT_CHANNELS = (16, 32, 48, 64)  # output blocks the kernel keeps in registers
@@ -54,12 +55,13 @@ def _flags() -> frozenset[str]:
 
 
 def enabled() -> bool:
-    """Whether jaxcascade uses its kernels (JAXCASCADE_CPU_KERNEL, else AVX-512), without building them.
+    """Whether jaxcascade uses its kernels (JAXCASCADE_CPU_KERNEL, JAXCASCADE_CPU_KERNEL_ISA, else the CPU
+    class: kernel_target.choose), without building them.
 
-    Read at every trace and every lowering, so the environment variable also
-    switches them within a process (for functions traced and compiled afresh).
+    Read at every trace and every lowering, so the environment variables also
+    switch them within a process (for functions traced and compiled afresh).
     """
-    return wanted(os.environ.get(KERNEL_ENV, ""), platform.machine(), _flags())
+    return wanted(os.environ.get(KERNEL_ENV, ""), platform.machine(), _flags(), os.environ.get(ISA_ENV, ""))
 
 
 def runs_here() -> bool:

@@ -1,10 +1,10 @@
 """Building, caching and loading jaxcascade's C++ CPU kernels (kernels/*.cc) for XLA's FFI.
 
 The kernels are compiled once per machine with the system's C++ compiler (`c++`, or $CXX) for this
-CPU's instruction set, against the FFI headers that ship inside jaxlib; nothing is downloaded. A home
+CPU's vector width (kernel_target.py: the AVX-512, AVX2, NEON or generic variant), against the FFI headers that ship inside jaxlib; nothing is downloaded. A home
 folder shared by a cluster's nodes and containers, killed jobs and full disks are the normal case, so:
 
-- the build folder is keyed by the CPU, jaxlib, the compiler (its path and `--version`), the whole
+- the build folder is keyed by the CPU, jaxlib, the variant, the compiler (its path and `--version`), the whole
   command line and the sources: a change of any of them builds afresh, beside the old build;
 - one process builds while the others wait on a lock file (`filelock`), into a unique temporary file
   renamed into place; a sha256 written after the build is checked before the library is loaded, so a
@@ -45,12 +45,13 @@ from pathlib import Path
 
 from jaxcascade import runtime
 from jaxcascade.errors import JaxcascadeWarning, UserError
+from jaxcascade.ops import kernel_target
+from jaxcascade.ops.kernel_target import ISA_ENV, KERNEL_ENV  # noqa: F401  (re-exported)
 from jaxcascade.runtime.outputs import write_text
 
-KERNEL_ENV = "JAXCASCADE_CPU_KERNEL"
 KERNEL_DIR_ENV = "JAXCASCADE_KERNEL_DIR"
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = (KERNELS / "conv3d.cc", KERNELS / "dense_head.cc", KERNELS / "max_pool.cc")  # + parallel.h
+SOURCES = (KERNELS / "conv3d.cc", KERNELS / "dense_head.cc", KERNELS / "max_pool.cc")  # + parallel.h, simd.h
 TARGET = "jaxcascade_conv3d"
 WHERE_TARGET = "jaxcascade_conv3d_where"
 GRADIENT_TARGET = "jaxcascade_conv3d_kernel_gradient"
@@ -91,17 +92,29 @@ def compiler() -> tuple[str, str]:
     return os.path.realpath(path), (version.strip().splitlines() or ["unknown"])[0]
 
 
-def _command(path: str, output: str) -> list[str]:
+def target_isa() -> str:
+    """The variant to build and load here (kernel_target: the CPU's widest, or JAXCASCADE_CPU_KERNEL_ISA's)."""
+    choice = kernel_target.this_machine()
+    forced = os.environ.get(ISA_ENV, "").strip().lower()
+    if forced and (forced not in kernel_target.ISAS or
+                   not kernel_target.runs_on(forced, platform.machine(), kernel_target.cpu_flags())):
+        raise KernelUnavailable(choice.reason)
+    return choice.isa
+
+
+def _command(path: str, output: str, isa: str) -> list[str]:
     import jax
 
-    return [path, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-            f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", output]
+    return [path, "-O3", *kernel_target.compile_flags(isa, platform.machine()), "-std=c++17", "-shared", "-fPIC",
+            "-w", f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", output]
 
 
-def prebuilt() -> Path | None:
-    """The newest whole, trusted build for this CPU and jaxlib in the kernels' root, whatever compiler made
-    it: what a node without a compiler loads (`jaxcascade build-kernels` filled the folder elsewhere)."""
-    folders = sorted((kernels_root() / runtime.machine_tag()).glob("*/" + LIBRARY), key=lambda p: p.stat().st_mtime)
+def prebuilt(isa: str) -> Path | None:
+    """The newest whole, trusted build of the variant for this CPU and jaxlib in the kernels' root, whatever
+    compiler made it: what a node without a compiler loads (`jaxcascade build-kernels` filled the folder
+    elsewhere)."""
+    folders = sorted((kernels_root() / runtime.machine_tag()).glob(f"{isa}-*/" + LIBRARY),
+                     key=lambda p: p.stat().st_mtime)
     for library in reversed(folders):
         with contextlib.suppress(KernelUnavailable, OSError):
             if verified(library.parent) is not None:
@@ -110,24 +123,27 @@ def prebuilt() -> Path | None:
 
 
 def kernel_dir() -> Path:
-    """This machine's build folder: CPU and jaxlib, then a key of compiler, command line and sources.
+    """This machine's build folder: CPU and jaxlib, then the variant (`target_isa`) and a key of compiler,
+    command line and sources.
 
-    Without a compiler: the newest whole build for this CPU already there (`prebuilt`), else why not.
+    Without a compiler: the newest whole build of the variant for this CPU already there (`prebuilt`), else
+    why not.
     """
+    isa = target_isa()
     try:
         path, version = compiler()
     except KernelUnavailable as error:
-        folder = prebuilt()
+        folder = prebuilt(isa)
         if folder is None:
-            raise KernelUnavailable(f"{error}, and no build for this CPU in {kernels_root()}") from None
+            raise KernelUnavailable(f"{error}, and no build for this CPU in {kernels_root()} ({isa} variant)") from None
         return folder
     key = hashlib.sha256()
-    for part in (path, version, " ".join(_command(path, LIBRARY))):
+    for part in (path, version, " ".join(_command(path, LIBRARY, isa))):
         key.update(part.encode() + b"\0")
     for source in sorted(KERNELS.iterdir()):
         if source.suffix in (".cc", ".h"):
             key.update(source.name.encode() + b"\0" + source.read_bytes())
-    return kernels_root() / runtime.machine_tag() / key.hexdigest()[:16]
+    return kernels_root() / runtime.machine_tag() / f"{isa}-{key.hexdigest()[:16]}"
 
 
 def _make_folders(folder: Path) -> None:
@@ -261,7 +277,7 @@ def _compile(folder: Path) -> Path:
     path, version = compiler()
     fd, partial = tempfile.mkstemp(prefix=f".{LIBRARY}.", suffix=".tmp", dir=folder)
     os.close(fd)
-    command = _command(path, partial)
+    command = _command(path, partial, target_isa())
     try:
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_SECONDS)
@@ -326,34 +342,28 @@ def build_kernels() -> dict:
     try:
         path, version = compiler()
         library = build(retry_failed=True)
+        isa = target_isa()
     except KernelUnavailable as error:
         raise UserError(f"the CPU kernels could not be built: {error}") from None
-    return {"library": str(library), "compiler": f"{path} ({version})",
-            "command": " ".join(_command(path, str(library)))}
+    return {"library": str(library), "variant": isa, "compiler": f"{path} ({version})",
+            "command": " ".join(_command(path, str(library), isa))}
 
 
-def wanted(setting: str, machine: str, cpu_flags: set[str]) -> bool:
-    """Whether to use the kernels: JAXCASCADE_CPU_KERNEL=0/1 decides; by default x86-64 CPUs with AVX-512.
-
-    Its register blocking assumes AVX-512's 32 vector registers of 16 floats; elsewhere (AVX2, ARM) it
-    would spill, and it has not been measured there, so the GEMM formulations stay unless asked.
-    """
-    setting = setting.strip().lower()
-    if setting in ("0", "off", "false", "no"):
-        return False
-    if setting in ("1", "on", "true", "yes"):
-        return True
-    return machine in ("x86_64", "AMD64") and "avx512f" in cpu_flags
+def wanted(setting: str, machine: str, cpu_flags: set[str], forced_isa: str = "") -> bool:
+    """Whether to use the kernels (kernel_target.choose): JAXCASCADE_CPU_KERNEL=0/1 decides; by default on
+    the CPU classes where they were measured faster than XLA's GEMMs (AVX-512), or where
+    JAXCASCADE_CPU_KERNEL_ISA asks for a variant."""
+    return kernel_target.choose(setting, forced_isa, machine, cpu_flags).use
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+_cpu_flags = kernel_target.cpu_flags
+
+
+def loaded_isa(library: ctypes.CDLL) -> str:
+    """The variant a loaded library was compiled as (its JaxcascadeKernelIsa())."""
+    function = library.JaxcascadeKernelIsa
+    function.restype = ctypes.c_char_p
+    return function().decode()
 
 
 @functools.lru_cache(maxsize=None)
@@ -362,12 +372,18 @@ def available() -> bool:
 
     Call it only when lowering for CPU: elsewhere the kernels are never used.
     """
-    if not wanted(os.environ.get(KERNEL_ENV, ""), platform.machine(), _cpu_flags()):
+    choice = kernel_target.this_machine()
+    if not choice.use:
+        if os.environ.get(ISA_ENV, "").strip():  # asked for a variant this CPU cannot run: say so
+            warnings.warn(f"the CPU kernels are not used: {choice.reason}", JaxcascadeWarning, stacklevel=2)
         return False
     import jax
 
     try:
         library = load(build())
+        if loaded_isa(library) != choice.isa:
+            raise KernelUnavailable(f"the library is the {loaded_isa(library)} variant, not {choice.isa} "
+                                    f"(the compiler ignored {' '.join(kernel_target.compile_flags(choice.isa, platform.machine()))})")
         for target, symbol in HANDLERS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (KernelUnavailable, OSError, AttributeError) as error:

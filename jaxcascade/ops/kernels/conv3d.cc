@@ -11,7 +11,8 @@
 //
 // Layouts: x (N, D, H, W, C), w (K, K, K, C, O), y (N, D', H', W', O), all
 // float32 and C-contiguous; VALID padding, `dilation` between taps; O must be
-// 16, 32, 48 or 64 (the Python side checks).
+// 16, 32, 48 or 64 (the Python side checks). The register blocking is the
+// target's (simd.h): 24 accumulators of 16 floats on AVX-512, 12 of 8 on AVX2.
 //
 // JaxcascadeConv3dWhere also takes keep (N, D', H', W') and computes only the
 // outputs it marks (zeros elsewhere; ops/kept_outputs.py): a block of R outputs
@@ -34,14 +35,36 @@ struct Geometry {
   int64_t pad = 0;             // zeros before the input on each spatial axis (the output sizes say how many after)
 };
 
-// R consecutive outputs along W, NV * 16 output channels, kept in registers; taps c in [c_first, c_last)
-// (all of them but where a tap would read the zero padding left or right of the row).
+// acc[r][v] += xs[r * x_stride] * w[v * kLanes]: one tap and input channel for R outputs (simd.h says in which
+// order: the sums are the same).
+template <int NV, int R>
+inline void multiply_add(vec (&acc)[R][NV], const float* xs, int64_t x_stride, const float* w) {
+  if constexpr (kBroadcastFirst) {
+    vec s[R];
+    for (int r = 0; r < R; ++r) s[r] = splat(xs[r * x_stride]);
+    for (int v = 0; v < NV; ++v) {
+      vec wv = load(w + kLanes * v);
+      in_register(wv);
+      for (int r = 0; r < R; ++r) acc[r][v] += s[r] * wv;
+    }
+  } else {
+    vec wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = load(w + kLanes * v);
+    for (int r = 0; r < R; ++r) {
+      const float s = xs[r * x_stride];
+      for (int v = 0; v < NV; ++v) acc[r][v] += s * wv[v];
+    }
+  }
+}
+
+// R consecutive outputs along W, output channels [channel, channel + NV * kLanes), kept in registers; taps c
+// in [c_first, c_last) (all of them but where a tap would read the zero padding left or right of the row).
 template <int NV, int R>
 inline void output_block(const Geometry& g, const float* x, const float* w, float* y, int64_t batch,
-                         int64_t z, int64_t row, int64_t col, int64_t c_first, int64_t c_last) {
-  v16 acc[R][NV];
+                         int64_t z, int64_t row, int64_t col, int64_t c_first, int64_t c_last, int64_t channel) {
+  vec acc[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NV; ++j) acc[r][j] = v16{};
+    for (int j = 0; j < NV; ++j) acc[r][j] = vec{};
   const int64_t sh = g.w * g.c, sd = g.h * sh, sb = g.d * sd;
   const int64_t tap_stride = g.c * g.o;
   for (int64_t a = 0; a < g.k; ++a) {
@@ -51,37 +74,35 @@ inline void output_block(const Geometry& g, const float* x, const float* w, floa
       const int64_t yi = row + b * g.dilation - g.pad;
       if (yi < 0 || yi >= g.h) continue;
       const float* x_row = x + batch * sb + zi * sd + yi * sh;
-      const float* wab = w + (a * g.k + b) * g.k * tap_stride;
+      const float* wab = w + (a * g.k + b) * g.k * tap_stride + channel;
       if (g.dilation == 1) {
         // Taps (c, ci) of one row are one contiguous run in x and in w: one loop (long for 2-channel input).
         const float* xt = x_row + (col - g.pad) * g.c;
-        for (int64_t j = c_first * g.c; j < c_last * g.c; ++j) {
-          v16 wv[NV];
-          for (int v = 0; v < NV; ++v) wv[v] = *reinterpret_cast<const v16u*>(wab + j * g.o + 16 * v);
-          for (int r = 0; r < R; ++r) {
-            const float s = xt[r * g.c + j];
-            for (int v = 0; v < NV; ++v) acc[r][v] += s * wv[v];
-          }
-        }
+        for (int64_t j = c_first * g.c; j < c_last * g.c; ++j) multiply_add<NV, R>(acc, xt + j, g.c, wab + j * g.o);
         continue;
       }
       for (int64_t c = c_first; c < c_last; ++c) {
         const float* xt = x_row + (col + c * g.dilation - g.pad) * g.c;
         const float* wt = wab + c * tap_stride;
-        for (int64_t ci = 0; ci < g.c; ++ci) {
-          v16 wv[NV];
-          for (int v = 0; v < NV; ++v) wv[v] = *reinterpret_cast<const v16u*>(wt + ci * g.o + 16 * v);
-          for (int r = 0; r < R; ++r) {
-            const float s = xt[r * g.c + ci];
-            for (int v = 0; v < NV; ++v) acc[r][v] += s * wv[v];
-          }
-        }
+        for (int64_t ci = 0; ci < g.c; ++ci) multiply_add<NV, R>(acc, xt + ci, g.c, wt + ci * g.o);
       }
     }
   }
-  float* out = y + (((batch * g.od + z) * g.oh + row) * g.ow + col) * g.o;
+  float* out = y + (((batch * g.od + z) * g.oh + row) * g.ow + col) * g.o + channel;
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) *reinterpret_cast<v16u*>(out + r * g.o + 16 * v) = acc[r][v];
+    for (int v = 0; v < NV; ++v) store(out + r * g.o + kLanes * v, acc[r][v]);
+}
+
+// The block for every group of NV vectors of output channels (one group on AVX-512).
+template <int NV, int R>
+inline void output_groups(const Geometry& g, const float* x, const float* w, float* y, int64_t batch,
+                          int64_t z, int64_t row, int64_t col, int64_t c_first, int64_t c_last) {
+  if constexpr (kOneGroup) {
+    output_block<NV, R>(g, x, w, y, batch, z, row, col, c_first, c_last, 0);
+  } else {
+    for (int64_t channel = 0; channel < g.o; channel += NV * kLanes)
+      output_block<NV, R>(g, x, w, y, batch, z, row, col, c_first, c_last, channel);
+  }
 }
 
 // Outputs [col, col + width) with every tap c inside the row (no padding read along W).
@@ -90,7 +111,7 @@ void interior_block(const Geometry& g, const float* x, const float* w, float* y,
                     int64_t row, int64_t col, int64_t width) {
   if constexpr (R > 0) {
     if (width == R)
-      output_block<NV, R>(g, x, w, y, batch, z, row, col, 0, g.k);
+      output_groups<NV, R>(g, x, w, y, batch, z, row, col, 0, g.k);
     else
       interior_block<NV, R - 1>(g, x, w, y, batch, z, row, col, width);
   }
@@ -99,7 +120,7 @@ void interior_block(const Geometry& g, const float* x, const float* w, float* y,
 template <int NV>
 void output_rows(const Geometry& g, const float* x, const float* w, float* y, const bool* keep, int64_t first,
                  int64_t last) {
-  constexpr int R = 24 / NV;  // 24 accumulators + NV weight registers of the 32 AVX-512 has
+  constexpr int R = block_outputs(NV);  // simd.h
   const int64_t span = (g.k - 1) * g.dilation;
   // Outputs whose taps all fall inside the row: [interior_first, interior_last).
   const int64_t interior_first = std::min(g.ow, g.pad);
@@ -128,7 +149,7 @@ void output_rows(const Geometry& g, const float* x, const float* w, float* y, co
       // One output at the padded edge: only the taps that read the row.
       const int64_t c_first = std::max<int64_t>(0, (g.pad - col + g.dilation - 1) / g.dilation);
       const int64_t c_last = std::min<int64_t>(g.k, (g.w - 1 - col + g.pad) / g.dilation + 1);
-      output_block<NV, 1>(g, x, w, y, batch, z, row, col, c_first, std::max(c_first, c_last));
+      output_groups<NV, 1>(g, x, w, y, batch, z, row, col, c_first, std::max(c_first, c_last));
       ++col;
     }
   }
@@ -136,7 +157,7 @@ void output_rows(const Geometry& g, const float* x, const float* w, float* y, co
 
 void run_rows(const Geometry& g, const float* x, const float* w, float* y, const bool* keep, int64_t first,
               int64_t last) {
-  switch (g.o / 16) {  // the caller checked O is 16, 32, 48 or 64
+  switch (group_vectors(g.o / kLanes)) {  // the caller checked O is 16, 32, 48 or 64
     case 1: output_rows<1>(g, x, w, y, keep, first, last); break;
     case 2: output_rows<2>(g, x, w, y, keep, first, last); break;
     case 3: output_rows<3>(g, x, w, y, keep, first, last); break;
@@ -193,7 +214,7 @@ struct Gradient {
 
 template <int NV, int R>
 void gradient_block(const Gradient& q, const float* x, const float* dy, float* partial, int64_t first_row,
-                    int64_t chunk) {
+                    int64_t chunk, int64_t channel) {
   const Geometry& g = q.g;
   const int64_t sh = g.w * g.c, sd = g.h * sh, sb = g.d * sd;
   int64_t offset[R];
@@ -202,20 +223,30 @@ void gradient_block(const Gradient& q, const float* x, const float* dy, float* p
     const int64_t a = tap / (g.k * g.k), b = (tap / g.k) % g.k, c = tap % g.k;
     offset[r] = (a * sd + b * sh + c * g.c) * g.dilation + ci;
   }
-  v16 acc[R][NV];
+  vec acc[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NV; ++j) acc[r][j] = v16{};
+    for (int j = 0; j < NV; ++j) acc[r][j] = vec{};
   const int64_t total = g.n * g.od * g.oh * g.ow;
   const int64_t begin = chunk * q.positions_per_chunk, end = std::min(total, begin + q.positions_per_chunk);
   int64_t w = begin % g.ow, rest = begin / g.ow;
   int64_t y = rest % g.oh, z = (rest / g.oh) % g.od, n = rest / (g.oh * g.od);
   const float* base = x + n * sb + z * sd + y * sh + w * g.c;
   for (int64_t p = begin; p < end; ++p) {
-    v16 gv[NV];
-    for (int j = 0; j < NV; ++j) gv[j] = *reinterpret_cast<const v16u*>(dy + p * g.o + 16 * j);
-    for (int r = 0; r < R; ++r) {
-      const float s = base[offset[r]];
-      for (int j = 0; j < NV; ++j) acc[r][j] += s * gv[j];
+    if constexpr (kBroadcastFirst) {  // as in multiply_add
+      vec s[R];
+      for (int r = 0; r < R; ++r) s[r] = splat(base[offset[r]]);
+      for (int j = 0; j < NV; ++j) {
+        vec gv = load(dy + p * g.o + channel + kLanes * j);
+        in_register(gv);
+        for (int r = 0; r < R; ++r) acc[r][j] += s[r] * gv;
+      }
+    } else {
+      vec gv[NV];
+      for (int j = 0; j < NV; ++j) gv[j] = load(dy + p * g.o + channel + kLanes * j);
+      for (int r = 0; r < R; ++r) {
+        const float s = base[offset[r]];
+        for (int j = 0; j < NV; ++j) acc[r][j] += s * gv[j];
+      }
     }
     // the next output position, and where its taps start in x
     if (++w == g.ow) {
@@ -232,30 +263,35 @@ void gradient_block(const Gradient& q, const float* x, const float* dy, float* p
       base += g.c;
     }
   }
-  float* out = partial + (chunk * g.k * g.k * g.k * g.c + first_row) * g.o;
+  float* out = partial + (chunk * g.k * g.k * g.k * g.c + first_row) * g.o + channel;
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NV; ++j) *reinterpret_cast<v16u*>(out + r * g.o + 16 * j) = acc[r][j];
+    for (int j = 0; j < NV; ++j) store(out + r * g.o + kLanes * j, acc[r][j]);
 }
 
 template <int NV, int R>
 void gradient_rows(const Gradient& q, const float* x, const float* dy, float* partial, int64_t first_row,
                    int64_t rows, int64_t chunk) {
   if constexpr (R > 0) {
-    if (rows == R)
-      gradient_block<NV, R>(q, x, dy, partial, first_row, chunk);
-    else
+    if (rows == R) {
+      if constexpr (kOneGroup) {
+        gradient_block<NV, R>(q, x, dy, partial, first_row, chunk, 0);
+      } else {
+        for (int64_t channel = 0; channel < q.g.o; channel += NV * kLanes)
+          gradient_block<NV, R>(q, x, dy, partial, first_row, chunk, channel);
+      }
+    } else
       gradient_rows<NV, R - 1>(q, x, dy, partial, first_row, rows, chunk);
   }
 }
 
-constexpr int kGradientRows = 6;  // rows per block: 6 x 4 registers at 64 channels
+constexpr int kGradientRows = kAccumulators / kMaxVectors;  // rows per block: 6 x 4 registers on AVX-512
 
 void gradient_task(const Gradient& q, const float* x, const float* dy, float* partial, int64_t task) {
   const int64_t rows = q.g.k * q.g.k * q.g.k * q.g.c;
   const int64_t blocks = (rows + kGradientRows - 1) / kGradientRows;
   const int64_t chunk = task / blocks, first = (task % blocks) * kGradientRows;
   const int64_t count = std::min<int64_t>(kGradientRows, rows - first);
-  switch (q.g.o / 16) {
+  switch (group_vectors(q.g.o / kLanes)) {
     case 1: gradient_rows<1, kGradientRows>(q, x, dy, partial, first, count, chunk); break;
     case 2: gradient_rows<2, kGradientRows>(q, x, dy, partial, first, count, chunk); break;
     case 3: gradient_rows<3, kGradientRows>(q, x, dy, partial, first, count, chunk); break;
@@ -321,3 +357,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxcascadeConv3dKernelGradient, jaxcascade::Kernel
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("dilation"));
+
+// Which variant this library is (simd.h), for the loader to check against the one it asked for.
+extern "C" __attribute__((visibility("default"))) const char* JaxcascadeKernelIsa() { return jaxcascade::kIsa; }

@@ -3,12 +3,12 @@
 // In the dense form, the patch network's dense layers become 1^3 convolutions over every voxel of a
 // block: XLA:CPU writes the 256-wide hidden layer of each voxel to memory and reads it back for the output
 // layer (1.4 GB for a 1 mm brain), which made this product a third of the dense kernel's time. Here the
-// hidden layer lives in registers, 64 units at a time: R voxels x 64 hidden units accumulate over the
+// hidden layer lives in registers, 4 vectors at a time: R voxels x 4 vectors of hidden units accumulate over the
 // input channels, then meet the output layer's weights at once. Each voxel is computed by one thread in
 // one order, whatever the thread count.
 //
 // Layouts: x (M, C), w1 (C, H), b1 (H), w2t (O, H) (the output layer transposed), b2 (O), logits (M, O);
-// float32, C-contiguous; H a multiple of 64 and O at most 4 (the Python side checks).
+// float32, C-contiguous; H a multiple of 64 (4 vectors on AVX-512) and O at most 4 (the Python side checks).
 // JaxcascadeDenseHeadWhere also takes keep (M) and computes only the voxels it marks, R at a time
 // (logits 0 elsewhere; ops/kept_outputs.py).
 
@@ -20,7 +20,7 @@
 namespace jaxcascade {
 namespace {
 
-constexpr int kHiddenBlock = 4;  // 4 x 16 = 64 hidden units in registers at a time
+constexpr int kHiddenBlock = 4;  // 4 vectors of hidden units in registers at a time (64 on AVX-512)
 constexpr int kMaxOutputs = 4;
 
 struct Head {
@@ -31,31 +31,31 @@ struct Head {
 template <int R>
 void head_block(const Head& h, const float* x, const float* w1, const float* b1, const float* w2t,
                 const float* b2, float* logits, const int64_t* voxel) {
-  v16 sums[R][kMaxOutputs];
+  vec sums[R][kMaxOutputs];
   for (int r = 0; r < R; ++r)
-    for (int o = 0; o < kMaxOutputs; ++o) sums[r][o] = v16{};
-  for (int64_t unit = 0; unit < h.hidden; unit += 16 * kHiddenBlock) {
-    v16 acc[R][kHiddenBlock];
+    for (int o = 0; o < kMaxOutputs; ++o) sums[r][o] = vec{};
+  for (int64_t unit = 0; unit < h.hidden; unit += kLanes * kHiddenBlock) {
+    vec acc[R][kHiddenBlock];
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < kHiddenBlock; ++j) acc[r][j] = v16{};
+      for (int j = 0; j < kHiddenBlock; ++j) acc[r][j] = vec{};
     for (int64_t ci = 0; ci < h.channels; ++ci) {
-      v16 wv[kHiddenBlock];
-      for (int j = 0; j < kHiddenBlock; ++j) wv[j] = *reinterpret_cast<const v16u*>(w1 + ci * h.hidden + unit + 16 * j);
+      vec wv[kHiddenBlock];
+      for (int j = 0; j < kHiddenBlock; ++j) wv[j] = load(w1 + ci * h.hidden + unit + kLanes * j);
       for (int r = 0; r < R; ++r) {
         const float s = x[voxel[r] * h.channels + ci];
         for (int j = 0; j < kHiddenBlock; ++j) acc[r][j] += s * wv[j];
       }
     }
     for (int j = 0; j < kHiddenBlock; ++j) {
-      const v16 bias = *reinterpret_cast<const v16u*>(b1 + unit + 16 * j);
+      const vec bias = load(b1 + unit + kLanes * j);
       for (int r = 0; r < R; ++r) {
-        const v16 hidden = acc[r][j] + bias;
-        acc[r][j] = hidden > 0 ? hidden : v16{};  // ReLU
+        const vec hidden = acc[r][j] + bias;
+        acc[r][j] = hidden > 0 ? hidden : vec{};  // ReLU
       }
     }
     for (int o = 0; o < h.outputs; ++o) {
       for (int j = 0; j < kHiddenBlock; ++j) {
-        const v16 weight = *reinterpret_cast<const v16u*>(w2t + o * h.hidden + unit + 16 * j);
+        const vec weight = load(w2t + o * h.hidden + unit + kLanes * j);
         for (int r = 0; r < R; ++r) sums[r][o] += acc[r][j] * weight;
       }
     }
@@ -63,13 +63,14 @@ void head_block(const Head& h, const float* x, const float* w1, const float* b1,
   for (int r = 0; r < R; ++r) {
     for (int o = 0; o < h.outputs; ++o) {
       float total = 0;
-      for (int lane = 0; lane < 16; ++lane) total += sums[r][o][lane];
+      for (int lane = 0; lane < kLanes; ++lane) total += sums[r][o][lane];
       logits[voxel[r] * h.outputs + o] = total + b2[o];
     }
   }
 }
 
-constexpr int kVoxelBlock = 4;
+// Voxels per block: R x kHiddenBlock accumulators, 16 of AVX-512's (and NEON's) 32 registers, 12 of AVX2's 16.
+constexpr int kVoxelBlock = kAccumulators == 24 ? 4 : 3;
 constexpr int64_t kVoxelsPerTask = 1024;
 
 // Voxels [first, last), or those of them `keep` marks (logits 0 for the others).

@@ -1,7 +1,7 @@
 // The dense form's 2^3 max-pool at every position, taps `dilation` apart, in one pass (layers.dense_max_pool).
 //
 // XLA:CPU runs it as three one-axis reduce_windows, each writing and reading the whole block; here every
-// output reads its 8 taps (16 channels per vector) and is written once. Max is exact: the result equals
+// output reads its 8 taps (a vector of channels at a time) and is written once. Max is exact: the result equals
 // XLA's bit for bit.
 //
 // Layouts: x (N, D, H, W, C) float32, C a multiple of 16; y (N, D - d, H - d, W - d, C).
@@ -28,14 +28,14 @@ void pool_rows(const Pool& p, const float* x, float* y, int64_t first, int64_t l
     const float* in = x + batch * sb + z * sd + row * sh;
     float* out = y + ((batch * od + z) * oh + row) * ow * p.c;
     for (int64_t col = 0; col < ow; ++col) {
-      for (int64_t channel = 0; channel < p.c; channel += 16) {
+      for (int64_t channel = 0; channel < p.c; channel += kLanes) {
         const float* at = in + col * sw + channel;
-        v16 best = *reinterpret_cast<const v16u*>(at);
+        vec best = load(at);
         for (int t = 1; t < 8; ++t) {
-          const v16 value = *reinterpret_cast<const v16u*>(at + taps[t]);
+          const vec value = load(at + taps[t]);
           best = value > best ? value : best;
         }
-        *reinterpret_cast<v16u*>(out + col * p.c + channel) = best;
+        store(out + col * p.c + channel, best);
       }
     }
   }

@@ -1,4 +1,4 @@
-// What jaxcascade's CPU kernels share: 16-float vectors and a task runner on XLA's thread pool.
+// What jaxcascade's CPU kernels share: the target's vectors (simd.h) and a task runner on XLA's thread pool.
 #ifndef JAXCASCADE_KERNELS_PARALLEL_H_
 #define JAXCASCADE_KERNELS_PARALLEL_H_
 
@@ -9,15 +9,12 @@
 #include <memory>
 #include <mutex>
 
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace jaxcascade {
-
-// 16 floats: one AVX-512 register (GCC splits it where the CPU has narrower ones).
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
 
 // Tasks handed out from a shared counter to the pool's threads and the calling one (which so never waits
 // on a pool thread that has not started). Which thread runs a task never changes what it computes.
