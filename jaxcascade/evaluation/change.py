@@ -178,7 +178,7 @@ def classify_changes(baseline, followup, affine, criteria: ChangeCriteria = Chan
     Raises:
         ValueError: if the shapes differ or a mask is not binary.
     """
-    baseline_mask, followup_mask = metrics._as_binary(baseline, "baseline"), metrics._as_binary(followup, "followup")
+    baseline_mask, followup_mask = metrics.as_binary(baseline, "baseline"), metrics.as_binary(followup, "followup")
     if baseline_mask.shape != followup_mask.shape:
         raise ValueError(f"baseline shape {baseline_mask.shape} differs from follow-up shape {followup_mask.shape}")
     affine = np.asarray(affine, np.float64)

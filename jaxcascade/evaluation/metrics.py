@@ -49,7 +49,7 @@ METRIC_DEFINITIONS: dict[str, str] = {
 }
 
 
-def _as_binary(mask, name: str) -> np.ndarray:
+def as_binary(mask, name: str) -> np.ndarray:
     """Return `mask` as a bool array, refusing values other than 0 and 1."""
     array = np.asarray(mask)
     if array.dtype != bool:
@@ -95,8 +95,8 @@ def segmentation_metrics(pred, truth, voxel_volume_ml: float | None = None) -> d
         ValueError: if the shapes differ, a mask is not binary, or
             `voxel_volume_ml` is not positive.
     """
-    pred_mask = _as_binary(pred, "pred")
-    truth_mask = _as_binary(truth, "truth")
+    pred_mask = as_binary(pred, "pred")
+    truth_mask = as_binary(truth, "truth")
     if pred_mask.shape != truth_mask.shape:
         raise ValueError(
             f"pred shape {pred_mask.shape} differs from truth shape {truth_mask.shape}"

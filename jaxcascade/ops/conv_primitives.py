@@ -36,8 +36,8 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching
 
-from jaxcascade.ops import cpu_kernel
-from jaxcascade.ops.cpu_kernel import HIGHEST, NOT_MAPPED, _map, _moved, _register
+from jaxcascade.ops import cpu_kernel, formulations
+from jaxcascade.ops.cpu_kernel import HIGHEST, NOT_MAPPED, map_examples, moved_axis, register_primitive
 
 DIMENSIONS = ("NDHWC", "DHWIO", "NDHWC")
 
@@ -65,11 +65,10 @@ def _lax_conv(x, kernel, dilation, padding):
 
 def _gemm_conv(x, kernel, dilation, padding, gather_taps):
     """convs.py's GEMM formulation for these shapes, on x padded explicitly."""
-    from jaxcascade.ops import convs  # convs binds these primitives; its formulations are their CPU fallback
-
     x = _pad(x, padding)
-    implementation = convs.default_implementation(x.shape, kernel.shape, dilation, x.dtype.itemsize, gather_taps)
-    return convs._FORMULATIONS[implementation](x, kernel, dilation, precision=HIGHEST)
+    implementation = formulations.default_implementation(x.shape, kernel.shape, dilation, x.dtype.itemsize,
+                                                          gather_taps)
+    return formulations.FORMULATIONS[implementation](x, kernel, dilation, precision=HIGHEST)
 
 
 def _transpose(conv, wrt: int, shape, cotangent, operand, *args):
@@ -134,19 +133,19 @@ input_gradient_p = Primitive("jaxcascade_conv3d_input_gradient")
 kernel_gradient_p = Primitive("jaxcascade_conv3d_kernel_gradient")
 
 
-def _conv_aval(x, kernel, *, dilation, padding, gather_taps):
+def conv_aval(x, kernel, *, dilation, padding, gather_taps):
     shrink = _span(kernel.shape[0], dilation) - 2 * padding
     return jax.core.ShapedArray((x.shape[0], *(size - shrink for size in x.shape[1:4]), kernel.shape[4]), x.dtype)
 
 
-conv3d_p.def_abstract_eval(_conv_aval)
+conv3d_p.def_abstract_eval(conv_aval)
 input_gradient_p.def_abstract_eval(lambda cotangent, kernel, *, dilation, padding, gather_taps: jax.core.ShapedArray(
     _x_shape(cotangent.shape, kernel.shape, dilation, padding), cotangent.dtype))
 kernel_gradient_p.def_abstract_eval(lambda x, cotangent, *, kernel_size, **_: jax.core.ShapedArray(
     _kernel_shape(x.shape, cotangent.shape, kernel_size), x.dtype))
-_register(conv3d_p, _conv_on_cpu, _conv_elsewhere)
-_register(input_gradient_p, _input_gradient_on_cpu, _input_gradient_elsewhere)
-_register(kernel_gradient_p, _kernel_gradient_on_cpu, _kernel_gradient_elsewhere)
+register_primitive(conv3d_p, _conv_on_cpu, _conv_elsewhere)
+register_primitive(input_gradient_p, _input_gradient_on_cpu, _input_gradient_elsewhere)
+register_primitive(kernel_gradient_p, _kernel_gradient_on_cpu, _kernel_gradient_elsewhere)
 
 
 def conv3d(x: jax.Array, kernel: jax.Array, *, dilation: int = 1, padding: int = 0,
@@ -183,7 +182,7 @@ def _fold(primitive, args, dims, folds, **params):
     """vmap by folding: the vmapped operand's axis joins axis `folds[i]` of operand i (the other is unbatched),
     and leaves the output's axis folds[2] (whose size was multiplied) split again, the vmapped axis before it."""
     mapped = 0 if dims[1] is NOT_MAPPED else 1
-    operand = _moved(args[mapped], dims[mapped], folds[mapped])
+    operand = moved_axis(args[mapped], dims[mapped], folds[mapped])
     size = operand.shape[folds[mapped]]
     operands = list(args)
     operands[mapped] = operand.reshape(*operand.shape[:folds[mapped]], -1, *operand.shape[folds[mapped] + 2:])
@@ -203,7 +202,7 @@ def _batch(primitive, args, dims, **params):
     if NOT_MAPPED in dims:
         return _fold(primitive, args, dims, FOLDS[primitive], **params)
     # Both vmapped (per-example kernel gradients, a vmapped kernel on vmapped data): one call per example.
-    return _map(functools.partial(primitive.bind, **params), args, dims)
+    return map_examples(functools.partial(primitive.bind, **params), args, dims)
 
 
 for _primitive in FOLDS:

@@ -39,9 +39,10 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from jaxcascade.ops import kernel_target
 from jaxcascade.ops.kernel_build import (  # noqa: F401  (re-exported: the loader's names callers use)
     GRADIENT_TARGET, HANDLERS, HEAD_TARGET, HEAD_WHERE_TARGET, ISA_ENV, KERNEL_ENV, POOL_TARGET, TARGET, TARGETS,
-    WHERE_TARGET, _cpu_flags, available, build, kernel_dir, wanted)
+    WHERE_TARGET, available, build, kernel_dir, wanted)
 
 OUT_CHANNELS = (16, 32, 48, 64)  # output blocks the kernel keeps in registers
 CHUNK_FLOATS, MAX_CHUNKS = 2**17, 256  # the kernel gradient's chunks of cotangent: 512 KB each
@@ -51,7 +52,7 @@ NOT_MAPPED = None  # how batching rules see an operand that vmap does not map (j
 
 @functools.lru_cache(maxsize=None)
 def _flags() -> frozenset[str]:
-    return frozenset(_cpu_flags())
+    return frozenset(kernel_target.cpu_flags())
 
 
 def enabled() -> bool:
@@ -108,7 +109,7 @@ def _compiled(primitive: Primitive, params: tuple):
     return jax.jit(functools.partial(primitive.bind, **dict(params)))
 
 
-def _register(primitive: Primitive, on_cpu, reference, multiple_results: bool = False) -> None:
+def register_primitive(primitive: Primitive, on_cpu, reference, multiple_results: bool = False) -> None:
     """Eager calls (compiled once per primitive and parameters), and the lowerings: `on_cpu` for CPU,
     `reference` (pure JAX) for every other platform."""
     primitive.def_impl(lambda *args, **params: _compiled(primitive, tuple(sorted(params.items())))(*args))
@@ -116,14 +117,14 @@ def _register(primitive: Primitive, on_cpu, reference, multiple_results: bool = 
     mlir.register_lowering(primitive, mlir.lower_fun(on_cpu, multiple_results), platform="cpu")
 
 
-def _moved(x, axis, to):
+def moved_axis(x, axis, to):
     return x if axis == to else jnp.moveaxis(x, axis, to)
 
 
-def _map(bind, args, dims):
+def map_examples(bind, args, dims):
     """Batching's last resort: one call per example (lax.map), unbatched operands shared."""
     index = [i for i, d in enumerate(dims) if d is not NOT_MAPPED]
-    batched = [_moved(args[i], dims[i], 0) for i in index]
+    batched = [moved_axis(args[i], dims[i], 0) for i in index]
 
     def one(example):
         operands = list(args)
@@ -160,7 +161,7 @@ def _head_on_cpu(x, w1, b1, w2, b2):
 
 dense_head_p = Primitive("jaxcascade_dense_head")
 dense_head_p.def_abstract_eval(lambda x, w1, b1, w2, b2: jax.core.ShapedArray((*x.shape[:-1], w2.shape[1]), x.dtype))
-_register(dense_head_p, _head_on_cpu, head_reference)
+register_primitive(dense_head_p, _head_on_cpu, head_reference)
 
 
 def _head_jvp(primals, tangents):
@@ -175,7 +176,7 @@ def _head_batch(args, dims):
         if axis == x.ndim - 1:
             x, axis = jnp.moveaxis(x, axis, 0), 0
         return dense_head_p.bind(x, *weights), axis
-    return _map(dense_head_p.bind, args, dims)
+    return map_examples(dense_head_p.bind, args, dims)
 
 
 ad.primitive_jvps[dense_head_p] = _head_jvp
@@ -214,7 +215,7 @@ def _pool_on_cpu(x, *, dilation):
 max_pool_p = Primitive("jaxcascade_max_pool")
 max_pool_p.def_abstract_eval(lambda x, *, dilation: jax.core.ShapedArray(
     (x.shape[0], *(size - dilation for size in x.shape[1:4]), x.shape[4]), x.dtype))
-_register(max_pool_p, _pool_on_cpu, lambda x, *, dilation: max_pool_reference(x, dilation))
+register_primitive(max_pool_p, _pool_on_cpu, lambda x, *, dilation: max_pool_reference(x, dilation))
 
 
 def _taps(x, dilation: int):
@@ -238,7 +239,7 @@ def _pool_jvp(primals, tangents, *, dilation):
 
 def _pool_batch(args, dims, *, dilation):
     (x,), (axis,) = args, dims
-    x = _moved(x, axis, 0)  # the vmapped axis folded into the batch
+    x = moved_axis(x, axis, 0)  # the vmapped axis folded into the batch
     pooled = max_pool_p.bind(x.reshape(-1, *x.shape[2:]), dilation=dilation)
     return pooled.reshape(x.shape[0], x.shape[1], *pooled.shape[1:]), 0
 

@@ -25,13 +25,13 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching
 
 from jaxcascade.ops import conv_primitives, cpu_kernel
-from jaxcascade.ops.cpu_kernel import HEAD_WHERE_TARGET, NOT_MAPPED, WHERE_TARGET, _map, _moved, _register
+from jaxcascade.ops.cpu_kernel import HEAD_WHERE_TARGET, NOT_MAPPED, WHERE_TARGET, map_examples, moved_axis, register_primitive
 
 
 def _leading(operands, dims):
     """The operands with the vmapped axis first (broadcast where unmapped), and its size."""
     size = next(operand.shape[dim] for operand, dim in zip(operands, dims) if dim is not NOT_MAPPED)
-    return [jnp.broadcast_to(operand, (size, *operand.shape)) if dim is NOT_MAPPED else _moved(operand, dim, 0)
+    return [jnp.broadcast_to(operand, (size, *operand.shape)) if dim is NOT_MAPPED else moved_axis(operand, dim, 0)
             for operand, dim in zip(operands, dims)], size
 
 
@@ -57,8 +57,8 @@ def _conv_on_cpu(x, kernel, keep, *, dilation, padding):
                                                  padding=np.int64(padding))
 
 
-def _conv_aval(x, kernel, keep, *, dilation, padding):
-    out = conv_primitives._conv_aval(x, kernel, dilation=dilation, padding=padding, gather_taps=True)
+def conv_aval(x, kernel, keep, *, dilation, padding):
+    out = conv_primitives.conv_aval(x, kernel, dilation=dilation, padding=padding, gather_taps=True)
     if keep.shape != out.shape[:4]:
         raise ValueError(f"conv3d_where: keep has shape {keep.shape}, the output {out.shape[:4]}")
     return out
@@ -76,7 +76,7 @@ def _conv_jvp(primals, tangents, *, dilation, padding):
 def _conv_batch(args, dims, **params):
     x, kernel, keep = args
     if dims[1] is not NOT_MAPPED:  # vmapped kernels: one call per example
-        return _map(lambda *operands: conv3d_where_p.bind(*operands, **params), args, dims)
+        return map_examples(lambda *operands: conv3d_where_p.bind(*operands, **params), args, dims)
     (x, keep), size = _folded((x, keep), (dims[0], dims[2]))
     out = conv3d_where_p.bind(x, kernel, keep, **params)
     return out.reshape(size, -1, *out.shape[1:]), 0
@@ -85,13 +85,13 @@ def _conv_batch(args, dims, **params):
 def _primitive(name: str, aval, on_cpu, reference, jvp, batch) -> Primitive:
     primitive = Primitive(name)
     primitive.def_abstract_eval(aval)
-    _register(primitive, on_cpu, reference)
+    register_primitive(primitive, on_cpu, reference)
     ad.primitive_jvps[primitive] = jvp
     batching.primitive_batchers[primitive] = batch
     return primitive
 
 
-conv3d_where_p = _primitive("jaxcascade_conv3d_where", _conv_aval, _conv_on_cpu, _conv_reference, _conv_jvp,
+conv3d_where_p = _primitive("jaxcascade_conv3d_where", conv_aval, _conv_on_cpu, _conv_reference, _conv_jvp,
                             _conv_batch)
 
 
@@ -135,7 +135,7 @@ def _head_jvp(primals, tangents):
 def _head_batch(args, dims):
     (x, *weights, keep), (x_dim, *weight_dims, keep_dim) = args, dims
     if any(dim is not NOT_MAPPED for dim in weight_dims):  # vmapped weights: one call per example
-        return _map(dense_head_where_p.bind, args, dims)
+        return map_examples(dense_head_where_p.bind, args, dims)
     # Every leading axis is a row, so the vmapped one becomes the first row axis (x may be one row: no folding).
     (x, keep), _ = _leading((x, keep), (x_dim, keep_dim))
     return dense_head_where_p.bind(x, *weights, keep), 0

@@ -356,8 +356,6 @@ def wanted(setting: str, machine: str, cpu_flags: set[str], forced_isa: str = ""
     return kernel_target.choose(setting, forced_isa, machine, cpu_flags).use
 
 
-_cpu_flags = kernel_target.cpu_flags
-
 
 def loaded_isa(library: ctypes.CDLL) -> str:
     """The variant a loaded library was compiled as (its JaxcascadeKernelIsa())."""

@@ -152,12 +152,12 @@ def _render(ellipsoids: list[_Ellipsoid], points: list[np.ndarray]) -> np.ndarra
 def _image(rng, label, lesion, head, voxel, scanner: scanners.Scanner) -> dict:
     """FLAIR and T1 of a label map and lesion mask at a scanner's contrast, noise and bias (as procedural's)."""
     images = {}
-    for name, table, gain in (("T1", procedural._T1_CONTRAST, (400.0, 1200.0)),
-                              ("FLAIR", procedural._FLAIR_CONTRAST, (200.0, 800.0))):
+    for name, table, gain in (("T1", procedural.T1_CONTRAST, (400.0, 1200.0)),
+                              ("FLAIR", procedural.FLAIR_CONTRAST, (200.0, 800.0))):
         contrast = table.copy()
         contrast[procedural.GM] = scanner.grey_matter[name]
         lesion_factor = np.array([rng.uniform(*scanner.lesion[name])])
-        clean = procedural._tissue_image(label, lesion.astype(np.uint8), contrast, lesion_factor)
+        clean = procedural.tissue_image(label, lesion.astype(np.uint8), contrast, lesion_factor)
         image = phantom_core.acquire(rng, clean, head, voxel, scanner, scanner.slice_mm(name))
         images[name] = image * rng.uniform(*gain)
     return images

@@ -35,8 +35,8 @@ SIZES = {
 # choroid plexus are FLAIR-hyperintense non-lesions (hard negatives). The GM
 # entry is the default scanner's; make_subject takes the scanner's GM, and its
 # lesion intensities (scanners.py).
-_T1_CONTRAST = np.array([0.0, 0.25, 0.62, 1.0, 0.78, 0.93, 0.55])
-_FLAIR_CONTRAST = np.array([0.0, 0.18, 1.2, 1.0, 1.07, 1.3, 1.25])
+T1_CONTRAST = np.array([0.0, 0.25, 0.62, 1.0, 0.78, 0.93, 0.55])
+FLAIR_CONTRAST = np.array([0.0, 0.18, 1.2, 1.0, 1.07, 1.3, 1.25])
 
 
 def make_subject(seed: int, size: str = "small", scanner: str | scanners.Scanner = "default") -> dict:
@@ -60,14 +60,14 @@ def make_subject(seed: int, size: str = "small", scanner: str | scanners.Scanner
     lesion_id, n_lesions = phantom_core.place_lesions(rng, label, ventricles, voxel, size)
     head = label != BG
     images = {}
-    for name, table, gain in (("T1", _T1_CONTRAST, (400.0, 1200.0)), ("FLAIR", _FLAIR_CONTRAST, (200.0, 800.0))):
+    for name, table, gain in (("T1", T1_CONTRAST, (400.0, 1200.0)), ("FLAIR", FLAIR_CONTRAST, (200.0, 800.0))):
         contrast = table.copy()
         contrast[GM] = scanner.grey_matter[name]
         # Per-subject tissue contrast varies a little; WM stays the reference.
         jitter = rng.uniform(0.97, 1.03, contrast.size)
         jitter[WM] = 1.0
         lesion_factor = rng.uniform(*scanner.lesion[name], n_lesions)
-        clean = _tissue_image(label, lesion_id, contrast * jitter, lesion_factor)
+        clean = tissue_image(label, lesion_id, contrast * jitter, lesion_factor)
         images[name] = (phantom_core.acquire(rng, clean, head, voxel, scanner, scanner.slice_mm(name))
                         * rng.uniform(*gain))
     return {
@@ -168,7 +168,7 @@ def _ellipsoid(u, centre, radii, rotation=None):
     return rho < 1.0
 
 
-def _tissue_image(label, lesion_id, contrast, lesion_factor):
+def tissue_image(label, lesion_id, contrast, lesion_factor):
     """Noise-free intensity (WM = 1) from labels and per-lesion factors."""
     image = contrast.astype(np.float32)[label]
     lesion = lesion_id > 0

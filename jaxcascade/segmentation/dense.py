@@ -24,7 +24,7 @@ from jaxcascade.data import patches as patches_lib
 
 if TYPE_CHECKING:
     from jaxcascade.segmentation.stage import Stage
-    from jaxcascade.segmentation.inference import InferenceOptions
+    from jaxcascade.segmentation.inference_options import InferenceOptions
 
 
 def tile_geometry(shape: tuple[int, int, int], tile_size: int, halo: int, patch_size: int):

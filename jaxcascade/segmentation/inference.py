@@ -13,7 +13,6 @@ A new kernel is a function of that signature added to KERNELS.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import TYPE_CHECKING, Callable
 
@@ -25,47 +24,10 @@ from jaxcascade.segmentation import dense
 from jaxcascade.runtime import distributed
 from jaxcascade.data import patches as patches_lib
 from jaxcascade.errors import UserError
+from jaxcascade.segmentation.inference_options import InferenceOptions  # noqa: F401 (its home for callers)
 
 if TYPE_CHECKING:
     from jaxcascade.segmentation.stage import Stage
-
-
-@dataclasses.dataclass(frozen=True)
-class InferenceOptions:
-    """How to run the cascade (defaults: the seed's thresholds)."""
-
-    min_th: float = 0.5
-    stage2_min_probability: float = 0.8
-    threshold: float = 0.8
-    min_lesion_voxels: int = 20
-    connectivity: int = 6
-    min_volume_ml: float = 0.0
-    method: str = "auto"  # 'dense' where exact, else 'patch'
-    batch_size: int = 128  # patches per call on the patch path
-    tile_size: int = 12  # output block edge on the dense path
-    tiles_per_batch: int = 8
-    tta: bool = False  # average both stages over the eight axis flips (cascade.classify_flipped)
-
-    @classmethod
-    def from_config(cls, config, platform: str | None = None, **overrides) -> "InferenceOptions":
-        """Options from config.inference; call sizes for `platform` (default: JAX's backend)."""
-        inference = config.inference
-        values = dict(
-            min_th=config.candidates.min_th,
-            stage2_min_probability=inference.stage2_min_probability,
-            threshold=inference.threshold,
-            min_lesion_voxels=inference.min_lesion_voxels,
-            connectivity=inference.connectivity,
-            min_volume_ml=inference.min_volume_ml,
-            method=inference.method,
-            tta=inference.tta,
-        )
-        # Call sizes are tuned per platform: CPU caches want small calls, accelerators large ones.
-        prefix = "" if (platform or jax.default_backend()) == "cpu" else "accelerator_"
-        for name in ("batch_size", "tile_size", "tiles_per_batch"):
-            values[name] = inference[prefix + name]
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
 
 
 def lesion_probability(graphdef, variables: dict, patches: jax.Array) -> jax.Array:

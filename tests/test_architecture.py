@@ -1,0 +1,46 @@
+"""The package's shape: no module reaches into another's private names (the layers and the absence of import
+cycles, lazy and type-only imports included, are import-linter's contracts in setup.cfg, run by CI)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "jaxcascade"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_reaches() -> list[str]:
+    """'module:line: what' for every use of another jaxcascade module's private name."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        here = _module_name(path)
+        aliases: dict[str, str] = {}  # local name -> the jaxcascade module it is bound to
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jaxcascade"):
+                for alias in node.names:
+                    if _private(alias.name) and node.module != here:
+                        found.append(f"{here}:{node.lineno}: from {node.module} import {alias.name}")
+                    aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("jaxcascade") and alias.asname:
+                        aliases[alias.asname] = alias.name
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and _private(node.attr) and isinstance(node.value, ast.Name)
+                    and node.value.id in aliases and aliases[node.value.id] != here):
+                found.append(f"{here}:{node.lineno}: {node.value.id}.{node.attr}")
+    return sorted(set(found))
+
+
+def test_no_module_uses_another_modules_private_names():
+    assert private_reaches() == []
