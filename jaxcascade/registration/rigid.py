@@ -11,8 +11,8 @@ factor on every axis, which would leave slices 16 mm apart. The finest level is 
 metric costs ~4x more for residuals that were already below a voxel (experiments/clinical_preprocessing.py).
 
 Deterministic: the metric samples a fixed random subset (`seed`) and the registration runs on
-`threads` threads (ITK sums the metric's per-thread parts in a fixed order; two runs with the same
-options give the same matrix). The starting point is the scanner's own world alignment (the headers)
+`threads` threads (default 1); two runs with the same options give the same matrix up to ITK's
+floating-point summation order (1e-14 measured, tests/test_registration.py asserts 1e-9). The starting point is the scanner's own world alignment (the headers)
 or `initial`. Needs SimpleITK (`pip install 'jaxcascade[clinical]'`).
 
 SimpleITK rather than ANTsPy or picsl-greedy: it was already the project's optional dependency (N4),
@@ -28,9 +28,11 @@ import nibabel as nib
 import numpy as np
 
 from jaxcascade.errors import UserError
-from jaxcascade.registration import itk_bridge
+from jaxcascade.registration import itk_bridge, transforms
 
 KINDS = ("rigid", "affine")
+# The rigid optimiser's first step (mm of motion at most, its scales being physical shifts).
+_FIRST_STEP_MM = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,11 @@ class RegistrationOptions:
     histogram_bins: int = 32
     sampling_fraction: float = 0.25  # of each level's voxels, drawn once with `seed`
     iterations: int = 200  # at most, per level
+    # The optimiser halves its step at each reversal and stops below min_step_mm or when the gradient's norm
+    # falls below gradient_tolerance. A 1e-3 mm floor stopped after ~20 iterations 2.7 mm from a known
+    # motion (tests/test_registration.py); these stop within 0.45 mm of it.
+    min_step_mm: float = 1e-4
+    gradient_tolerance: float = 3e-5
     seed: int = 1
     threads: int = 1
 
@@ -94,9 +101,15 @@ def _one_level(sitk, fixed, moving, mask, initial: np.ndarray, kind: str, centre
     if mask is not None:
         method.SetMetricFixedMask(mask)
     method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3,
-                                                    numberOfIterations=options.iterations,
-                                                    relaxationFactor=0.5, gradientMagnitudeTolerance=1e-6)
+    if kind == "rigid":
+        method.SetOptimizerAsRegularStepGradientDescent(learningRate=_FIRST_STEP_MM, minStep=options.min_step_mm,
+                                                        numberOfIterations=options.iterations, relaxationFactor=0.5,
+                                                        gradientMagnitudeTolerance=options.gradient_tolerance)
+    else:
+        # The regular-step descent walked the 12 affine parameters uphill on patient01 (scale 0.45, MI
+        # -1.05 -> -0.63 from the rigid answer); a line search only accepts steps that improve the metric.
+        method.SetOptimizerAsConjugateGradientLineSearch(learningRate=1.0, numberOfIterations=options.iterations,
+                                                         convergenceMinimumValue=1e-6, convergenceWindowSize=10)
     # One millimetre of motion anywhere in the image weighs the same for every parameter.
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetInitialTransform(_parametrised(sitk, initial, kind, centre), inPlace=False)
@@ -110,19 +123,24 @@ def _one_level(sitk, fixed, moving, mask, initial: np.ndarray, kind: str, centre
 
 
 def _parametrised(sitk, matrix_ras: np.ndarray, kind: str, centre):
-    """`matrix_ras` as an Euler (rigid) or affine ITK transform about `centre`, for the optimiser."""
-    affine = sitk.AffineTransform(itk_bridge.ras_to_transform(matrix_ras))
-    affine.SetCenter(centre)  # keeps the map, re-expresses the offset about the fixed image's centre
-    if kind == "affine":
-        return affine
-    rigid = sitk.Euler3DTransform()
-    rigid.SetCenter(centre)
-    # The nearest rotation to a (possibly scaled) starting matrix: its polar decomposition.
-    u, _, vt = np.linalg.svd(np.array(affine.GetMatrix()).reshape(3, 3))
-    rotation = u @ vt
-    rigid.SetMatrix([float(value) for value in rotation.ravel()])
-    rigid.SetTranslation(affine.GetTranslation())
-    return rigid
+    """`matrix_ras` as an Euler (rigid) or affine ITK transform about `centre`, for the optimiser.
+
+    ITK maps x to M (x - c) + t + c; the translation t is computed here because ITK's SetCenter keeps
+    t and so would move the map.
+    """
+    lps = transforms.ras_to_lps(matrix_ras)
+    matrix = lps[:3, :3]
+    if kind == "rigid":
+        # The nearest rotation to a (possibly scaled) starting matrix: its polar decomposition.
+        u, _, vt = np.linalg.svd(matrix)
+        matrix = u @ vt
+    centre = np.asarray(centre, np.float64)
+    translation = lps[:3, 3] - centre + matrix @ centre
+    transform = sitk.AffineTransform(3) if kind == "affine" else sitk.Euler3DTransform()
+    transform.SetCenter([float(value) for value in centre])
+    transform.SetMatrix([float(value) for value in matrix.ravel()])
+    transform.SetTranslation([float(value) for value in translation])
+    return transform
 
 
 def _factors(image, spacing_mm: float) -> list[int]:
