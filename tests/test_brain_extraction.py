@@ -37,7 +37,7 @@ def test_the_template_comes_from_inside_the_nilearn_wheel():
     assert Path(MNI152_FILE_PATH).is_file()
     assert Path(nilearn.__file__).parent in Path(MNI152_FILE_PATH).parents
     template, mask = brain.mni_template()
-    assert template.shape == mask.shape == (99, 117, 95)
+    assert template.shape == mask.shape == (98, 116, 94)
     assert 1000 < mask.get_fdata().sum() * 8 / 1000 < 2500  # ml at 2 mm: an adult brain
 
 
