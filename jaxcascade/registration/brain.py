@@ -16,7 +16,8 @@ nilearn's thresholding of it. `extract_brain`
      and the CSF outside the brain), then the largest component is kept and its holes filled.
 A 12-parameter affine cannot follow the individual shape of every gyrus; the refinement only takes
 dark voxels away (growing into bright voxels beyond the mapped edge reached the meninges and the
-scalp, whose FLAIR signal is bright, and lowered Dice on patient01 from 0.953 to 0.940). Needs SimpleITK and nilearn (`pip install 'jaxcascade[clinical]'`).
+scalp, whose FLAIR signal is bright, and lowered Dice on patient01 from 0.953 to 0.940).
+Needs SimpleITK and nilearn (`pip install 'jaxcascade[clinical]'`).
 """
 
 from __future__ import annotations

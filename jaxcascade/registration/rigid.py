@@ -7,17 +7,23 @@
 leaves it. Clinical scans are anisotropic (0.5-0.9 mm in plane, 3-4 mm slices), so the pyramid is
 built per axis: at each level both images are block-averaged to about `level_spacings_mm` (a 0.72 x
 0.72 x 4 mm FLAIR becomes 4.3 x 4.3 x 4 mm, then 2.2 x 2.2 x 4 mm), rather than shrunk by one
-factor on every axis, which would leave slices 16 mm apart. The finest level is 2 mm: at 1 mm the
-metric costs ~4x more for residuals that were already below a voxel (experiments/clinical_preprocessing.py).
+factor on every axis, which would leave slices 16 mm apart. The finest level is 2 mm: on patient01 a
+further 1 mm level (10% sampling) took 15-34 s a pair instead of 1-3 s, for mean residuals of
+0.31-0.95 mm instead of 0.35-1.14 mm against the database's transforms.
 
 Deterministic: the metric samples a fixed random subset (`seed`) and the registration runs on
 `threads` threads (default 1); two runs with the same options give the same matrix up to ITK's
-floating-point summation order (1e-14 measured, tests/test_registration.py asserts 1e-9). The starting point is the scanner's own world alignment (the headers)
-or `initial`. Needs SimpleITK (`pip install 'jaxcascade[clinical]'`).
+floating-point summation order (matrices within 3.3e-9 of each other on patient01). The
+starting point is the scanner's own world alignment (the headers) or `initial`. Needs SimpleITK
+(`pip install 'jaxcascade[clinical]'`).
 
-SimpleITK rather than ANTsPy or picsl-greedy: it was already the project's optional dependency (N4),
-is a 40 MB wheel for every platform, and reached sub-voxel residuals against the database's own
-transforms in about a second per pair (the figures: experiments/measured/clinical_preprocessing/).
+Why SimpleITK (experiments/measured/clinical_preprocessing/, patient01, one thread): it is already the
+project's optional dependency (N4) and pins nothing, where antspyx 0.6.3 pins numpy<2.4 and scipy<1.16.
+Its rigid registration here takes 0.9-1.9 s a pair and lands 0.35 mm (mean; max 0.63) from the database's
+follow-up-to-baseline transform and 0.76-1.14 mm (max 2.03) from its T1W/T2W-to-FLAIR ones, mostly
+a shift along the 3-4 mm slices. ANTsPy's `Rigid` lands closer (0.24-0.48 mm mean) but takes 41-142 s
+a pair, its `QuickRigid` 7-19 s for 0.40-1.81 mm (that run shared the machine: ours took 2.0-5.9 s
+in it). picsl-greedy was not measured.
 """
 
 from __future__ import annotations
