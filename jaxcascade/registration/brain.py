@@ -66,12 +66,13 @@ def template_to_subject(image: nib.spatialimages.SpatialImage, options: BrainOpt
 def looks_skull_stripped(image: nib.spatialimages.SpatialImage) -> bool:
     """True if the image looks skull-stripped: a constant background around at most a brain's volume.
 
-    A stripped image is one value (usually 0) everywhere outside the brain, so that value fills
-    much of the field of view, and what is left is no larger than a brain (under 2,000 ml; whole
-    adult brains are 1,100-1,700 ml). A raw head has either a noisy background (no constant value
-    covers a third of the image) or, where the scanner zeroed the air, a head of 2,500 ml or more.
-    Thin slabs of a raw head can fall under 2,000 ml: then this says True and no brain extraction
-    runs, which the caller should state.
+    A stripped image is one value (usually 0) everywhere outside the brain, so that value fills a third
+    of the field of view or more, and what is left is no larger than a brain (under 2,000 ml; whole adult
+    brains are 1,100-1,700 ml). A raw head has either a noisy background (no single value covers a third
+    of the image) or, where the scanner zeroed the air, a head well above that: patient01's six raw scans
+    hold 2,577-3,106 ml besides their zero background, patient26's stripped FLAIR 1,123 ml. Thin slabs of
+    a raw head can fall under 2,000 ml: then this says True and no brain extraction runs, which the
+    caller should state.
     """
     data = np.asarray(image.dataobj)
     values, counts = np.unique(data, return_counts=True)
