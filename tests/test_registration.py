@@ -100,6 +100,16 @@ def test_itk_files_read_as_simpleitk_reads_them(tmp_path_factory, kind, angles3,
     assert np.allclose([again.TransformPoint(point) for point in points], expected, atol=1e-6)
 
 
+def test_the_databases_six_files_read_as_simpleitk_reads_them():
+    files = sorted(PATIENT01.glob("study*_*.txt"))
+    assert len(files) == 6
+    points = np.array([[0.0, 0, 0], [80, -60, 40], [-70, 90, -50]])
+    for path in files:
+        theirs = sitk.ReadTransform(str(path))
+        expected = [theirs.TransformPoint(point) for point in points.tolist()]
+        assert np.allclose(transforms.apply(transforms.read_itk_transform_lps(path), points), expected, atol=1e-6), path
+
+
 def test_the_databases_transform_resamples_as_simpleitk_does():
     """study1 T1W onto study1 FLAIR through the authors' file: our reading and resampling == SimpleITK's."""
     fixed_path, moving_path = PATIENT01 / "study1_FLAIR.nii.gz", PATIENT01 / "study1_T1W.nii.gz"
