@@ -12,3 +12,11 @@ nibabel images; no SimpleITK type crosses this package's boundary.
 May import `jaxcascade.data`, `jaxcascade.runtime`, `jaxcascade.config` and `jaxcascade.errors`.
 `rigid` and `brain` need the `clinical` extra (SimpleITK, nilearn); `transforms` needs neither.
 """
+
+from jaxcascade.registration.brain import BrainOptions, extract_brain, looks_skull_stripped
+from jaxcascade.registration.rigid import RegistrationOptions, register
+from jaxcascade.registration.transforms import (chain, invert, read_itk_transform, resample,
+                                                write_itk_transform)
+
+__all__ = ["BrainOptions", "RegistrationOptions", "chain", "extract_brain", "invert", "looks_skull_stripped",
+           "read_itk_transform", "register", "resample", "write_itk_transform"]

@@ -7,17 +7,23 @@
 leaves it. Clinical scans are anisotropic (0.5-0.9 mm in plane, 3-4 mm slices), so the pyramid is
 built per axis: at each level both images are block-averaged to about `level_spacings_mm` (a 0.72 x
 0.72 x 4 mm FLAIR becomes 4.3 x 4.3 x 4 mm, then 2.2 x 2.2 x 4 mm), rather than shrunk by one
-factor on every axis, which would leave slices 16 mm apart. The finest level is 2 mm: at 1 mm the
-metric costs ~4x more for residuals that were already below a voxel (experiments/clinical_preprocessing.py).
+factor on every axis, which would leave slices 16 mm apart. The finest level is 2 mm: on patient01 a
+further 1 mm level (10% sampling) took 15-34 s a pair instead of 1-3 s, for mean residuals of
+0.31-0.95 mm instead of 0.35-1.14 mm against the database's transforms.
 
 Deterministic: the metric samples a fixed random subset (`seed`) and the registration runs on
-`threads` threads (ITK sums the metric's per-thread parts in a fixed order; two runs with the same
-options give the same matrix). The starting point is the scanner's own world alignment (the headers)
-or `initial`. Needs SimpleITK (`pip install 'jaxcascade[clinical]'`).
+`threads` threads (default 1); two runs with the same options give the same matrix up to ITK's
+floating-point summation order (matrices within 3.3e-9 of each other on patient01). The
+starting point is the scanner's own world alignment (the headers) or `initial`. Needs SimpleITK
+(`pip install 'jaxcascade[clinical]'`).
 
-SimpleITK rather than ANTsPy or picsl-greedy: it was already the project's optional dependency (N4),
-is a 40 MB wheel for every platform, and reached sub-voxel residuals against the database's own
-transforms in about a second per pair (the figures: experiments/measured/clinical_preprocessing/).
+Why SimpleITK (experiments/measured/clinical_preprocessing/, patient01, one thread): it is already the
+project's optional dependency (N4) and pins nothing, where antspyx 0.6.3 pins numpy<2.4 and scipy<1.16.
+Its rigid registration here takes 0.9-1.9 s a pair and lands 0.35 mm (mean; max 0.63) from the database's
+follow-up-to-baseline transform and 0.76-1.14 mm (max 2.03) from its T1W/T2W-to-FLAIR ones, mostly
+a shift along the 3-4 mm slices. ANTsPy's `Rigid` lands closer (0.24-0.48 mm mean) but takes 41-142 s
+a pair, its `QuickRigid` 7-19 s for 0.40-1.81 mm (that run shared the machine: ours took 2.0-5.9 s
+in it). picsl-greedy was not measured.
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ import nibabel as nib
 import numpy as np
 
 from jaxcascade.errors import UserError
-from jaxcascade.registration import itk_bridge
+from jaxcascade.registration import itk_bridge, transforms
 
 KINDS = ("rigid", "affine")
+# The rigid optimiser's first step (mm of motion at most, its scales being physical shifts).
+_FIRST_STEP_MM = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +50,11 @@ class RegistrationOptions:
     histogram_bins: int = 32
     sampling_fraction: float = 0.25  # of each level's voxels, drawn once with `seed`
     iterations: int = 200  # at most, per level
+    # The optimiser halves its step at each reversal and stops below min_step_mm or when the gradient's norm
+    # falls below gradient_tolerance. A 1e-3 mm floor stopped after ~20 iterations 2.7 mm from a known
+    # motion (tests/test_registration.py); these stop within 0.45 mm of it.
+    min_step_mm: float = 1e-4
+    gradient_tolerance: float = 3e-5
     seed: int = 1
     threads: int = 1
 
@@ -94,9 +107,15 @@ def _one_level(sitk, fixed, moving, mask, initial: np.ndarray, kind: str, centre
     if mask is not None:
         method.SetMetricFixedMask(mask)
     method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3,
-                                                    numberOfIterations=options.iterations,
-                                                    relaxationFactor=0.5, gradientMagnitudeTolerance=1e-6)
+    if kind == "rigid":
+        method.SetOptimizerAsRegularStepGradientDescent(learningRate=_FIRST_STEP_MM, minStep=options.min_step_mm,
+                                                        numberOfIterations=options.iterations, relaxationFactor=0.5,
+                                                        gradientMagnitudeTolerance=options.gradient_tolerance)
+    else:
+        # The regular-step descent walked the 12 affine parameters uphill on patient01 (scale 0.45, MI
+        # -1.05 -> -0.63 from the rigid answer); a line search only accepts steps that improve the metric.
+        method.SetOptimizerAsConjugateGradientLineSearch(learningRate=1.0, numberOfIterations=options.iterations,
+                                                         convergenceMinimumValue=1e-6, convergenceWindowSize=10)
     # One millimetre of motion anywhere in the image weighs the same for every parameter.
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetInitialTransform(_parametrised(sitk, initial, kind, centre), inPlace=False)
@@ -110,19 +129,24 @@ def _one_level(sitk, fixed, moving, mask, initial: np.ndarray, kind: str, centre
 
 
 def _parametrised(sitk, matrix_ras: np.ndarray, kind: str, centre):
-    """`matrix_ras` as an Euler (rigid) or affine ITK transform about `centre`, for the optimiser."""
-    affine = sitk.AffineTransform(itk_bridge.ras_to_transform(matrix_ras))
-    affine.SetCenter(centre)  # keeps the map, re-expresses the offset about the fixed image's centre
-    if kind == "affine":
-        return affine
-    rigid = sitk.Euler3DTransform()
-    rigid.SetCenter(centre)
-    # The nearest rotation to a (possibly scaled) starting matrix: its polar decomposition.
-    u, _, vt = np.linalg.svd(np.array(affine.GetMatrix()).reshape(3, 3))
-    rotation = u @ vt
-    rigid.SetMatrix([float(value) for value in rotation.ravel()])
-    rigid.SetTranslation(affine.GetTranslation())
-    return rigid
+    """`matrix_ras` as an Euler (rigid) or affine ITK transform about `centre`, for the optimiser.
+
+    ITK maps x to M (x - c) + t + c; the translation t is computed here because ITK's SetCenter keeps
+    t and so would move the map.
+    """
+    lps = transforms.ras_to_lps(matrix_ras)
+    matrix = lps[:3, :3]
+    if kind == "rigid":
+        # The nearest rotation to a (possibly scaled) starting matrix: its polar decomposition.
+        u, _, vt = np.linalg.svd(matrix)
+        matrix = u @ vt
+    centre = np.asarray(centre, np.float64)
+    translation = lps[:3, 3] - centre + matrix @ centre
+    transform = sitk.AffineTransform(3) if kind == "affine" else sitk.Euler3DTransform()
+    transform.SetCenter([float(value) for value in centre])
+    transform.SetMatrix([float(value) for value in matrix.ravel()])
+    transform.SetTranslation([float(value) for value in translation])
+    return transform
 
 
 def _factors(image, spacing_mm: float) -> list[int]:

@@ -98,8 +98,10 @@ def read_itk_transform_lps(path: str | Path) -> np.ndarray:
     path = Path(path)
     try:
         text = path.read_text()
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"{path}: cannot read the transform file ({error}); give an ITK text transform (.txt/.tfm)") from None
+    except OSError as error:
+        raise UserError(f"{path}: cannot read the transform file ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file; give an ITK text transform (.txt/.tfm; .mat is not read)") from None
     fields = _parse_fields(path, text)
     kind = fields["Transform"].split("_")[0]
     if kind not in _PARAMETER_COUNTS:
