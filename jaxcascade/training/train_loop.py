@@ -80,81 +80,85 @@ def fit_stage(
     best = jax.tree.map(np.array, variables)
     rng_data = np.asarray(jax.random.key_data(base_key))
     manager = checkpoints.stage_manager(workdir, stage)
-    restored = checkpoints.restore_latest(manager, {"train_state": state, "best": best, "rng": rng_data})
-    if restored is not None:
-        tree, loop = restored
-        state, best = tree["train_state"], tree["best"]
-        where = f"epoch {loop['epoch'] + 1}"
-        if loop.get("partial"):
-            where = f"step {loop['partial']['steps_done']} of epoch {loop['partial']['epoch'] + 1}"
-        log(f"stage {stage}: resuming after {where} (best validation loss {loop['best_val_loss']:.4f})")
+    # Closed however the loop ends (a SIGTERM's TrainingInterrupted, a non-finite loss): its threads and files
+    # must not outlive the stage.
+    try:
+        restored = checkpoints.restore_latest(manager, {"train_state": state, "best": best, "rng": rng_data})
+        if restored is not None:
+            tree, loop = restored
+            state, best = tree["train_state"], tree["best"]
+            where = f"epoch {loop['epoch'] + 1}"
+            if loop.get("partial"):
+                where = f"step {loop['partial']['steps_done']} of epoch {loop['partial']['epoch'] + 1}"
+            log(f"stage {stage}: resuming after {where} (best validation loss {loop['best_val_loss']:.4f})")
 
-    def save(loop_state):
-        checkpoints.save_epoch(manager, int(distributed.to_host(state.step)),
-                               {"train_state": state, "best": best, "rng": rng_data}, loop_state)
+        def save(loop_state):
+            checkpoints.save_epoch(manager, int(distributed.to_host(state.step)),
+                                   {"train_state": state, "best": best, "rng": rng_data}, loop_state)
 
-    totals = schedule.totals
-    shards_note = f", {data.num_shards} data shards" if data.num_shards > 1 else ""
-    log(f"stage {stage}: {totals['training']} training / {totals['validation']} validation patches "
-        f"({totals['lesion']} lesion{shards_note}), {schedule.steps} steps per epoch")
-    with StopOnSignals() as stop:
-        for epoch in range(loop["epoch"] + 1, train_config.max_epochs):
-            if loop["bad_epochs"] >= train_config.patience:
-                break
-            started = time.perf_counter()
-            batches = schedule.epoch(config.seed, stage, epoch)
-            # A run stopped mid-epoch resumes at its next batch with the same
-            # shuffle, so the result is bitwise that of an uninterrupted run.
-            partial = loop.get("partial") if (loop.get("partial") or {}).get("epoch") == epoch else None
-            done_steps = partial["measurements"] if partial else []
-            step_measurements = []
-            remaining = batches[len(done_steps):]
-            iterator = progress(remaining, f"stage {stage} epoch {epoch + 1}") if progress else remaining
-            for chunk in iterator:
-                state, measurements = train_step(state, training_batch(data, chunk), run_key)
-                step_measurements.append(measurements)
-                signum = stop.requested(len(done_steps) + len(step_measurements))
-                if signum is not None:
-                    done = done_steps + _host_rows(step_measurements)
-                    save({**loop, "partial": {"epoch": epoch, "steps_done": len(done), "measurements": done}})
-                    raise TrainingInterrupted(signum, stage, epoch, len(done), len(batches))
-            rows = done_steps + _host_rows(step_measurements)
-            measured = {key: np.array([row[key] for row in rows]) for key in rows[0]}
-            _check_finite(measured, stage, epoch, loop)
-            validation = evaluate(eval_step, state.variables, data, schedule)
-            improved = validation["loss"] < loop["best_val_loss"]
-            if improved:
-                best = jax.tree.map(lambda x: np.array(distributed.to_host(x)), state.variables)
-                loop.update(best_val_loss=validation["loss"], best_epoch=epoch, bad_epochs=0)
-            else:
-                loop["bad_epochs"] += 1
-            record = {
-                "stage": stage,
-                "epoch": epoch + 1,
-                "train_loss": float(measured["loss"].mean()),
-                "train_accuracy": float(measured["accuracy"].mean()),
-                "val_loss": validation["loss"],
-                "val_accuracy": validation["accuracy"],
-                "grad_norm": float(measured["grad_norm"].mean()),
-                "update_norm": float(measured["update_norm"].mean()),
-                "steps": int(distributed.to_host(state.step)),
-                "epoch_seconds": round(time.perf_counter() - started, 3),
-                "best": improved,
-            }
-            loop.update(epoch=epoch, partial=None)
-            loop["history"].append(record)
-            save(loop)
-            log(
-                f"stage {stage} epoch {epoch + 1:3d}: train loss {record['train_loss']:.4f} "
-                f"acc {record['train_accuracy']:.3f} | val loss {record['val_loss']:.4f} "
-                f"acc {record['val_accuracy']:.3f}{' *' if improved else ''} ({record['epoch_seconds']:.1f} s)"
-            )
-            if on_epoch:
-                on_epoch(loop["history"])
-            signum = stop.requested()
-            if signum is not None:  # arrived during validation or saving: this epoch is safe
-                raise TrainingInterrupted(signum, stage, epoch, len(batches), len(batches))
-    manager.close()
+        totals = schedule.totals
+        shards_note = f", {data.num_shards} data shards" if data.num_shards > 1 else ""
+        log(f"stage {stage}: {totals['training']} training / {totals['validation']} validation patches "
+            f"({totals['lesion']} lesion{shards_note}), {schedule.steps} steps per epoch")
+        with StopOnSignals() as stop:
+            for epoch in range(loop["epoch"] + 1, train_config.max_epochs):
+                if loop["bad_epochs"] >= train_config.patience:
+                    break
+                started = time.perf_counter()
+                batches = schedule.epoch(config.seed, stage, epoch)
+                # A run stopped mid-epoch resumes at its next batch with the same
+                # shuffle, so the result is bitwise that of an uninterrupted run.
+                partial = loop.get("partial") if (loop.get("partial") or {}).get("epoch") == epoch else None
+                done_steps = partial["measurements"] if partial else []
+                step_measurements = []
+                remaining = batches[len(done_steps):]
+                iterator = progress(remaining, f"stage {stage} epoch {epoch + 1}") if progress else remaining
+                for chunk in iterator:
+                    state, measurements = train_step(state, training_batch(data, chunk), run_key)
+                    step_measurements.append(measurements)
+                    signum = stop.requested(len(done_steps) + len(step_measurements))
+                    if signum is not None:
+                        done = done_steps + _host_rows(step_measurements)
+                        save({**loop, "partial": {"epoch": epoch, "steps_done": len(done), "measurements": done}})
+                        raise TrainingInterrupted(signum, stage, epoch, len(done), len(batches))
+                rows = done_steps + _host_rows(step_measurements)
+                measured = {key: np.array([row[key] for row in rows]) for key in rows[0]}
+                _check_finite(measured, stage, epoch, loop)
+                validation = evaluate(eval_step, state.variables, data, schedule)
+                improved = validation["loss"] < loop["best_val_loss"]
+                if improved:
+                    best = jax.tree.map(lambda x: np.array(distributed.to_host(x)), state.variables)
+                    loop.update(best_val_loss=validation["loss"], best_epoch=epoch, bad_epochs=0)
+                else:
+                    loop["bad_epochs"] += 1
+                record = {
+                    "stage": stage,
+                    "epoch": epoch + 1,
+                    "train_loss": float(measured["loss"].mean()),
+                    "train_accuracy": float(measured["accuracy"].mean()),
+                    "val_loss": validation["loss"],
+                    "val_accuracy": validation["accuracy"],
+                    "grad_norm": float(measured["grad_norm"].mean()),
+                    "update_norm": float(measured["update_norm"].mean()),
+                    "steps": int(distributed.to_host(state.step)),
+                    "epoch_seconds": round(time.perf_counter() - started, 3),
+                    "best": improved,
+                }
+                loop.update(epoch=epoch, partial=None)
+                loop["history"].append(record)
+                save(loop)
+                log(
+                    f"stage {stage} epoch {epoch + 1:3d}: train loss {record['train_loss']:.4f} "
+                    f"acc {record['train_accuracy']:.3f} | val loss {record['val_loss']:.4f} "
+                    f"acc {record['val_accuracy']:.3f}{' *' if improved else ''} ({record['epoch_seconds']:.1f} s)"
+                )
+                if on_epoch:
+                    on_epoch(loop["history"])
+                signum = stop.requested()
+                if signum is not None:  # arrived during validation or saving: this epoch is safe
+                    raise TrainingInterrupted(signum, stage, epoch, len(batches), len(batches))
+    finally:
+        manager.close()
     return best, loop["history"]
 
 
