@@ -11,6 +11,7 @@ N+1... exactly as an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 import time
@@ -27,6 +28,31 @@ from jaxcascade.training.batching import TrainingSet, training_batch
 from jaxcascade.errors import TrainingInterrupted, UserError
 from jaxcascade.training.intensity_augmentation import IntensityAugmentation
 from jaxcascade.training.optimizer import OptimizerSettings, make_optimizer, trainable_modules
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopState:
+    """Where a stage's training stands: what its checkpoints record beside the arrays (as JSON).
+
+    `partial`, set only by a checkpoint taken mid-epoch (a signal), holds that epoch and its steps'
+    measurements so far, so that the resumed run finishes the epoch bitwise as an uninterrupted one.
+    """
+
+    epoch: int = -1  # the last finished epoch (0-based)
+    best_val_loss: float = float("inf")
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    history: tuple = ()
+    partial: dict | None = None
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "history": list(self.history)}
+
+    @classmethod
+    def from_json(cls, record: dict) -> "LoopState":
+        names = {field.name for field in dataclasses.fields(cls)}
+        values = {key: value for key, value in record.items() if key in names}
+        return cls(**{**values, "history": tuple(values.get("history", ()))})
 
 
 def evaluate(eval_step, variables, data: TrainingSet, schedule: batching.Schedule) -> dict:
@@ -75,8 +101,7 @@ def fit_stage(
     run_key = jax.random.wrap_key_data(distributed.put_replicated(jax.random.key_data(base_key)))
 
     state = distributed.put_replicated(train_steps.create_train_state(variables, tx))
-    loop = {"epoch": -1, "best_val_loss": float("inf"), "best_epoch": -1, "bad_epochs": 0, "history": [],
-            "partial": None}
+    loop = LoopState()
     best = jax.tree.map(np.array, variables)
     rng_data = np.asarray(jax.random.key_data(base_key))
     manager = checkpoints.stage_manager(workdir, stage)
@@ -85,30 +110,30 @@ def fit_stage(
     try:
         restored = checkpoints.restore_latest(manager, {"train_state": state, "best": best, "rng": rng_data})
         if restored is not None:
-            tree, loop = restored
-            state, best = tree["train_state"], tree["best"]
-            where = f"epoch {loop['epoch'] + 1}"
-            if loop.get("partial"):
-                where = f"step {loop['partial']['steps_done']} of epoch {loop['partial']['epoch'] + 1}"
-            log(f"stage {stage}: resuming after {where} (best validation loss {loop['best_val_loss']:.4f})")
+            tree, record = restored
+            state, best, loop = tree["train_state"], tree["best"], LoopState.from_json(record)
+            where = f"epoch {loop.epoch + 1}"
+            if loop.partial:
+                where = f"step {loop.partial['steps_done']} of epoch {loop.partial['epoch'] + 1}"
+            log(f"stage {stage}: resuming after {where} (best validation loss {loop.best_val_loss:.4f})")
 
-        def save(loop_state):
+        def save(loop_state: LoopState):
             checkpoints.save_epoch(manager, int(distributed.to_host(state.step)),
-                                   {"train_state": state, "best": best, "rng": rng_data}, loop_state)
+                                   {"train_state": state, "best": best, "rng": rng_data}, loop_state.to_json())
 
         totals = schedule.totals
         shards_note = f", {data.num_shards} data shards" if data.num_shards > 1 else ""
         log(f"stage {stage}: {totals['training']} training / {totals['validation']} validation patches "
             f"({totals['lesion']} lesion{shards_note}), {schedule.steps} steps per epoch")
         with StopOnSignals() as stop:
-            for epoch in range(loop["epoch"] + 1, train_config.max_epochs):
-                if loop["bad_epochs"] >= train_config.patience:
+            for epoch in range(loop.epoch + 1, train_config.max_epochs):
+                if loop.bad_epochs >= train_config.patience:
                     break
                 started = time.perf_counter()
                 batches = schedule.epoch(config.seed, stage, epoch)
                 # A run stopped mid-epoch resumes at its next batch with the same
                 # shuffle, so the result is bitwise that of an uninterrupted run.
-                partial = loop.get("partial") if (loop.get("partial") or {}).get("epoch") == epoch else None
+                partial = loop.partial if (loop.partial or {}).get("epoch") == epoch else None
                 done_steps = partial["measurements"] if partial else []
                 step_measurements = []
                 remaining = batches[len(done_steps):]
@@ -119,18 +144,19 @@ def fit_stage(
                     signum = stop.requested(len(done_steps) + len(step_measurements))
                     if signum is not None:
                         done = done_steps + _host_rows(step_measurements)
-                        save({**loop, "partial": {"epoch": epoch, "steps_done": len(done), "measurements": done}})
+                        save(dataclasses.replace(
+                            loop, partial={"epoch": epoch, "steps_done": len(done), "measurements": done}))
                         raise TrainingInterrupted(signum, stage, epoch, len(done), len(batches))
                 rows = done_steps + _host_rows(step_measurements)
                 measured = {key: np.array([row[key] for row in rows]) for key in rows[0]}
                 _check_finite(measured, stage, epoch, loop)
                 validation = evaluate(eval_step, state.variables, data, schedule)
-                improved = validation["loss"] < loop["best_val_loss"]
+                improved = validation["loss"] < loop.best_val_loss
                 if improved:
                     best = jax.tree.map(lambda x: np.array(distributed.to_host(x)), state.variables)
-                    loop.update(best_val_loss=validation["loss"], best_epoch=epoch, bad_epochs=0)
+                    loop = dataclasses.replace(loop, best_val_loss=validation["loss"], best_epoch=epoch, bad_epochs=0)
                 else:
-                    loop["bad_epochs"] += 1
+                    loop = dataclasses.replace(loop, bad_epochs=loop.bad_epochs + 1)
                 record = {
                     "stage": stage,
                     "epoch": epoch + 1,
@@ -144,8 +170,7 @@ def fit_stage(
                     "epoch_seconds": round(time.perf_counter() - started, 3),
                     "best": improved,
                 }
-                loop.update(epoch=epoch, partial=None)
-                loop["history"].append(record)
+                loop = dataclasses.replace(loop, epoch=epoch, partial=None, history=(*loop.history, record))
                 save(loop)
                 log(
                     f"stage {stage} epoch {epoch + 1:3d}: train loss {record['train_loss']:.4f} "
@@ -153,25 +178,25 @@ def fit_stage(
                     f"acc {record['val_accuracy']:.3f}{' *' if improved else ''} ({record['epoch_seconds']:.1f} s)"
                 )
                 if on_epoch:
-                    on_epoch(loop["history"])
+                    on_epoch(list(loop.history))
                 signum = stop.requested()
                 if signum is not None:  # arrived during validation or saving: this epoch is safe
                     raise TrainingInterrupted(signum, stage, epoch, len(batches), len(batches))
     finally:
         manager.close()
-    return best, loop["history"]
+    return best, list(loop.history)
 
 
 def _host_rows(step_measurements: list[dict]) -> list[dict]:
     return [{key: float(distributed.to_host(value)) for key, value in m.items()} for m in step_measurements]
 
 
-def _check_finite(measured: dict, stage: int, epoch: int, loop: dict) -> None:
+def _check_finite(measured: dict, stage: int, epoch: int, loop: LoopState) -> None:
     bad_steps = np.flatnonzero(~np.isfinite(measured["loss"]) | ~np.isfinite(measured["grad_norm"]))
     if bad_steps.size:
         raise UserError(
             f"stage {stage}: non-finite loss or gradient at epoch {epoch + 1}, step {int(bad_steps[0]) + 1}; "
-            f"training stopped (the last good checkpoint is epoch {loop['epoch'] + 1}); "
+            f"training stopped (the last good checkpoint is epoch {loop.epoch + 1}); "
             "check the inputs for extreme values or lower --config.train.learning_rate"
         )
 
