@@ -138,9 +138,15 @@ def render_nicms(payload: dict) -> str:
 
 
 def render_startup(payload: dict) -> str:
-    rows = [[r["run"], r["calls"], _span(r, "median_s", "min_s", "max_s"), r["speedup_vs_no_cache"]]
-            for r in payload["rows"]]
-    return _table(["`jaxcascade segment`", "calls", "seconds, median (min-max)", "vs no cache"], rows)
+    rows = [[r["run"], r["calls"],
+             _span(r, "to_first_computation_median_s", "to_first_computation_min_s", "to_first_computation_max_s"),
+             _span(r, "median_s", "min_s", "max_s")] for r in payload["rows"]]
+    table = _table(["`jaxcascade segment`", "calls", "until stage 1 starts, s: median (min-max)",
+                    "whole command, s: median (min-max)"], rows)
+    where = f"model {payload.get('model', '?')}, subject {Path(payload.get('subject', '?')).name}"
+    baseline = f"; the baseline tree is {payload['baseline_tree']}" if payload.get("baseline_tree") else ""
+    # (its rows are the same command run from that commit's code, interleaved with this one's)
+    return table + f"\n\n{where}{baseline}."
 
 
 def render_study(payload: dict) -> str:

@@ -46,6 +46,12 @@ def segment_seconds(model: str, subject: Path, scratch: Path, cache: str, tree: 
     return float(stamp.read_text()) - started, finished - started
 
 
+def _commit(tree: Path) -> str:
+    """The baseline checkout's commit, as the results name it."""
+    done = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return f"commit {done.stdout.strip()}" if done.returncode == 0 else str(tree)
+
+
 def _row(name: str, runs: list[tuple[float, float]]) -> dict:
     first, total = [r[0] for r in runs], [r[1] for r in runs]
     return {"run": name, "calls": len(runs),
@@ -82,7 +88,7 @@ def main(argv=None):
                "to_first_computation_max_s", "median_s", "min_s", "max_s"]
     print(markdown_table(rows, columns))
     payload = {"rows": rows, "subject": str(args.subject), "model": args.model,
-               "baseline_tree": str(args.baseline_tree) if args.baseline_tree else None}
+               "baseline_tree": _commit(args.baseline_tree) if args.baseline_tree else None}
     print(f"\nwrote {write_results('startup', payload, args.out)}")
 
 
