@@ -38,6 +38,9 @@ def segment_seconds(model: str, subject: Path, scratch: Path, cache: str, tree: 
     # The probe comes from this tree; jaxcascade from `tree` (this one, or the baseline checkout).
     environ = {**os.environ, "JAXCASCADE_COMPILATION_CACHE": cache,
                "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
+    # An installed package carries its compiled bytecode (pip compiles it): a shell that forbids writing
+    # it would have every call compile jaxcascade's modules from source, which no user's install does.
+    environ.pop("PYTHONDONTWRITEBYTECODE", None)
     started = time.time()
     done = subprocess.run(command, capture_output=True, text=True, env=environ, cwd=scratch)
     if done.returncode:
