@@ -141,3 +141,7 @@ def test_a_study_compares_every_two_consecutive_sessions(trained_model, tmp_path
     assert "FLAIR" in rows[1]["message"]
     assert (out / "sub-01" / "ses-01_to_ses-02" / "change_mask.nii.gz").is_file()
     assert not (out / "sub-01" / "ses-02_to_ses-03").exists()
+    # Run again into the same folder: one line before any work, nothing rewritten.
+    before = _digest(out)
+    assert cli.main(["change", "--model", str(trained_model), "--data", str(data), "--out-dir", str(out)]) == 2
+    assert _digest(out) == before

@@ -182,6 +182,10 @@ def change_study(model: Cascade, subjects, out_dir, options: ChangeOptions = Cha
     the study goes on; its outputs go to OUT/sub-X/ses-A_to_ses-B/ and the rows to OUT/change_summary.csv.
     """
     out_dir = Path(out_dir)
+    outputs.check_output_path(out_dir, overwrite=True, is_dir=True, parents=True)
+    if (out_dir / "change_summary.csv").exists() and not overwrite:
+        raise UserError(f"{out_dir}: holds change_summary.csv of an earlier run; pass --overwrite or choose another "
+                        "--out-dir")
     rows = []
     for first, second in visit_pairs(subjects):
         folder = out_dir / first.participant_id / f"{first.session_id}_to_{second.session_id}"
