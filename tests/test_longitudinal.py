@@ -81,7 +81,8 @@ def test_the_subtraction_check_keeps_agreement_and_is_symmetric_in_time(seed, z)
 
 
 def _digest(folder: Path) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.skipif(not PATIENT01.is_dir(), reason="../shared/data/ljubljana-ms is not beside the repository")
