@@ -105,3 +105,20 @@ def test_bfloat16_segmentation_stays_within_a_hundredth_of_float32(trained_model
     difference = np.abs(maps["bfloat16"] - maps["float32"])
     assert 0 < difference.max() < 0.05, difference.max()  # it did compute in bfloat16, and closely
     assert abs(dsc["bfloat16"] - dsc["float32"]) <= 0.01, dsc
+
+
+def test_weights_that_do_not_fit_the_network_are_one_line_naming_the_file(trained_model, cohort, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(trained_model, model)
+    stored = weights.load(model, 1)
+    stored["params"]["conv1"]["kernel"] = stored["params"]["conv1"]["kernel"][..., :3]  # a narrower layer
+    weights.save(model, 1, stored)
+    subject = cohort / "held_out"
+    status = cli.main(["segment", "--model", str(model), "--input", f"T1={subject / 'T1.nii.gz'}",
+                       "--input", f"FLAIR={subject / 'FLAIR.nii.gz'}", "--out", str(tmp_path / "seg.nii.gz")])
+    error = capsys.readouterr().err.strip()
+    assert status == 2 and "\n" not in error and "stage1.npz" in error and "conv1/kernel" in error
+    assert not (tmp_path / "seg.nii.gz").exists()
+    assert np.asarray(weights.load(trained_model, 1)["params"]["conv1"]["kernel"]).shape[-1] > 3

@@ -3,7 +3,8 @@
 Arrays in, arrays out; no file writing. A `Stage` (stage.py) is one trained
 patch classifier: its graph definition, variables, patch size and dense halo.
 Build one from a network in memory (`Stage.from_network(model, variables)`) or
-from a model directory (`Stage.load(model_dir, 1)`); likewise `Cascade.load`.
+from a model directory (`Stage.load(model_dir, 1)`); a cascade from a model directory read once
+(`Cascade.from_model(storage.model_dir.open_model(path))`, which `Cascade.load` does).
 `segment_volume` chains two stages the way the seed code does; each stage
 runs through an inference kernel (`inference.py`).
 """
@@ -40,14 +41,19 @@ class Cascade:
     @classmethod
     def load(cls, model_dir, *, compute_dtype: str | None = None) -> "Cascade":
         """The cascade of a trained (or imported) model directory, computing in compute_dtype if given."""
-        config = model_dir_lib.read_model_config(model_dir)
+        return cls.from_model(model_dir_lib.open_model(model_dir), compute_dtype=compute_dtype)
+
+    @classmethod
+    def from_model(cls, model: model_dir_lib.Model, *, compute_dtype: str | None = None) -> "Cascade":
+        """The cascade of a model directory already read (`storage.model_dir.open_model`)."""
+        config = model.config.copy_and_resolve_references()
         if compute_dtype is not None:
             config.compute_dtype = compute_dtype
-        model_dir_lib.require_stages(model_dir, "is not trained yet; finish `jaxcascade train` first")
         # Before any subject: a model that needs N4 fails once here, not once per subject of a study.
         normalisation.check_settings(config)
-        return cls(config, Stage.load(model_dir, 1, config), Stage.load(model_dir, 2, config),
-                   model_dir_lib.recorded_voxel_size(model_dir))
+        stages = [Stage.from_weights(config, model.stage_weights[stage], source=(model.path, stage))
+                  for stage in (1, 2)]
+        return cls(config, *stages, model.voxel_size_mm)
 
 
 @dataclasses.dataclass

@@ -31,12 +31,22 @@ class Stage:
         return cls(graphdef, own if variables is None else variables, model.patch_size, model.dense_halo)
 
     @classmethod
-    def load(cls, model_dir, stage: int, config=None) -> "Stage":
-        """Stage 1 or 2 of a model directory (its config is read unless given)."""
-        config = config if config is not None else model_dir_lib.read_model_config(model_dir)
-        # Only the structure is needed, the weights come from disk: eval_shape traces the network's
+    def from_weights(cls, config, variables: dict, *, source: tuple | None = None) -> "Stage":
+        """The network `config` describes, holding `variables` (a stage's weights as `open_model` reads them).
+
+        source: (model directory, stage number) the weights were read from; they are then checked against
+        the network's names and shapes, and a mismatch is one line naming the weights file.
+        """
+        # Only the structure is needed, the weights are given: eval_shape traces the network's
         # initialisers without compiling or running them (0.65 s of a CLI call's start-up otherwise).
         model = nnx.eval_shape(
             lambda: models.build_network(config.model, len(config.data.modalities), 0, config.compute_dtype))
-        _, template = models.split_model(model)
-        return cls.from_network(model, jax.device_put(weights.load(model_dir, stage, template)))
+        if source is not None:
+            weights.check_against(*source, variables, models.split_model(model)[1])
+        return cls.from_network(model, jax.device_put(variables))
+
+    @classmethod
+    def load(cls, model_dir, stage: int, config=None) -> "Stage":
+        """Stage 1 or 2 of a model directory (its config is read unless given)."""
+        config = config if config is not None else model_dir_lib.read_model_config(model_dir)
+        return cls.from_weights(config, weights.load(model_dir, stage), source=(model_dir, stage))

@@ -8,11 +8,13 @@
     provenance.json           imported models only: the source files and their hashes
 
 A directory written in another format version is refused with a message
-naming both versions. Reading the weights into networks is `cascade.Stage.load`.
+naming both versions. `open_model` reads a whole model directory once, checked in one place; building
+networks around its weights is `segmentation.stage.Stage.from_weights`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -120,3 +122,27 @@ def fine_tuning_config(model_dir, overrides: list[str]):
     if changed:
         raise UserError(f"--init-from {model_dir}: {', '.join(changed)} cannot change when fine-tuning a model")
     return config
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A model directory read once: its config, both stages' weights (nested dicts of arrays) and the voxel
+    size of its training data (None where it was not recorded)."""
+
+    path: Path
+    config: object
+    stage_weights: dict  # stage number -> {'params': ..., 'batch_stats': ...}
+    voxel_size_mm: tuple | None
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.config.data.modalities)
+
+
+def open_model(model_dir) -> Model:
+    """Read and check a trained (or imported) model directory: config and format stamp, both stages' final
+    weights, the training voxel size; a UserError naming the folder for anything missing or unreadable."""
+    config = read_model_config(model_dir)
+    require_stages(model_dir, "is not trained yet; finish `jaxcascade train` first")
+    return Model(Path(model_dir), config, {stage: weights.load(model_dir, stage) for stage in (1, 2)},
+                 recorded_voxel_size(model_dir))

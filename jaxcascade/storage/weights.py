@@ -95,6 +95,11 @@ def load(model_dir, stage: int, template: dict | None = None) -> dict:
     return unflatten(flat)
 
 
+def check_against(model_dir, stage: int, stored: dict, expected: dict) -> None:
+    """A UserError naming the stage's weights file unless `stored` has `expected`'s names and shapes."""
+    _check_against(weights_file(model_dir, stage), flatten(stored), flatten(expected))
+
+
 def _check_against(path: Path, stored: dict, expected: dict) -> None:
     missing = sorted(set(expected) - set(stored))
     extra = sorted(set(stored) - set(expected))
