@@ -10,6 +10,7 @@ runs where the brain is and at the resolution it was trained at, whatever the FL
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import time
 from pathlib import Path
@@ -90,7 +91,7 @@ def working_grid(mask: nib.Nifti1Image, voxel_mm: tuple[float, float, float]) ->
         raise UserError("the brain mask is empty: give the visit's FLAIR (head or skull-stripped brain) or "
                         "--brain-mask none if the images are already masked")
     low, high = voxels.min(0) - 0.5, voxels.max(0) + 0.5
-    corners = np.array([[c[0], c[1], c[2]] for c in np.array(np.meshgrid(*zip(low, high))).T.reshape(-1, 3)])
+    corners = np.array(list(itertools.product(*zip(low, high))))  # the box's 8 corners, in voxels
     world = transforms.apply(np.asarray(mask.affine, np.float64), corners)
     start, stop = world.min(0) - GRID_MARGIN_MM, world.max(0) + GRID_MARGIN_MM
     spacing = np.asarray(voxel_mm, np.float64)
