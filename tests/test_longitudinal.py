@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -117,11 +119,42 @@ def test_real_two_visit_patient_new_and_enlarging_lesions_against_the_experts(tm
     assert _digest(out) == before
 
 
-def test_a_study_compares_every_two_consecutive_sessions(trained_model, tmp_path):
-    """Sessions paired in label order; a session without a FLAIR is its pair's error row, the others run."""
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    """Two 4 mm visits, the grid of the tests' trained model: a change run takes seconds."""
     spec = longitudinal.LongitudinalSpec(size="tiny", stable=1, enlarging=1, shrinking=0, disappearing=0, new=1,
                                          merging=0, splitting=0)
-    _, files = _written_pair(longitudinal.make_pair(5, spec), tmp_path / "pair")
+    return _written_pair(longitudinal.make_pair(5, spec), tmp_path_factory.mktemp("tiny_pair"))[1]
+
+
+def test_a_full_disk_leaves_no_output_and_a_rerun_writes_them_all(trained_model, tiny_pair, tmp_path):
+    """A 100 kB tmpfs cannot hold a run's outputs: a genuine ENOSPC is one line, exit 3, and the folder stays
+    empty (no half of the outputs that a rerun would refuse as an earlier run's); with room, the same
+    command writes every output."""
+    out = tmp_path / "out"
+    out.mkdir()
+    command = " ".join([sys.executable, "-m", "jaxcascade.cli", "change", "--model", str(trained_model),
+                        "--out-dir", str(out), "--baseline", f"T1={tiny_pair['baseline']['T1']}",
+                        "--baseline", f"FLAIR={tiny_pair['baseline']['FLAIR']}",
+                        "--followup", f"T1={tiny_pair['followup']['T1']}",
+                        "--followup", f"FLAIR={tiny_pair['followup']['FLAIR']}"])
+    script = (f"mount -t tmpfs -o size=100k tmpfs {out} && {command} 2> {tmp_path}/first.err; "
+              f"echo $? > {tmp_path}/first.rc; ls -A {out} > {tmp_path}/first.ls; "
+              f"mount -o remount,size=20m {out} && {command} 2> {tmp_path}/second.err; "
+              f"echo $? > {tmp_path}/second.rc; ls -A {out} > {tmp_path}/second.ls")
+    done = subprocess.run(["unshare", "-r", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    error = (tmp_path / "first.err").read_text().strip()
+    assert (tmp_path / "first.rc").read_text().strip() == "3", error
+    assert len(error.splitlines()) == 1 and "Traceback" not in error, error
+    assert (tmp_path / "first.ls").read_text().split() == []
+    assert (tmp_path / "second.rc").read_text().strip() == "0", (tmp_path / "second.err").read_text()
+    assert set((tmp_path / "second.ls").read_text().split()) == set(pipeline.OUTPUTS)
+
+
+def test_a_study_compares_every_two_consecutive_sessions(trained_model, tiny_pair, tmp_path):
+    """Sessions paired in label order; a session without a FLAIR is its pair's error row, the others run."""
+    files = tiny_pair
     data = tmp_path / "bids"
     (data / "dataset_description.json").parent.mkdir()
     (data / "dataset_description.json").write_text('{"Name": "pair", "BIDSVersion": "1.8.0"}')

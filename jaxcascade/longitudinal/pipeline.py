@@ -13,6 +13,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -122,9 +125,26 @@ def check_outputs(out_dir, *, overwrite: bool = False) -> None:
 
 
 def write_change(run: ChangeRun, out_dir, *, title: str = "") -> dict:
-    """Write OUTPUTS into out_dir (each file atomically); returns the summary row."""
+    """Write OUTPUTS into out_dir, all or none; returns the summary row.
+
+    Everything is written into a staging folder inside out_dir first (synced), then renamed into place:
+    a full disk or a killed process leaves out_dir as it was (and no staging folder, but for a kill),
+    never half of a run's outputs that a rerun would take for finished.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".jaxcascade-change.tmp-", dir=out_dir))
+    try:
+        summary = _write_outputs(run, staging, title)
+        for name in OUTPUTS:
+            os.replace(staging / name, out_dir / name)
+        outputs.sync_folder(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def _write_outputs(run: ChangeRun, folder: Path, title: str) -> dict:
     affine, aligned = run.aligned.grid_affine, run.aligned
     flair = aligned.flair_channel
     volumes = {"change_mask.nii.gz": (run.changes.change_mask, np.uint8),
@@ -138,17 +158,17 @@ def write_change(run: ChangeRun, out_dir, *, title: str = "") -> dict:
         image = nib.Nifti1Image(np.asarray(data).astype(dtype), affine)
         image.header.set_qform(affine, code=1)
         image.header.set_sform(affine, code=1)
-        with outputs.atomic_path(out_dir / name) as tmp:
+        with outputs.atomic_path(folder / name) as tmp:
             nib.save(image, str(tmp))
     summary = {**change.summary_row(run.changes),
                **{f"seconds_{phase.replace(' ', '_').replace('-', '')}": round(value, 3)
                   for phase, value in run.seconds.items()},
                "brain_extracted": aligned.brain_extracted}
-    _write_csv(out_dir / "changes.csv", change.table_rows(run.changes))
-    _write_csv(out_dir / "summary.csv", [summary])
+    _write_csv(folder / "changes.csv", change.table_rows(run.changes))
+    _write_csv(folder / "summary.csv", [summary])
     plots.change_overlay(aligned.baseline[flair], aligned.followup[flair], run.changes.change_mask,
-                         out_dir / "change_qc.png", title=title)
-    with outputs.atomic_path(out_dir / "followup_to_baseline.txt") as tmp:
+                         folder / "change_qc.png", title=title)
+    with outputs.atomic_path(folder / "followup_to_baseline.txt") as tmp:
         transforms.write_itk_transform(tmp, aligned.followup_to_baseline)
     return summary
 

@@ -131,6 +131,11 @@ def atomic_path(path: str | os.PathLike):
         raise
 
 
+def sync_folder(folder: str | os.PathLike) -> None:
+    """Make the renames into `folder` durable (a lost node must not forget them)."""
+    _fsync(folder, folder=True)
+
+
 def _fsync(path, folder: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
     try:
