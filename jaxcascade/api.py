@@ -220,11 +220,15 @@ def change_study(model: PathLike | None, data_dir: PathLike, out_dir: PathLike, 
                  log: Callable[[str], None] = _LOG.info) -> list[dict]:
     """`detect_changes` for every two consecutive sessions of each participant of a study (BIDS sessions, or
     folder names in the training layout, in label order); outputs under OUT/sub-X/ses-A_to_ses-B/ and one row
-    per pair in OUT/change_summary.csv (returned)."""
+    per pair in OUT/change_summary.csv (returned). bids_suffixes: {modality: BIDS suffix}; bids_filters:
+    `[MODALITY:]ENTITY=VALUE` strings, as `jaxcascade segment --bids-filter` takes them."""
     from jaxcascade.longitudinal import pipeline
 
     cascade = load_model(model or shipped.DEFAULT_MODEL)
+    from jaxcascade.data import bids_layout
+
     subjects = study.study_subjects(data_dir, cascade.config, dict(bids_suffixes or {}) or None,
-                                    participants=participants, bids_filters=bids_filters, log=log)
+                                    participants=participants, bids_filters=bids_layout.parse_filters(bids_filters),
+                                    log=log)
     return pipeline.change_study(cascade, subjects, out_dir, options or pipeline.ChangeOptions(),
                                  overwrite=overwrite, log=log)

@@ -167,7 +167,8 @@ def test_a_study_compares_every_two_consecutive_sessions(trained_model, tiny_pai
                 continue  # the third visit has no FLAIR: its pair is an error row, the first pair still runs
             (anat / f"sub-01_ses-{session}_{suffixes[name]}.nii.gz").write_bytes(Path(path).read_bytes())
     out = tmp_path / "out"
-    assert cli.main(["change", "--model", str(trained_model), "--data", str(data), "--out-dir", str(out)]) == 1
+    assert cli.main(["change", "--model", str(trained_model), "--data", str(data), "--out-dir", str(out),
+                     "--participant-label", "01", "--bids-filter", "FLAIR:acq=none"]) == 1
     with open(out / "change_summary.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     assert [(r["baseline_session"], r["followup_session"], r["status"]) for r in rows] == [

@@ -26,6 +26,10 @@ def add_change(commands) -> None:
     p.add_argument("--data", metavar="DIR", help="a study (BIDS sessions): every two consecutive sessions")
     p.add_argument("--participant-label", nargs="+", action="extend", metavar="LABEL",
                    help="with --data: only these participants (01 or sub-01)")
+    p.add_argument("--bids-suffix", action="append", metavar="NAME=SUFFIX",
+                   help="with --data: BIDS suffix of a sequence (defaults T1=T1w, FLAIR=FLAIR, T2=T2w, PD=PDw)")
+    p.add_argument("--bids-filter", action="append", metavar="[MODALITY:]ENTITY=VALUE",
+                   help="with --data: keep images with this entity where a session has several (as segment's)")
     p.add_argument("--out-dir", metavar="OUT", required=True,
                    help="change_mask, new_and_enlarging, both visits' masks, changes.csv, summary.csv, QC picture")
     p.add_argument("--brain-mask", choices=("auto", "extract", "none"), default="auto",
@@ -50,13 +54,21 @@ def cmd_change(args, _overrides) -> None:
         alignment=AlignmentOptions(brain_mask=args.brain_mask, match_intensities=not args.no_intensity_matching),
         criteria=ChangeCriteria(min_relative_growth=args.min_growth_percent / 100),
         difference_z=args.difference_z)
+    if not args.data and (args.participant_label or args.bids_suffix or args.bids_filter):
+        raise UserError("jaxcascade change: --participant-label, --bids-suffix and --bids-filter apply to a study "
+                        "(--data DIR)")
     if args.data:
         if args.baseline or args.followup:
             raise UserError("jaxcascade change: --data pairs a study's sessions itself; leave out --baseline/--followup")
         from jaxcascade import api
 
+        from jaxcascade.data import bids_layout
+
         rows = api.change_study(args.model, args.data, args.out_dir, options=options,
-                                participants=args.participant_label, overwrite=args.overwrite, log=log)
+                                participants=bids_layout.participant_labels(args.participant_label),
+                                bids_suffixes=bids_layout.parse_suffixes(args.bids_suffix),
+                                bids_filters=args.bids_filter, overwrite=args.overwrite,
+                                log=log)
         failed = sum(row["status"] != "ok" for row in rows)
         log(f"{args.out_dir}: {len(rows) - failed} of {len(rows)} visit pairs compared (change_summary.csv)")
         return EXIT_SUBJECTS_FAILED if failed else None
