@@ -104,9 +104,9 @@ def detect_changes(model: Cascade, baseline: visits.Visit, followup: visits.Visi
         results[key] = segment_images(model, images, brain_mask=aligned.brain_mask, resample="never")
     seconds["segment both visits"] = time.perf_counter() - started
     started = time.perf_counter()
-    flair = aligned.flair_channel
+    channel = aligned.flair_channel
     baseline_mask, followup_mask = confirmed_masks(
-        results["baseline"].mask, results["followup"].mask, aligned.baseline[flair], aligned.followup[flair],
+        results["baseline"].mask, results["followup"].mask, aligned.baseline[channel], aligned.followup[channel],
         aligned.brain_mask, options.difference_z)
     changes = change.classify_changes(baseline_mask, followup_mask, aligned.grid_affine, options.criteria)
     seconds["match lesions"] = time.perf_counter() - started
