@@ -10,9 +10,7 @@ grid. The outputs, their names and codes are listed in OUTPUTS and in docs/longi
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import os
 import shutil
 import tempfile
@@ -28,6 +26,7 @@ from jaxcascade.registration import transforms
 from jaxcascade.runtime import outputs
 from jaxcascade.segmentation.cascade import Cascade, Segmentation
 from jaxcascade.segmentation.files import segment_images
+from jaxcascade.segmentation.study_report import csv_text
 from jaxcascade.data.normalisation import flair_channel
 from jaxcascade.errors import UserError
 
@@ -174,12 +173,8 @@ def _write_outputs(run: ChangeRun, folder: Path, title: str) -> dict:
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    text = io.StringIO()
-    columns = list(rows[0]) if rows else ["group"]
-    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    outputs.write_text(text.getvalue(), path)
+    columns = tuple(dict.fromkeys(key for row in rows for key in row)) or ("group",)
+    outputs.write_text(csv_text(rows, columns), path)
 
 
 def visit_pairs(subjects) -> list[tuple]:
@@ -227,7 +222,6 @@ def change_study(model: Cascade, subjects, out_dir, options: ChangeOptions = Cha
         rows.append(row)
     if not rows:
         raise UserError(f"{out_dir}: no participant has two sessions with the model's sequences; nothing to compare")
-    columns = list(dict.fromkeys(key for row in rows for key in row))
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_csv(out_dir / "change_summary.csv", [{c: row.get(c, "") for c in columns} for row in rows])
+    _write_csv(out_dir / "change_summary.csv", rows)
     return rows
