@@ -25,7 +25,7 @@ import jaxcascade
 from jaxcascade.data import bids_layout, nifti
 from jaxcascade.storage import weights
 from jaxcascade import config as config_lib, phantom
-from jaxcascade.segmentation import files, postprocess
+from jaxcascade.segmentation import images as segment_in_memory, postprocess
 from jaxcascade.evaluation import metrics
 from jaxcascade.training.history import read_history
 from jaxcascade.segmentation.cascade import Cascade
@@ -240,7 +240,7 @@ def score_subject(model: Cascade, subject_dir: Path, segmentation_path: Path) ->
     """{"cascade": metrics, "stage1": metrics} of one subject; writes the cascade's mask."""
     config = model.config
     images, truth = load_subject(subject_dir, config.data, model.modalities)
-    result = files.segment_images(model, images)
+    result = segment_in_memory.segment_images(model, images)
     voxel_ml = images[0].voxel_volume_ml
     stage1_mask = stage1_alone_mask(result.stage1_probability, InferenceOptions.from_config(config), voxel_ml)
     nifti.save_like(result.mask, images[model.modalities.index(config.data.flair)], segmentation_path)

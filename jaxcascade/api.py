@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
 
 from jaxcascade import config as config_lib
-from jaxcascade.segmentation import files, study
+from jaxcascade.segmentation import nifti_files, study
+from jaxcascade.segmentation.options import SegmentOptions, StudyOptions
 from jaxcascade.evaluation import metrics
 from jaxcascade.storage import model_dir as model_dir_lib, shipped
 from jaxcascade.data import nifti
@@ -93,9 +92,9 @@ def segment(model: Cascade | PathLike | None, inputs: Mapping[str, PathLike | ni
             warn: Callable[[str], None] = warn_user, progress: Callable | None = None) -> Segmentation:
     """Segment one subject: its sequences by modality name, as NIfTI paths or nibabel images.
 
-    Every input and output is checked before any work, as the command line checks them (in-memory images
-    are written to a temporary folder and read back through the same checks). The mask is on the FLAIR's
-    own voxel grid.
+    Every input and output is checked before any work, as the command line checks them (an image in memory
+    passes exactly the checks its saved file would, and is left as it is). The mask is on the FLAIR's own
+    voxel grid.
 
     Args:
         model: a `Cascade` (from `load_model` or `train`), a model directory, a shipped model's name, or
@@ -116,25 +115,19 @@ def segment(model: Cascade | PathLike | None, inputs: Mapping[str, PathLike | ni
         file's own voxel grid and axis order, the arrays written to `out` and `probabilities` (so they
         compare with arrays read from the subject's files as they are stored), and the candidate counts.
     """
-    with tempfile.TemporaryDirectory(prefix="jaxcascade-inputs-") as folder:
-        paths = {}
-        for name, value in inputs.items():
-            if isinstance(value, nib.Nifti1Image):
-                paths[name] = Path(folder) / f"{name}.nii.gz"
-                nib.save(value, str(paths[name]))
-            elif isinstance(value, (str, os.PathLike)):
-                paths[name] = value
-            else:
-                raise UserError(f"input {name}: give a NIfTI path or a nibabel.Nifti1Image, not {type(value).__name__}")
-        return files.segment_files(
-            model, paths, out, probabilities_dir=probabilities, threshold=threshold,
-            min_lesion_voxels=min_lesion_voxels, min_lesion_volume_mm3=min_lesion_volume_mm3, method=method,
-            compute_dtype=compute_dtype, tta=tta, brain_mask=brain_mask, resample=resample, overwrite=overwrite,
-            progress=progress, warn=warn)
+    options = SegmentOptions(threshold=threshold, min_lesion_voxels=min_lesion_voxels,
+                             min_lesion_volume_mm3=min_lesion_volume_mm3, method=method, tta=tta, resample=resample)
+    return nifti_files.segment_files(model, dict(inputs), out, options=options, probabilities_dir=probabilities,
+                                     brain_mask=brain_mask, compute_dtype=compute_dtype, overwrite=overwrite,
+                                     progress=progress, warn=warn)
 
 
 def segment_study(model: PathLike | None, data_dir: PathLike, out_dir: PathLike, *, probabilities: bool = False,
-                  overwrite: bool = False, **options) -> list[dict]:
+                  overwrite: bool = False, compute_dtype: str | None = None, tta: bool | None = None,
+                  resample: str = "auto", min_lesion_volume_mm3: float | None = None,
+                  participants: Sequence[str] | None = None, bids_suffixes: Mapping[str, str] | None = None,
+                  bids_filters: Sequence[str] = (), shard: tuple[int, int] | str | None = None,
+                  log: Callable[[str], None] = _LOG.info, progress: Callable | None = None) -> list[dict]:
     """Segment every subject (or BIDS session) of data_dir into out_dir, the model compiled once.
 
     Args:
@@ -144,14 +137,29 @@ def segment_study(model: PathLike | None, data_dir: PathLike, out_dir: PathLike,
             (a BIDS derivatives dataset when data_dir is BIDS). Rerunning skips finished subjects.
         probabilities: also write both stages' probability maps.
         overwrite: redo subjects already finished.
-        options: as `jaxcascade.segmentation.study.segment_study` (compute_dtype, bids_suffixes, tta, resample,
-            min_lesion_volume_mm3, shard, log, progress).
+        compute_dtype, tta, resample, min_lesion_volume_mm3: as `segment`'s.
+        participants: labels (`01` or `sub-01`; folder names in the training layout) to segment; all if None.
+        bids_suffixes: {modality: BIDS suffix} where not the defaults (T1 -> T1w, FLAIR -> FLAIR, ...).
+        bids_filters: `[MODALITY:]ENTITY=VALUE` strings, e.g. `FLAIR:acq=3d`, `run=1`.
+        shard: (i, n) or 'i/n' or 'slurm': this process segments subjects i, i + n, ... (see docs/studies.md).
+        log: called with one line per subject; progress: wraps iterables for a progress bar.
 
     Returns:
         One row per subject (the rows of `lesions.csv`): status, lesion count and volume, and the
         scores where a lesion mask exists.
     """
-    return study.segment_study(model, data_dir, out_dir, probabilities=probabilities, overwrite=overwrite, **options)
+    from jaxcascade.data import bids_layout
+
+    if isinstance(shard, str) or shard is None:
+        shard = study.parse_shard(shard)
+    options = StudyOptions(
+        segment=SegmentOptions(tta=tta, resample=resample, min_lesion_volume_mm3=min_lesion_volume_mm3),
+        probabilities=probabilities, overwrite=overwrite, compute_dtype=compute_dtype,
+        bids_suffixes=dict(bids_suffixes) if bids_suffixes else None,
+        bids_filters=bids_layout.parse_filters(bids_filters),
+        participants=None if participants is None else bids_layout.participant_labels(participants),
+        shard=tuple(shard))
+    return study.segment_study(model, data_dir, out_dir, options, log=log, progress=progress)
 
 
 def evaluate(prediction: PathLike | np.ndarray, truth: PathLike | np.ndarray, *,

@@ -42,8 +42,8 @@ def _options(**values):
     return inference.InferenceOptions(batch_size=512, **values)
 
 
-def test_both_kernels_are_registered_under_one_interface():
-    assert set(inference.KERNELS) == {"dense", "patch"} and inference.INFERENCE_METHODS[0] == "auto"
+def test_both_methods_are_registered_under_one_interface():
+    assert set(inference.CLASSIFIERS) == {"dense", "patch"} and inference.METHODS[0] == "auto"
 
 
 @pytest.mark.parametrize("network", DENSE_NETWORKS)

@@ -231,12 +231,12 @@ def test_a_subject_that_runs_out_of_memory_ends_in_one_line_and_exit_3(trained_m
     """Single-subject segment: a MemoryError or XLA's RESOURCE_EXHAUSTED was a traceback (a study already
     stopped with one line)."""
     from jaxcascade import cli
-    from jaxcascade.segmentation import files
+    from jaxcascade.segmentation import nifti_files
 
     def exhausted(*args, **kwargs):
         raise fault()
 
-    monkeypatch.setattr(files, "segment_images", exhausted)
+    monkeypatch.setattr(nifti_files, "segment_images", exhausted)
     out = tmp_path / "seg.nii.gz"
     argv = ["segment", "--model", str(trained_model), "--input", f"T1={cohort / 'held_out' / 'T1.nii.gz'}",
             "--input", f"FLAIR={cohort / 'held_out' / 'FLAIR.nii.gz'}", "--out", str(out)]
@@ -248,12 +248,12 @@ def test_a_subject_that_runs_out_of_memory_ends_in_one_line_and_exit_3(trained_m
 
 def test_any_other_error_still_shows_its_traceback(trained_model, cohort, tmp_path, monkeypatch):
     from jaxcascade import cli
-    from jaxcascade.segmentation import files
+    from jaxcascade.segmentation import nifti_files
 
     def bug(*args, **kwargs):
         raise RuntimeError("INTERNAL: a bug")
 
-    monkeypatch.setattr(files, "segment_images", bug)
+    monkeypatch.setattr(nifti_files, "segment_images", bug)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["segment", "--model", str(trained_model), "--input", f"T1={cohort / 'held_out' / 'T1.nii.gz'}",
                   "--input", f"FLAIR={cohort / 'held_out' / 'FLAIR.nii.gz'}", "--out", str(tmp_path / "s.nii.gz")])

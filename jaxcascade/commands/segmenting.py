@@ -101,13 +101,11 @@ def _segment_study(args) -> int:
 
     note_without_kernels()
     rows = api.segment_study(args.model, args.data, args.out_dir, probabilities=args.probabilities is not None,
-                               overwrite=args.overwrite, compute_dtype=args.compute_dtype,
-                               bids_suffixes=bids_layout.parse_suffixes(args.bids_suffix),
-                               shard=study.parse_shard(args.shard), tta=args.tta or None,
-                               participants=bids_layout.participant_labels(args.participant_label),
-                               bids_filters=bids_layout.parse_filters(args.bids_filter),
-                               resample=args.resample, min_lesion_volume_mm3=args.min_lesion_volume, log=log,
-                               progress=progress)
+                             overwrite=args.overwrite, compute_dtype=args.compute_dtype,
+                             bids_suffixes=bids_layout.parse_suffixes(args.bids_suffix), shard=args.shard,
+                             tta=args.tta or None, participants=args.participant_label,
+                             bids_filters=args.bids_filter, resample=args.resample,
+                             min_lesion_volume_mm3=args.min_lesion_volume, log=log, progress=progress)
     # Rows marked resumed were finished earlier, or belong to another shard: only this run's failures
     # decide its exit status (a SLURM array task fails for its own subjects).
     this_run = [row for row in rows if not row.get("resumed")]

@@ -97,9 +97,20 @@ def _reorientation(affine: np.ndarray, orientation: str, inverse: bool = False):
     return None if np.array_equal(transform, identity) else transform
 
 
-def load_image(path: str | os.PathLike, *, allow_all_zero: bool = False, orientation: str = "RAS") -> Image:
-    """Read a 3D NIfTI image (a 4D one with a trailing singleton axis is accepted) into `orientation`."""
-    path = Path(path)
+def load_image(source: str | os.PathLike | nib.Nifti1Image, *, allow_all_zero: bool = False,
+               orientation: str = "RAS", name: str = "image") -> Image:
+    """Read a 3D NIfTI image (a 4D one with a trailing singleton axis is accepted) into `orientation`.
+
+    source: a file, or a nibabel image in memory (read as its saved bytes would be, so it passes exactly a
+    file's checks; the caller's object is left as it is). name: what messages call an image in memory
+    without a file name ('<FLAIR in memory>').
+    """
+    if isinstance(source, (nib.Nifti1Image, nib.Nifti2Image)):
+        path = Path(source.get_filename() or f"<{name} in memory>")
+        nifti = type(source).from_bytes(source.to_bytes())
+        with np.errstate(over="ignore", invalid="ignore"):
+            return _checked(path, nifti, np.asarray(nifti.dataobj, dtype=np.float32), allow_all_zero, orientation)
+    path = Path(source)
     if not path.exists() and path.is_symlink():
         raise UserError(f"{path}: a broken symbolic link (content not fetched? for DataLad or git-annex: "
                         "datalad get / git annex get)")
@@ -114,6 +125,11 @@ def load_image(path: str | os.PathLike, *, allow_all_zero: bool = False, orienta
         if inflated is None:
             raise
         nifti, data = _read(path, None)  # whatever is wrong is said as the file itself shows it
+    return _checked(path, nifti, data, allow_all_zero, orientation)
+
+
+def _checked(path: Path, nifti, data: np.ndarray, allow_all_zero: bool, orientation: str) -> Image:
+    """The image of nifti (its float32 data given), refused in one line naming path where it cannot be used."""
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -379,9 +395,10 @@ def looks_skull_stripped(data: np.ndarray) -> bool:
     return sum(float(np.mean(face != 0)) > 0.05 for face in faces) < 4
 
 
-def load_sequences(inputs: dict[str, str], modalities: tuple[str, ...], source: str = "the model", *,
+def load_sequences(inputs: dict, modalities: tuple[str, ...], source: str = "the model", *,
                    orientation: str = "RAS", reference: str | None = None) -> list[Image]:
-    """Load the named sequences in the model's channel order into `orientation`, all on one grid.
+    """Load the named sequences (files or nibabel images, by modality) in the model's channel order into
+    `orientation`, all on one grid.
 
     The grid is the `reference` modality's (the FLAIR's, as callers pass it; default the first):
     the others are resampled onto it where their grids differ (`on_grid_of`).
@@ -398,14 +415,21 @@ def load_sequences(inputs: dict[str, str], modalities: tuple[str, ...], source: 
             f"inputs {', '.join(inputs) or 'none'} do not match {source}'s modalities "
             f"{', '.join(modalities)} ({'; '.join(problems)})"
         )
-    images = [load_image(inputs[m], orientation=orientation) for m in modalities]
+    for modality, value in inputs.items():
+        if not isinstance(value, (str, os.PathLike, nib.Nifti1Image, nib.Nifti2Image)):
+            raise UserError(f"input {modality}: give a NIfTI path or a nibabel.Nifti1Image, not {type(value).__name__}")
+    images = [load_image(inputs[m], orientation=orientation, name=m) for m in modalities]
     grid = images[modalities.index(reference) if reference in modalities else 0]
     return [on_grid_of(image, grid) for image in images]
 
 
 def save_like(data: np.ndarray, like: Image, path: str | os.PathLike, dtype=np.uint8) -> None:
     """Write `data` (on like's processing grid) on like's file grid, with its header, qform and sform."""
-    data = like.to_file_grid(data)
+    save_on_file_grid(like.to_file_grid(data), like, path, dtype)
+
+
+def save_on_file_grid(data: np.ndarray, like: Image, path: str | os.PathLike, dtype=np.uint8) -> None:
+    """Write `data`, already on like's file grid (`Image.to_file_grid`), with like's header, qform and sform."""
     reference = like.nifti
     header = reference.header.copy()
     header.set_data_dtype(dtype)

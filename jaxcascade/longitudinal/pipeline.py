@@ -25,7 +25,8 @@ from jaxcascade.longitudinal import visits
 from jaxcascade.registration import transforms
 from jaxcascade.runtime import outputs
 from jaxcascade.segmentation.cascade import Cascade, Segmentation
-from jaxcascade.segmentation.files import segment_images
+from jaxcascade.segmentation.images import segment_images
+from jaxcascade.segmentation.options import SegmentOptions
 from jaxcascade.segmentation.study_report import csv_text
 from jaxcascade.data.normalisation import flair_channel
 from jaxcascade.errors import UserError
@@ -100,7 +101,7 @@ def detect_changes(model: Cascade, baseline: visits.Visit, followup: visits.Visi
     results = {}
     for key, channels in (("baseline", aligned.baseline), ("followup", aligned.followup)):
         images = visits.as_images(channels, aligned.grid_affine, modalities, key)
-        results[key] = segment_images(model, images, brain_mask=aligned.brain_mask, resample="never")
+        results[key] = segment_images(model, images, SegmentOptions(resample="never"), brain_mask=aligned.brain_mask)
     seconds["segment both visits"] = time.perf_counter() - started
     started = time.perf_counter()
     channel = aligned.flair_channel

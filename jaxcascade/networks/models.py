@@ -205,6 +205,15 @@ def build_network(model_config, in_channels: int, seed: int, compute_dtype: str 
     return NETWORKS[model_config.network].build(in_channels, model_config, nnx.Rngs(params=seed), compute_dtype)
 
 
+def variables_template(config) -> dict:
+    """The variables (names, shapes, dtypes; no values) of the network a whole config describes, as
+    `split_model` gives them: what a stage's stored weights must match. eval_shape traces the initialisers
+    without running them."""
+    network = nnx.eval_shape(
+        lambda: build_network(config.model, len(config.data.modalities), 0, config.compute_dtype))
+    return split_model(network)[1]
+
+
 def count_parameters(module: nnx.Module) -> int:
     """Trainable parameters (BatchNorm running statistics are not counted)."""
     return sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(module, nnx.Param)))

@@ -2,11 +2,10 @@
 
 Arrays in, arrays out; no file writing. A `Stage` (stage.py) is one trained
 patch classifier: its graph definition, variables, patch size and dense halo.
-Build one from a network in memory (`Stage.from_network(model, variables)`) or
-from a model directory (`Stage.load(model_dir, 1)`); a cascade from a model directory read once
-(`Cascade.from_model(storage.model_dir.open_model(path))`, which `Cascade.load` does).
+Build one from a network in memory (`Stage.from_network(model, variables)`); a cascade from a model
+directory read once (`Cascade.from_model(storage.model_dir.open_model(path))`, which `Cascade.load` does).
 `segment_volume` chains two stages the way the seed code does; each stage
-runs through an inference kernel (`inference.py`).
+runs through an inference method (`inference.py`), both chosen before either runs.
 """
 
 from __future__ import annotations
@@ -21,6 +20,8 @@ from jaxcascade.segmentation import inference, postprocess
 from jaxcascade.storage import model_dir as model_dir_lib
 from jaxcascade.data import normalisation
 from jaxcascade.data.normalisation import candidate_mask
+from jaxcascade.runtime import distributed
+from jaxcascade.segmentation.options import InferenceOptions
 from jaxcascade.segmentation.stage import Stage
 from jaxcascade.errors import UserError
 
@@ -33,10 +34,12 @@ class Cascade:
     stage1: Stage
     stage2: Stage
     voxel_size_mm: tuple | None = None  # of its training data's FLAIR; None: unknown (never resample)
+    modalities: tuple[str, ...] = dataclasses.field(init=False)  # its input channels, in order
+    flair_channel: int = dataclasses.field(init=False)  # the FLAIR's index among them
 
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return tuple(self.config.data.modalities)
+    def __post_init__(self):
+        self.modalities = tuple(self.config.data.modalities)
+        self.flair_channel = self.modalities.index(self.config.data.flair)
 
     @classmethod
     def load(cls, model_dir, *, compute_dtype: str | None = None) -> "Cascade":
@@ -51,9 +54,9 @@ class Cascade:
             config.compute_dtype = compute_dtype
         # Before any subject: a model that needs N4 fails once here, not once per subject of a study.
         normalisation.check_settings(config)
-        stages = [Stage.from_weights(config, model.stage_weights[stage], source=(model.path, stage))
-                  for stage in (1, 2)]
-        return cls(config, *stages, model.voxel_size_mm)
+        placed = distributed.put_local_replicated(model.stage_weights)  # both stages' weights, copied once
+        return cls(config, Stage.from_weights(config, placed[1]), Stage.from_weights(config, placed[2]),
+                   model.voxel_size_mm)
 
 
 @dataclasses.dataclass
@@ -72,9 +75,10 @@ class Segmentation:
 FLIPS = tuple(tuple(axis for axis in range(3) if code >> axis & 1) for code in range(8))
 
 
-def classify_flipped(stage: Stage, volume: np.ndarray, mask: np.ndarray, options: inference.InferenceOptions,
-                     progress: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation over FLIPS of the stage's probability on mask (0 elsewhere).
+def classify_flipped(classify: Callable, stage: Stage, volume: np.ndarray, mask: np.ndarray,
+                     options: InferenceOptions, progress: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation over FLIPS of the stage's probability on mask (0 elsewhere), each flip
+    through `classify` (an inference method's classifier, `inference.classifier`).
 
     Each flip classifies the flipped volume and is flipped back, so every voxel is averaged over eight
     views of its neighbourhood; the networks are not flip-invariant, which is what makes the views differ.
@@ -82,8 +86,8 @@ def classify_flipped(stage: Stage, volume: np.ndarray, mask: np.ndarray, options
     views = []
     for axes in FLIPS:
         flipped = np.flip(volume, axes) if axes else volume
-        probability = inference.classify(stage, np.ascontiguousarray(flipped),
-                                         np.flip(mask, axes) if axes else mask, options, progress)
+        probability = classify(stage, np.ascontiguousarray(flipped), np.flip(mask, axes) if axes else mask,
+                               options, progress)
         views.append(np.flip(probability, axes) if axes else probability)
     stack = np.stack(views)
     return stack.mean(axis=0) * mask, stack.std(axis=0) * mask
@@ -94,7 +98,7 @@ def segment_volume(
     stage2: Stage,
     volume: np.ndarray,
     flair_channel: int,
-    options: inference.InferenceOptions,
+    options: InferenceOptions,
     *,
     voxel_volume_ml: float = 1e-3,
     progress: Callable | None = None,
@@ -108,6 +112,8 @@ def segment_volume(
     options.tta both stages average their probabilities over the eight axis flips.
     """
     clock = PhaseClock()
+    # Both methods resolved first: a method a stage cannot run is refused before any computing.
+    classify1, classify2 = inference.classifier(stage1, options.method), inference.classifier(stage2, options.method)
     candidates = candidate_mask(volume[..., flair_channel], options.min_th)
     if not candidates.any():
         raise UserError(
@@ -117,16 +123,16 @@ def segment_volume(
     wrap = (lambda it: progress(it, "stage 1")) if progress else None
     stage2_std = None
     if options.tta:
-        stage1_probability, _ = classify_flipped(stage1, volume, candidates, options, wrap)
+        stage1_probability, _ = classify_flipped(classify1, stage1, volume, candidates, options, wrap)
     else:
-        stage1_probability = inference.classify(stage1, volume, candidates, options, wrap)
+        stage1_probability = classify1(stage1, volume, candidates, options, wrap)
     clock.lap("stage1")
     stage2_candidates = stage1_probability > options.stage2_min_probability
     wrap = (lambda it: progress(it, "stage 2")) if progress else None
     if options.tta:
-        stage2_probability, stage2_std = classify_flipped(stage2, volume, stage2_candidates, options, wrap)
+        stage2_probability, stage2_std = classify_flipped(classify2, stage2, volume, stage2_candidates, options, wrap)
     else:
-        stage2_probability = inference.classify(stage2, volume, stage2_candidates, options, wrap)
+        stage2_probability = classify2(stage2, volume, stage2_candidates, options, wrap)
     clock.lap("stage2")
     mask = postprocess.binarise(stage2_probability, options.threshold)
     mask = postprocess.remove_small_lesions(mask, options.min_lesion_voxels, options.connectivity)

@@ -1,4 +1,4 @@
-"""The dense inference kernel: exact whole-volume inference, tiled so memory stays bounded.
+"""The dense inference method: exact whole-volume inference, tiled so memory stays bounded.
 
 Patch-wise inference recomputes the same convolutions for every overlapping
 patch (the first convolution of the default network is shared by 9^3 = 729
@@ -24,7 +24,7 @@ from jaxcascade.data import patches as patches_lib
 
 if TYPE_CHECKING:
     from jaxcascade.segmentation.stage import Stage
-    from jaxcascade.segmentation.inference_options import InferenceOptions
+    from jaxcascade.segmentation.options import InferenceOptions
 
 
 def tile_geometry(shape: tuple[int, int, int], tile_size: int, halo: int, patch_size: int):
@@ -125,7 +125,7 @@ def classify_dense(stage: Stage, volume: np.ndarray, mask: np.ndarray, options: 
                    progress: Callable | None = None) -> np.ndarray:
     """Lesion probability at every voxel of mask (0 elsewhere), equal to the patch-wise result.
 
-    The inference kernel interface (see `inference.py`); options.tile_size
+    The inference methods' classifier interface (see `inference.py`); options.tile_size
     and options.tiles_per_batch set the blocks. Peak memory grows with
     tiles_per_batch * (tile_size + halo)^3 times the widest layer (64
     channels; x9 or x27 for the taps where the GEMM formulations run instead
@@ -147,7 +147,7 @@ def classify_dense(stage: Stage, volume: np.ndarray, mask: np.ndarray, options: 
     # Reads stay inside the tiles, so the bucket's extra zeros are never seen.
     padded = patches_lib.put_padded(volume, pad)
     padded_mask = patches_lib.put_padded(np.asarray(mask, bool)[..., None], pad)
-    variables = distributed.put_local_replicated(stage.variables)
+    variables = stage.variables  # on this process's devices since the stage was built (`Stage`)
     blocks, placed = [], []
     for group, starts in group_blocks(origins, tile_size):
         predict = make_tile_predictor(stage.graphdef, tile_size, halo, stage.patch_size // 2, group)

@@ -1,14 +1,14 @@
-"""Inference kernels: a stage's lesion probability at the voxels of a mask, all with one call signature.
+"""Inference methods: a stage's lesion probability at the voxels of a mask, all with one call signature.
 
-A kernel is `kernel(stage, volume, mask, options, progress=None) -> probability`:
+A method's classifier is `classify(stage, volume, mask, options, progress=None) -> probability`:
 stage a `stage.Stage`, volume a normalised (D, H, W, C) array, mask a bool
 (D, H, W) array, options `InferenceOptions`; it returns float32 (D, H, W),
-0 outside the mask. `classify` picks one by `options.method`:
+0 outside the mask. `classifier(stage, method)` picks one by name (`options.METHODS`):
     'patch'  `classify_patchwise` below: one 11^3 patch per voxel, any network;
     'dense'  `dense.classify_dense`: the whole volume at once, exact, only for
              networks with a dense form (`stage.dense_halo` is not None);
     'auto'   dense where exact, else patch.
-A new kernel is a function of that signature added to KERNELS.
+A new method is a function of that signature added to CLASSIFIERS (and its name to `options.METHODS`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from jaxcascade.segmentation import dense
 from jaxcascade.runtime import distributed
 from jaxcascade.data import patches as patches_lib
 from jaxcascade.errors import UserError
-from jaxcascade.segmentation.inference_options import InferenceOptions  # noqa: F401 (its home for callers)
+from jaxcascade.segmentation.options import METHODS, InferenceOptions
 
 if TYPE_CHECKING:
     from jaxcascade.segmentation.stage import Stage
@@ -63,32 +63,36 @@ def classify_patchwise(stage: Stage, volume: np.ndarray, mask: np.ndarray, optio
     predict_at = make_centre_predictor(stage.graphdef, stage.patch_size)
     half = stage.patch_size // 2
     padded = patches_lib.put_padded(volume, [(half, half)] * 3)
-    variables = distributed.put_local_replicated(stage.variables)
-    values = distributed.map_batches(lambda chunk: predict_at(variables, padded, chunk), centres,
+    values = distributed.map_batches(lambda chunk: predict_at(stage.variables, padded, chunk), centres,
                                      options.batch_size, progress)
     probability[tuple(centres.T)] = values
     return probability
 
 
-KERNELS: dict[str, Callable] = {"dense": dense.classify_dense, "patch": classify_patchwise}
-INFERENCE_METHODS = ("auto", *KERNELS)
+CLASSIFIERS: dict[str, Callable] = {"dense": dense.classify_dense, "patch": classify_patchwise}
+assert set(METHODS) == {"auto", *CLASSIFIERS}
 
 
 def resolve_method(stage: Stage, method: str) -> str:
-    """The kernel `method` names for this stage ('auto' resolved); UserError where it cannot run."""
-    if method not in INFERENCE_METHODS:
-        raise UserError(f"--inference {method}: unknown method; use one of {', '.join(INFERENCE_METHODS)}")
+    """The method `method` names for this stage ('auto' resolved); UserError where it cannot run."""
+    if method not in METHODS:
+        raise UserError(f"method={method!r}: unknown method; use one of {', '.join(map(repr, METHODS))}")
     if method == "auto":
         return "dense" if stage.dense_halo is not None else "patch"
     if method == "dense" and stage.dense_halo is None:
         raise UserError(
-            "--inference dense: this network has no exact dense form (SAME padding inside the patch or "
-            "per-position parameters); use --inference patch or auto"
+            "method='dense': this network has no exact dense form (SAME padding inside the patch or "
+            "per-position parameters); use method='patch' or 'auto'"
         )
     return method
 
 
+def classifier(stage: Stage, method: str) -> Callable:
+    """The classifier of the method `method` resolves to for this stage (UserError where it cannot run)."""
+    return CLASSIFIERS[resolve_method(stage, method)]
+
+
 def classify(stage: Stage, volume: np.ndarray, mask: np.ndarray, options: InferenceOptions,
              progress: Callable | None = None) -> np.ndarray:
-    """Lesion probability on mask (0 elsewhere) by the kernel options.method resolves to."""
-    return KERNELS[resolve_method(stage, options.method)](stage, volume, mask, options, progress)
+    """Lesion probability on mask (0 elsewhere) by the method options.method resolves to."""
+    return classifier(stage, options.method)(stage, volume, mask, options, progress)

@@ -1,6 +1,6 @@
-"""`Stage`: one trained patch classifier, as the inference kernels take it.
+"""`Stage`: one trained patch classifier, as the inference methods take it.
 
-Its own module, below the cascade and the inference kernels that both use it,
+Its own module, below the cascade and the inference methods that both use it,
 so neither has to import the other to name it.
 """
 
@@ -11,13 +11,16 @@ import dataclasses
 import jax
 from flax import nnx
 
-from jaxcascade.storage import model_dir as model_dir_lib, weights
 from jaxcascade.networks import models
+from jaxcascade.runtime import distributed
+from jaxcascade.storage import weights
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """One trained patch classifier; dense_halo is None where it has no exact dense form."""
+    """One trained patch classifier; dense_halo is None where it has no exact dense form. Its variables are
+    on this process's devices (`from_network`, `load`, `Cascade.from_model` put them there once), so that
+    no classification copies them again."""
 
     graphdef: object
     variables: dict
@@ -28,25 +31,24 @@ class Stage:
     def from_network(cls, model: nnx.Module, variables: dict | None = None) -> "Stage":
         """A stage of a network in memory, with its own variables or the given ones (same structure)."""
         graphdef, own = models.split_model(model)
-        return cls(graphdef, own if variables is None else variables, model.patch_size, model.dense_halo)
+        variables = own if variables is None else variables
+        # An abstract network (`nnx.eval_shape`: shapes, no values) has nothing to place.
+        if not any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(variables)):
+            variables = distributed.put_local_replicated(variables)
+        return cls(graphdef, variables, model.patch_size, model.dense_halo)
 
     @classmethod
-    def from_weights(cls, config, variables: dict, *, source: tuple | None = None) -> "Stage":
-        """The network `config` describes, holding `variables` (a stage's weights as `open_model` reads them).
-
-        source: (model directory, stage number) the weights were read from; they are then checked against
-        the network's names and shapes, and a mismatch is one line naming the weights file.
-        """
+    def from_weights(cls, config, variables: dict) -> "Stage":
+        """The network `config` describes, holding `variables` as given (a stage's weights as `open_model`
+        read and checked them, already on the devices where `Cascade.from_model` builds the stage)."""
         # Only the structure is needed, the weights are given: eval_shape traces the network's
         # initialisers without compiling or running them (0.65 s of a CLI call's start-up otherwise).
         model = nnx.eval_shape(
             lambda: models.build_network(config.model, len(config.data.modalities), 0, config.compute_dtype))
-        if source is not None:
-            weights.check_against(*source, variables, models.split_model(model)[1])
-        return cls.from_network(model, jax.device_put(variables))
+        return cls(models.split_model(model)[0], variables, model.patch_size, model.dense_halo)
 
     @classmethod
-    def load(cls, model_dir, stage: int, config=None) -> "Stage":
-        """Stage 1 or 2 of a model directory (its config is read unless given)."""
-        config = config if config is not None else model_dir_lib.read_model_config(model_dir)
-        return cls.from_weights(config, weights.load(model_dir, stage), source=(model_dir, stage))
+    def load(cls, model_dir, stage: int, config) -> "Stage":
+        """Stage 1 or 2 of a model directory whose config is `config` (checked against its network)."""
+        variables = weights.load(model_dir, stage, models.variables_template(config))
+        return cls.from_weights(config, distributed.put_local_replicated(variables))

@@ -21,6 +21,7 @@ finished, whichever participants a run was limited to.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import glob
@@ -33,13 +34,14 @@ from typing import Callable
 
 from jaxcascade.data import bids_layout
 from jaxcascade.segmentation.cascade import Cascade
-from jaxcascade.storage import shipped
+from jaxcascade.segmentation.images import segment_images
+from jaxcascade.segmentation.options import StudyOptions
+from jaxcascade.storage import model_dir as model_dirs, shipped
 from jaxcascade.errors import MACHINE_ERRNOS, MachineFault, UserError, out_of_memory
 from jaxcascade.runtime.outputs import check_output_path, write_json, write_text
 from jaxcascade.data.subjects import select_participants
 from jaxcascade.segmentation import study_record
 from jaxcascade.segmentation.study_report import LESION_COLUMNS, SUBJECT_COLUMNS, csv_text
-from jaxcascade.segmentation.files import check_overrides, segment_images
 from jaxcascade.segmentation.study_subject import (Prefetcher, StudySubject, fit_file_names, load_subject,
                                                   output_names, write_subject)
 
@@ -220,14 +222,24 @@ def _reports_of_others(out_dir: Path, report_paths: list[Path]) -> list[dict]:
     return found
 
 
-def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, overwrite: bool = False,
-                  compute_dtype: str | None = None, bids_suffixes: dict | None = None, tta: bool | None = None,
-                  resample: str = "auto", min_lesion_volume_mm3: float | None = None,
-                  shard: tuple[int, int] = (0, 1), participants=None, bids_filters=None,
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What every subject of one study run shares."""
+
+    model: Cascade
+    out_dir: Path
+    options: StudyOptions
+    log: Callable
+    progress: Callable | None
+    loader: Prefetcher  # loads the next subject while one computes
+    writer: ThreadPoolExecutor  # writes the previous subject's files while one computes
+
+
+def segment_study(model_dir, data_dir, out_dir, options: StudyOptions = StudyOptions(), *,
                   log: Callable = _LOG.info, progress: Callable | None = None) -> list[dict]:
     """Segment every subject of data_dir into out_dir; returns the subject rows (also in OUT/lesions.csv).
 
-    With shard (i, n), this process segments subjects i, i + n, ... and reports the others as far as
+    With options.shard (i, n), this process segments subjects i, i + n, ... and reports the others as far as
     their own processes have finished them; the last process to finish (or a plain rerun, which
     segments nothing new) writes the complete CSVs. No scheduler: a SLURM array or n shell jobs.
     Processes started on one out_dir without shards share the work: each claims a subject with a lock
@@ -237,26 +249,18 @@ def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, 
     by another process carry `resumed` (not a CSV column). The CSVs also keep the rows of subjects
     this run left out (other participants), as their reports in out_dir say.
     """
-    check_overrides(min_lesion_volume_mm3=min_lesion_volume_mm3)
-    out_dir = check_output_path(out_dir, is_dir=True)
-    if Path(data_dir).is_dir() and out_dir.is_dir() and out_dir.resolve() == Path(data_dir).resolve():
-        raise UserError(f"{out_dir}: is the --data folder; outputs would mix with the subjects' files: choose "
-                        "another --out-dir (for BIDS data, e.g. DATA/derivatives/jaxcascade)")
-    if out_dir.is_dir():
-        study_record.check_out_dir(out_dir)
+    out_dir = _checked_out_dir(out_dir, data_dir)
     model_dir = shipped.locate(model_dir)
-    model = Cascade.load(model_dir, compute_dtype=compute_dtype)
-    subjects = study_subjects(data_dir, model.config, bids_suffixes, participants=participants,
-                              bids_filters=bids_filters, log=log)
+    model = Cascade.from_model(model_dirs.open_model(model_dir), compute_dtype=options.compute_dtype)
+    subjects = study_subjects(data_dir, model.config, options.bids_suffixes, participants=options.participants,
+                              bids_filters=options.bids_filters, log=log)
     # What each subject's result is made from: a report that records anything else is stale.
-    made_of = dict(tta=tta, resample=resample, min_lesion_volume_mm3=min_lesion_volume_mm3,
-                   probabilities=bool(probabilities), compute_dtype=compute_dtype)
     model_hash = study_record.model_identity(model_dir)
-    identities = [study_record.subject_identity(model_hash, made_of, _input_files(subject)) for subject in subjects]
-    reports, report_paths, (index, count) = [], [], shard
-    settings = dict(tta=tta, resample=resample, min_lesion_volume_mm3=min_lesion_volume_mm3, warn=log)
-    loader = Prefetcher(functools.partial(load_subject, model))
-    writer = ThreadPoolExecutor(1, thread_name_prefix="jaxcascade-write")
+    identities = [study_record.subject_identity(model_hash, options.identity(), _input_files(subject))
+                  for subject in subjects]
+    run = _Run(model, out_dir, options, log, progress, Prefetcher(functools.partial(load_subject, model)),
+               ThreadPoolExecutor(1, thread_name_prefix="jaxcascade-write"))
+    reports, report_paths = [], [_report_path(out_dir, subject) for subject in subjects]
     current = None  # the subject being segmented or written when a fault stops the study
     try:
         out_dir.mkdir(exist_ok=True)
@@ -264,15 +268,9 @@ def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, 
             bids_layout.describe_derivatives(out_dir, Path(data_dir))
         writing = None
         for number, subject in enumerate(progress(subjects, "subjects") if progress else subjects):
-            report_path = _report_path(out_dir, subject)
-            report_paths.append(report_path)
             current = subject
-            upcoming = _next_to_segment(subjects, identities, number, shard, out_dir, overwrite)
-            outcome = _study_subject(model, subject, identities[number], out_dir, report_path,
-                                     number % count == index, f"pending: shard {number % count}/{count}", overwrite,
-                                     probabilities, settings, log, progress, loader, writer, upcoming)
-            reports.append(outcome)
-            if isinstance(outcome, Future):
+            reports.append(_study_subject(run, subjects, identities, number))
+            if isinstance(reports[-1], Future):
                 # The previous subject's files were written while this one computed; wait for them
                 # before the next, so that at most two subjects' arrays are held.
                 if writing is not None:
@@ -285,22 +283,40 @@ def segment_study(model_dir, data_dir, out_dir, *, probabilities: bool = False, 
                 reports[number] = outcome.result()
         return _write_tables(out_dir, reports, report_paths)
     except Exception as error:
-        fault = machine_fault(error, out_dir)
-        if fault is None:
-            raise
-        writer.shutdown(wait=True)  # what is being written finishes (or fails) before the tables
-        settled = [(report, path) for report, path in zip(map(_settled, reports), report_paths) if report]
-        finished = subject_count([report["row"] for report, _ in settled if report["row"]["status"] == "ok"])
-        name = current.name if current else str(out_dir)
-        try:  # the tables of what is finished, if there is room for them
-            _write_tables(out_dir, [report for report, _ in settled], [path for _, path in settled])
-        except Exception:  # noqa: BLE001 - the fault at hand is what the user needs to read
-            pass
-        raise MachineFault(f"{name}: {fault}; stopped with {finished} finished and kept in {out_dir}: "
-                           "fix it and run the same command again to continue") from None
+        _stop_on_fault(error, run, current, reports, report_paths)
+        raise
     finally:
-        loader.close()
-        writer.shutdown(wait=True)
+        run.loader.close()
+        run.writer.shutdown(wait=True)
+
+
+def _checked_out_dir(out_dir, data_dir) -> Path:
+    """out_dir, refused where it is the data folder or another tool's."""
+    out_dir = check_output_path(out_dir, is_dir=True)
+    if Path(data_dir).is_dir() and out_dir.is_dir() and out_dir.resolve() == Path(data_dir).resolve():
+        raise UserError(f"{out_dir}: is the --data folder; outputs would mix with the subjects' files: choose "
+                        "another --out-dir (for BIDS data, e.g. DATA/derivatives/jaxcascade)")
+    if out_dir.is_dir():
+        study_record.check_out_dir(out_dir)
+    return out_dir
+
+
+def _stop_on_fault(error: Exception, run: _Run, current, reports: list, report_paths: list) -> None:
+    """A MachineFault keeping every finished subject (and the tables of them) where error is a fault of
+    the machine; otherwise nothing (the error goes on as it is)."""
+    fault = machine_fault(error, run.out_dir)
+    if fault is None:
+        return
+    run.writer.shutdown(wait=True)  # what is being written finishes (or fails) before the tables
+    settled = [(report, path) for report, path in zip(map(_settled, reports), report_paths) if report]
+    finished = subject_count([report["row"] for report, _ in settled if report["row"]["status"] == "ok"])
+    name = current.name if current else str(run.out_dir)
+    try:  # the tables of what is finished, if there is room for them
+        _write_tables(run.out_dir, [report for report, _ in settled], [path for _, path in settled])
+    except Exception:  # noqa: BLE001 - the fault at hand is what the user needs to read
+        pass
+    raise MachineFault(f"{name}: {fault}; stopped with {finished} finished and kept in {run.out_dir}: "
+                       "fix it and run the same command again to continue") from None
 
 
 def _input_files(subject: StudySubject) -> dict:
@@ -355,21 +371,17 @@ def _resumed(report: dict) -> dict:
     return report
 
 
-def _study_subject(model, subject: StudySubject, identity: dict, out_dir: Path, report_path: Path, mine: bool,
-                   pending: str, overwrite: bool, probabilities: bool, settings: dict, log, progress,
-                   loader: Prefetcher, writer: ThreadPoolExecutor, upcoming: StudySubject | None) -> dict | Future:
-    """One subject's report: read back if finished (or not this process's), else segmented now, its
-    files then written by `writer` (a Future of the report) while the caller goes on to the next."""
+def _study_subject(run: _Run, subjects: list[StudySubject], identities: list[dict], number: int) -> dict | Future:
+    """subjects[number]'s report: read back if finished (or not this process's), else segmented now, its
+    files then written by `run.writer` (a Future of the report) while the caller goes on to the next."""
+    subject, identity, out_dir = subjects[number], identities[number], run.out_dir
+    report_path, overwrite, (index, count) = _report_path(out_dir, subject), run.options.overwrite, run.options.shard
+    mine, log = number % count == index, run.log
     finished = _finished(report_path, identity)
     if finished is not None and not (overwrite and mine):
         return _resumed(finished)
     if not mine:
-        # A failure is recorded apart from the report: other shards read it, its own shard retries it.
-        other = study_record.read_report(out_dir / _error_name(subject))
-        if other is None or other.get("identity") != identity:
-            other = {"row": {"participant_id": subject.participant_id, "session_id": subject.session_id,
-                             "status": pending}, "lesions": []}
-        return _resumed(other)
+        return _resumed(_other_shards(subject, identity, out_dir, f"pending: shard {number % count}/{count}"))
     claim = _claim(out_dir, subject)
     if claim is None:
         log(f"{subject.name}: being segmented by another process; left to it")
@@ -380,35 +392,47 @@ def _study_subject(model, subject: StudySubject, identity: dict, out_dir: Path, 
         finished = _finished(report_path, identity)
         if finished is not None and not overwrite:  # finished by another process since we looked
             return _resumed(finished)
-        names = [(subject.folder / name).as_posix() for name in output_names(subject.prefix, probabilities)]
+        names = [(subject.folder / name).as_posix()
+                 for name in output_names(subject.prefix, run.options.probabilities)]
         _remove_stale_temporaries(out_dir, [*names, _error_name(subject), _log_name(subject)])
         try:
             # Whatever an earlier attempt left (stale, failed or to overwrite) goes before the new one starts.
             study_record.remove_owned(out_dir, _key(subject))
             study_record.claim(out_dir, _key(subject), names)
-            loaded = loader.take(subject)
-            loader.prefetch(upcoming)
-            result = segment_images(model, loaded.images, brain_mask=loaded.brain_mask, progress=progress,
-                                    **settings)
+            loaded = run.loader.take(subject)
+            run.loader.prefetch(_next_to_segment(subjects, identities, number, run.options.shard, out_dir, overwrite))
+            result = segment_images(run.model, loaded.images, run.options.segment, brain_mask=loaded.brain_mask,
+                                    warn=log, progress=run.progress)
         except Exception as error:  # noqa: BLE001 - sorted by _failed: a subject's error or a fault
             return _settle(_failed(error, subject, out_dir, log), subject, identity, out_dir, report_path, log)
 
         def write() -> dict:
             try:
                 try:
-                    report = write_subject(subject, loaded, result, out_dir / subject.folder, probabilities)
+                    report = write_subject(subject, loaded, result, out_dir / subject.folder,
+                                           run.options.probabilities)
                 except Exception as error:  # noqa: BLE001 - as above
                     report = _failed(error, subject, out_dir, log)
                 return _settle(report, subject, identity, out_dir, report_path, log)
             finally:
                 claim.release()
 
-        future = writer.submit(write)
+        future = run.writer.submit(write)
         handed_over = True
         return future
     finally:
         if not handed_over:
             claim.release()
+
+
+def _other_shards(subject: StudySubject, identity: dict, out_dir: Path, pending: str) -> dict:
+    """The outcome of a subject another shard segments: its failure if recorded (a failure is recorded apart
+    from the report: other shards read it, its own shard retries it), else pending."""
+    other = study_record.read_report(out_dir / _error_name(subject))
+    if other is None or other.get("identity") != identity:
+        other = {"row": {"participant_id": subject.participant_id, "session_id": subject.session_id,
+                         "status": pending}, "lesions": []}
+    return other
 
 
 def _failed(error: Exception, subject: StudySubject, out_dir: Path, log) -> dict:

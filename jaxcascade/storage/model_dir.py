@@ -8,8 +8,9 @@
     provenance.json           imported models only: the source files and their hashes
 
 A directory written in another format version is refused with a message
-naming both versions. `open_model` reads a whole model directory once, checked in one place; building
-networks around its weights is `segmentation.stage.Stage.from_weights`.
+naming both versions. `open_model` reads a whole model directory once and checks it in one place (the
+weights against the network its config describes); building networks around its weights is
+`segmentation.stage.Stage.from_weights`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from jaxcascade.version import __version__
 from jaxcascade.storage import weights
 from jaxcascade import config as config_lib
 from jaxcascade.runtime import distributed
+from jaxcascade.networks import models
 from jaxcascade.errors import UserError
 from jaxcascade.data.nifti import NATIVE
 from jaxcascade.runtime.outputs import write_json
@@ -143,6 +145,7 @@ def open_model(model_dir) -> Model:
     """Read and check a trained (or imported) model directory: config and format stamp, both stages' final
     weights, the training voxel size; a UserError naming the folder for anything missing or unreadable."""
     config = read_model_config(model_dir)
-    require_stages(model_dir, "is not trained yet; finish `jaxcascade train` first")
-    return Model(Path(model_dir), config, {stage: weights.load(model_dir, stage) for stage in (1, 2)},
-                 recorded_voxel_size(model_dir))
+    voxel_size_mm = recorded_voxel_size(model_dir)
+    # Checked here, against the network config.json describes: a mismatch is one line naming the weights file.
+    stage_weights = weights.load_trained(model_dir, models.variables_template(config))
+    return Model(Path(model_dir), config, stage_weights, voxel_size_mm)

@@ -81,7 +81,10 @@ def load(model_dir, stage: int, template: dict | None = None) -> dict:
     if not path.is_file() and _orbax_dir(model_dir, stage).is_dir():
         from jaxcascade.storage import checkpoints  # only for model directories written before the .npz
 
-        return checkpoints.load_orbax_weights(_orbax_dir(model_dir, stage), template)
+        restored = checkpoints.load_orbax_weights(_orbax_dir(model_dir, stage))
+        if template is not None:
+            _check_against(_orbax_dir(model_dir, stage), flatten(restored), flatten(template))
+        return restored
     try:
         with np.load(path, allow_pickle=False) as stored:
             flat = {name: stored[name] for name in stored.files}
@@ -95,9 +98,13 @@ def load(model_dir, stage: int, template: dict | None = None) -> dict:
     return unflatten(flat)
 
 
-def check_against(model_dir, stage: int, stored: dict, expected: dict) -> None:
-    """A UserError naming the stage's weights file unless `stored` has `expected`'s names and shapes."""
-    _check_against(weights_file(model_dir, stage), flatten(stored), flatten(expected))
+def load_trained(model_dir, template: dict) -> dict[int, dict]:
+    """Both stages' final weights {1: ..., 2: ...}, checked against template's names and shapes; a UserError
+    naming the folder where a stage has none yet."""
+    for stage in (1, 2):
+        if not stage_done(model_dir, stage):
+            raise UserError(f"{model_dir}: stage {stage} is not trained yet; finish `jaxcascade train` first")
+    return {stage: load(model_dir, stage, template) for stage in (1, 2)}
 
 
 def _check_against(path: Path, stored: dict, expected: dict) -> None:
