@@ -118,7 +118,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = Path(scratch) / "nicms"
         interop.import_keras(SHARED / "model_1.hdf5", SHARED / "model_2.hdf5", ("T1", "FLAIR"), model_dir)
-        stage1 = cascade.Stage.load(model_dir, 1)
+        stage1 = cascade.Cascade.load(model_dir).stage1
     subject = phantom.make_subject(args.seed, "full")
     volume = normalise_channels([subject["T1"], subject["FLAIR"]], "nicms")
     candidates = candidate_mask(volume[..., 1], 0.5)
