@@ -42,3 +42,36 @@ def test_importing_jaxcascade_does_not_load_the_networks():
     code = "import sys, jaxcascade; print(any(m.startswith('jaxcascade.networks') for m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
+
+
+def test_images_in_memory_take_the_files_path_write_nothing_and_stay_as_they_were(trained_model, cohort, tmp_path,
+                                                                                  monkeypatch):
+    """`segment` with nibabel images: the same result as their files, no temporary file, the caller's images
+    unchanged; an image without a file is named by its modality in a one-line error."""
+    import tempfile
+
+    import nibabel as nib
+    import numpy as np
+    import pytest
+
+    from jaxcascade.errors import UserError
+
+    held = cohort / "held_out"
+    files = {name: held / f"{name}.nii.gz" for name in ("T1", "FLAIR")}
+    from_files = jaxcascade.segment(trained_model, files)
+    loaded = {name: nib.load(path) for name, path in files.items()}
+    images = {"T1": loaded["T1"],  # one with its file name, one built in memory (no file name)
+              "FLAIR": nib.Nifti1Image(np.asarray(loaded["FLAIR"].dataobj), loaded["FLAIR"].affine,
+                                       loaded["FLAIR"].header)}
+    headers = {name: image.header.binaryblock for name, image in images.items()}
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    in_memory = jaxcascade.segment(trained_model, images)
+    assert np.array_equal(in_memory.mask, from_files.mask)
+    assert np.array_equal(in_memory.stage2_probability, from_files.stage2_probability)
+    assert not any(scratch.iterdir())
+    assert all(image.header.binaryblock == headers[name] for name, image in images.items())
+    empty = nib.Nifti1Image(np.zeros(loaded["FLAIR"].shape, np.float32), loaded["FLAIR"].affine)
+    with pytest.raises(UserError, match=r"^<FLAIR in memory>: image is all zero$"):
+        jaxcascade.segment(trained_model, {"T1": files["T1"], "FLAIR": empty})

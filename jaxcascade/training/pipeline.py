@@ -4,12 +4,14 @@ It trains CNN1 then CNN2, resuming whatever a previous run left. Each step it
 chains lives in its own module: subjects (loading), sampling (which voxels
 each stage trains on), batching, train_loop (epochs), model_dir (the
 directory format); CNN2's hard negatives are mined with CNN1 through the
-inference kernels.
+inference methods.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -37,28 +39,43 @@ def _silent(*_args, **_kwargs) -> None:
     pass
 
 
-def _fit(stage, subjects, num_shards, centres, labels, config, workdir, log, progress, histories) -> Stage:
-    channels = subjects[0].volume.shape[-1]
+@dataclasses.dataclass(frozen=True)
+class _Training:
+    """What both stages' training shares."""
+
+    subjects: list  # this process's loaded subjects (`data.subjects.TrainingSubject`)
+    num_shards: int
+    config: object
+    workdir: Path
+    log: Callable
+    progress: Callable | None
+    histories: dict  # stage -> its epochs' records, rewritten after every epoch
+
+
+def _fit(run: _Training, stage: int, centres, labels) -> Stage:
+    config = run.config
+    channels = run.subjects[0].volume.shape[-1]
     model = models.build_network(config.model, channels, seeding.init_seed(config.seed, stage), config.compute_dtype)
-    data = batching.TrainingSet.from_subjects([s.volume for s in subjects], centres, labels, config.model.patch_size,
-                                              subject_shards=[s.shard for s in subjects], num_shards=num_shards)
+    data = batching.TrainingSet.from_subjects([s.volume for s in run.subjects], centres, labels,
+                                              config.model.patch_size, subject_shards=[s.shard for s in run.subjects],
+                                              num_shards=run.num_shards)
 
     def on_epoch(stage_history):
-        histories[stage] = stage_history
-        history.write_history(workdir, histories)
+        run.histories[stage] = stage_history
+        history.write_history(run.workdir, run.histories)
 
     initial = None
     if config.train.init_from:
         _, template = models.split_model(model)
         initial = weights.load(config.train.init_from, stage, template)
-        log(f"stage {stage}: starting from {config.train.init_from}")
+        run.log(f"stage {stage}: starting from {config.train.init_from}")
     best, stage_history = fit_stage(
-        stage=stage, model=model, data=data, config=config, workdir=workdir, log=log, on_epoch=on_epoch,
-        progress=progress, initial_variables=initial,
+        stage=stage, model=model, data=data, config=config, workdir=run.workdir, log=run.log, on_epoch=on_epoch,
+        progress=run.progress, initial_variables=initial,
     )
-    histories[stage] = stage_history
-    history.write_history(workdir, histories)
-    weights.save(workdir, stage, best)
+    run.histories[stage] = stage_history
+    history.write_history(run.workdir, run.histories)
+    weights.save(run.workdir, stage, best)
     return Stage.from_network(model, best)
 
 
@@ -82,9 +99,8 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = _LOG.info, progr
     check_preprocessing(config)
     IntensityAugmentation.from_config(config.train.get("intensity_augmentation"))
     subjects = load_training_subjects(data_dir, config, num_shards, participants)
-    # Settings that can only be checked against a built network fail before the workdir exists.
-    probe = models.build_network(config.model, subjects[0].volume.shape[-1], 0, config.compute_dtype)
-    trainable_modules(config.train.trainable, models.split_model(probe)[1]["params"])
+    # Settings that can only be checked against the network's structure fail before the workdir exists.
+    trainable_modules(config.train.trainable, models.variables_template(config)["params"])
     distributed.agree(lambda: model_dir_lib.prepare_workdir(workdir, config), "preparing the workdir")
     model_dir_lib.record_voxel_size(workdir, np.median([s.voxel_size_mm for s in subjects], axis=0))
     log(f"training on {distributed.describe()}")
@@ -94,15 +110,14 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = _LOG.info, progr
         log(f"{num_shards} data shards; process 0 loads {len(subjects)} subjects: "
             f"{', '.join(s.name for s in subjects)}")
     histories = history.read_history(workdir)
-    fit = dict(subjects=subjects, num_shards=num_shards, config=config, workdir=workdir, log=log,
-               progress=progress, histories=histories)
+    run = _Training(subjects, num_shards, config, workdir, log, progress, histories)
 
     if weights.stage_done(workdir, 1):
         log("stage 1: already trained, skipping")
         stage1 = Stage.load(workdir, 1, config)
     else:
         centres, labels = sampling.stage1_training_centres(subjects, config)
-        stage1 = _fit(1, centres=centres, labels=labels, **fit)
+        stage1 = _fit(run, 1, centres, labels)
 
     if weights.stage_done(workdir, 2):
         log("stage 2: already trained, skipping")
@@ -114,6 +129,6 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = _LOG.info, progr
             return classify(stage1, subject.volume, candidates, options)
 
         centres, labels = sampling.stage2_training_centres(subjects, stage1_probability, config)
-        _fit(2, centres=centres, labels=labels, **fit)
+        _fit(run, 2, centres, labels)
     return {"workdir": str(workdir), "subjects": [s.name for s in subjects], "epochs": {
         stage: len(h) for stage, h in histories.items()}}
