@@ -16,6 +16,7 @@ import sys
 from jaxcascade.commands import (EXIT_MACHINE_FAULT, EXIT_SUBJECTS_FAILED, EXIT_USER_ERROR,  # noqa: F401
                                  change, cohort, info, segmenting, training)
 from jaxcascade.commands.arguments import hint_input_pairs
+from jaxcascade.commands.flags import to_flags
 from jaxcascade.commands.output import configure_output
 from jaxcascade.errors import MACHINE_ERRNOS, MachineFault, TrainingInterrupted, UserError, out_of_memory
 from jaxcascade.version import __version__
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
     except UserError as error:
-        print(f"jaxcascade: error: {error}", file=sys.stderr)
+        print(f"jaxcascade: error: {to_flags(str(error))}", file=sys.stderr)  # the library names parameters
         return EXIT_USER_ERROR
     except MachineFault as fault:
         print(f"jaxcascade: error: {fault}", file=sys.stderr)

@@ -54,7 +54,7 @@ def load_fine_tuning_recipe(path: str) -> list[str]:
     """
     module = _config_module(path)
     if not hasattr(module, "fine_tuning_overrides"):
-        raise UserError(f"{path}: with --init-from, --config takes a fine-tuning recipe (a file with "
+        raise UserError(f"{path}: with init_from=..., config=... takes a fine-tuning recipe (a file with "
                         "fine_tuning_overrides(), e.g. the packaged 'oneshot'); give --config.KEY=VALUE overrides "
                         "for anything else")
     return list(module.fine_tuning_overrides())

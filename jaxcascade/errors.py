@@ -2,7 +2,15 @@
 
 Library code raises `UserError` with a single line that names the file (or
 option) and says what is wrong and what to do; only the CLI turns it into an
-exit status and a line on stderr. `MachineFault` is the same for faults that
+exit status and a line on stderr.
+
+A message (or warning) below the command line names a setting as the Python caller writes it:
+`parameter=VALUE`, the parameter's name as the function takes it and VALUE a Python literal (a string
+written with `!r`, True for a switch, a list or dict as the parameter takes it, `...` for "some value"):
+`method='dense'`, `pass overwrite=True`, `bids_filters=['FLAIR:run=N']`, `choose another out_dir=...`.
+The command line rewrites these forms into its flags (`--inference dense`, `--overwrite`, ...) through
+its one table, `jaxcascade.commands.flags`; config overrides keep the `--config.KEY=VALUE` form that
+both the API (`overrides=[...]`) and the command line take. `MachineFault` is the same for faults that
 no input caused (a full disk, a read-only output folder, memory exhausted):
 the work finished so far is kept and the same command continues it.
 """

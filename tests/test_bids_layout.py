@@ -100,9 +100,9 @@ def test_several_runs_take_the_last_with_a_note_and_other_entities_ask_for_a_fil
     entries = bids_layout.sessions(ds, MODALITIES, SUFFIXES, log=notes.append)
     assert entries[0]["inputs"]["FLAIR"].name == "sub-01_ses-1_run-2_FLAIR.nii.gz" and entries[0]["problem"] is None
     assert notes == ["sub-01 ses-1: 2 runs of *_FLAIR; using the last, sub-01_ses-1_run-2_FLAIR.nii.gz "
-                     "(choose with --bids-filter FLAIR:run=N)"]
+                     "(choose with bids_filters=['FLAIR:run=N'])"]
     assert entries[1]["problem"] == ("2 *_FLAIR images differ in acq (sub-02_ses-1_acq-2d_FLAIR.nii.gz, "
-                                     "sub-02_ses-1_acq-3d_FLAIR.nii.gz); choose one with --bids-filter FLAIR:acq=VALUE")
+                                     "sub-02_ses-1_acq-3d_FLAIR.nii.gz); choose one with bids_filters=['FLAIR:acq=VALUE']")
     chosen = bids_layout.sessions(ds, MODALITIES, SUFFIXES, filters=["FLAIR:acq=3d", "FLAIR:run=1"])
     # Each filter chooses where several images carry its entity: acq among sub-02's, run among sub-01's.
     assert [e["inputs"]["FLAIR"].name for e in chosen] == ["sub-01_ses-1_run-1_FLAIR.nii.gz",
@@ -110,7 +110,7 @@ def test_several_runs_take_the_last_with_a_note_and_other_entities_ask_for_a_fil
     wrong = bids_layout.sessions(ds, MODALITIES, SUFFIXES, filters=["acq=5d"])
     assert wrong[0]["inputs"]["FLAIR"].name == "sub-01_ses-1_run-2_FLAIR.nii.gz"  # no acq there
     assert wrong[1]["problem"] == ("none of 2 *_FLAIR images has acq-5d (sub-02_ses-1_acq-2d_FLAIR.nii.gz, "
-                                   "sub-02_ses-1_acq-3d_FLAIR.nii.gz); fix --bids-filter")
+                                   "sub-02_ses-1_acq-3d_FLAIR.nii.gz); fix bids_filters=...")
 
     # Through the CLI: the note on stdout, the ambiguous session an error row with its name once.
     out = tmp_path / "out"
@@ -167,7 +167,7 @@ def test_sessions_in_some_participants_nii_symlinks_and_participants_tsv(phantom
     assert entries[2]["inputs"]["FLAIR"].name == "sub-02_task-rest_FLAIR.nii"
     assert entries[2]["truth"].name == "sub-02_label-lesion_mask.nii"
     assert notes == [f"{ds}: participants.tsv lists sub-03 without a folder; skipped",
-                     "sub-02: 2 runs of *_T1w; using the last, sub-02_run-02_T1w.nii (choose with --bids-filter T1:run=N)"]
+                     "sub-02: 2 runs of *_T1w; using the last, sub-02_run-02_T1w.nii (choose with bids_filters=['T1:run=N'])"]
     only = bids_layout.sessions(ds, MODALITIES, SUFFIXES, participants=bids_layout.participant_labels(["sub-02"]))
     assert [e["participant_id"] for e in only] == ["sub-02"]
     with pytest.raises(UserError, match=r"no participant sub-07 \(the dataset has sub-01, sub-02\)"):
@@ -179,9 +179,9 @@ def test_participant_label_and_filter_mistakes_are_one_line(trained_model, phant
     assert cli.main([*base, "--participant-label", "sub-09"]) == 2
     assert "no participant sub-09" in _one_line_error(capsys)
     assert cli.main([*base, "--bids-filter", "FLAIR:acq"]) == 2
-    assert "expected [MODALITY:]ENTITY=VALUE" in _one_line_error(capsys)
+    assert "--bids-filter FLAIR:acq: expected [MODALITY:]ENTITY=VALUE" in _one_line_error(capsys)
     assert cli.main([*base, "--participant-label", "0/1"]) == 2
-    assert "a participant label is letters and digits" in _one_line_error(capsys)
+    assert "--participant-label 0/1: a participant label is letters and digits" in _one_line_error(capsys)
     assert not (tmp_path / "o").exists()
     assert bids_layout.participant_labels(["01", "sub-02", "03,04"]) == ["01", "02", "03", "04"]
 

@@ -281,7 +281,7 @@ def test_import_refuses_missing_files_and_wrong_modalities(keras_files, tmp_path
     assert _import(tmp_path, tmp_path / "absent.hdf5", keras_files[1]) == 2
     assert "absent.hdf5: Keras model file not found" in _error_line(capsys)
     assert _import(tmp_path, keras_files[0], keras_files[1], modalities="FLAIR") == 2
-    assert "takes 2 input channels, --modalities names 1" in _error_line(capsys)
+    assert "takes 2 input channels, --modalities FLAIR names 1" in _error_line(capsys)
     assert _import(tmp_path, keras_files[0], keras_files[1], modalities="T1,PD") == 2
     assert "lacks FLAIR" in _error_line(capsys)
     (tmp_path / "not_h5.hdf5").write_text("hello")
@@ -318,7 +318,7 @@ def test_import_refuses_models_of_another_architecture(keras_files, tmp_path, ca
     assert _import(tmp_path, one, keras_files[1]) == 2
     assert "one.hdf5 takes 1-channel" in _error_line(capsys)  # the two stages must agree
     assert _import(tmp_path, one, one, modalities="T1,FLAIR") == 2
-    assert "one.hdf5: the network takes 1 input channels, --modalities names 2" in _error_line(capsys)
+    assert "one.hdf5: the network takes 1 input channels, --modalities T1,FLAIR names 2" in _error_line(capsys)
     assert _import(tmp_path, _edited_copy(keras_files[0], tmp_path / "no_d3.hdf5", without_d3), keras_files[1]) == 2
     assert "no_d3.hdf5: not a nicMSlesions network: missing layers d3" in _error_line(capsys)
     narrow = _edited_copy(keras_files[0], tmp_path / "narrow.hdf5", narrower_d2)

@@ -112,4 +112,4 @@ def test_a_recipe_must_be_a_recipe(tmp_path, capsys):
     status = cli.main(["train", "--init-from", "default", "--config", "demo", "--data", str(tmp_path),
                        "--workdir", str(tmp_path / "w")])
     assert status != 0
-    assert "fine-tuning recipe" in capsys.readouterr().err
+    assert "with --init-from, --config takes a fine-tuning recipe" in capsys.readouterr().err

@@ -1,4 +1,7 @@
-"""What the command line prints: the library's log on stdout, its warnings as one line on stderr, progress bars."""
+"""What the command line prints: the library's log on stdout, its warnings as one line on stderr, progress bars.
+
+The library names settings as parameters (`overwrite=True`); what is printed here names the flags
+(`--overwrite`), as `cli.main` does for errors (`flags.to_flags`)."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import logging
 import sys
 import warnings
 
+from jaxcascade.commands.flags import to_flags
 from jaxcascade.errors import JaxcascadeWarning
 
 LOGGER = logging.getLogger("jaxcascade")
@@ -29,7 +33,7 @@ def warn(message: str) -> None:
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """jaxcascade's warnings as one line, `jaxcascade: warning: ...`; others as Python shows them."""
     if issubclass(category, JaxcascadeWarning):
-        print(f"jaxcascade: warning: {message}", file=sys.stderr, flush=True)
+        print(f"jaxcascade: warning: {to_flags(str(message))}", file=sys.stderr, flush=True)
     else:
         _python_showwarning(message, category, filename, lineno, file, line)
 
@@ -37,11 +41,18 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 _python_showwarning = warnings.showwarning
 
 
+class _FlagsFormatter(logging.Formatter):
+    """The library's log lines name parameters (`bids_filters=[...]`); the command line shows its flags."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return to_flags(super().format(record))
+
+
 def configure_output(verbosity: int) -> None:
     """The library logs to the `jaxcascade` logger and warns with JaxcascadeWarning; the command line prints
     the log on stdout (-q: warnings and errors only; -v: debug too) and each warning as one line on stderr."""
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(_FlagsFormatter("%(message)s"))
     LOGGER.handlers[:] = [handler]
     LOGGER.propagate = False
     LOGGER.setLevel({-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG))

@@ -76,7 +76,8 @@ def parse_filters(pairs) -> list[tuple[str | None, str, str]]:
         entity, sep, value = condition.partition("=")
         value = value[len(entity) + 1:] if value.startswith(f"{entity}-") else value  # run=run-2 -> run=2
         if not sep or not _LABEL.match(entity or "-") or not _LABEL.match(value or "-"):
-            raise UserError(f"--bids-filter {pair!r}: expected [MODALITY:]ENTITY=VALUE, e.g. FLAIR:acq=3d or run=1")
+            raise UserError(f"bids_filters=[{pair!r}]: expected [MODALITY:]ENTITY=VALUE, "
+                            "e.g. bids_filters=['FLAIR:acq=3d', 'run=1']")
         filters.append((target or None, entity, value))
     return filters
 
@@ -89,7 +90,7 @@ def participant_labels(labels) -> list[str]:
         for part in str(label).replace(",", " ").split():
             bare = part[4:] if part.startswith("sub-") else part
             if not _FOLDER_NAME.match(bare) or bare in (".", ".."):
-                raise UserError(f"--participant-label {part!r}: a participant label is letters and digits, "
+                raise UserError(f"participants=[{part!r}]: a participant label is letters and digits, "
                                 "e.g. 01 or sub-01 (or, in a training-layout folder, a subject folder's name)")
             cleaned.append(bare)
     return cleaned
@@ -136,7 +137,7 @@ def _choose(images, modality: str, suffix: str, filters, where: str) -> tuple[Pa
             if not kept:
                 wanted = f"no {entity}-" if value == NO_ENTITY else f"{entity}-{value}"
                 return None, None, (f"none of {len(matching)} *_{suffix} images has {wanted} "
-                                    f"({', '.join(p.name for _, p in matching)}); fix --bids-filter")
+                                    f"({', '.join(p.name for _, p in matching)}); fix bids_filters=...")
             matching = kept
     if len(matching) == 1:
         return matching[0][1], None, None
@@ -147,12 +148,12 @@ def _choose(images, modality: str, suffix: str, filters, where: str) -> tuple[Pa
     if differing == ["run"] and len(set(runs)) == len(runs):  # runs that can be ordered (BIDS runs are numbers)
         last = max(matching, key=lambda item: _run_number(item[0]))
         return last[1], (f"{where}: {len(matching)} runs of *_{suffix}; using the last, {last[1].name} "
-                         f"(choose with --bids-filter {modality}:run=N)"), None
+                         f"(choose with bids_filters=['{modality}:run=N'])"), None
     if not differing:
         return None, None, f"{len(matching)} *_{suffix} images that differ only in extension ({names}); keep one"
-    choices = " or ".join(f"{modality}:{k}=VALUE" for k in differing)
+    choices = " or ".join(f"bids_filters=['{modality}:{k}=VALUE']" for k in differing)
     return None, None, (f"{len(matching)} *_{suffix} images differ in {', '.join(differing)} ({names}); "
-                        f"choose one with --bids-filter {choices}")
+                        f"choose one with {choices}")
 
 
 def _run_number(entities: dict) -> int:
@@ -200,8 +201,8 @@ def sessions(root, modalities: tuple[str, ...], suffixes: dict[str, str], *, par
     root = Path(root)
     unknown = [m for m in modalities if m not in suffixes]
     if unknown:
-        raise UserError(f"{root}: no BIDS suffix for modality {', '.join(unknown)}; give --bids-suffix NAME=SUFFIX "
-                        "(segment) or --config.data.bids_suffixes=NAME=SUFFIX (train)")
+        raise UserError(f"{root}: no BIDS suffix for modality {', '.join(unknown)}; give bids_suffixes={{'NAME': "
+                        "'SUFFIX'}} (segment, change) or --config.data.bids_suffixes=NAME=SUFFIX (train)")
     log = log or (lambda message: None)
     filters = parse_filters(filters) if filters and isinstance(filters[0], str) else list(filters or [])
     subjects = sorted(p.name[4:] for p in root.iterdir() if p.is_dir() and p.name.startswith("sub-")
@@ -214,7 +215,7 @@ def sessions(root, modalities: tuple[str, ...], suffixes: dict[str, str], *, par
         wanted = participant_labels(participants)
         not_bids = [label for label in wanted if not _LABEL.match(label)]
         if not_bids:
-            raise UserError(f"--participant-label {not_bids[0]!r}: a BIDS participant label is letters and digits, "
+            raise UserError(f"participants=[{not_bids[0]!r}]: a BIDS participant label is letters and digits, "
                             f"e.g. 01 or sub-01 ({root} is a BIDS dataset)")
         missing = [label for label in wanted if label not in subjects]
         if missing:
@@ -321,6 +322,6 @@ def parse_suffixes(pairs) -> dict[str, str]:
     for pair in pairs or []:
         name, sep, suffix = pair.partition("=")
         if not sep or not name or not suffix:
-            raise UserError(f"--bids-suffix {pair!r}: expected NAME=SUFFIX, e.g. --bids-suffix T1=T1w")
+            raise UserError(f"BIDS suffix {pair!r}: expected NAME=SUFFIX, e.g. bids_suffixes={{'T1': 'T1w'}}")
         suffixes[name] = suffix
     return suffixes

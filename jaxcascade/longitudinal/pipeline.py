@@ -121,7 +121,7 @@ def check_outputs(out_dir, *, overwrite: bool = False) -> None:
         present = [name for name in OUTPUTS if (out_dir / name).exists()]
         if present:
             raise UserError(f"{out_dir}: holds {present[0]} (and {len(present) - 1} more outputs) of an earlier "
-                            "run; pass --overwrite or choose another --out-dir")
+                            "run; pass overwrite=True or choose another out_dir=...")
 
 
 def write_change(run: ChangeRun, out_dir, *, title: str = "") -> dict:
@@ -200,8 +200,8 @@ def change_study(model: Cascade, subjects, out_dir, options: ChangeOptions = Cha
     out_dir = Path(out_dir)
     outputs.check_output_path(out_dir, overwrite=True, is_dir=True, parents=True)
     if (out_dir / "change_summary.csv").exists() and not overwrite:
-        raise UserError(f"{out_dir}: holds change_summary.csv of an earlier run; pass --overwrite or choose another "
-                        "--out-dir")
+        raise UserError(f"{out_dir}: holds change_summary.csv of an earlier run; pass overwrite=True or choose "
+                        "another out_dir=...")
     rows = []
     for first, second in visit_pairs(subjects):
         folder = out_dir / first.participant_id / f"{first.session_id}_to_{second.session_id}"

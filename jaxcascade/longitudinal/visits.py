@@ -89,7 +89,7 @@ def working_grid(mask: nib.Nifti1Image, voxel_mm: tuple[float, float, float]) ->
     voxels = np.argwhere(np.asarray(mask.dataobj) > 0)
     if voxels.size == 0:
         raise UserError("the brain mask is empty: give the visit's FLAIR (head or skull-stripped brain) or "
-                        "--brain-mask none if the images are already masked")
+                        "brain_mask='none' if the images are already masked")
     low, high = voxels.min(0) - 0.5, voxels.max(0) + 0.5
     corners = np.array(list(itertools.product(*zip(low, high))))  # the box's 8 corners, in voxels
     world = transforms.apply(np.asarray(mask.affine, np.float64), corners)

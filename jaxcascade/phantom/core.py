@@ -85,7 +85,7 @@ def write_cohort(out_dir, subjects: int, seed: int, make_subject, keys, space_co
     Both dataset descriptions name `scanner_name` (see scanners.py) under GeneratedBy.
     """
     if layout not in ("folders", "bids"):
-        raise UserError(f"--layout {layout}: use folders or bids")
+        raise UserError(f"layout={layout!r}: use 'folders' or 'bids'")
     out_dir = os.fspath(out_dir)
     names = []
     for index in range(subjects):

@@ -94,7 +94,7 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False, is_di
                 Path(os.path.abspath(source)) == Path(os.path.abspath(path)):
             raise UserError(f"{text}: is also an input; writing it would destroy that input, choose another name")
     if (path.exists() or path.is_symlink()) and not overwrite:
-        raise UserError(f"{text}: already exists; pass --overwrite to replace it")
+        raise UserError(f"{text}: already exists; pass overwrite=True to replace it")
     return path
 
 

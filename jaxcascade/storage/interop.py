@@ -214,37 +214,37 @@ def sha256(path) -> str:
 
 def _check_modalities(modalities: tuple, flair: str) -> None:
     if not modalities or len(set(modalities)) != len(modalities):
-        raise UserError(f"--modalities {','.join(modalities)}: give each input channel's name once, in order")
+        raise UserError(f"modalities={modalities!r}: give each input channel's name once, in order")
     if flair not in modalities:
-        raise UserError(f"--modalities {','.join(modalities)}: lacks {flair} (candidate selection needs it)")
+        raise UserError(f"modalities={modalities!r}: lacks {flair} (candidate selection needs it)")
 
 
 def _check_empty_output(out_dir: Path) -> None:
     outputs.check_output_path(out_dir, is_dir=True)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserError(f"{out_dir}: already exists and is not an empty folder; choose a new --out")
+        raise UserError(f"{out_dir}: already exists and is not an empty folder; choose a new out=...")
 
 
-def import_keras(model1, model2, modalities: tuple, out_dir) -> dict:
+def import_keras(model1, model2, modalities: tuple, out) -> dict:
     """Write a jaxcascade model directory from nicMSlesions' model_1/model_2 HDF5 files.
 
     Args:
       model1, model2: the Keras files of CNN1 and CNN2.
       modalities: the networks' input channel names in order, e.g. ('T1', 'FLAIR').
-      out_dir: a new (or empty) folder; it is written beside itself and renamed
+      out: a new (or empty) folder; it is written beside itself and renamed
         into place, so a failure leaves nothing behind.
 
     Returns:
-      The provenance record written to out_dir/provenance.json.
+      The provenance record written to out/provenance.json.
     """
-    out_dir, modalities = Path(out_dir), tuple(modalities)
+    out_dir, modalities = Path(out), tuple(modalities)
     config = network_config()
     _check_modalities(modalities, config.data.flair)
     _check_empty_output(out_dir)
     keras = read_keras_cascade(model1, model2)
     if keras.in_channels != len(modalities):
         raise UserError(f"{model1}: the network takes {keras.in_channels} input channels, "
-                        f"--modalities names {len(modalities)} ({','.join(modalities)})")
+                        f"modalities={modalities!r} names {len(modalities)}")
     config.data.modalities = modalities
     config.data.orientation = nifti.NATIVE  # nicMSlesions fed images in their stored voxel order
     config.model.patch_size = keras.patch_size

@@ -56,7 +56,7 @@ def prepare_workdir(workdir: Path, config) -> None:
         if changed:
             raise UserError(
                 f"{path}: this workdir was trained with a different config ({', '.join(changed)} differ); "
-                "use a new --workdir or the same config to resume"
+                "use a new workdir=... or the same config to resume"
             )
     write_json(record, path)
 
@@ -68,7 +68,8 @@ def read_model_config(model_dir) -> object:
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: model directory not found")
     if not path.exists():
-        raise UserError(f"{model_dir}: not a jaxcascade model directory (no config.json); pass a train --workdir")
+        raise UserError(f"{model_dir}: not a jaxcascade model directory (no config.json); give a training run's "
+                        "workdir")
     try:
         record = json.loads(path.read_text())
         stamp = record.pop("jaxcascade")
@@ -122,7 +123,7 @@ def fine_tuning_config(model_dir, overrides: list[str]):
                                                      stored_config(config))
                if any(key == f or key.startswith(f + ".") for f in FIXED_WHEN_FINE_TUNING)]
     if changed:
-        raise UserError(f"--init-from {model_dir}: {', '.join(changed)} cannot change when fine-tuning a model")
+        raise UserError(f"init_from={str(model_dir)!r}: {', '.join(changed)} cannot change when fine-tuning a model")
     return config
 
 
