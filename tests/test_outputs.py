@@ -153,7 +153,7 @@ def test_unwritable_folders_and_a_full_file_system_are_one_line_in_a_real_proces
     (["train", "--data", "x", "--workdir", "{afile}"], "exists and is a file"),
     (["demo", "--workdir", "{missing}/demo"], "does not exist"),
     (["segment", "--model", "m", "--data", "d", "--out-dir", "{afile}"], "exists and is a file"),
-    (["segment", "--model", "m", "--data", "{here}", "--out-dir", "{here}"], "is the --data folder"),
+    (["segment", "--model", "m", "--data", "{here}", "--out-dir", "{here}"], "is --data itself"),
 ])
 def test_other_commands_refuse_their_output_paths_in_one_line(argv, fragment, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")

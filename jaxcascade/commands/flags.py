@@ -26,6 +26,10 @@ FLAGS = {
     "shard": "--shard",
     "modalities": "--modalities",
     "layout": "--layout",
+    "threshold": "--threshold",
+    "min_lesion_voxels": "--min-lesion-voxels",
+    "min_lesion_volume_mm3": "--min-lesion-volume",
+    "compute_dtype": "--compute-dtype",
 }
 
 _STRING = r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*\""""

@@ -82,7 +82,7 @@ def resolve_method(stage: Stage, method: str) -> str:
     if method == "dense" and stage.dense_halo is None:
         raise UserError(
             "method='dense': this network has no exact dense form (SAME padding inside the patch or "
-            "per-position parameters); use method='patch' or 'auto'"
+            "per-position parameters); use method='patch' or method='auto'"
         )
     return method
 

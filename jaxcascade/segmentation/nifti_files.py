@@ -38,15 +38,15 @@ def check_segmentation_outputs(out, probabilities_dir=None, *, inputs=(), overwr
         return []
     folder = check_output_path(probabilities_dir, is_dir=True)
     if folder.name.endswith(NIFTI_SUFFIXES) and not folder.is_dir():
-        raise UserError(f"{probabilities_dir}: --probabilities takes a folder for the maps, not a NIfTI file name")
+        raise UserError(f"{probabilities_dir}: probabilities=... takes a folder for the maps, not a NIfTI file name")
     paths = [folder / "stage1.nii.gz", folder / "stage2.nii.gz"] + ([folder / "stage2_std.nii.gz"] if tta else [])
     for path in paths:
         if out is not None and Path(os.path.abspath(path)) == Path(os.path.abspath(out)):
-            raise UserError(f"{out}: is also where --probabilities writes {path.name}; choose another name")
+            raise UserError(f"{out}: is also where probabilities=... writes {path.name}; choose another name")
         if path.exists() and not overwrite:
-            raise UserError(f"{path}: already exists; pass --overwrite to replace it")
+            raise UserError(f"{path}: already exists; pass overwrite=True to replace it")
     if out is not None and Path(os.path.abspath(folder)) == Path(os.path.abspath(out)):
-        raise UserError(f"{probabilities_dir}: is also --out; give the maps their own folder")
+        raise UserError(f"{probabilities_dir}: is also out=...; give the maps their own folder")
     return paths
 
 
@@ -107,7 +107,7 @@ def _load(model: Cascade, inputs: dict, brain_mask, warn) -> tuple[list[nifti.Im
     mask = nifti.load_brain_mask(brain_mask, reference) if brain_mask else None
     if mask is None and not nifti.looks_skull_stripped(reference.data):
         warn(f"{reference.path}: nonzero voxels reach most faces of the field of view; the image does not look "
-             "skull-stripped (pass --brain-mask)")
+             "skull-stripped (pass brain_mask=...)")
     return images, mask
 
 

@@ -75,7 +75,7 @@ def _discovered(data_dir: Path, config, bids_suffixes, participants, bids_filter
                              *bids_layout.output_location(entry["participant_id"], entry["session_id"]),
                              problem=entry["problem"], brain_mask=entry["brain_mask"]) for entry in found]
     if bids_filters:
-        raise UserError(f"{data_dir}: --bids-filter applies to BIDS datasets (this folder has no "
+        raise UserError(f"{data_dir}: bids_filters=... applies to BIDS datasets (this folder has no "
                         "dataset_description.json)")
     names = [f"{m}{config.data.suffix}" for m in modalities]
     folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
@@ -111,7 +111,7 @@ def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int]:
         return 0, 1
     if text == "slurm":
         if "SLURM_ARRAY_TASK_ID" not in environ:
-            raise UserError("--shard slurm: SLURM_ARRAY_TASK_ID is not set (run it as a job array, sbatch --array)")
+            raise UserError("shard='slurm': SLURM_ARRAY_TASK_ID is not set (run it as a job array, sbatch --array)")
         first = int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
         count = int(environ.get("SLURM_ARRAY_TASK_COUNT") or int(environ["SLURM_ARRAY_TASK_MAX"]) - first + 1)
         return int(environ["SLURM_ARRAY_TASK_ID"]) - first, count
@@ -121,7 +121,7 @@ def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int]:
     except ValueError:
         shard = (-1, 0)
     if not sep or not 0 <= shard[0] < shard[1]:
-        raise UserError(f"--shard {text}: expected I/N with 0 <= I < N (e.g. --shard 0/4), or slurm")
+        raise UserError(f"shard={text!r}: expected 'I/N' with 0 <= I < N (e.g. shard='0/4'), or 'slurm'")
     return shard
 
 
@@ -294,8 +294,8 @@ def _checked_out_dir(out_dir, data_dir) -> Path:
     """out_dir, refused where it is the data folder or another tool's."""
     out_dir = check_output_path(out_dir, is_dir=True)
     if Path(data_dir).is_dir() and out_dir.is_dir() and out_dir.resolve() == Path(data_dir).resolve():
-        raise UserError(f"{out_dir}: is the --data folder; outputs would mix with the subjects' files: choose "
-                        "another --out-dir (for BIDS data, e.g. DATA/derivatives/jaxcascade)")
+        raise UserError(f"{out_dir}: is data_dir=... itself; outputs would mix with the subjects' files: choose "
+                        "another out_dir=... (for BIDS data, e.g. DATA/derivatives/jaxcascade)")
     if out_dir.is_dir():
         study_record.check_out_dir(out_dir)
     return out_dir

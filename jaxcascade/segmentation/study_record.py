@@ -120,7 +120,7 @@ def foreign(out_dir: Path, key: str, names) -> Path | None:
     return None
 
 
-def not_ours(path: Path, what: str = "choose another --out-dir") -> UserError:
+def not_ours(path: Path, what: str = "choose another out_dir=...") -> UserError:
     return UserError(f"{path}: exists and was not written by jaxcascade (no record of it in "
                      f"{RECORDS}/); move it away or {what}")
 
@@ -161,7 +161,7 @@ def check_out_dir(out_dir: Path) -> None:
             who = describer(text)
             said = f"describes another tool's dataset ({who})" if who else "cannot be read as a dataset description"
             raise UserError(f"{description}: {said}; jaxcascade writes into a folder of its own: choose another "
-                            "--out-dir (for BIDS data, DATA/derivatives/jaxcascade)")
+                            "out_dir=... (for BIDS data, DATA/derivatives/jaxcascade)")
     taken = foreign(out_dir, STUDY, TABLES)
     if taken is not None:
         raise not_ours(taken)
