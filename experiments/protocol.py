@@ -32,7 +32,7 @@ from jaxcascade.segmentation.cascade import Cascade
 from jaxcascade.segmentation.inference import InferenceOptions
 from jaxcascade.errors import UserError
 from jaxcascade.runtime.outputs import write_json, write_text
-from jaxcascade.data.subjects import training_files
+from jaxcascade.data.subjects import find_subjects
 
 PROCEDURAL_CONTRASTS = ("T1", "FLAIR")
 
@@ -146,7 +146,7 @@ def link_training_view(bids_root: Path, data_config, view: Path) -> list[str]:
     The folds and the scoring read the training layout; the links make a BIDS dataset one without copying
     it. Brought up to date each run, so a changed dataset is followed.
     """
-    entries = training_files(bids_root, data_config)
+    entries = [(found.name, found.inputs, found.truth) for found in find_subjects(bids_root, data_config, strict=True)]
     wanted = {name for name, _, _ in entries}
     for stale in [p for p in view.iterdir() if p.name not in wanted] if view.is_dir() else []:
         link_folder(stale, {})  # sessions gone from the dataset, or no longer labelled
@@ -175,7 +175,7 @@ def ensure_cohort(cohort_config, modalities, cohort_dir: Path, log: Callable, da
         log(f"cohort: {len(names)} labelled sessions of the BIDS dataset {data_dir}, linked in {cohort_dir}")
         return names
     if data_dir:
-        names = [name for name, _, _ in training_files(cohort_dir, data_config)]
+        names = [found.name for found in find_subjects(cohort_dir, data_config, strict=True)]
         log(f"cohort: {len(names)} subjects of {cohort_dir}")
         return names
     record = {**config_lib.to_dict(cohort_config), "contrasts": list(modalities)}

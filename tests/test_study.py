@@ -149,7 +149,7 @@ def test_shard_settings():
     assert study_lib.parse_shard("slurm", {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4",
                                            "SLURM_ARRAY_TASK_MAX": "7"}) == (1, 4)
     for bad in ("3/3", "a/b", "1", "-1/2"):
-        with pytest.raises(UserError, match="expected I/N"):
+        with pytest.raises(UserError, match="expected 'I/N'"):
             study_lib.parse_shard(bad)
     with pytest.raises(UserError, match="SLURM_ARRAY_TASK_ID is not set"):
         study_lib.parse_shard("slurm", {})

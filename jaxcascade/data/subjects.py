@@ -1,9 +1,10 @@
-"""Training subjects from a data folder: discovery, loading, normalisation, and each process's share.
+"""Subjects of a data folder: the one discovery (`find_subjects`) and the one loader (`load_images`) that
+training, studies and single subjects share; training's subjects loaded, normalised, each process's share.
 
 A data folder holds one folder per subject with `<MODALITY><suffix>` for every
-config.data.modalities and `<lesion><suffix>`, or is a BIDS dataset
-(`bids_layout`): each session with a lesion mask is then a subject named
-sub-X_ses-Y, its modalities found through config.data.bids_suffixes.
+config.data.modalities and `<lesion><suffix>` (a study's may lack it, and may hold `brain_mask<suffix>`), or is
+a BIDS dataset (`bids_layout`): each session is then a subject named sub-X_ses-Y, its modalities found through
+the BIDS suffixes (training takes the sessions with a lesion mask).
 Subjects are numbered in sorted name order; the number seeds the subject's sampling and decides its
 data shard (`batching`), so a subject is treated the same whichever process
 loads it.
@@ -12,7 +13,6 @@ loads it.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import numpy as np
@@ -44,22 +44,84 @@ class Subject:
         return self.volume[..., self.flair_channel]
 
 
-def discover_subjects(data_dir: str | os.PathLike, required_files: list[str]) -> list[Path]:
-    """Subject folders of data_dir, each required to hold all required_files."""
+@dataclasses.dataclass(frozen=True)
+class SubjectFiles:
+    """One subject (or BIDS session) of a data folder, as discovered: its files, not yet read."""
+
+    participant_id: str  # the folder's name, or sub-X
+    session_id: str  # ses-Y, or "" without sessions
+    inputs: dict  # modality -> Path (a BIDS session may lack some: see problem)
+    truth: Path | None  # its lesion mask, if any
+    brain_mask: Path | None = None  # restricts normalisation and candidates
+    problem: str | None = None  # why it cannot be segmented, found while discovering
+
+    @property
+    def name(self) -> str:
+        """sub-X_ses-Y (training's subject name; the folder's name in the training layout)."""
+        return bids_layout.session_name(self.participant_id, self.session_id) if self.session_id else self.participant_id
+
+
+def find_subjects(data_dir, data_config, *, strict: bool, bids_suffixes: dict | None = None, participants=None,
+                  bids_filters=(), log=None) -> list[SubjectFiles]:
+    """Every subject (and session) of a training-layout folder or a BIDS dataset, sorted by name.
+
+    The one discovery that training and studies share. strict (training): every subject needs all
+    sequences and a lesion mask, and one that lacks any is an error naming it (a dataset must not shrink
+    silently); BIDS sessions without a lesion mask are left out. Not strict (studies): each subject's
+    problem is recorded in it (its row says it, the others go on) and lesion masks are optional.
+    bids_suffixes: {modality: suffix} (the config's data.bids_suffixes by default); participants: labels
+    to keep (01 or sub-01; folder names in the training layout); bids_filters: `[MODALITY:]ENTITY=VALUE`.
+    """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise UserError(f"{data_dir}: training data folder not found")
-    subjects = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not subjects:
-        raise UserError(f"{data_dir}: no subject folders (expected {data_dir}/<subject>/{required_files[0]} ...)")
-    incomplete = []
-    for subject in subjects:
-        absent = [name for name in required_files if not (subject / name).exists()]
-        if absent:
-            incomplete.append(f"{subject.name} lacks {', '.join(absent)}")
-    if incomplete:
-        raise UserError(f"{data_dir}: incomplete subjects: {'; '.join(incomplete)}")
-    return subjects
+        raise UserError(f"{data_dir}: {'training ' if strict else ''}data folder not found")
+    modalities = tuple(data_config.modalities)
+    if bids_layout.is_bids(data_dir):
+        suffixes = bids_suffixes or bids_layout.parse_suffixes(data_config.get("bids_suffixes", ""))
+        if strict:
+            return [SubjectFiles(bids_layout.participant_of(name), name[len(bids_layout.participant_of(name)) + 1:],
+                                 inputs, truth)
+                    for name, inputs, truth in sorted(bids_layout.training_sessions(
+                        data_dir, modalities, suffixes, participants=participants, filters=bids_filters, log=log),
+                        key=lambda entry: entry[0])]
+        return [SubjectFiles(entry["participant_id"], entry["session_id"], entry["inputs"], entry["truth"],
+                             entry["brain_mask"], entry["problem"])
+                for entry in bids_layout.sessions(data_dir, modalities, suffixes, participants=participants,
+                                                  filters=bids_filters, log=log)]
+    if bids_filters:
+        raise UserError(f"{data_dir}: bids_filters=... applies to BIDS datasets (this folder has no "
+                        "dataset_description.json)")
+    return [_folder_subject(folder, data_config) for folder in _subject_folders(data_dir, data_config, strict,
+                                                                                participants)]
+
+
+def _subject_folders(data_dir: Path, data_config, strict: bool, participants) -> list[Path]:
+    """The training layout's subject folders (strict: all of them, each complete; else those holding a sequence)."""
+    names = [f"{m}{data_config.suffix}" for m in data_config.modalities]
+    folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not strict:
+        folders = [p for p in folders if any((p / name).exists() for name in names)]
+    if not folders:
+        expected = f"{data_dir}/<subject>/{names[0]} ..."
+        raise UserError(f"{data_dir}: no subject folders (expected {expected})" if strict else
+                        f"{data_dir}: no subject folders with {' or '.join(names)} (expected {expected}, or a BIDS "
+                        "dataset with dataset_description.json)")
+    if strict:
+        required = [*names, f"{data_config.lesion}{data_config.suffix}"]
+        incomplete = [f"{folder.name} lacks {', '.join(absent)}" for folder in folders
+                      if (absent := [name for name in required if not (folder / name).exists()])]
+        if incomplete:
+            raise UserError(f"{data_dir}: incomplete subjects: {'; '.join(incomplete)}")
+    return select_participants(folders, participants, data_dir)
+
+
+def _folder_subject(folder: Path, data_config) -> SubjectFiles:
+    suffix = data_config.suffix
+    truth, brain = folder / f"{data_config.lesion}{suffix}", folder / f"brain_mask{suffix}"
+    # A broken link (a DataLad file not fetched) is kept, to say so when it is read.
+    return SubjectFiles(folder.name, "", {m: folder / f"{m}{suffix}" for m in data_config.modalities},
+                        truth if truth.exists() or truth.is_symlink() else None,
+                        brain if brain.exists() else None)
 
 
 def select_participants(folders: list[Path], participants, data_dir) -> list[Path]:
@@ -78,22 +140,27 @@ def select_participants(folders: list[Path], participants, data_dir) -> list[Pat
     return [folder for folder in folders if folder.name in wanted]
 
 
-def training_files(data_dir, data_config, participants=None) -> list[tuple[str, dict, Path]]:
-    """(name, {modality: file}, lesion file) of every training subject, in either layout, sorted by name.
+@dataclasses.dataclass(frozen=True)
+class SubjectImages:
+    """One subject's sequences read and checked (`load_images`)."""
 
-    data_config is a config's `data` block; participants, if given, the labels to keep (01 or sub-01;
-    in the folder layout, folder names).
-    """
-    modalities = tuple(data_config.modalities)
-    if bids_layout.is_bids(data_dir):
-        suffixes = bids_layout.parse_suffixes(data_config.get("bids_suffixes", ""))
-        return sorted(bids_layout.training_sessions(data_dir, modalities, suffixes, participants=participants),
-                      key=lambda entry: entry[0])
-    suffix, lesion_name = data_config.suffix, data_config.lesion
-    folders = discover_subjects(data_dir, [f"{m}{suffix}" for m in modalities] + [f"{lesion_name}{suffix}"])
-    folders = select_participants(folders, participants, data_dir)
-    return [(folder.name, {m: folder / f"{m}{suffix}" for m in modalities}, folder / f"{lesion_name}{suffix}")
-            for folder in folders]
+    images: list  # nifti.Image per modality, in the config's channel order, on the FLAIR's grid
+    reference: nifti.Image  # the FLAIR: outputs go on its grid
+    brain_mask: np.ndarray | None  # on the reference's processing grid
+    resampled: list[str]  # one note per sequence brought onto the FLAIR's grid (`nifti.resampling_notes`)
+    skull_stripped: str  # 'masked' (a brain mask given), 'yes' or 'no' (`nifti.looks_skull_stripped`)
+
+
+def load_images(inputs: dict, data_config, *, brain_mask=None, source: str = "the model") -> SubjectImages:
+    """The one subject loader: inputs ({modality: a file or a nibabel image}) in data_config's channel order
+    and orientation, all on the FLAIR's grid, and the brain mask file if given; a UserError naming the file
+    for any problem. source names whose modalities the inputs must match (a model, a subject)."""
+    modalities, flair = tuple(data_config.modalities), data_config.flair
+    images = nifti.load_sequences(inputs, modalities, source, orientation=data_config.orientation, reference=flair)
+    reference = images[modalities.index(flair)]
+    mask = nifti.load_brain_mask(brain_mask, reference) if brain_mask else None
+    stripped = "masked" if mask is not None else "yes" if nifti.looks_skull_stripped(reference.data) else "no"
+    return SubjectImages(images, reference, mask, nifti.resampling_notes(images, modalities, flair), stripped)
 
 
 def _labelled_region(lesion_file: Path, data_config, reference) -> np.ndarray | None:
@@ -118,7 +185,7 @@ def load_training_subjects(data_dir, config, num_shards: int = 1, participants=N
     nifti.check_orientation(config.data.orientation)
     if len(set(modalities)) != len(modalities):
         raise UserError(f"config data.modalities names a modality twice: {', '.join(modalities)}")
-    folders = training_files(data_dir, config.data, participants)
+    folders = find_subjects(data_dir, config.data, strict=True, participants=participants)
     if len(folders) < num_shards:
         raise UserError(
             f"{data_dir}: {len(folders)} subjects cannot fill {num_shards} data shards (one per process unless "
@@ -129,17 +196,16 @@ def load_training_subjects(data_dir, config, num_shards: int = 1, participants=N
 
     def load() -> list[Subject]:
         subjects = []
-        for number, (name, inputs, lesion_file) in enumerate(folders):
+        for number, found in enumerate(folders):
             if shard_of[number] not in mine:
                 continue
-            images = nifti.load_sequences(inputs, modalities, name,
-                                          orientation=config.data.orientation, reference=config.data.flair)
-            lesion = nifti.load_lesion_mask(lesion_file, images[channel])
-            labelled = _labelled_region(lesion_file, config.data, images[channel])
-            volume = normalise_channels([image.data for image in images], config.normalisation,
+            loaded = load_images(found.inputs, config.data, source=found.name)
+            lesion = nifti.load_lesion_mask(found.truth, loaded.reference)
+            labelled = _labelled_region(found.truth, config.data, loaded.reference)
+            volume = normalise_channels([image.data for image in loaded.images], config.normalisation,
                                         bias_correction=config.bias_correction)
-            zooms = tuple(float(z) for z in images[channel].nifti.header.get_zooms()[:3])
-            subjects.append(Subject(name, volume, lesion, channel, number, shard_of[number], zooms, labelled))
+            zooms = tuple(float(z) for z in loaded.reference.nifti.header.get_zooms()[:3])
+            subjects.append(Subject(found.name, volume, lesion, channel, number, shard_of[number], zooms, labelled))
         return subjects
 
     subjects = distributed.agree(load, "loading its training subjects")
@@ -150,7 +216,7 @@ def load_training_subjects(data_dir, config, num_shards: int = 1, participants=N
     if not lesion_voxels.any():
         raise UserError(f"{data_dir}: no lesion voxels in any subject's lesion mask; nothing to learn from")
     for shard in np.flatnonzero(lesion_voxels == 0):
-        names = [entry[0] for entry, s in zip(folders, shard_of) if s == shard]
+        names = [found.name for found, s in zip(folders, shard_of) if s == shard]
         raise UserError(
             f"{data_dir}: data shard {shard} of {num_shards} ({', '.join(names)}) has no lesion voxels; "
             "every shard needs some: use fewer --config.distributed.data_shards (or processes)"

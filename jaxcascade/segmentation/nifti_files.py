@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from jaxcascade.data import nifti
+from jaxcascade.data.subjects import load_images
 from jaxcascade.errors import UserError
 from jaxcascade.errors import warn as warn_user
 from jaxcascade.runtime.outputs import NIFTI_SUFFIXES, check_free_space, check_output_path
@@ -97,18 +98,14 @@ def segment_files(model: Cascade | str | os.PathLike, inputs: dict, out=None, *,
 
 def _load(model: Cascade, inputs: dict, brain_mask, warn) -> tuple[list[nifti.Image], np.ndarray | None]:
     """The subject's images in the model's channel order on the FLAIR's grid, and its brain mask (if given)."""
-    flair = model.config.data.flair
-    images = nifti.load_sequences(inputs, model.modalities, orientation=model.config.data.orientation,
-                                  reference=flair)
-    reference = images[model.flair_channel]
-    resampled = [image for image in images if image.resampled_from]  # the notes' order
-    for image, note in zip(resampled, nifti.resampling_notes(images, model.modalities, flair)):
+    loaded = load_images(inputs, model.config.data, brain_mask=brain_mask)
+    resampled = [image for image in loaded.images if image.resampled_from]  # the notes' order
+    for image, note in zip(resampled, loaded.resampled):
         warn(f"{image.path}: {note}")
-    mask = nifti.load_brain_mask(brain_mask, reference) if brain_mask else None
-    if mask is None and not nifti.looks_skull_stripped(reference.data):
-        warn(f"{reference.path}: nonzero voxels reach most faces of the field of view; the image does not look "
-             "skull-stripped (pass brain_mask=...)")
-    return images, mask
+    if loaded.skull_stripped == "no":
+        warn(f"{loaded.reference.path}: nonzero voxels reach most faces of the field of view; the image does not "
+             "look skull-stripped (pass brain_mask=...)")
+    return loaded.images, loaded.brain_mask
 
 
 def on_file_grid(result: Segmentation, reference: nifti.Image) -> Segmentation:

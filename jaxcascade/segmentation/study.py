@@ -39,7 +39,7 @@ from jaxcascade.segmentation.options import StudyOptions
 from jaxcascade.storage import model_dir as model_dirs, shipped
 from jaxcascade.errors import MACHINE_ERRNOS, MachineFault, UserError, out_of_memory
 from jaxcascade.runtime.outputs import check_output_path, write_json, write_text
-from jaxcascade.data.subjects import select_participants
+from jaxcascade.data.subjects import find_subjects
 from jaxcascade.segmentation import study_record
 from jaxcascade.segmentation.study_report import LESION_COLUMNS, SUBJECT_COLUMNS, csv_text
 from jaxcascade.segmentation.study_subject import (Prefetcher, StudySubject, fit_file_names, load_subject,
@@ -67,32 +67,13 @@ def study_subjects(data_dir, config, bids_suffixes: dict | None = None, *, parti
 
 
 def _discovered(data_dir: Path, config, bids_suffixes, participants, bids_filters, log) -> list[StudySubject]:
-    modalities = tuple(config.data.modalities)
-    if bids_layout.is_bids(data_dir):
-        found = bids_layout.sessions(data_dir, modalities, bids_suffixes or bids_layout.DEFAULT_SUFFIXES,
-                                     participants=participants, filters=bids_filters, log=log)
-        return [StudySubject(entry["participant_id"], entry["session_id"], entry["inputs"], entry["truth"],
-                             *bids_layout.output_location(entry["participant_id"], entry["session_id"]),
-                             problem=entry["problem"], brain_mask=entry["brain_mask"]) for entry in found]
-    if bids_filters:
-        raise UserError(f"{data_dir}: bids_filters=... applies to BIDS datasets (this folder has no "
-                        "dataset_description.json)")
-    names = [f"{m}{config.data.suffix}" for m in modalities]
-    folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
-                     and any((p / name).exists() for name in names))
-    if not folders:
-        raise UserError(f"{data_dir}: no subject folders with {' or '.join(names)} (expected "
-                        f"{data_dir}/<subject>/{names[0]} ..., or a BIDS dataset with dataset_description.json)")
-    folders = select_participants(folders, participants, data_dir)
-    subjects = []
-    for folder in folders:
-        truth, brain = folder / f"{config.data.lesion}{config.data.suffix}", folder / f"brain_mask{config.data.suffix}"
-        subjects.append(StudySubject(folder.name, "", {m: folder / f"{m}{config.data.suffix}" for m in modalities},
-                                     # a broken link (a DataLad file not fetched) is tried, to say so
-                                     truth if truth.exists() or truth.is_symlink() else None,
-                                     Path(folder.name), folder.name,
-                                     brain_mask=brain if brain.exists() else None))
-    return subjects
+    bids = bids_layout.is_bids(data_dir)
+    found = find_subjects(data_dir, config.data, strict=False, bids_suffixes=bids_suffixes,
+                          participants=participants, bids_filters=bids_filters, log=log)
+    return [StudySubject(entry.participant_id, entry.session_id, entry.inputs, entry.truth,
+                         *(bids_layout.output_location(entry.participant_id, entry.session_id) if bids
+                           else (Path(entry.participant_id), entry.participant_id)),
+                         problem=entry.problem, brain_mask=entry.brain_mask) for entry in found]
 
 
 def subject_count(rows: list[dict]) -> str:

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from jaxcascade.data import nifti
+from jaxcascade.data.subjects import load_images
 from jaxcascade.evaluation import metrics, plots
 from jaxcascade.segmentation.cascade import Cascade, PhaseClock, Segmentation
 from jaxcascade.segmentation.study_report import lesion_rows
@@ -60,21 +61,17 @@ def load_subject(model: Cascade, subject: StudySubject) -> LoadedSubject:
     started = time.perf_counter()
     if subject.problem:
         raise UserError(subject.problem)
-    config = model.config
-    images = nifti.load_sequences(subject.inputs, model.modalities, subject.participant_id,
-                                  orientation=config.data.orientation, reference=config.data.flair)
-    reference = images[model.modalities.index(config.data.flair)]
-    brain_mask = nifti.load_brain_mask(subject.brain_mask, reference) if subject.brain_mask else None
-    stripped = "masked" if brain_mask is not None else "yes" if nifti.looks_skull_stripped(reference.data) else "no"
+    files = load_images(subject.inputs, model.config.data, brain_mask=subject.brain_mask,
+                        source=subject.participant_id)
     truth, scoring = None, ""
     if subject.truth:
         # Scoring never blocks segmenting: a mask that cannot be read is said in the report, and not scored.
         try:
-            truth, scoring = nifti.read_lesion_mask(subject.truth, reference)
+            truth, scoring = nifti.read_lesion_mask(subject.truth, files.reference)
         except UserError as error:
             scoring = f"not scored: {error}"
-    return LoadedSubject(images, reference, nifti.resampling_notes(images, model.modalities, config.data.flair),
-                         brain_mask, stripped, truth, time.perf_counter() - started, scoring)
+    return LoadedSubject(files.images, files.reference, files.resampled, files.brain_mask, files.skull_stripped, truth,
+                         time.perf_counter() - started, scoring)
 
 
 def fit_file_names(subject: StudySubject) -> StudySubject:
