@@ -32,6 +32,7 @@ import csv
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 from jaxcascade.version import __version__
 from jaxcascade.errors import UserError
@@ -189,6 +190,39 @@ def _listed_participants(root: Path) -> list[str]:
         return []
 
 
+def _session_entry(root: Path, subject: str, session: str, anat: Path, modalities: tuple[str, ...],
+                   suffixes: dict[str, str], filters: list[tuple[str | None, str, str]],
+                   log: Callable[[str], None]) -> dict | None:
+    """One row of `sessions`; None (logged) for a session without an anat/ folder."""
+    where = f"sub-{subject} ses-{session}" if session else f"sub-{subject}"
+    entry = {"participant_id": f"sub-{subject}", "session_id": f"ses-{session}" if session else "",
+             "inputs": {}, "truth": None, "brain_mask": None, "problem": None}
+    if not anat.is_dir():
+        # Not a session of this tool's kind (sub-emptyroom's MEG, a session with func/ only); an anat/
+        # that lacks a sequence is a problem of that session, said in its row.
+        log(f"{where}: no anat/ folder (no anatomical images); skipped")
+        return None
+    images = _images(anat, subject, session)
+    problems = []
+    for modality in modalities:
+        path, note, problem = _choose(images, modality, suffixes[modality], filters, where)
+        if note:
+            log(note)
+        if problem:
+            problems.append(problem)
+        elif not path.exists():
+            problems.append(f"{path.name} is a broken symbolic link (content not fetched? for DataLad "
+                            "or git-annex: datalad get / git annex get)")
+        else:
+            entry["inputs"][modality] = path
+    entry["problem"] = "; ".join(problems) or None
+    lesions, brains = _derivative_masks(root, subject, session)
+    entry["truth"] = lesions[0] if len(lesions) == 1 else None
+    entry["lesion_masks"] = lesions  # several (raters?): segmented, not scored
+    entry["brain_mask"] = brains[0] if len(brains) == 1 else None
+    return entry
+
+
 def sessions(root, modalities: tuple[str, ...], suffixes: dict[str, str], *, participants=None,
              filters=None, log=None) -> list[dict]:
     """Every subject/session: {'participant_id', 'session_id', 'inputs', 'truth', 'brain_mask', 'problem'}.
@@ -226,33 +260,9 @@ def sessions(root, modalities: tuple[str, ...], suffixes: dict[str, str], *, par
     found = []
     for subject in subjects:
         for session, anat in _subject_sessions(root, subject):
-            where = f"sub-{subject} ses-{session}" if session else f"sub-{subject}"
-            entry = {"participant_id": f"sub-{subject}", "session_id": f"ses-{session}" if session else "",
-                     "inputs": {}, "truth": None, "brain_mask": None, "problem": None}
-            if not anat.is_dir():
-                # Not a session of this tool's kind (sub-emptyroom's MEG, a session with func/ only); an anat/
-                # that lacks a sequence is a problem of that session, said in its row.
-                log(f"{where}: no anat/ folder (no anatomical images); skipped")
-                continue
-            images = _images(anat, subject, session)
-            problems = []
-            for modality in modalities:
-                path, note, problem = _choose(images, modality, suffixes[modality], filters, where)
-                if note:
-                    log(note)
-                if problem:
-                    problems.append(problem)
-                elif not path.exists():
-                    problems.append(f"{path.name} is a broken symbolic link (content not fetched? for DataLad "
-                                    "or git-annex: datalad get / git annex get)")
-                else:
-                    entry["inputs"][modality] = path
-            entry["problem"] = "; ".join(problems) or None
-            lesions, brains = _derivative_masks(root, subject, session)
-            entry["truth"] = lesions[0] if len(lesions) == 1 else None
-            entry["lesion_masks"] = lesions  # several (raters?): segmented, not scored
-            entry["brain_mask"] = brains[0] if len(brains) == 1 else None
-            found.append(entry)
+            entry = _session_entry(root, subject, session, anat, modalities, suffixes, filters, log)
+            if entry is not None:
+                found.append(entry)
     if not found:
         raise UserError(f"{root}: a BIDS dataset without anatomical images (expected sub-<label>/[ses-<label>/]"
                         "anat/sub-<label>_<suffix>.nii.gz)")

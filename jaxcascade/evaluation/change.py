@@ -192,11 +192,46 @@ def classify_changes(baseline, followup, affine, criteria: ChangeCriteria = Chan
     if box is None:
         empty = ChangeSummary(0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0)
         return LesionChanges(change_mask, group_mask, activity_mask, (), empty, criteria)
-    before_lesions = label_lesions(baseline_mask[box])
-    after_lesions = label_lesions(followup_mask[box])
+    groups = _overlap_groups(baseline_mask[box], followup_mask[box], box, affine, voxel_mm3)
+    verdicts = _classify_groups(groups, criteria, voxel_mm3)
+    change_mask[box][groups.where] = verdicts.codes[groups.members]
+    group_mask[box][groups.where] = verdicts.numbers[groups.members]
+    activity_mask[box][groups.where] = groups.grown & verdicts.active[groups.members]
+
+    rows = verdicts.rows
+    counts = {name: sum(row.change_class == name for row in rows) for name in CHANGE_CLASSES}
+    summary = ChangeSummary(
+        **{f"{name}_count": counts[name] for name in CHANGE_CLASSES},
+        active_count=sum(row.active for row in rows),
+        new_and_enlarging_volume_ml=float(activity_mask.sum()) * voxel_mm3 / 1000.0,
+        baseline_volume_ml=sum(row.baseline_volume_ml for row in rows),
+        followup_volume_ml=sum(row.followup_volume_ml for row in rows),
+        ignored_small_count=verdicts.ignored)
+    return LesionChanges(change_mask, group_mask, activity_mask, rows, summary, criteria)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OverlapGroups:
+    """The groups of the overlap graph, measured over the lesion voxels of either visit (in a box)."""
+
+    where: tuple[np.ndarray, ...]  # the box's indices of those voxels
+    members: np.ndarray  # each voxel's group
+    grown: np.ndarray  # each voxel: lesion at follow-up only
+    count_before: np.ndarray  # per group: baseline lesions, follow-up lesions, volumes (mm^3), grown voxels
+    count_after: np.ndarray
+    volume_before: np.ndarray
+    volume_after: np.ndarray
+    grown_voxels: np.ndarray
+    centre_mm: np.ndarray  # per group: the union's centroid in world coordinates
+
+
+def _overlap_groups(baseline_box: np.ndarray, followup_box: np.ndarray, box: tuple[slice, ...],
+                    affine: np.ndarray, voxel_mm3: float) -> _OverlapGroups:
+    before_lesions = label_lesions(baseline_box)
+    after_lesions = label_lesions(followup_box)
     n_before, n_after = before_lesions.count, after_lesions.count
     # Every statistic below runs over the lesion voxels of either visit only, not over the box.
-    union = baseline_mask[box] | followup_mask[box]
+    union = baseline_box | followup_box
     where = np.nonzero(union)
     label_before = before_lesions.full_labels()[where]
     label_after = after_lesions.full_labels()[where]
@@ -227,7 +262,25 @@ def classify_changes(baseline, followup, affine, criteria: ChangeCriteria = Chan
     centre_mm = centre_voxel @ affine[:3, :3].T + affine[:3, 3]
     grown = (label_after > 0) & (label_before == 0)
     grown_voxels = np.bincount(members[grown], minlength=n_groups)
+    return _OverlapGroups(where, members, grown, count_before, count_after, volume_before, volume_after,
+                          grown_voxels, centre_mm)
 
+
+@dataclasses.dataclass(frozen=True)
+class _GroupVerdicts:
+    """Each group's class and activity: the table's rows, and per group its code, row number (0: dropped)."""
+
+    rows: tuple[LesionChange, ...]
+    codes: np.ndarray
+    numbers: np.ndarray
+    active: np.ndarray
+    ignored: int  # new or disappeared lesions dropped as smaller than min_new_lesion_mm3
+
+
+def _classify_groups(groups: _OverlapGroups, criteria: ChangeCriteria, voxel_mm3: float) -> _GroupVerdicts:
+    count_before, count_after = groups.count_before, groups.count_after
+    volume_before, volume_after = groups.volume_before, groups.volume_after
+    n_groups = count_before.size
     rows, ignored = [], 0
     number = np.zeros(n_groups, np.int32)
     active_groups = np.zeros(n_groups, bool)
@@ -244,22 +297,9 @@ def classify_changes(baseline, followup, affine, criteria: ChangeCriteria = Chan
             group=len(rows) + 1, change_class=change_class,
             baseline_lesions=int(count_before[g]), followup_lesions=int(count_after[g]),
             baseline_volume_ml=float(volume_before[g]) / 1000.0, followup_volume_ml=float(volume_after[g]) / 1000.0,
-            grown_volume_ml=float(grown_voxels[g]) * voxel_mm3 / 1000.0,
-            centroid_mm=tuple(float(c) for c in centre_mm[g]), active=bool(active)))
-
-    change_mask[box][where] = codes[members]
-    group_mask[box][where] = number[members]
-    activity_mask[box][where] = grown & active_groups[members]
-
-    counts = {name: sum(row.change_class == name for row in rows) for name in CHANGE_CLASSES}
-    summary = ChangeSummary(
-        **{f"{name}_count": counts[name] for name in CHANGE_CLASSES},
-        active_count=sum(row.active for row in rows),
-        new_and_enlarging_volume_ml=float(activity_mask.sum()) * voxel_mm3 / 1000.0,
-        baseline_volume_ml=sum(row.baseline_volume_ml for row in rows),
-        followup_volume_ml=sum(row.followup_volume_ml for row in rows),
-        ignored_small_count=ignored)
-    return LesionChanges(change_mask, group_mask, activity_mask, tuple(rows), summary, criteria)
+            grown_volume_ml=float(groups.grown_voxels[g]) * voxel_mm3 / 1000.0,
+            centroid_mm=tuple(float(c) for c in groups.centre_mm[g]), active=bool(active)))
+    return _GroupVerdicts(tuple(rows), codes, number, active_groups, ignored)
 
 
 def table_rows(changes: LesionChanges) -> list[dict]:

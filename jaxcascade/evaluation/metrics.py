@@ -107,7 +107,26 @@ def segmentation_metrics(pred, truth, voxel_volume_ml: float | None = None) -> d
     pred_voxels = int(np.count_nonzero(pred_mask))
     truth_voxels = int(np.count_nonzero(truth_mask))
     overlap_voxels = int(np.count_nonzero(pred_mask & truth_mask))
+    true_lesions, pred_lesions, detected_lesions, false_positive_lesions = _lesion_counts(pred_mask, truth_mask)
+    metrics: dict[str, float] = {
+        **_ratios(pred_voxels, truth_voxels, overlap_voxels,
+                  true_lesions, pred_lesions, detected_lesions, false_positive_lesions),
+        "true_lesions": int(true_lesions),
+        "pred_lesions": int(pred_lesions),
+        "detected_lesions": detected_lesions,
+        "false_positive_lesions": int(false_positive_lesions),
+        "pred_voxels": pred_voxels,
+        "truth_voxels": truth_voxels,
+        "overlap_voxels": overlap_voxels,
+    }
+    if voxel_volume_ml is not None:
+        metrics["pred_volume_ml"] = pred_voxels * float(voxel_volume_ml)
+        metrics["truth_volume_ml"] = truth_voxels * float(voxel_volume_ml)
+    return metrics
 
+
+def _lesion_counts(pred_mask: np.ndarray, truth_mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(true lesions, predicted lesions, true lesions detected, predicted lesions overlapping no true voxel)."""
     # Components live inside the masks' joint bounding box: labelling only that box gives the same
     # lesions at a fraction of the cost of a whole brain.
     box = bounding_box(pred_mask | truth_mask) or tuple(slice(0, 0) for _ in pred_mask.shape)
@@ -116,7 +135,12 @@ def segmentation_metrics(pred, truth, voxel_volume_ml: float | None = None) -> d
     pred_labels, pred_lesions = ndimage.label(pred_mask, structure=LESION_CONNECTIVITY)
     detected_lesions = _count_hit_labels(truth_labels, pred_mask)
     false_positive_lesions = pred_lesions - _count_hit_labels(pred_labels, truth_mask)
+    return true_lesions, pred_lesions, detected_lesions, false_positive_lesions
 
+
+def _ratios(pred_voxels: int, truth_voxels: int, overlap_voxels: int, true_lesions: int, pred_lesions: int,
+            detected_lesions: int, false_positive_lesions: int) -> dict[str, float]:
+    """The seven ratios of `segmentation_metrics`, with the module docstring's conventions for empty masks."""
     if pred_voxels == 0 and truth_voxels == 0:
         dsc, ppv, tpr, rvd = 1.0, 1.0, 1.0, 0.0
         lesion_tpr, lesion_fpr, lesion_f1 = 1.0, 0.0, 1.0
@@ -134,27 +158,8 @@ def segmentation_metrics(pred, truth, voxel_volume_ml: float | None = None) -> d
             lesion_f1 = 0.0
         else:
             lesion_f1 = 2.0 * lesion_tpr * lesion_precision / (lesion_tpr + lesion_precision)
-
-    metrics: dict[str, float] = {
-        "dsc": dsc,
-        "ppv": ppv,
-        "tpr": tpr,
-        "rvd": rvd,
-        "lesion_tpr": lesion_tpr,
-        "lesion_fpr": lesion_fpr,
-        "lesion_f1": lesion_f1,
-        "true_lesions": int(true_lesions),
-        "pred_lesions": int(pred_lesions),
-        "detected_lesions": detected_lesions,
-        "false_positive_lesions": int(false_positive_lesions),
-        "pred_voxels": pred_voxels,
-        "truth_voxels": truth_voxels,
-        "overlap_voxels": overlap_voxels,
-    }
-    if voxel_volume_ml is not None:
-        metrics["pred_volume_ml"] = pred_voxels * float(voxel_volume_ml)
-        metrics["truth_volume_ml"] = truth_voxels * float(voxel_volume_ml)
-    return metrics
+    return {"dsc": dsc, "ppv": ppv, "tpr": tpr, "rvd": rvd,
+            "lesion_tpr": lesion_tpr, "lesion_fpr": lesion_fpr, "lesion_f1": lesion_f1}
 
 
 def _format_value(value) -> str:

@@ -78,32 +78,37 @@ def conv3d(
     Returns:
       (batch, depth', height', width', out_channels) in x's dtype.
     """
-    if padding not in ("VALID", "SAME"):
-        raise ValueError(f"padding must be 'VALID' or 'SAME', got {padding!r}")
-    kernel_size = kernel.shape[0]
-    if padding == "SAME":
-        pad = same_padding(kernel_size, dilation)
-        x = jnp.pad(x, ((0, 0), pad, pad, pad, (0, 0)))
+    x = _padded(x, kernel.shape[0], padding, dilation)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown convolution implementation {implementation!r}; use one of {IMPLEMENTATIONS}")
-    accumulate = None
-    if compute_dtype is not None and jnp.dtype(compute_dtype) != x.dtype:
-        accumulate = x.dtype
-        x, kernel = x.astype(compute_dtype), kernel.astype(compute_dtype)
+    x, kernel, accumulate = _in_compute_dtype(x, kernel, compute_dtype)
     # float32 means float32: without this, NVIDIA GPUs run float32 convolutions in TF32 (a 10-bit
     # mantissa; dense vs patch-wise probabilities then differ by 1.4e-3 instead of 3e-7). It cost
     # nothing measurable on an H200 and leaves CPU results bit-identical (benchmarks/gpu.py).
     precision = lax.Precision.HIGHEST if accumulate is None else None
-    if implementation == "direct" and not (cpu_kernel.supports(x.shape, kernel.shape, x.dtype)
-                                           and cpu_kernel.available()):
-        raise ValueError(f"the CPU kernel cannot run this convolution ({x.dtype}, kernel {kernel.shape}) here")
-    if implementation == "direct" or (implementation == "auto" and accumulate is None and cpu_kernel.enabled()
-                                      and cpu_kernel.supports(x.shape, kernel.shape, x.dtype)):
+    if _runs_primitive(implementation, x, kernel, accumulate):
         # A JAX primitive (conv_primitives.py) whose lowering picks the C++ kernel on CPU, `lax.conv` elsewhere,
         # and whose derivatives and batching are again these primitives: every transformation composes.
         if keep is not None and padding == "VALID":
             return kept_outputs.conv3d_where(x, kernel, keep, dilation=dilation)
         return conv_primitives.conv3d(x, kernel, dilation=dilation, gather_taps=gather_taps)
+    return _formulation(x, kernel, implementation, dilation=dilation, accumulate=accumulate, precision=precision,
+                        gather_taps=gather_taps)
+
+
+def _runs_primitive(implementation: str, x: jax.Array, kernel: jax.Array, accumulate) -> bool:
+    """Whether the convolution is conv_primitives' primitive (the C++ kernel on CPU); ValueError for a
+    'direct' that cannot run here."""
+    if implementation == "direct" and not (cpu_kernel.supports(x.shape, kernel.shape, x.dtype)
+                                           and cpu_kernel.available()):
+        raise ValueError(f"the CPU kernel cannot run this convolution ({x.dtype}, kernel {kernel.shape}) here")
+    return implementation == "direct" or (implementation == "auto" and accumulate is None and cpu_kernel.enabled()
+                                          and cpu_kernel.supports(x.shape, kernel.shape, x.dtype))
+
+
+def _formulation(x: jax.Array, kernel: jax.Array, implementation: str, *, dilation: int, accumulate, precision,
+                 gather_taps: bool) -> jax.Array:
+    """The convolution as one of `FORMULATIONS` ('auto': the CPU's best where lowered for a CPU, else `lax`)."""
     if implementation == "auto":
         # Chosen when the computation is lowered for a platform, not when it is
         # traced: an exported or cross-compiled step gets cuDNN/TPU convolutions
@@ -114,3 +119,19 @@ def conv3d(
             default=functools.partial(FORMULATIONS["lax"], dilation=dilation, accumulate=accumulate,
                                       precision=precision))
     return FORMULATIONS[implementation](x, kernel, dilation, accumulate=accumulate, precision=precision)
+
+
+def _padded(x: jax.Array, kernel_size: int, padding: str, dilation: int) -> jax.Array:
+    if padding not in ("VALID", "SAME"):
+        raise ValueError(f"padding must be 'VALID' or 'SAME', got {padding!r}")
+    if padding == "SAME":
+        pad = same_padding(kernel_size, dilation)
+        x = jnp.pad(x, ((0, 0), pad, pad, pad, (0, 0)))
+    return x
+
+
+def _in_compute_dtype(x: jax.Array, kernel: jax.Array, compute_dtype) -> tuple[jax.Array, jax.Array, object]:
+    """(x, kernel) cast to compute_dtype, and the dtype to accumulate in (x's; None: no cast, x's dtype throughout)."""
+    if compute_dtype is not None and jnp.dtype(compute_dtype) != x.dtype:
+        return x.astype(compute_dtype), kernel.astype(compute_dtype), x.dtype
+    return x, kernel, None

@@ -94,18 +94,40 @@ def write_cohort(out_dir, subjects: int, seed: int, size: str = "small", *, layo
 
 def anatomy(rng, shape, voxel):
     """Tissue label map (phantom_core labels) and lateral-ventricle mask of one random brain."""
+    # The helpers draw from rng in this order; a subject's anatomy depends on it.
+    u = _anatomical_coordinates(rng, shape, voxel)
+    label, depth = _cortex(rng, u, shape, voxel)
+
+    # Deep grey nuclei (thalamus, lentiform), left-right symmetric.
+    for side in (-1, 1):
+        for centre, semi_axes in (((10, -14, 2), (8, 13, 8)), ((22, 3, -1), (6, 14, 8))):
+            nucleus = _ellipsoid(u, (side * centre[0], *centre[1:]), semi_axes)
+            label[nucleus & (label == WM)] = DEEP_GM
+
+    ventricles = _ventricles(rng, u, label, voxel)
+    label[depth <= 0] = BG  # after all structures, so none pokes outside
+    return label, ventricles
+
+
+def _anatomical_coordinates(rng, shape, voxel):
+    """u: anatomical coordinates (mm) of each voxel, 3 arrays.
+
+    Structures are defined in u, so the rigid motion plus smooth warp deforms all of them coherently.
+    """
     axes = [(np.arange(n) - (n - 1) / 2) * voxel for n in shape]
     grids = [a.reshape([-1 if i == k else 1 for i in range(3)]) for k, a in enumerate(axes)]
     rotation = phantom_core.rotation(np.deg2rad(rng.uniform(-6, 6, 3)))
     shift = rng.uniform(-3, 3, 3)
     warp_mm = rng.uniform(1.5, 4.0)
-    # u: anatomical coordinates (mm) of each voxel. Structures are defined in
-    # u, so the rigid motion plus smooth warp deforms all of them coherently.
     u = []
     for i in range(3):
         rigid = sum(rotation[j, i] * (grids[j] - shift[j]) for j in range(3))
         u.append(rigid + warp_mm * phantom_core.smooth_field(rng, shape, voxel, 45.0))
+    return u
 
+
+def _cortex(rng, u, shape, voxel):
+    """(label map of WM, the folded GM ribbon and CSF, depth below the brain's surface in mm)."""
     radii = np.array([63.0, 77.0, 57.0]) * rng.uniform(0.95, 1.05, 3)
     radial = np.sqrt(u[0] ** 2 + u[1] ** 2 + u[2] ** 2)
     scaled = np.sqrt(sum((u[i] / radii[i]) ** 2 for i in range(3)))
@@ -123,21 +145,19 @@ def anatomy(rng, shape, voxel):
     label = np.full(shape, WM, np.uint8)
     label[depth < csf_mm + gm_mm + (sulcus_mm + gm_mm) * lining] = GM
     label[depth < csf_mm + sulcus_mm * np.clip((sulcus - 0.6) / 0.4, 0, None)] = CSF
+    return label, depth
 
-    # Deep grey nuclei (thalamus, lentiform), left-right symmetric.
-    for side in (-1, 1):
-        for centre, semi_axes in (((10, -14, 2), (8, 13, 8)), ((22, 3, -1), (6, 14, 8))):
-            nucleus = _ellipsoid(u, (side * centre[0], *centre[1:]), semi_axes)
-            label[nucleus & (label == WM)] = DEEP_GM
 
-    # Lateral ventricles: enlarged in atrophied subjects, diverging posteriorly.
+def _ventricles(rng, u, label, voxel):
+    """Paint the lateral ventricles, their FLAIR-bright caps and choroid plexus into label; return the ventricles."""
+    # Enlarged in atrophied subjects, diverging posteriorly.
     enlarge = rng.uniform(0.8, 1.5)
     vent_radii = np.array([5.0 * enlarge, 24.0 * enlarge**0.3, 8.0 * enlarge])
     gap = rng.uniform(1.5, 3.0)
     centre_yz = (rng.uniform(-6, 0), rng.uniform(8, 14))
     splay = np.deg2rad(rng.uniform(8, 15))
-    ventricles = np.zeros(shape, bool)
-    choroid = np.zeros(shape, bool)
+    ventricles = np.zeros(label.shape, bool)
+    choroid = np.zeros(label.shape, bool)
     small = 1.2 * voxel  # keeps thin structures visible on coarse grids
     for side in (-1, 1):
         centre = np.array([side * (vent_radii[0] + gap), *centre_yz])
@@ -153,8 +173,7 @@ def anatomy(rng, shape, voxel):
         choroid |= _ellipsoid(u, choroid_centre, choroid_radii, turn)
     label[ventricles] = CSF
     label[ventricles & choroid] = CHOROID
-    label[depth <= 0] = BG  # after all structures, so none pokes outside
-    return label, ventricles
+    return ventricles
 
 
 def _ellipsoid(u, centre, radii, rotation=None):
