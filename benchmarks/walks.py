@@ -13,6 +13,7 @@ that shuttles back and forth between two modules returns to them at every hop. M
 
     python -m benchmarks.walks                 # the table, on a tiny phantom and a model trained for it
     python -m benchmarks.walks --show segment_files   # also the stays of that walk, in order
+    PYTHONPATH=OTHER_TREE python -m benchmarks.walks  # the same walks through another checkout's code
 
 Identity, not equality, decides what is on the walk (a path string rebuilt from scratch is a new value);
 functions of the standard library and of other packages are not counted, nor are generated dataclass
@@ -113,29 +114,34 @@ def trace(entry: str, function, start, *args, **kwargs) -> Walk:
 
 
 def measure(folder: Path) -> list[Walk]:
-    """The three walks of issue 31, on a tiny phantom study and a model trained on it in folder."""
+    """The three walks of issue 31 on tiny phantoms in folder: segmenting one subject's files with a model
+    trained for one epoch on two subjects, a study of that one subject, and that training itself (each
+    subject more or epoch more repeats the same stays)."""
     from jaxcascade import api, phantom
-    from jaxcascade.training import pipeline
     from jaxcascade import config as config_lib
+    from jaxcascade.training import pipeline
+
+    try:
+        from jaxcascade.segmentation.nifti_files import segment_files
+    except ImportError:  # a tree from before segmentation/files.py was split (for before/after tables)
+        from jaxcascade.segmentation.files import segment_files
 
     phantom.write_cohort(folder / "data", 3, seed=7, size="tiny")
+    (folder / "study").mkdir()
+    (folder / "data" / phantom.subject_name(2)).rename(folder / "study" / phantom.subject_name(2))
     settings = config_lib.apply_overrides(config_lib.load_config("demo"),
                                           ["--config.train.max_epochs=1", "--config.train.patience=1"])
-    data_dir = str(folder / "data")
-    workdir = str(folder / "model")
-    walks = [trace("train_cascade, the data folder", pipeline.train_cascade, data_dir, data_dir, workdir, settings,
-                   log=lambda line: None)]
-    subject = folder / "data" / phantom.subject_name(0)
+    data_dir, model = str(folder / "data"), str(folder / "model")
+    training = trace("train_cascade, the data folder", pipeline.train_cascade, data_dir, data_dir, model, settings,
+                     log=lambda line: None)
+    subject = folder / "study" / phantom.subject_name(2)
     inputs = {name: str(subject / f"{name}.nii.gz") for name in ("T1", "FLAIR")}
-    from jaxcascade.segmentation import nifti_files
-
-    model_dir = str(workdir)
-    walks.insert(0, trace("segment_files, the model directory", nifti_files.segment_files, model_dir, model_dir, inputs,
-                          str(folder / "seg.nii.gz")))
-    model = str(workdir)
-    walks.insert(1, trace("api.segment_study, the model", api.segment_study, model, model, data_dir,
-                          str(folder / "study")))
-    return walks
+    model = str(folder / "model")  # a new string: each walk starts from a value of its own
+    one = trace("segment_files, the model directory", segment_files, model, model, inputs, str(folder / "seg.nii.gz"))
+    model = str(folder / "model")
+    study = trace("api.segment_study, the model", api.segment_study, model, model, str(folder / "study"),
+                  str(folder / "study-out"))
+    return [one, study, training]
 
 
 def table(walks: list[Walk]) -> str:
