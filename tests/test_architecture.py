@@ -110,3 +110,15 @@ def test_no_function_is_longer_than_60_lines():
     assert {name: lines for name, lines in found.items() if name not in LONG_FUNCTIONS_ALLOWED} == {}, (
         f"split these functions into named helpers (at most {MAX_FUNCTION_LINES} lines each)")
     assert sorted(LONG_FUNCTIONS_ALLOWED - set(found)) == [], "now short enough: remove from LONG_FUNCTIONS_ALLOWED"
+
+
+def test_segmenting_a_subjects_files_returns_to_few_modules(trained_model, cohort, tmp_path):
+    """The model directory's walk through `segment_files` (`benchmarks/walks.py`): read once and handed down,
+    it comes back to a module it left at most 8 times (25 before the one-subject path)."""
+    from benchmarks import walks
+    from jaxcascade.segmentation.nifti_files import segment_files
+
+    model = str(trained_model)
+    inputs = {name: str(cohort / "held_out" / f"{name}.nii.gz") for name in ("T1", "FLAIR")}
+    walk = walks.trace("segment_files", segment_files, model, model, inputs, str(tmp_path / "seg.nii.gz"))
+    assert walk.modules >= 10 and walk.returns <= 8, walk.stays
