@@ -69,21 +69,22 @@ def find_subjects(data_dir, data_config, *, strict: bool, bids_suffixes: dict | 
     sequences and a lesion mask, and one that lacks any is an error naming it (a dataset must not shrink
     silently); BIDS sessions without a lesion mask are left out. Not strict (studies): each subject's
     problem is recorded in it (its row says it, the others go on) and lesion masks are optional.
-    bids_suffixes: {modality: suffix} (the config's data.bids_suffixes by default); participants: labels
-    to keep (01 or sub-01; folder names in the training layout); bids_filters: `[MODALITY:]ENTITY=VALUE`.
+    bids_suffixes: {modality: suffix} (strict: the config's data.bids_suffixes by default; else BIDS's own);
+    participants: labels to keep (01 or sub-01; folder names in the training layout); bids_filters:
+    `[MODALITY:]ENTITY=VALUE` strings or `bids_layout.parse_filters`' output.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"{data_dir}: {'training ' if strict else ''}data folder not found")
     modalities = tuple(data_config.modalities)
     if bids_layout.is_bids(data_dir):
-        suffixes = bids_suffixes or bids_layout.parse_suffixes(data_config.get("bids_suffixes", ""))
+        # Training reads its config's naming; a study names new data, BIDS's own suffixes unless told.
+        suffixes = bids_suffixes or (bids_layout.parse_suffixes(data_config.get("bids_suffixes", "")) if strict
+                                     else bids_layout.DEFAULT_SUFFIXES)
         if strict:
-            return [SubjectFiles(bids_layout.participant_of(name), name[len(bids_layout.participant_of(name)) + 1:],
-                                 inputs, truth)
-                    for name, inputs, truth in sorted(bids_layout.training_sessions(
-                        data_dir, modalities, suffixes, participants=participants, filters=bids_filters, log=log),
-                        key=lambda entry: entry[0])]
+            labelled = bids_layout.training_sessions(data_dir, modalities, suffixes, participants=participants,
+                                                     filters=bids_filters, log=log)
+            return [_session_subject(name, inputs, truth) for name, inputs, truth in sorted(labelled)]
         return [SubjectFiles(entry["participant_id"], entry["session_id"], entry["inputs"], entry["truth"],
                              entry["brain_mask"], entry["problem"])
                 for entry in bids_layout.sessions(data_dir, modalities, suffixes, participants=participants,
@@ -93,6 +94,12 @@ def find_subjects(data_dir, data_config, *, strict: bool, bids_suffixes: dict | 
                         "dataset_description.json)")
     return [_folder_subject(folder, data_config) for folder in _subject_folders(data_dir, data_config, strict,
                                                                                 participants)]
+
+
+def _session_subject(name: str, inputs: dict, truth: Path) -> SubjectFiles:
+    """A labelled BIDS session named sub-X[_ses-Y] (`bids_layout.training_sessions`)."""
+    participant = bids_layout.participant_of(name)
+    return SubjectFiles(participant, name[len(participant) + 1:], inputs, truth)
 
 
 def _subject_folders(data_dir: Path, data_config, strict: bool, participants) -> list[Path]:
