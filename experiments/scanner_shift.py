@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from experiments import baselines, figures, protocol
-from jaxcascade.storage import interop, model_dir, weights
+from jaxcascade.storage import interop, model_directory, weights
 from jaxcascade import config as config_lib, phantom
 from jaxcascade.training import pipeline
 from jaxcascade.segmentation.cascade import Cascade
@@ -79,8 +79,8 @@ def _train(model: Path, data: Path, config, log: Callable) -> float:
     """
     timing = model.parent / f"{model.name}_train_seconds.json"
     if (model / "config.json").exists():
-        changed = config_lib.differences(model_dir.stored_config(model_dir.read_model_config(model)),
-                                         model_dir.stored_config(config))
+        changed = config_lib.differences(model_directory.stored_config(model_directory.read_model_config(model)),
+                                         model_directory.stored_config(config))
         if changed:
             raise UserError(f"{model}: trained with other settings ({', '.join(changed[:4])}); "
                             "use a new --config.results_dir")
@@ -109,7 +109,7 @@ def trained_models(config, split: dict, results: Path, log: Callable) -> dict[st
         overrides = [f"--config.train.trainable={config.one_shot.trainable}",
                      f"--config.train.max_epochs={config.one_shot.max_epochs}",
                      f"--config.train.patience={config.one_shot.patience}"]
-        tuning = model_dir.fine_tuning_config(trained[name][0], overrides)
+        tuning = model_directory.fine_tuning_config(trained[name][0], overrides)
         trained[tuned] = (models / tuned, _train(models / tuned, one_shot_dir, tuning, log))
     if config.nicms_dir:
         source = Path(config.nicms_dir)
@@ -128,7 +128,7 @@ def scores_of(name: str, model: Path, subjects: list[Path], results: Path, log: 
     path = results / "scores" / f"{name}.json"
     # The model's settings beside its scores: scores of a model since replaced are dropped.
     settings_path = path.with_suffix(".config.json")
-    settings = model_dir.stored_config(model_dir.read_model_config(model))
+    settings = model_directory.stored_config(model_directory.read_model_config(model))
     fresh = not settings_path.exists() or json.loads(settings_path.read_text()) == settings
     scores = json.loads(path.read_text()) if path.exists() and fresh else {}
     missing = [s for s in subjects if _key(s) not in scores]

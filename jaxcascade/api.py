@@ -21,7 +21,7 @@ from jaxcascade import config as config_lib
 from jaxcascade.segmentation import nifti_files, study
 from jaxcascade.segmentation.options import SegmentOptions, StudyOptions
 from jaxcascade.evaluation import metrics
-from jaxcascade.storage import model_dir as model_dir_lib, shipped
+from jaxcascade.storage import model_directory, shipped
 from jaxcascade.data import nifti
 from jaxcascade.segmentation.cascade import Cascade, Segmentation
 from jaxcascade.errors import warn as warn_user
@@ -72,7 +72,7 @@ def train(data_dir: PathLike, workdir: PathLike, *, config: str | object = "defa
         The trained cascade, loaded from workdir.
     """
     if init_from is not None:
-        settings = model_dir_lib.fine_tuning_config(shipped.locate(init_from), list(overrides))
+        settings = model_directory.fine_tuning_config(shipped.locate(init_from), list(overrides))
     else:
         base = config_lib.load_config(config) if isinstance(config, str) else config
         settings = config_lib.apply_overrides(base, list(overrides))

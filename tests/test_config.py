@@ -61,13 +61,13 @@ def test_differences_lists_dotted_keys():
 def test_a_model_saved_before_data_orientation_existed_keeps_the_stored_voxel_order(tmp_path):
     import json
 
-    from jaxcascade.storage import model_dir
+    from jaxcascade.storage import model_directory
 
-    record = {"jaxcascade": {"format_version": model_dir.FORMAT_VERSION, "version": "0.1.0"},
+    record = {"jaxcascade": {"format_version": model_directory.FORMAT_VERSION, "version": "0.1.0"},
               **config_lib.to_dict(config_lib.load_config("default"))}
     del record["data"]["orientation"]
     (tmp_path / "config.json").write_text(json.dumps(record))
-    assert model_dir.read_model_config(tmp_path).data.orientation == "native"
+    assert model_directory.read_model_config(tmp_path).data.orientation == "native"
     assert config_lib.load_config("default").data.orientation == "RAS"
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 
 from jaxcascade.segmentation import cascade
-from jaxcascade.storage import model_dir, weights
+from jaxcascade.storage import model_directory, weights
 from jaxcascade import cli, config as config_lib
 from conftest import QUICK_OVERRIDES
 from test_errors import assert_user_error
@@ -24,7 +24,7 @@ def test_fine_tune_only_the_output_layer(trained_model, cohort, tmp_path):
         for frozen in ("bn1", "bn2"):
             assert np.array_equal(before["batch_stats"][frozen]["mean"], after["batch_stats"][frozen]["mean"])
         assert not np.array_equal(before["params"]["out"]["kernel"], after["params"]["out"]["kernel"])
-    stored = model_dir.read_model_config(workdir)
+    stored = model_directory.read_model_config(workdir)
     assert stored.train.init_from == str(trained_model.resolve()) and stored.train.trainable == "out"
 
 

@@ -22,7 +22,7 @@ import scipy.special
 from flax import nnx
 
 from jaxcascade.segmentation import cascade, inference
-from jaxcascade.storage import interop, model_dir as model_dir_lib, weights
+from jaxcascade.storage import interop, model_directory, weights
 from jaxcascade import cli, phantom
 from jaxcascade.networks import layers, models
 from jaxcascade.data.normalisation import candidate_mask, normalise_channels
@@ -224,7 +224,7 @@ def test_stage1_separates_lesions_only_in_t1_flair_order(imported, subject):
 
 
 def test_import_writes_a_stamped_model_directory_with_provenance(model_dir, keras_files):
-    config = model_dir_lib.read_model_config(model_dir)  # checks the "jaxcascade" stamp
+    config = model_directory.read_model_config(model_dir)  # checks the "jaxcascade" stamp
     assert config.model.network == "nicms" and config.model.bn_epsilon == 1e-3
     assert config.data.modalities == ("T1", "FLAIR") and config.normalisation == "nicms"
     assert config.data.orientation == "native"  # nicMSlesions read images in their stored voxel order

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxcascade.storage import model_dir, weights
+from jaxcascade.storage import model_directory, weights
 from jaxcascade import cli
 from jaxcascade.evaluation import metrics
 from conftest import QUICK_OVERRIDES, held_out_inputs
@@ -15,7 +15,7 @@ from conftest import QUICK_OVERRIDES, held_out_inputs
 def test_trained_workdir_has_everything(trained_model):
     config = json.loads((trained_model / "config.json").read_text())
     assert config["data"]["modalities"] == ["T1", "FLAIR"]
-    assert config["jaxcascade"]["format_version"] == model_dir.FORMAT_VERSION
+    assert config["jaxcascade"]["format_version"] == model_directory.FORMAT_VERSION
     records = [json.loads(line) for line in (trained_model / "metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in records} == {1, 2}
     assert all(np.isfinite(r["val_loss"]) for r in records)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxcascade import cli
-from jaxcascade.storage import model_dir
+from jaxcascade.storage import model_directory
 from jaxcascade.data import nifti, resolution
 from conftest import held_out_inputs
 
@@ -27,8 +27,8 @@ def _finer(cohort, tmp_path):
 
 
 def test_the_model_records_its_training_voxel_size(trained_model):
-    assert model_dir.recorded_voxel_size(trained_model) == (4.0, 4.0, 4.0)  # the tiny phantom's grid
-    assert json.loads((trained_model / model_dir.TRAINING_DATA).read_text())["flair_voxel_size_mm"] == [4, 4, 4]
+    assert model_directory.recorded_voxel_size(trained_model) == (4.0, 4.0, 4.0)  # the tiny phantom's grid
+    assert json.loads((trained_model / model_directory.TRAINING_DATA).read_text())["flair_voxel_size_mm"] == [4, 4, 4]
 
 
 def test_working_grid_round_trip_is_exact_on_the_same_grid(cohort):

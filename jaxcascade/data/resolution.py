@@ -2,7 +2,7 @@
 
 A CNN trained on 1 mm patches sees an 11 mm neighbourhood; on 0.9 x 0.9 x 3 mm images the same 11^3
 patch covers another anatomy. A model directory records the FLAIR voxel size of its training data
-(`model_dir.record_voxel_size`; nicMSlesions' baseline: 1 mm). At segment time, an input whose voxel
+(`model_directory.record_voxel_size`; nicMSlesions' baseline: 1 mm). At segment time, an input whose voxel
 size differs from it by more than RESAMPLE_TOLERANCE on any axis is resampled (trilinear, through its
 affine) onto a grid of the model's voxel size over the same field of view and orientation, segmented
 there, and the probabilities and mask are brought back onto the input's own grid (mask: trilinear,

@@ -3,7 +3,7 @@
 Arrays in, arrays out; no file writing. A `Stage` (stage.py) is one trained
 patch classifier: its graph definition, variables, patch size and dense halo.
 Build one from a network in memory (`Stage.from_network(model, variables)`); a cascade from a model
-directory read once (`Cascade.from_model(storage.model_dir.open_model(path))`, which `Cascade.load` does).
+directory read once (`Cascade.from_model(storage.model_directory.open_model(path))`, which `Cascade.load` does).
 `segment_volume` chains two stages the way the seed code does; each stage
 runs through an inference method (`inference.py`), both chosen before either runs.
 """
@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from jaxcascade.segmentation import inference, postprocess
-from jaxcascade.storage import model_dir as model_dir_lib
+from jaxcascade.storage import model_directory
 from jaxcascade.data import normalisation
 from jaxcascade.data.normalisation import candidate_mask
 from jaxcascade.runtime import distributed
@@ -44,11 +44,11 @@ class Cascade:
     @classmethod
     def load(cls, model_dir, *, compute_dtype: str | None = None) -> "Cascade":
         """The cascade of a trained (or imported) model directory, computing in compute_dtype if given."""
-        return cls.from_model(model_dir_lib.open_model(model_dir), compute_dtype=compute_dtype)
+        return cls.from_model(model_directory.open_model(model_dir), compute_dtype=compute_dtype)
 
     @classmethod
-    def from_model(cls, model: model_dir_lib.Model, *, compute_dtype: str | None = None) -> "Cascade":
-        """The cascade of a model directory already read (`storage.model_dir.open_model`)."""
+    def from_model(cls, model: model_directory.Model, *, compute_dtype: str | None = None) -> "Cascade":
+        """The cascade of a model directory already read (`storage.model_directory.open_model`)."""
         config = model.config.copy_and_resolve_references()
         if compute_dtype is not None:
             config.compute_dtype = compute_dtype

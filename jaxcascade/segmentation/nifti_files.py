@@ -24,7 +24,7 @@ from jaxcascade.segmentation.cascade import Cascade, Segmentation
 from jaxcascade.segmentation.images import segment_images
 from jaxcascade.segmentation.inference import resolve_method
 from jaxcascade.segmentation.options import SegmentOptions
-from jaxcascade.storage import model_dir as model_dirs, shipped
+from jaxcascade.storage import model_directory, shipped
 
 
 def check_segmentation_outputs(out, probabilities_dir=None, *, inputs=(), overwrite=False, tta=False) -> list[Path]:
@@ -67,7 +67,7 @@ def segment_files(model: Cascade | str | os.PathLike, inputs: dict, out=None, *,
     probability_paths = check_segmentation_outputs(out, probabilities_dir, inputs=files, overwrite=overwrite,
                                                    tta=bool(options.tta))
     if not isinstance(model, Cascade):
-        model = Cascade.from_model(model_dirs.open_model(shipped.locate(model)), compute_dtype=compute_dtype)
+        model = Cascade.from_model(model_directory.open_model(shipped.locate(model)), compute_dtype=compute_dtype)
     if options.method is not None:
         resolve_method(model.stage1, options.method)  # refuse an impossible method before any work
     images, mask = _load(model, inputs, brain_mask, warn)

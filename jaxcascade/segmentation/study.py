@@ -36,7 +36,7 @@ from jaxcascade.data import bids_layout
 from jaxcascade.segmentation.cascade import Cascade
 from jaxcascade.segmentation.images import segment_images
 from jaxcascade.segmentation.options import StudyOptions
-from jaxcascade.storage import model_dir as model_dirs, shipped
+from jaxcascade.storage import model_directory, shipped
 from jaxcascade.errors import MACHINE_ERRNOS, MachineFault, UserError, out_of_memory
 from jaxcascade.runtime.outputs import check_output_path, write_json, write_text
 from jaxcascade.data.subjects import find_subjects
@@ -232,7 +232,7 @@ def segment_study(model_dir, data_dir, out_dir, options: StudyOptions = StudyOpt
     """
     out_dir = _checked_out_dir(out_dir, data_dir)
     model_dir = shipped.locate(model_dir)
-    model = Cascade.from_model(model_dirs.open_model(model_dir), compute_dtype=options.compute_dtype)
+    model = Cascade.from_model(model_directory.open_model(model_dir), compute_dtype=options.compute_dtype)
     subjects = study_subjects(data_dir, model.config, options.bids_suffixes, participants=options.participants,
                               bids_filters=options.bids_filters, log=log)
     # What each subject's result is made from: a report that records anything else is stale.

@@ -1,6 +1,6 @@
 """Orbax checkpoints: per-epoch training state, for resuming.
 
-Where they lie in a model directory is `model_dir.py`: checkpoints/stage{1,2}/N/
+Where they lie in a model directory is `model_directory.py`: checkpoints/stage{1,2}/N/
 holds the state after global step N (end of an epoch, or where SIGINT/SIGTERM
 stopped it): train state, best weights, loop bookkeeping. Orbax writes to a
 temporary directory and renames it on commit, so a killed run leaves either the

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxcascade.storage import model_dir, weights
+from jaxcascade.storage import model_directory, weights
 from jaxcascade import config as config_lib
 from jaxcascade.networks import models
 from jaxcascade.data import nifti
@@ -259,9 +259,9 @@ def import_keras(model1, model2, modalities: tuple, out) -> dict:
     staging = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(6)}"
     staging.mkdir()
     try:
-        model_dir.prepare_workdir(staging, config)  # config.json with the "jaxcascade" stamp
+        model_directory.prepare_workdir(staging, config)  # config.json with the "jaxcascade" stamp
         outputs.write_json(provenance, staging / "provenance.json")
-        model_dir.record_voxel_size(staging, NICMS_VOXEL_SIZE_MM)
+        model_directory.record_voxel_size(staging, NICMS_VOXEL_SIZE_MM)
         weights.save(staging, 1, keras.stage1)
         weights.save(staging, 2, keras.stage2)
         if out_dir.is_dir():

@@ -2,7 +2,7 @@
 
 It trains CNN1 then CNN2, resuming whatever a previous run left. Each step it
 chains lives in its own module: subjects (loading), sampling (which voxels
-each stage trains on), batching, train_loop (epochs), model_dir (the
+each stage trains on), batching, train_loop (epochs), model_directory (the
 directory format); CNN2's hard negatives are mined with CNN1 through the
 inference methods.
 """
@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from jaxcascade.training import batching, history
-from jaxcascade.storage import model_dir as model_dir_lib, weights
+from jaxcascade.storage import model_directory, weights
 from jaxcascade.runtime import distributed
 from jaxcascade.networks import models
 from jaxcascade.training import sampling
@@ -101,8 +101,8 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = _LOG.info, progr
     subjects = load_training_subjects(data_dir, config, num_shards, participants)
     # Settings that can only be checked against the network's structure fail before the workdir exists.
     trainable_modules(config.train.trainable, models.variables_template(config)["params"])
-    distributed.agree(lambda: model_dir_lib.prepare_workdir(workdir, config), "preparing the workdir")
-    model_dir_lib.record_voxel_size(workdir, np.median([s.voxel_size_mm for s in subjects], axis=0))
+    distributed.agree(lambda: model_directory.prepare_workdir(workdir, config), "preparing the workdir")
+    model_directory.record_voxel_size(workdir, np.median([s.voxel_size_mm for s in subjects], axis=0))
     log(f"training on {distributed.describe()}")
     if num_shards == 1:
         log(f"{len(subjects)} training subjects: {', '.join(s.name for s in subjects)}")
