@@ -49,7 +49,7 @@ def inference_rows(model_dir, repeats: int, log, size: str = "full") -> list[dic
     from jaxcascade.segmentation import inference
     from jaxcascade.networks import models
     from jaxcascade import phantom
-    from jaxcascade.segmentation.cascade import Stage
+    from jaxcascade.segmentation.stage import Stage
     from jaxcascade.data.normalisation import candidate_mask, normalise_channels
 
     subject = phantom.make_subject(0, size)

@@ -84,7 +84,7 @@ def run_one(method: str, model_dir, out_dir: Path, subject_seed: int, repeats: i
     from jaxcascade.segmentation import inference
     from jaxcascade.networks import models
     from jaxcascade import phantom
-    from jaxcascade.segmentation.cascade import Stage
+    from jaxcascade.segmentation.stage import Stage
     from jaxcascade.data.normalisation import candidate_mask, normalise_channels
 
     subject = phantom.make_subject(subject_seed, "full")

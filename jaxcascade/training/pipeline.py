@@ -22,7 +22,7 @@ from jaxcascade.runtime import distributed
 from jaxcascade.networks import models
 from jaxcascade.training import sampling
 from jaxcascade.runtime import seeding
-from jaxcascade.segmentation.cascade import Stage
+from jaxcascade.segmentation.stage import Stage
 from jaxcascade.data.normalisation import candidate_mask
 from jaxcascade.segmentation.inference import InferenceOptions, classify
 from jaxcascade.training.intensity_augmentation import IntensityAugmentation
@@ -50,6 +50,7 @@ class _Training:
     log: Callable
     progress: Callable | None
     histories: dict  # stage -> its epochs' records, rewritten after every epoch
+    intensity: IntensityAugmentation  # the patches' intensity augmentation (config.train.intensity_augmentation)
 
 
 def _fit(run: _Training, stage: int, centres, labels) -> Stage:
@@ -71,7 +72,7 @@ def _fit(run: _Training, stage: int, centres, labels) -> Stage:
         run.log(f"stage {stage}: starting from {config.train.init_from}")
     best, stage_history = fit_stage(
         stage=stage, model=model, data=data, config=config, workdir=run.workdir, log=run.log, on_epoch=on_epoch,
-        progress=run.progress, initial_variables=initial,
+        progress=run.progress, initial_variables=initial, intensity=run.intensity,
     )
     run.histories[stage] = stage_history
     history.write_history(run.workdir, run.histories)
@@ -97,7 +98,7 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = _LOG.info, progr
     if not distributed.is_primary():
         log, progress = _silent, None
     check_preprocessing(config)
-    IntensityAugmentation.from_config(config.train.get("intensity_augmentation"))
+    intensity = IntensityAugmentation.from_config(config.train.get("intensity_augmentation"))  # checked here, once
     subjects = load_training_subjects(data_dir, config, num_shards, participants)
     # Settings that can only be checked against the network's structure fail before the workdir exists.
     trainable_modules(config.train.trainable, models.variables_template(config)["params"])
@@ -110,7 +111,7 @@ def train_cascade(data_dir, workdir, config, *, log: Callable = _LOG.info, progr
         log(f"{num_shards} data shards; process 0 loads {len(subjects)} subjects: "
             f"{', '.join(s.name for s in subjects)}")
     histories = history.read_history(workdir)
-    run = _Training(subjects, num_shards, config, workdir, log, progress, histories)
+    run = _Training(subjects, num_shards, config, workdir, log, progress, histories, intensity)
 
     if weights.stage_done(workdir, 1):
         log("stage 1: already trained, skipping")

@@ -77,13 +77,17 @@ def fit_stage(
     on_epoch: Callable[[list[dict]], None] | None = None,
     progress: Callable | None = None,
     initial_variables: dict | None = None,
+    intensity: IntensityAugmentation | None = None,
 ) -> tuple[dict, list[dict]]:
     """Train one stage to early stopping (resuming from workdir) and return (best variables, history).
 
-    initial_variables (e.g. a pretrained model's) replace the network's fresh initialisation.
+    initial_variables (e.g. a pretrained model's) replace the network's fresh initialisation; intensity,
+    the patches' intensity augmentation, is built from config.train when not given.
     """
+    if intensity is None:
+        intensity = IntensityAugmentation.from_config(config.train.get("intensity_augmentation"))
     run, snapshot = _prepare_stage(stage=stage, model=model, data=data, config=config, progress=progress,
-                                   initial_variables=initial_variables)
+                                   initial_variables=initial_variables, intensity=intensity)
     manager = checkpoints.stage_manager(workdir, stage)
     # Closed however the loop ends (a SIGTERM's TrainingInterrupted, a non-finite loss): its threads and files
     # must not outlive the stage.
@@ -128,7 +132,7 @@ class _Snapshot:
 
 
 def _prepare_stage(*, stage: int, model, data: TrainingSet, config, progress: Callable | None,
-                   initial_variables: dict | None) -> tuple[_StageRun, _Snapshot]:
+                   initial_variables: dict | None, intensity: IntensityAugmentation) -> tuple[_StageRun, _Snapshot]:
     """The stage's schedule, steps and keys, and the untrained snapshot a run without checkpoints starts from."""
     train_config = config.train
     schedule = batching.schedule(
@@ -142,7 +146,6 @@ def _prepare_stage(*, stage: int, model, data: TrainingSet, config, progress: Ca
         variables = initial_variables
     trainable = trainable_modules(train_config.trainable, variables["params"])
     tx = make_optimizer(OptimizerSettings.from_config(train_config, trainable))
-    intensity = IntensityAugmentation.from_config(train_config.get("intensity_augmentation"))
     train_step = train_steps.make_train_step(graphdef, train_config.augmentation, trainable, intensity=intensity)
     eval_step = train_steps.make_eval_step(graphdef)
     base_key = jax.random.fold_in(jax.random.key(config.seed), stage)
