@@ -51,7 +51,7 @@ def shipped_models() -> dict[str, dict]:
     return {name: shipped.card(name) for name in shipped.names()}
 
 
-def train(data_dir: PathLike, workdir: PathLike, *, config: str | object = "default", overrides: Sequence[str] = (),
+def train(data_dir: PathLike, workdir: PathLike, *, config: str | object | None = None, overrides: Sequence[str] = (),
           init_from: PathLike | None = None, participants: Sequence[str] | None = None,
           log: Callable[[str], None] = _LOG.info, progress: Callable | None = None) -> Cascade:
     """Train both stages on data_dir's subjects in workdir (resuming whatever a previous run left).
@@ -60,7 +60,9 @@ def train(data_dir: PathLike, workdir: PathLike, *, config: str | object = "defa
         data_dir: one folder per subject (`T1.nii.gz`, `FLAIR.nii.gz`, ..., `lesion.nii.gz`) or a BIDS dataset.
         workdir: where the config, metrics, checkpoints and final weights go; rerunning resumes.
         config: a packaged config name ('default', 'demo', 'robust'), a file with `get_config()`, or a
-            `ml_collections.ConfigDict`. Ignored with init_from (the model's own config is used).
+            `ml_collections.ConfigDict`; 'default' if None. With init_from the model's own config is used, and
+            config may name a fine-tuning recipe (e.g. 'oneshot': a file with `fine_tuning_overrides()`)
+            whose overrides come before `overrides`.
         overrides: `--config.a.b=value` strings, type-checked like the command line's.
         init_from: a model directory (or a shipped model's name, e.g. 'default') to fine-tune instead of
             training from scratch.
@@ -72,10 +74,16 @@ def train(data_dir: PathLike, workdir: PathLike, *, config: str | object = "defa
         The trained cascade, loaded from workdir.
     """
     if init_from is not None:
-        settings = model_directory.fine_tuning_config(shipped.locate(init_from), list(overrides))
+        # A recipe's overrides first, so that the caller's own overrides win.
+        recipe = config_lib.load_fine_tuning_recipe(config) if config is not None else []
+        settings = model_directory.fine_tuning_config(shipped.locate(init_from), [*recipe, *overrides])
     else:
-        base = config_lib.load_config(config) if isinstance(config, str) else config
+        base = config_lib.load_config(config or "default") if isinstance(config, (str, type(None))) else config
         settings = config_lib.apply_overrides(base, list(overrides))
+    if participants is not None:
+        from jaxcascade.data import bids_layout
+
+        participants = bids_layout.participant_labels(participants)
     # Imported here: training brings orbax (and tensorstore), which segmenting never needs: 0.3 s of
     # every `segment`'s start-up otherwise.
     from jaxcascade.training import pipeline

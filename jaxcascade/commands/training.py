@@ -28,18 +28,11 @@ def add_train(commands) -> None:
 
 def cmd_train(args, overrides) -> None:
     from jaxcascade import api
-    from jaxcascade.data.bids_layout import participant_labels
     from jaxcascade.training.history import read_history
 
-    if args.init_from and args.config:
-        from jaxcascade import config as config_lib
-
-        # A recipe's overrides first, so that the user's own overrides win.
-        overrides = [*config_lib.load_fine_tuning_recipe(args.config), *overrides]
     note_without_kernels()
-    api.train(args.data, args.workdir, config=args.config or "default", overrides=overrides,
-              init_from=args.init_from, participants=participant_labels(args.participant_label), log=log,
-              progress=progress)
+    api.train(args.data, args.workdir, config=args.config, overrides=overrides, init_from=args.init_from,
+              participants=args.participant_label, log=log, progress=progress)
     epochs = {stage: len(records) for stage, records in read_history(Path(args.workdir)).items()}
     log(f"trained model in {args.workdir} (epochs: stage 1 {epochs[1]}, stage 2 {epochs[2]})")
 
