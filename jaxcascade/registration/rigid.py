@@ -21,9 +21,11 @@ Why SimpleITK (experiments/measured/clinical_preprocessing/, patient01, one thre
 project's optional dependency (N4) and pins nothing, where antspyx 0.6.3 pins numpy<2.4 and scipy<1.16.
 Its rigid registration here takes 0.9-1.9 s a pair and lands 0.35 mm (mean; max 0.63) from the database's
 follow-up-to-baseline transform and 0.76-1.14 mm (max 2.03) from its T1W/T2W-to-FLAIR ones, mostly
-a shift along the 3-4 mm slices. ANTsPy's `Rigid` lands closer (0.24-0.48 mm mean) but takes 41-142 s
-a pair, its `QuickRigid` 7-19 s for 0.40-1.81 mm (that run shared the machine: ours took 2.0-5.9 s
-in it). picsl-greedy was not measured.
+a shift along the 3-4 mm slices. Those are affine, but nearly rigid (the nearest rigid transform lands
+0.13-0.41 mm from them), and `kind="affine"` moves ours by -0.08 to +0.01 mm: the gap is in the search,
+not the model (docs/longitudinal.md, "Registration and brain extraction"). ANTsPy's `Rigid` lands
+closer (0.24-0.48 mm mean) but takes 41-142 s a pair, its `QuickRigid` 7-19 s for 0.40-1.81 mm (that
+run shared the machine: ours took 2.0-5.9 s in it). picsl-greedy was not measured.
 """
 
 from __future__ import annotations
