@@ -41,7 +41,7 @@ from jaxcascade.errors import MACHINE_ERRNOS, MachineFault, UserError, out_of_me
 from jaxcascade.runtime.outputs import check_output_path, write_json, write_text
 from jaxcascade.data.subjects import find_subjects
 from jaxcascade.segmentation import study_record
-from jaxcascade.segmentation.study_report import LESION_COLUMNS, SUBJECT_COLUMNS, csv_text
+from jaxcascade.segmentation.study_report import LOCKS, write_tables
 from jaxcascade.segmentation.study_subject import (Prefetcher, StudySubject, fit_file_names, load_subject,
                                                   output_names, write_subject)
 
@@ -106,7 +106,6 @@ def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int]:
     return shard
 
 
-LOCKS = ".locks"  # one lock file per subject being segmented (released when its process ends, however)
 
 
 def machine_fault(error: BaseException, out_dir: Path) -> str | None:
@@ -162,45 +161,6 @@ def _failure(error: Exception, subject: StudySubject, out_dir: Path) -> dict:
     (out_dir / name).parent.mkdir(exist_ok=True)
     write_text("".join(traceback.format_exception(error)), out_dir / name)
     return _error_report(subject, f"{type(error).__name__}: {first} (details in {name})")
-
-
-def _write_tables(out_dir: Path, reports: list[dict], report_paths: list[Path]) -> list[dict]:
-    """lesions.csv and lesion_table.csv from every subject's report in out_dir (this run's and those of
-    subjects it did not include), under a lock so that of two processes on one folder the later writer
-    sees what the earlier finished; returns this run's subject rows."""
-    from filelock import FileLock
-
-    (out_dir / LOCKS).mkdir(exist_ok=True)
-    with FileLock(out_dir / LOCKS / "tables.lock"):
-        for i, (report, path) in enumerate(zip(reports, report_paths)):
-            finished = study_record.read_report(path) if report["row"].get("in_progress") else None
-            if finished is not None:  # finished meanwhile by the other process
-                reports[i] = finished
-                reports[i]["row"]["resumed"] = True
-        rows = [report["row"] for report in reports]
-        every = sorted([*reports, *_reports_of_others(out_dir, report_paths)],
-                       key=lambda report: (report["row"]["participant_id"], report["row"]["session_id"]))
-        lesions = [{**lesion, "participant_id": report["row"]["participant_id"],
-                    "session_id": report["row"]["session_id"]} for report in every for lesion in report["lesions"]]
-        study_record.claim(out_dir, study_record.STUDY, study_record.TABLES)
-        write_text(csv_text([report["row"] for report in every], SUBJECT_COLUMNS), out_dir / "lesions.csv")
-        write_text(csv_text(lesions, LESION_COLUMNS), out_dir / "lesion_table.csv")
-    return rows
-
-
-def _reports_of_others(out_dir: Path, report_paths: list[Path]) -> list[dict]:
-    """The outcome (report, else error record) of every subject with files in out_dir that this run left out."""
-    ours = {path.resolve() for path in report_paths}
-    found = []
-    for key in study_record.recorded_keys(out_dir):
-        owned = study_record.owned(out_dir, key)
-        for suffix in ("_desc-lesion_report.json", "_desc-lesion_error.json"):
-            if key + suffix in owned and (out_dir / f"{key}_desc-lesion_report.json").resolve() not in ours:
-                report = study_record.read_report(out_dir / (key + suffix))
-                if report is not None and {"participant_id", "session_id"} <= report["row"].keys():
-                    found.append(report)
-                    break
-    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +222,7 @@ def segment_study(model_dir, data_dir, out_dir, options: StudyOptions = StudyOpt
             if isinstance(outcome, Future):
                 current = subjects[number]
                 reports[number] = outcome.result()
-        return _write_tables(out_dir, reports, report_paths)
+        return write_tables(out_dir, reports, report_paths)
     except Exception as error:
         _stop_on_fault(error, run, current, reports, report_paths)
         raise
@@ -293,7 +253,7 @@ def _stop_on_fault(error: Exception, run: _Run, current, reports: list, report_p
     finished = subject_count([report["row"] for report, _ in settled if report["row"]["status"] == "ok"])
     name = current.name if current else str(run.out_dir)
     try:  # the tables of what is finished, if there is room for them
-        _write_tables(run.out_dir, [report for report, _ in settled], [path for _, path in settled])
+        write_tables(run.out_dir, [report for report, _ in settled], [path for _, path in settled])
     except Exception:  # noqa: BLE001 - the fault at hand is what the user needs to read
         pass
     raise MachineFault(f"{name}: {fault}; stopped with {finished} finished and kept in {run.out_dir}: "
