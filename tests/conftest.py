@@ -14,6 +14,9 @@ import os
 os.environ.setdefault("JAXCASCADE_CPU_KERNEL", "1")
 
 import csv  # noqa: E402
+from pathlib import Path  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
@@ -52,6 +55,70 @@ def trained_model(cohort, tmp_path_factory):
                        "--config", "demo", *QUICK_OVERRIDES])
     assert status == 0
     return workdir
+
+
+def _start(tmp_path_factory, name: str, command: list[str], **popen) -> tuple[subprocess.Popen, Path]:
+    """command started as a process whose output goes to files in a fresh folder: (process, folder). Not pipes:
+    nobody reads them before the process ends, and a full one would stall it."""
+    logs = tmp_path_factory.mktemp(f"{name}_output")
+    with open(logs / "stdout", "w") as stdout, open(logs / "stderr", "w") as stderr:
+        return subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True, **popen), logs
+
+
+def wait_for(process: subprocess.Popen, logs: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Wait for a process _start started; what subprocess.run would have returned."""
+    process.wait(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, (logs / "stdout").read_text(),
+                                       (logs / "stderr").read_text())
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:  # the session ended (or failed) before a test waited for it
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def kernel_build_in_background(tmp_path_factory):
+    """The C++ kernels being built by the real compiler, in a fresh process, into an empty user cache
+    (XDG_CACHE_HOME): (process, its output folder, the cache folder)."""
+    home = tmp_path_factory.mktemp("fresh_kernel_cache")
+    code = "from jaxcascade.ops import cpu_kernel\nprint(cpu_kernel.available(), cpu_kernel.kernel_dir())\n"
+    process, logs = _start(tmp_path_factory, "fresh_kernel_build", [sys.executable, "-c", code],
+                           cwd=Path(__file__).resolve().parents[1], env=os.environ | {"XDG_CACHE_HOME": str(home)})
+    yield process, logs, home
+    _stop(process)
+
+
+@pytest.fixture(scope="session")
+def fresh_kernel_build(kernel_build_in_background) -> tuple[subprocess.CompletedProcess, Path]:
+    """The process above, finished: (its result, the cache folder). test_cpu_kernel checks what the build left
+    there; test_kernel_build's stand-in compiler copies the library, so the suite runs the real compiler once."""
+    process, logs, home = kernel_build_in_background
+    return wait_for(process, logs, timeout=300), home
+
+
+@pytest.fixture(scope="session")
+def demo_in_background(tmp_path_factory):
+    """`jaxcascade demo`, from an empty folder, being run: (process, its output folder, the folder it runs in).
+    tests/test_docs.py's finished_demo waits for it and checks its exit status."""
+    folder = tmp_path_factory.mktemp("finished_demo")
+    process, logs = _start(tmp_path_factory, "finished_demo", [sys.executable, "-m", "jaxcascade.cli", "demo", "-q"],
+                           cwd=folder)
+    yield process, logs, folder
+    _stop(process)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_subprocess_fixtures_early(request):
+    """The demo's training (a minute or more) and the kernels' real build (g++, single-threaded) are processes
+    that pytest would otherwise sit waiting for. Started at the session's first test when a selected test needs
+    them, they run beside the in-process tests, on the core those leave idle; the fixtures that use them wait."""
+    items = request.session.items
+    if any(item.get_closest_marker("needs_finished_demo") for item in items):
+        request.getfixturevalue("demo_in_background")
+    if any("fresh_kernel_build" in item.fixturenames for item in items):
+        request.getfixturevalue("kernel_build_in_background")
 
 
 def model_config(network: str = "valverde2017_valid", patch_size: int = 11):

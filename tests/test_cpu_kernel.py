@@ -190,14 +190,13 @@ def test_a_failed_build_warns_once_and_falls_back(tmp_path):
     assert not list(tmp_path.rglob("*.so*")), "no partial library may be left behind"
 
 
-def test_a_fresh_build_lands_whole_in_the_user_cache(tmp_path):
-    result = _python("""
-        from jaxcascade.ops import cpu_kernel
-        print(cpu_kernel.available(), cpu_kernel.kernel_dir())
-    """, XDG_CACHE_HOME=str(tmp_path))
+def test_a_fresh_build_lands_whole_in_the_user_cache(fresh_kernel_build):
+    """A process builds the kernels with the real compiler into an empty XDG_CACHE_HOME (conftest's fixture,
+    whose library tests/test_kernel_build.py reuses)."""
+    result, cache_home = fresh_kernel_build
     assert result.returncode == 0, result.stderr
     built, folder = result.stdout.split()
-    assert built == "True" and Path(folder).is_relative_to(tmp_path)
+    assert built == "True" and Path(folder).is_relative_to(cache_home)
     # The library, its checksum and the lock: no temporary left (tests/test_kernel_build.py tests the cache).
     assert sorted(p.name for p in Path(folder).iterdir()) == [".lock", "libjaxcascade.so", "libjaxcascade.so.sha256"]
     assert oct(Path(folder).stat().st_mode & 0o777) == oct(0o700)  # the user's cache is the user's alone

@@ -205,16 +205,30 @@ def test_the_template_marker_is_read():
 # Pages whose blocks take minutes: the demo trains 12 + 12 epochs, distributed.md trains in two processes.
 SLOW_PAGES = {REPO / "README.md", REPO / "docs" / "cli.md", REPO / "docs" / "studies.md",
               REPO / "docs" / "distributed.md"}
-SHELL_PAGES = [pytest.param(page, id=str(page.relative_to(REPO)), marks=[pytest.mark.slow] if page in SLOW_PAGES else [])
+
+
+def runs_the_demo(page: Path) -> bool:
+    return any(re.search(r"^jaxcascade demo\b", code, re.M) for code, _line in runnable_shell_blocks(page))
+
+
+def _marks(page: Path) -> list:
+    return ([pytest.mark.slow] if page in SLOW_PAGES else []) + \
+        ([pytest.mark.needs_finished_demo] if runs_the_demo(page) else [])
+
+
+SHELL_PAGES = [pytest.param(page, id=str(page.relative_to(REPO)), marks=_marks(page))
                for page in PAGES if runnable_shell_blocks(page) and page.name != "README.md"]
 
 
 @pytest.fixture(scope="session")
-def finished_demo(tmp_path_factory) -> Path:
-    """`jaxcascade demo` run once, as the README says, from an empty folder."""
-    folder = tmp_path_factory.mktemp("finished_demo")
-    done = subprocess.run([sys.executable, "-m", "jaxcascade.cli", "demo", "-q"], cwd=folder, capture_output=True,
-                          text=True, timeout=900)
+def finished_demo(demo_in_background) -> Path:
+    """`jaxcascade demo` run once, as the README says, from an empty folder: the process conftest's
+    demo_in_background started when the session began (so that its minutes overlap the in-process tests on
+    a second core), waited for here."""
+    from conftest import wait_for
+
+    process, logs, folder = demo_in_background
+    done = wait_for(process, logs, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return folder / "jaxcascade-demo"
 
@@ -222,7 +236,7 @@ def finished_demo(tmp_path_factory) -> Path:
 def _with_finished_demo(page: Path, folder: Path, request) -> None:
     """A page that runs `jaxcascade demo` finds the finished demo in its folder: the command then resumes and
     finds both stages trained (seconds), so the suite trains the demo once (`finished_demo`), not per page."""
-    if any(re.search(r"^jaxcascade demo\b", code, re.M) for code, _line in runnable_shell_blocks(page)):
+    if runs_the_demo(page):
         shutil.copytree(request.getfixturevalue("finished_demo"), folder / "jaxcascade-demo")
 
 
@@ -233,6 +247,7 @@ def test_docs_shell_blocks_run_as_written(page, tmp_path, request):
 
 
 @pytest.mark.slow
+@pytest.mark.needs_finished_demo
 def test_readme_shell_blocks_run_as_written(tmp_path, request):
     """Every README command not marked as a template runs as written and writes what the README says (the
     demo from an empty folder in `finished_demo`, then resumed here)."""

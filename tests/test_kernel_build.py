@@ -35,10 +35,14 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def real_library(tmp_path_factory) -> Path:
-    """A library built by the real compiler into a JAXCASCADE_KERNEL_DIR, which is honoured."""
-    root = tmp_path_factory.mktemp("kernels")
-    result = _run(PROBE, JAXCASCADE_KERNEL_DIR=str(root))
+def real_library(fresh_kernel_build, tmp_path_factory) -> Path:
+    """A library built by the real compiler (the session's one real build, conftest's fresh_kernel_build),
+    put into a JAXCASCADE_KERNEL_DIR through the build path, which honours that folder."""
+    build, cache_home = fresh_kernel_build
+    assert build.returncode == 0 and build.stdout.startswith("True"), build.stderr
+    built = next(cache_home.rglob(kernel_build.LIBRARY))
+    root, copier = tmp_path_factory.mktemp("kernels"), tmp_path_factory.mktemp("kernels_compiler")
+    result = _run(PROBE, JAXCASCADE_KERNEL_DIR=str(root), CXX=str(_compiler(copier, built)))
     assert result.returncode == 0 and "available True" in result.stdout, result.stderr
     library = next(root.rglob(kernel_build.LIBRARY))
     # A JAXCASCADE_KERNEL_DIR is shared on purpose: readable by all, writable by its owner only.
