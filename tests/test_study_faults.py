@@ -161,6 +161,22 @@ def test_kill_9_at_any_moment_then_a_rerun_gives_the_uninterrupted_tables(traine
     assert [p for p in _temporaries(out) if p.parent != out] == []
 
 
+def test_what_a_killed_write_left_goes_when_its_subject_or_the_tables_are_written_again(trained_model, data,
+                                                                                      uninterrupted, tmp_path):
+    """kill -9 inside an atomic write leaves `.<name>.tmp-*` beside the file: of a subject's record, of the
+    tables or of their record too (once seen in CI from the test above), and a rerun must not keep them."""
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    (out / "sub-02" / "sub-02_desc-lesion_report.json").unlink()  # sub-02 was killed before its report
+    left = [out / ".jaxcascade" / "sub-02" / ".sub-02.json.tmp-k1ll3d.json", out / ".lesions.csv.tmp-k1ll3d.csv",
+            out / ".jaxcascade" / ".study.json.tmp-k1ll3d.json"]
+    for path in left:
+        path.write_text("{")
+    assert cli.main(["segment", "--model", str(trained_model), "--data", str(data), "--out-dir", str(out)]) == 0
+    assert [path for path in left if path.exists()] == []
+    assert _table(out / "lesions.csv") == _table(uninterrupted / "lesions.csv")
+
+
 def test_two_processes_on_one_folder_share_the_subjects_and_never_corrupt_a_file(trained_model, data,
                                                                                  uninterrupted, tmp_path):
     out = tmp_path / "out"

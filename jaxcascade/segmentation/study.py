@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
-import glob
 import logging
 import os
 import traceback
@@ -135,15 +134,6 @@ def _claim(out_dir: Path, subject: StudySubject):
     except Timeout:
         return None
     return lock
-
-
-def _remove_stale_temporaries(out_dir: Path, names) -> None:
-    """Temporary files a killed run left beside a subject's outputs (only the holder of its lock gets
-    here): `atomic_path` names them `.<name>.tmp-*`, and only those of the subject's own names go."""
-    for name in names:
-        path = out_dir / name
-        for temporary in path.parent.glob(f".{glob.escape(path.name)}.tmp-*") if path.parent.is_dir() else ():
-            temporary.unlink(missing_ok=True)
 
 
 def _error_report(subject: StudySubject, message: str) -> dict:
@@ -335,7 +325,9 @@ def _study_subject(run: _Run, subjects: list[StudySubject], identities: list[dic
             return _resumed(finished)
         names = [(subject.folder / name).as_posix()
                  for name in output_names(subject.prefix, run.options.probabilities)]
-        _remove_stale_temporaries(out_dir, [*names, _error_name(subject), _log_name(subject)])
+        # Its record too: a run killed while writing it left a temporary beside it.
+        study_record.remove_temporaries(out_dir, [*names, _error_name(subject), _log_name(subject),
+                                                  study_record.record_name(_key(subject))])
         try:
             # Whatever an earlier attempt left (stale, failed or to overwrite) goes before the new one starts.
             study_record.remove_owned(out_dir, _key(subject))

@@ -16,6 +16,7 @@ report's identity differs from this run's is redone; a report that cannot be rea
 
 from __future__ import annotations
 
+import glob
 import gzip
 import hashlib
 import json
@@ -85,7 +86,21 @@ def read_report(path) -> dict | None:
 
 
 def _record_path(out_dir: Path, key: str) -> Path:
-    return out_dir / RECORDS / f"{key}.json"
+    return out_dir / record_name(key)
+
+
+def record_name(key: str) -> str:
+    """key's record, relative to the output folder."""
+    return f"{RECORDS}/{key}.json"
+
+
+def remove_temporaries(out_dir: Path, names) -> None:
+    """Temporary files a killed run left beside these outputs (relative to out_dir): `atomic_path` names them
+    `.<name>.tmp-*`. Only the holder of the lock over those names may call it, and only theirs go."""
+    for name in names:
+        path = out_dir / name
+        for temporary in path.parent.glob(f".{glob.escape(path.name)}.tmp-*") if path.parent.is_dir() else ():
+            temporary.unlink(missing_ok=True)
 
 
 def subject_key(folder: Path, prefix: str) -> str:

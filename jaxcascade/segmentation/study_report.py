@@ -57,6 +57,8 @@ def write_tables(out_dir: Path, reports: list[dict], report_paths: list[Path]) -
 
     (out_dir / LOCKS).mkdir(exist_ok=True)
     with FileLock(out_dir / LOCKS / "tables.lock"):
+        # Whatever a run killed while writing the tables (or their record) left goes: this process holds the lock.
+        study_record.remove_temporaries(out_dir, [*study_record.TABLES, study_record.record_name(study_record.STUDY)])
         for i, (report, path) in enumerate(zip(reports, report_paths)):
             finished = study_record.read_report(path) if report["row"].get("in_progress") else None
             if finished is not None:  # finished meanwhile by the other process
