@@ -20,6 +20,7 @@ from jaxcascade.segmentation import inference, postprocess
 from jaxcascade.storage import model_directory
 from jaxcascade.data import normalisation
 from jaxcascade.data.normalisation import candidate_mask
+from jaxcascade.networks import models
 from jaxcascade.runtime import distributed
 from jaxcascade.segmentation.options import InferenceOptions
 from jaxcascade.segmentation.stage import Stage
@@ -55,7 +56,8 @@ class Cascade:
         # Before any subject: a model that needs N4 fails once here, not once per subject of a study.
         normalisation.check_settings(config)
         placed = distributed.put_local_replicated(model.stage_weights)  # both stages' weights, copied once
-        return cls(config, Stage.from_weights(config, placed[1]), Stage.from_weights(config, placed[2]),
+        network = models.abstract_network(config)  # both stages' structure, traced once
+        return cls(config, *(Stage.from_weights(config, placed[stage], network=network) for stage in (1, 2)),
                    model.voxel_size_mm)
 
 

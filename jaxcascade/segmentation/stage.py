@@ -38,14 +38,15 @@ class Stage:
         return cls(graphdef, variables, model.patch_size, model.dense_halo)
 
     @classmethod
-    def from_weights(cls, config, variables: dict) -> "Stage":
+    def from_weights(cls, config, variables: dict, *, network: nnx.Module | None = None) -> "Stage":
         """The network `config` describes, holding `variables` as given (a stage's weights as `open_model`
-        read and checked them, already on the devices where `Cascade.from_model` builds the stage)."""
-        # Only the structure is needed, the weights are given: eval_shape traces the network's
-        # initialisers without compiling or running them (0.65 s of a CLI call's start-up otherwise).
-        model = nnx.eval_shape(
-            lambda: models.build_network(config.model, len(config.data.modalities), 0, config.compute_dtype))
-        return cls(models.split_model(model)[0], variables, model.patch_size, model.dense_halo)
+        read and checked them, already on the devices where `Cascade.from_model` builds the stage).
+
+        network: `models.abstract_network(config)` if already built (both stages of a cascade share it);
+        only its structure is used, the weights are given.
+        """
+        network = network if network is not None else models.abstract_network(config)
+        return cls(models.split_model(network)[0], variables, network.patch_size, network.dense_halo)
 
     @classmethod
     def load(cls, model_dir, stage: int, config) -> "Stage":

@@ -102,13 +102,6 @@ def recorded_voxel_size(model_dir):
         raise UserError(f"{path}: unreadable; rewrite it as {{\"flair_voxel_size_mm\": [x, y, z]}} or remove it") from None
 
 
-def require_stages(model_dir, problem: str) -> None:
-    """UserError '<model_dir>: stage N <problem>' unless both stages have final weights."""
-    for stage in (1, 2):
-        if not weights.stage_done(model_dir, stage):
-            raise UserError(f"{model_dir}: stage {stage} {problem}")
-
-
 def fine_tuning_config(model_dir, overrides: list[str]):
     """The config of an existing model, set to start from its weights; overrides then apply.
 
@@ -116,7 +109,7 @@ def fine_tuning_config(model_dir, overrides: list[str]):
     the starting point is the model's own config rather than a config file.
     """
     config = read_model_config(model_dir)
-    require_stages(model_dir, "has no trained weights to start from")
+    weights.require_stages(model_dir, "has no trained weights to start from")
     config.train.init_from = str(Path(model_dir).resolve())
     config = config_lib.apply_overrides(config, overrides)
     changed = [key for key in config_lib.differences(stored_config(read_model_config(model_dir)),

@@ -98,12 +98,17 @@ def load(model_dir, stage: int, template: dict | None = None) -> dict:
     return unflatten(flat)
 
 
+def require_stages(model_dir, problem: str) -> None:
+    """UserError '<model_dir>: stage N <problem>' unless both stages have final weights."""
+    for stage in (1, 2):
+        if not stage_done(model_dir, stage):
+            raise UserError(f"{model_dir}: stage {stage} {problem}")
+
+
 def load_trained(model_dir, template: dict) -> dict[int, dict]:
     """Both stages' final weights {1: ..., 2: ...}, checked against template's names and shapes; a UserError
     naming the folder where a stage has none yet."""
-    for stage in (1, 2):
-        if not stage_done(model_dir, stage):
-            raise UserError(f"{model_dir}: stage {stage} is not trained yet; finish `jaxcascade train` first")
+    require_stages(model_dir, "is not trained yet; finish `jaxcascade train` first")
     return {stage: load(model_dir, stage, template) for stage in (1, 2)}
 
 
