@@ -10,7 +10,9 @@ same stage-1 candidates; by default a seeded random subset (--voxels) and the
 whole-brain time is extrapolated from the measured rate (say so when quoting);
 --all classifies every candidate. Needs ../shared/interop/nicmslesions_baseline_2ch.
 PyTorch runs in a process of its own with jaxcascade's malloc settings, flush-to-zero and threads
-(`common.run_baseline`). Prints a table, writes benchmarks/results/nicms_inference.json.
+(`common.run_baseline`), at the fastest of its layouts (contiguous, channels_last_3d), batches (64, 256,
+1024) and of the network as written or computing only the outputs the pools read (as jaxcascade's kernel
+does), tried first on 2,048 patches. Prints a table, writes benchmarks/results/nicms_inference.json.
 """
 
 from __future__ import annotations
@@ -28,8 +30,13 @@ from benchmarks.common import markdown_table, run_baseline, time_call, torch_or_
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "interop" / "nicmslesions_baseline_2ch"
 
 
-def torch_nicms(variables: dict):
-    """nicMSlesions' network in PyTorch (channels-first, as Keras computed it) with the given weights."""
+def torch_nicms(variables: dict, pooled_only: bool = False, channels_last: bool = False):
+    """nicMSlesions' network in PyTorch (channels-first, as Keras computed it) with the given weights.
+
+    pooled_only: the two convolutions before a pool compute only the outputs the pool reads (what
+    jaxcascade's kernel does; the same result), as a SAME-padded input cropped to them and a VALID
+    convolution. channels_last: the model in channels_last_3d memory format.
+    """
     torch = torch_or_exit()
     from torch import nn
 
@@ -65,7 +72,13 @@ def torch_nicms(variables: dict):
 
         def forward(self, x):
             for i, (conv, bn, alpha) in enumerate(zip(self.convs, self.bns, self.alphas)):
-                x = bn(conv(x))
+                if pooled_only and i in (1, 3):
+                    kept = x.shape[-1] // 2 * 2  # the outputs the pool reads, and the slopes at them
+                    padded = nn.functional.pad(x, (1,) * 6)[..., : kept + 2, : kept + 2, : kept + 2]
+                    x = bn(nn.functional.conv3d(padded, conv.weight, conv.bias))
+                    alpha = alpha[:, :kept, :kept, :kept]
+                else:
+                    x = bn(conv(x))
                 x = torch.clamp(x, min=0) + alpha * torch.clamp(x, max=0)
                 if i in (1, 3):
                     x = nn.functional.max_pool3d(x, 2)
@@ -76,7 +89,8 @@ def torch_nicms(variables: dict):
                     x = torch.clamp(x, min=0) + alpha * torch.clamp(x, max=0)
             return torch.softmax(x, dim=-1)[:, 1]
 
-    return NicMS().eval()
+    model = NicMS().eval()
+    return model.to(memory_format=torch.channels_last_3d) if channels_last else model
 
 
 def torch_timing(scratch: str, repeats: int) -> dict:
@@ -85,14 +99,24 @@ def torch_timing(scratch: str, repeats: int) -> dict:
 
     with open(Path(scratch) / "inputs.pkl", "rb") as file:
         inputs = pickle.load(file)
-    model = torch_nicms(inputs["variables"])
     # nicMSlesions' network costs ~60 M multiply-adds a patch and holds 13^3 x 32 activations per patch:
-    # smaller batches are tried, on 2,048 patches.
-    batch, trials = fastest_batch(model, inputs["volume"], inputs["mask"], batches=(64, 256, 1024), voxels=2048)
+    # smaller batches are tried, on 2,048 patches, for each layout and with only the pooled outputs computed.
+    trials, fastest = {}, None
+    for pooled_only in (False, True):
+        for channels_last in (False, True):
+            model = torch_nicms(inputs["variables"], pooled_only, channels_last)
+            batch, times = fastest_batch(model, inputs["volume"], inputs["mask"], batches=(64, 256, 1024),
+                                         voxels=2048)
+            name = ("pooled outputs only" if pooled_only else "every output") + (
+                ", channels_last_3d" if channels_last else ", contiguous")
+            trials[name] = {str(b): t for b, t in times.items()}
+            if fastest is None or times[batch] < fastest[0]:
+                fastest = (times[batch], model, batch, name)
+    _, model, batch, variant = fastest
     timing = time_call(lambda: classify_candidates(model, inputs["volume"], inputs["mask"], batch), warmup=0,
                        repeats=repeats, keep_result=True)
     np.save(Path(scratch) / "torch_probability.npy", timing.pop("result"))
-    return {**timing, "batch": batch, "batch_trials_s": {str(b): t for b, t in trials.items()}}
+    return {**timing, "batch": batch, "variant": variant, "batch_trials_s": trials}
 
 
 def main(argv=None):
@@ -145,7 +169,8 @@ def main(argv=None):
 
     n, total = int(mask.sum()), int(candidates.sum())
     rows = []
-    for name, timing in (("jaxcascade patch", jax_timing), (f"torch patch (batch {torch_timing['batch']})",
+    torch_name = f"torch patch ({torch_timing['variant']}, batch {torch_timing['batch']})"
+    for name, timing in (("jaxcascade patch", jax_timing), (torch_name,
                                                             torch_timing)):
         seconds = timing["median_s"]
         rows.append({"method": name, "voxels": n, "seconds": seconds, "min_s": timing["min_s"],

@@ -10,6 +10,7 @@
 #include "../jaxcascade/ops/kernels/conv3d.cc"
 #include "../jaxcascade/ops/kernels/dense_head.cc"
 #include "../jaxcascade/ops/kernels/max_pool.cc"
+#include "../jaxcascade/ops/kernels/nicms_features.cc"
 
 namespace {
 
@@ -140,6 +141,73 @@ void pool_case(int64_t dilation) {
   check("max pool", y, want, 0.0);  // exact
 }
 
+// nicMSlesions' convolutional stack on one patch (nicms_features.cc) against the layers in double precision.
+std::vector<double> same_layer(const std::vector<double>& x, int64_t s, int64_t c, const std::vector<float>& k,
+                               const std::vector<float>& scale, const std::vector<float>& shift,
+                               const std::vector<float>& slope, int64_t o) {
+  std::vector<double> y(s * s * s * o, 0.0);
+  for (int64_t z = 0; z < s; ++z)
+    for (int64_t r = 0; r < s; ++r)
+      for (int64_t col = 0; col < s; ++col)
+        for (int64_t oc = 0; oc < o; ++oc) {
+          double sum = 0;
+          for (int64_t tap = 0; tap < 27; ++tap) {
+            const int64_t zi = z + tap / 9 - 1, yi = r + (tap / 3) % 3 - 1, xi = col + tap % 3 - 1;
+            if (zi < 0 || zi >= s || yi < 0 || yi >= s || xi < 0 || xi >= s) continue;
+            for (int64_t ci = 0; ci < c; ++ci) sum += x[((zi * s + yi) * s + xi) * c + ci] * k[(tap * c + ci) * o + oc];
+          }
+          const int64_t at = ((z * s + r) * s + col) * o + oc;
+          const double v = sum * scale[oc] + shift[oc];
+          y[at] = v > 0 ? v : v * slope[at];
+        }
+  return y;
+}
+
+std::vector<double> pooled(const std::vector<double>& x, int64_t s, int64_t c) {
+  const int64_t n = s / 2;
+  std::vector<double> y(n * n * n * c, -INFINITY);
+  for (int64_t z = 0; z < 2 * n; ++z)
+    for (int64_t r = 0; r < 2 * n; ++r)
+      for (int64_t col = 0; col < 2 * n; ++col)
+        for (int64_t ch = 0; ch < c; ++ch) {
+          double& best = y[(((z / 2) * n + r / 2) * n + col / 2) * c + ch];
+          best = std::fmax(best, x[((z * s + r) * s + col) * c + ch]);
+        }
+  return y;
+}
+
+void nicms_case(int64_t p, int64_t c) {
+  const int64_t widths[4] = {32, 32, 64, 64}, sizes[4] = {p, p, p / 2, p / 2};
+  std::vector<float> kernels[4], scales[4], shifts[4], slopes[4];
+  jaxcascade::Layer layers[4];
+  int64_t in = c;
+  for (int i = 0; i < 4; ++i) {
+    const int64_t o = widths[i], s = sizes[i];
+    kernels[i] = random_floats(27 * in * o);
+    scales[i] = random_floats(o);
+    shifts[i] = random_floats(o);
+    slopes[i] = random_floats(s * s * s * o);
+    layers[i] = {kernels[i].data(), scales[i].data(), shifts[i].data(), slopes[i].data(), s, in, o};
+    in = o;
+  }
+  const std::vector<float> patch = random_floats(p * p * p * c);
+  const int64_t r = p / 4;
+  std::vector<float> features(r * r * r * 64, -1.0f);
+  jaxcascade::Scratch scratch;
+  scratch.fit(p, c);
+  jaxcascade::one_patch(layers, patch.data(), features.data(), scratch);
+  std::vector<double> x(patch.begin(), patch.end());
+  x = same_layer(x, p, c, kernels[0], scales[0], shifts[0], slopes[0], 32);
+  x = pooled(same_layer(x, p, 32, kernels[1], scales[1], shifts[1], slopes[1], 32), p, 32);
+  x = same_layer(x, p / 2, 32, kernels[2], scales[2], shifts[2], slopes[2], 64);
+  x = pooled(same_layer(x, p / 2, 64, kernels[3], scales[3], shifts[3], slopes[3], 64), p / 2, 64);
+  char what[64];
+  std::snprintf(what, sizeof what, "nicms features %lld^3 x %lld", (long long)p, (long long)c);
+  double largest = 0;  // four layers of sums of up to 1,728 products: float32 rounding relative to the largest
+  for (double v : x) largest = std::fmax(largest, std::fabs(v));
+  check(what, features, x, 2e-5 * largest);
+}
+
 }  // namespace
 
 int main() {
@@ -153,6 +221,8 @@ int main() {
   head_case(7, 64, 2);
   pool_case(1);
   pool_case(2);
+  nicms_case(11, 2);
+  nicms_case(8, 3);
   if (failures) return 1;
   std::printf("ok %s\n", jaxcascade::kIsa);
   return 0;

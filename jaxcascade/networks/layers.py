@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcascade.ops import convs, cpu_kernel, kept_outputs
+from jaxcascade.ops.pooling import max_pool_2x2x2  # noqa: F401  (the networks' training pool)
 
 # Lasagne's and Keras' default kernel initialiser, which the seed code and nicMSlesions used.
 glorot = jax.nn.initializers.glorot_uniform()
@@ -70,21 +71,6 @@ class PReLU(nnx.Module):
 
     def __call__(self, x):
         return jnp.maximum(x, 0) + self.alpha[...] * jnp.minimum(x, 0)
-
-
-def max_pool_2x2x2(x):
-    """A 2^3 max-pool with stride 2 over (B, D, H, W, C), odd trailing planes dropped (Lasagne's ignore_border).
-
-    Written as crop + reshape + max rather than `reduce_window`: the same
-    forward values, but its gradient is an elementwise mask, whereas
-    reduce_window's select-and-scatter gradient is several times slower on
-    XLA:CPU (benchmarks/train_step.py). Gradients differ only for tied maxima,
-    which after a ReLU are zeros whose gradient the ReLU drops anyway.
-    """
-    batch, depth, height, width, channels = x.shape
-    x = x[:, : depth // 2 * 2, : height // 2 * 2, : width // 2 * 2]
-    x = x.reshape(batch, depth // 2, 2, height // 2, 2, width // 2, 2, channels)
-    return x.max(axis=(2, 4, 6))
 
 
 def dense_max_pool(x, dilation: int):

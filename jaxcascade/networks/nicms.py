@@ -12,14 +12,21 @@ runs patch-wise only (dense_exact=False in the registry).
 
 Patches come in channels-last like every jaxcascade network; Keras computed in
 channels-first, which matters only at the flatten (see `_flatten_channels_first`).
+
+At inference on a CPU with jaxcascade's kernels on, the four convolutions run as one
+C++ kernel that takes each patch through all of them in cache and skips the outputs
+the pools drop (`ops.patch_features`); training, bfloat16 and the kernels off run
+layer by layer.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxcascade.networks.layers import FLOAT32, Conv3D, PReLU, glorot, max_pool_2x2x2
+from jaxcascade.ops import cpu_kernel, patch_features
 
 
 def _flatten_channels_first(x):
@@ -83,6 +90,18 @@ class NicMS(nnx.Module):
 
     def __call__(self, patches, *, train: bool = False, rngs: nnx.Rngs | None = None):
         """(batch, p, p, p, channels) patches -> (batch, 2) logits (Keras applied the softmax in `out`)."""
+        if not train and self._fused(patches):
+            x = patch_features.features(patches, self._inference_layers())
+        else:
+            x = self._convolutions(patches, train)
+        x = _flatten_channels_first(x)
+        for dense, prelu in ((self.d1, self.prelu_d1), (self.d2, self.prelu_d2), (self.d3, self.prelu_d3)):
+            x = prelu(dense(self.dropout(x, deterministic=not train, rngs=rngs)))
+        return self.out(x)
+
+    def _convolutions(self, patches, train: bool):
+        """The four convolutions layer by layer (Keras' order), batch-normalised with the batch's statistics
+        when training."""
         average = not train
         x = self.prelu_conv1_1(self.bn_1_1(self.conv1_1(patches), use_running_average=average))
         x = self.prelu_conv1_2(self.bn_1_2(self.conv1_2(x), use_running_average=average))
@@ -90,8 +109,24 @@ class NicMS(nnx.Module):
         # Only conv2_1 reads a pool's output, the one input a tap gather may read (convs.conv3d).
         x = self.prelu_conv2_1(self.bn_2_1(self.conv2_1(x, gather_taps=average), use_running_average=average))
         x = self.prelu_conv2_2(self.bn_2_2(self.conv2_2(x), use_running_average=average))
-        x = max_pool_2x2x2(x)
-        x = _flatten_channels_first(x)
-        for dense, prelu in ((self.d1, self.prelu_d1), (self.d2, self.prelu_d2), (self.d3, self.prelu_d3)):
-            x = prelu(dense(self.dropout(x, deterministic=not train, rngs=rngs)))
-        return self.out(x)
+        return max_pool_2x2x2(x)
+
+    def _fused(self, patches) -> bool:
+        """Whether inference runs the convolutions as one kernel: float32 throughout, the default
+        implementation, and jaxcascade's CPU kernels on (off, the layer-by-layer results stay bit-identical)."""
+        return (self.conv1_1.implementation == "auto" and self.conv1_1.compute_dtype == "float32"
+                and patches.dtype == jnp.float32 and cpu_kernel.enabled()
+                and patch_features.supported(patches.shape, self._inference_layers()))
+
+    def _inference_layers(self):
+        """Each convolution's (kernel, scale, shift, slopes), its bias and running batch norm folded into the
+        scale and shift: (conv + b - mean) * rsqrt(var + eps) * gamma + beta = conv * scale + shift."""
+        layers = []
+        for conv, bn, prelu in ((self.conv1_1, self.bn_1_1, self.prelu_conv1_1),
+                                (self.conv1_2, self.bn_1_2, self.prelu_conv1_2),
+                                (self.conv2_1, self.bn_2_1, self.prelu_conv2_1),
+                                (self.conv2_2, self.bn_2_2, self.prelu_conv2_2)):
+            scale = jax.lax.rsqrt(bn.var[...] + bn.epsilon) * bn.scale[...]
+            shift = (conv.bias[...] - bn.mean[...]) * scale + bn.bias[...]
+            layers.append((conv.kernel[...], scale, shift, prelu.alpha[...]))
+        return layers

@@ -51,17 +51,19 @@ from jaxcascade.runtime.outputs import write_text
 
 KERNEL_DIR_ENV = "JAXCASCADE_KERNEL_DIR"
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = (KERNELS / "conv3d.cc", KERNELS / "dense_head.cc", KERNELS / "max_pool.cc")  # + parallel.h, simd.h
+SOURCES = (KERNELS / "conv3d.cc", KERNELS / "dense_head.cc", KERNELS / "max_pool.cc", KERNELS / "nicms_features.cc")  # + parallel.h, simd.h
 TARGET = "jaxcascade_conv3d"
 WHERE_TARGET = "jaxcascade_conv3d_where"
 GRADIENT_TARGET = "jaxcascade_conv3d_kernel_gradient"
 HEAD_TARGET = "jaxcascade_dense_head"
 HEAD_WHERE_TARGET = "jaxcascade_dense_head_where"
 POOL_TARGET = "jaxcascade_max_pool"
+NICMS_TARGET = "jaxcascade_nicms_features"
 # XLA custom-call target -> the handler symbol the library exports (XLA_FFI_DEFINE_HANDLER_SYMBOL).
 HANDLERS = {TARGET: "JaxcascadeConv3d", WHERE_TARGET: "JaxcascadeConv3dWhere",
             GRADIENT_TARGET: "JaxcascadeConv3dKernelGradient", HEAD_TARGET: "JaxcascadeDenseHead",
-            HEAD_WHERE_TARGET: "JaxcascadeDenseHeadWhere", POOL_TARGET: "JaxcascadeMaxPool"}
+            HEAD_WHERE_TARGET: "JaxcascadeDenseHeadWhere", POOL_TARGET: "JaxcascadeMaxPool",
+            NICMS_TARGET: "JaxcascadeNicmsFeatures"}
 TARGETS = tuple(HANDLERS)
 LIBRARY, CHECKSUM, FAILED, LOG, LOCK = "libjaxcascade.so", "libjaxcascade.so.sha256", "failed.json", "build.log", ".lock"
 COMPILE_SECONDS, LOCK_SECONDS = 600, 900

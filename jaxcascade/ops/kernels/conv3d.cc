@@ -35,28 +35,6 @@ struct Geometry {
   int64_t pad = 0;             // zeros before the input on each spatial axis (the output sizes say how many after)
 };
 
-// acc[r][v] += xs[r * x_stride] * w[v * kLanes]: one tap and input channel for R outputs (simd.h says in which
-// order: the sums are the same).
-template <int NV, int R>
-inline void multiply_add(vec (&acc)[R][NV], const float* xs, int64_t x_stride, const float* w) {
-  if constexpr (kBroadcastFirst) {
-    vec s[R];
-    for (int r = 0; r < R; ++r) s[r] = splat(xs[r * x_stride]);
-    for (int v = 0; v < NV; ++v) {
-      vec wv = load(w + kLanes * v);
-      in_register(wv);
-      for (int r = 0; r < R; ++r) acc[r][v] += s[r] * wv;
-    }
-  } else {
-    vec wv[NV];
-    for (int v = 0; v < NV; ++v) wv[v] = load(w + kLanes * v);
-    for (int r = 0; r < R; ++r) {
-      const float s = xs[r * x_stride];
-      for (int v = 0; v < NV; ++v) acc[r][v] += s * wv[v];
-    }
-  }
-}
-
 // R consecutive outputs along W, output channels [channel, channel + NV * kLanes), kept in registers; taps c
 // in [c_first, c_last) (all of them but where a tap would read the zero padding left or right of the row).
 template <int NV, int R>

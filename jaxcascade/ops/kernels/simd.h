@@ -14,6 +14,7 @@
 #ifndef JAXCASCADE_KERNELS_SIMD_H_
 #define JAXCASCADE_KERNELS_SIMD_H_
 
+#include <cstdint>
 #include <utility>
 
 namespace jaxcascade {
@@ -75,6 +76,28 @@ constexpr int block_outputs(int nv) {
 constexpr int group_vectors(int vectors) {
   const int groups = (vectors + kMaxVectors - 1) / kMaxVectors;
   return vectors / groups;
+}
+
+// acc[r][v] += xs[r * x_stride] * w[v * kLanes]: one tap and input channel for R outputs (kBroadcastFirst
+// says in which order: the sums are the same).
+template <int NV, int R>
+inline void multiply_add(vec (&acc)[R][NV], const float* xs, int64_t x_stride, const float* w) {
+  if constexpr (kBroadcastFirst) {
+    vec s[R];
+    for (int r = 0; r < R; ++r) s[r] = splat(xs[r * x_stride]);
+    for (int v = 0; v < NV; ++v) {
+      vec wv = load(w + kLanes * v);
+      in_register(wv);
+      for (int r = 0; r < R; ++r) acc[r][v] += s[r] * wv;
+    }
+  } else {
+    vec wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = load(w + kLanes * v);
+    for (int r = 0; r < R; ++r) {
+      const float s = xs[r * x_stride];
+      for (int v = 0; v < NV; ++v) acc[r][v] += s * wv[v];
+    }
+  }
 }
 
 }  // namespace jaxcascade
