@@ -104,6 +104,13 @@ def source_commit() -> str | None:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def cpu_class() -> str:
+    """The CPU's class as the docs name it (AVX-512, AVX2, ARM), from its own flags, whatever variant runs."""
+    from jaxcascade.ops import kernel_target
+
+    return kernel_target.cpu_class(kernel_target.native_isa(platform.machine(), kernel_target.cpu_flags()))
+
+
 def machine() -> dict:
     import jax
 
@@ -114,6 +121,7 @@ def machine() -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu_model": cpu_model(),
+        "cpu_class": cpu_class(),
         "cpus": os.cpu_count(),
         "jaxcascade_runtime": dict(jaxcascade.runtime.STATUS),
         "cpu_kernel": "on" if jaxcascade.ops.cpu_kernel.available() else "off",

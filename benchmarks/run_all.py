@@ -242,7 +242,8 @@ def machine_line(payload: dict, recorded: str | None = None) -> str:
         return (f"*{payload['gpu']} (host: {info.get('cpu_model', '?')}, {info['cpus']} cores), JAX {info['jax']} "
                 f"({info['jax_backend']}), PyTorch {info.get('torch')} (CUDA {payload.get('torch_cuda')}); {source}.*")
     runtime = info.get("jaxcascade_runtime", {})
-    return (f"*{info.get('cpu_model', '?')}, {info['cpus']} cores, JAX {info['jax']} ({info['jax_backend']}); "
+    cpu_class = f" ({info['cpu_class']})" if info.get("cpu_class") else ""
+    return (f"*{info.get('cpu_model', '?')}{cpu_class}, {info['cpus']} cores, JAX {info['jax']} ({info['jax_backend']}); "
             f"malloc settings {runtime.get('malloc', '?')}; CPU convolution kernel {info.get('cpu_kernel', 'off')}"
             f"{baseline_clause(payload)}; {source}.*")
 

@@ -7,7 +7,8 @@ block of outputs in registers and never builds the buffer (170-310 GFLOP/s,
 121-201 % of a matmul of equal FLOPs on a 2-core AVX-512 Xeon:
 `python -m benchmarks.convs`), with both gradients. For the dense form it
 also runs the head (dense1 + ReLU + output layer, the hidden layer kept in
-registers) and the dilated 2^3 max-pools in one pass each.
+registers) and the dilated 2^3 max-pools in one pass each; for nicMSlesions'
+network, its whole convolutional stack patch by patch (patch_features.py).
 
 It is built and loaded by kernel_build.py, as the variant for the CPU's vector
 width (kernel_target.py); it is used by default on x86-64 CPUs with AVX-512 or
