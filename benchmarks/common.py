@@ -104,11 +104,26 @@ def source_commit() -> str | None:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+# An AVX2 CPU emulated on an AVX-512 one, every framework capped alike: jaxcascade's kernels (their AVX2
+# variant), XLA's generated code, and PyTorch's ATen kernels and oneDNN (`run_all --emulate-avx2`).
+AVX2_EMULATION = {"JAXCASCADE_CPU_KERNEL_ISA": "avx2", "XLA_FLAGS": "--xla_cpu_max_isa=AVX2",
+                  "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def emulating_avx2(environ=None) -> bool:
+    environ = os.environ if environ is None else environ
+    return all(value in environ.get(name, "") for name, value in AVX2_EMULATION.items())
+
+
 def cpu_class() -> str:
-    """The CPU's class as the docs name it (AVX-512, AVX2, ARM), from its own flags, whatever variant runs."""
+    """The CPU's class as the docs name it (AVX-512, AVX2, ARM), from its own flags; an emulated AVX2 says so."""
     from jaxcascade.ops import kernel_target
 
-    return kernel_target.cpu_class(kernel_target.native_isa(platform.machine(), kernel_target.cpu_flags()))
+    native = kernel_target.cpu_class(kernel_target.native_isa(platform.machine(), kernel_target.cpu_flags()))
+    if native == "AVX-512" and emulating_avx2():
+        return ("AVX2, emulated on an AVX-512 CPU: jaxcascade's AVX2 kernels, XLA and PyTorch (ATen, oneDNN) "
+                "capped at AVX2")
+    return native
 
 
 def machine() -> dict:

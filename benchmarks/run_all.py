@@ -4,6 +4,7 @@ Run from the repository root (after `pip install -e ".[bench,interop]"`):
     python -m benchmarks.run_all                        # about 30 minutes on a 2-core CPU
     python -m benchmarks.run_all --only convs,train_step  # some steps; the other tables stay as they are
     python -m benchmarks.run_all --only gpu --render-only # tables from a gpu.json already in --out
+    python -m benchmarks.run_all --emulate-avx2 --only demo,inference  # an AVX2 CPU, on an AVX-512 one
 Steps: `demo` (trains the model the inference benchmark uses, resuming if present; skipped with --model),
 `convs`, `train_step`, `train_epoch` (whole training epochs against PyTorch's bare step), `scaling` (train step over forced host devices and local processes), `inference`
 (whole 1 mm brain), `startup` (a whole `segment` command, with and without the compilation cache),
@@ -20,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import cpu_model
+from benchmarks.common import AVX2_EMULATION, cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ("demo", "convs", "train_step", "train_epoch", "scaling", "inference", "startup", "study", "study_1mm",
@@ -286,14 +288,23 @@ def main(argv=None) -> int:
     parser.add_argument("--only", help=f"comma list of {', '.join(STEPS)} (default: all, gpu where there is one)")
     parser.add_argument("--model", help="a trained model dir for the inference benchmark (default: train the demo)")
     parser.add_argument("--repeats", type=int, default=3, help="inference repetitions per method")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    parser.add_argument("--page", type=Path, default=REPO / "docs" / "benchmarks.md",
-                        help="the page whose marked tables are rewritten")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--page", type=Path, default=None,
+                        help="the page whose marked tables are rewritten (default docs/benchmarks.md)")
     parser.add_argument("--no-page", action="store_true", help="leave the tables' page alone")
+    parser.add_argument("--emulate-avx2", action="store_true",
+                        help="on an AVX-512 CPU, cap jaxcascade, XLA and PyTorch at AVX2 alike; results go to "
+                             "benchmarks/results/avx2 and docs/benchmarks-avx2.md unless --out/--page say otherwise")
     parser.add_argument("--render-only", action="store_true",
                         help="run nothing: rewrite the tables from the JSON results already in --out "
                              "(e.g. a gpu.json brought back from a GPU machine)")
     args = parser.parse_args(argv)
+    emulated = "avx2" if args.emulate_avx2 else ""
+    args.out = args.out or REPO / "benchmarks" / "results" / emulated
+    args.page = args.page or REPO / "docs" / ("benchmarks-avx2.md" if emulated else "benchmarks.md")
+    if emulated:  # every step's process, and the PyTorch baselines they start, inherit the caps
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ.update(AVX2_EMULATION, XLA_FLAGS=f"{flags} {AVX2_EMULATION['XLA_FLAGS']}".strip())
     steps = [step.strip() for step in (args.only or ",".join(STEPS)).split(",") if step.strip()]
     unknown = [step for step in steps if step not in STEPS]
     if unknown:

@@ -4,6 +4,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from benchmarks import run_all
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -33,21 +35,27 @@ def test_render_only_leaves_blocks_without_results_alone(tmp_path):
     assert "kept" in readme.read_text()
 
 
-def test_every_committed_result_is_rendered_with_its_machine_and_commit():
-    """docs/benchmarks.md's tables are what run_all renders from benchmarks/results/, each dated; a table
-    without results for this version says so instead of showing older figures."""
-    page = RESULTS.parents[1] / "docs" / "benchmarks.md"
-    text = page.read_text()
-    for block, (result, render) in run_all.RENDER.items():
+@pytest.mark.parametrize("page, results", [("benchmarks.md", RESULTS), ("benchmarks-avx2.md", RESULTS / "avx2")])
+def test_every_committed_result_is_rendered_with_its_machine_and_commit(page, results):
+    """docs/benchmarks.md's tables are what run_all renders from benchmarks/results/, each dated, and the
+    emulated AVX2 page's from benchmarks/results/avx2; a table without results for this version says so
+    instead of showing older figures."""
+    text = (RESULTS.parents[1] / "docs" / page).read_text()
+    blocks = [block for block in run_all.RENDER if page == "benchmarks.md" or f"<!-- bench:{block} -->" in text]
+    assert len(blocks) >= 6, page
+    for block in blocks:
+        result, render = run_all.RENDER[block]
         start, end = f"<!-- bench:{block} -->", f"<!-- /bench:{block} -->"
         assert start in text and end in text, block
         rendered = text.split(start, 1)[1].split(end, 1)[0]
-        if not (RESULTS / f"{result}.json").exists():
+        if not (results / f"{result}.json").exists():
             assert rendered.strip() == "*Not measured for this version.*", block
             continue
-        payload = json.loads((RESULTS / f"{result}.json").read_text())
+        payload = json.loads((results / f"{result}.json").read_text())
         assert render(payload) in rendered, f"{block}: the table on the page is not its JSON's"
         assert "commit" in rendered.splitlines()[1] and payload["machine"]["cpu_model"] in rendered, block
+        if results.name == "avx2":  # the emulation is named in the table's own line
+            assert "AVX2, emulated on an AVX-512 CPU" in rendered.splitlines()[1], block
 
 
 def test_a_result_that_records_its_commit_is_dated_by_it():
@@ -67,7 +75,7 @@ def test_every_cpu_baseline_ran_with_jaxcascades_advantages():
     from jaxcascade import runtime
 
     checked = 0
-    for path in sorted(RESULTS.glob("*.json")):
+    for path in sorted([*RESULTS.glob("*.json"), *RESULTS.glob("avx2/*.json")]):
         payload = json.loads(path.read_text())
         if "gpu" in payload or not _has_torch_rows(payload):
             continue
