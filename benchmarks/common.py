@@ -95,8 +95,8 @@ def source_commit() -> str | None:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True)
         # The results and the page run_all rewrites do not make the code that measures them dirty.
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":!benchmarks/results", ":!docs/benchmarks.md"], cwd=repo, capture_output=True,
-                               text=True)
+                                ":!benchmarks/results", ":!docs/benchmarks.md", ":!docs/benchmarks-avx2.md"],
+                               cwd=repo, capture_output=True, text=True)
     except OSError:
         return None
     if head.returncode:
@@ -104,15 +104,11 @@ def source_commit() -> str | None:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-# An AVX2 CPU emulated on an AVX-512 one, every framework capped alike: jaxcascade's kernels (their AVX2
-# variant), XLA's generated code, and PyTorch's ATen kernels and oneDNN (`run_all --emulate-avx2`).
-AVX2_EMULATION = {"JAXCASCADE_CPU_KERNEL_ISA": "avx2", "XLA_FLAGS": "--xla_cpu_max_isa=AVX2",
-                  "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-
-
 def emulating_avx2(environ=None) -> bool:
+    """Whether force_isa("avx2") capped this process (and so the ones it starts)."""
     environ = os.environ if environ is None else environ
-    return all(value in environ.get(name, "") for name, value in AVX2_EMULATION.items())
+    return (environ.get("JAXCASCADE_CPU_KERNEL_ISA") == "avx2"
+            and "--xla_cpu_max_isa=AVX2" in environ.get("XLA_FLAGS", "").split())
 
 
 def cpu_class() -> str:

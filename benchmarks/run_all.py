@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import AVX2_EMULATION, cpu_model
+from benchmarks.common import cpu_model, force_isa
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ("demo", "convs", "train_step", "train_epoch", "scaling", "inference", "startup", "study", "study_1mm",
@@ -302,9 +301,8 @@ def main(argv=None) -> int:
     emulated = "avx2" if args.emulate_avx2 else ""
     args.out = args.out or REPO / "benchmarks" / "results" / emulated
     args.page = args.page or REPO / "docs" / ("benchmarks-avx2.md" if emulated else "benchmarks.md")
-    if emulated:  # every step's process, and the PyTorch baselines they start, inherit the caps
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ.update(AVX2_EMULATION, XLA_FLAGS=f"{flags} {AVX2_EMULATION['XLA_FLAGS']}".strip())
+    if emulated:
+        force_isa("avx2")  # every step's process, and the PyTorch baselines they start, inherit the caps
     steps = [step.strip() for step in (args.only or ",".join(STEPS)).split(",") if step.strip()]
     unknown = [step for step in steps if step not in STEPS]
     if unknown:
