@@ -3,8 +3,8 @@
 from jaxcascade.version import __version__  # noqa: F401
 
 # Before anything can start a JAX backend: malloc settings for XLA:CPU's temporaries (glibc
-# otherwise maps and page-faults large buffers on every call, 1.5-2x slower) and the persistent
-# compilation cache. They must precede the backend, so importing jaxcascade applies them; set
+# otherwise maps and page-faults large buffers on every call, 1.5-2x slower), the persistent
+# compilation cache and, with forced host devices, XLA's collective timeouts. They must precede the backend, so importing jaxcascade applies them; set
 # JAXCASCADE_MALLOC=0 and JAXCASCADE_COMPILATION_CACHE=0 to leave the process alone (see runtime).
 from jaxcascade import runtime as _runtime  # noqa: E402
 

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from jaxcascade.runtime import COLLECTIVE_FLAGS
+
 # A jitted convolution whose GEMM formulation needs a ~50 MB temporary per call
 # (the dense kernel's conv2 on one 34^3 block); minor page faults of each of the
 # last 12 of 36 calls. With the settings the heap settles: while other processes
@@ -88,3 +90,22 @@ print(json.dumps({"cache": jaxcascade.runtime.STATUS["compilation_cache"], "hits
     assert json.loads(second.stdout)["hits"] >= 1, second.stderr
     disabled = _run(code, JAXCASCADE_COMPILATION_CACHE="0")
     assert json.loads(disabled.stdout) == {"cache": "disabled", "hits": 0}
+
+
+def test_forced_host_devices_get_the_collective_timeouts_a_loaded_machine_needs():
+    # XLA:CPU would end a run whose forced devices gather a collective after 40 s (seen on 2 busy cores).
+    code = ("import os, jax, jaxcascade\nimport jax.numpy as jnp\n"
+            "total = jax.pmap(lambda x: jax.lax.psum(x, 'i'), axis_name='i')(jnp.ones(2))\n"
+            "print(os.environ.get('XLA_FLAGS', '')); print(float(total[0]))")
+    forced = "--xla_force_host_platform_device_count=2"
+    for given, flags in ((forced, f"{forced} {' '.join(COLLECTIVE_FLAGS)}"),
+                         (f"{forced} --xla_cpu_collective_call_terminate_timeout_seconds=50",
+                          f"{forced} --xla_cpu_collective_call_terminate_timeout_seconds=50")):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "XLA_FLAGS": given})
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.splitlines() == [flags, "2.0"]  # XLA accepts them; a user's own value stays
+    alone = subprocess.run([sys.executable, "-c", "import os, jaxcascade; print(os.environ.get('XLA_FLAGS'))"],
+                           capture_output=True, text=True, timeout=120,
+                           env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    assert alone.stdout.strip() == "None"  # one device: XLA's own settings, untouched

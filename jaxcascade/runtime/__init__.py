@@ -17,6 +17,10 @@ Opt out with JAXCASCADE_MALLOC=0, or set the same through
 GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=2147483647
 at launch.
 
+**Collectives.** With forced host devices (XLA_FLAGS=--xla_force_host_platform_device_count=N),
+XLA:CPU's 40 s limit on gathering a collective is raised (COLLECTIVE_FLAGS): the forced devices share the
+cores, and a loaded machine could end a multi-device run there.
+
 **Compilation cache.** Every `segment` and `train` would otherwise compile
 the same functions afresh. JAX's persistent cache keeps them in a per-user
 folder, one subfolder per CPU model and JAX version (an executable built for
@@ -189,9 +193,30 @@ def configure_compilation_cache() -> str:
     return str(folder)
 
 
+# XLA:CPU ends a process whose collective (an all-reduce of the devices' gradients) has not gathered every
+# device within 40 s, its "termination timeout". Forced host devices (--xla_force_host_platform_device_count)
+# are threads that share the cores, and on a loaded machine one of them can be kept waiting that long: a
+# 4-device run on 2 busy cores was ended that way. Where devices are forced and these timeouts are not set,
+# they are raised to what a starved thread may need; a user's own values stay.
+COLLECTIVE_FLAGS = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=120",
+                    "--xla_cpu_collective_call_terminate_timeout_seconds=900")
+
+
+def configure_collectives() -> str:
+    """Longer collective timeouts for forced host devices (see COLLECTIVE_FLAGS), before XLA reads its flags."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_force_host_platform_device_count" not in flags:
+        return "XLA's defaults (no forced host devices)"
+    if "collective_call_terminate_timeout" in flags or "collective_call_warn_stuck_timeout" in flags:
+        return "as XLA_FLAGS sets them"
+    os.environ["XLA_FLAGS"] = " ".join([flags.strip(), *COLLECTIVE_FLAGS])
+    return "raised for forced host devices (warn 120 s, end 900 s)"
+
+
 def configure() -> dict[str, str]:
-    """Both settings, once per process; STATUS records what each did."""
+    """The settings, once per process; STATUS records what each did."""
     if not STATUS:
         STATUS["malloc"] = configure_malloc()
         STATUS["compilation_cache"] = configure_compilation_cache()
+        STATUS["collectives"] = configure_collectives()
     return STATUS
