@@ -80,9 +80,9 @@ constexpr int group_vectors(int vectors) {
 
 // acc[r][v] += xs[r * x_stride] * w[v * kLanes]: one tap and input channel for R outputs (kBroadcastFirst
 // says in which order: the sums are the same).
-template <int NV, int R, bool BroadcastFirst = kBroadcastFirst>
+template <int NV, int R>
 inline void multiply_add(vec (&acc)[R][NV], const float* xs, int64_t x_stride, const float* w) {
-  if constexpr (BroadcastFirst) {
+  if constexpr (kBroadcastFirst) {
     vec s[R];
     for (int r = 0; r < R; ++r) s[r] = splat(xs[r * x_stride]);
     for (int v = 0; v < NV; ++v) {
