@@ -124,7 +124,7 @@ def main(argv=None):
     parser.add_argument("--voxels", type=int, default=20000, help="candidates to classify (default subset)")
     parser.add_argument("--all", action="store_true", help="classify every candidate of the brain")
     parser.add_argument("--seed", type=int, default=0, help="phantom subject seed")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch_or_exit()
