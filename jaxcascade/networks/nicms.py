@@ -90,10 +90,8 @@ class NicMS(nnx.Module):
 
     def __call__(self, patches, *, train: bool = False, rngs: nnx.Rngs | None = None):
         """(batch, p, p, p, channels) patches -> (batch, 2) logits (Keras applied the softmax in `out`)."""
-        if not train and self._fused(patches):
-            x = patch_features.features(patches, self._inference_layers())
-        else:
-            x = self._convolutions(patches, train)
+        layers = None if train else self._fused_layers(patches)
+        x = self._convolutions(patches, train) if layers is None else patch_features.features(patches, layers)
         x = _flatten_channels_first(x)
         for dense, prelu in ((self.d1, self.prelu_d1), (self.d2, self.prelu_d2), (self.d3, self.prelu_d3)):
             x = prelu(dense(self.dropout(x, deterministic=not train, rngs=rngs)))
@@ -111,12 +109,15 @@ class NicMS(nnx.Module):
         x = self.prelu_conv2_2(self.bn_2_2(self.conv2_2(x), use_running_average=average))
         return max_pool_2x2x2(x)
 
-    def _fused(self, patches) -> bool:
-        """Whether inference runs the convolutions as one kernel: float32 throughout, the default
-        implementation, and jaxcascade's CPU kernels on (off, the layer-by-layer results stay bit-identical)."""
-        return (self.conv1_1.implementation == "auto" and self.conv1_1.compute_dtype == "float32"
-                and patches.dtype == jnp.float32 and cpu_kernel.enabled()
-                and patch_features.supported(patches.shape, self._inference_layers()))
+    def _fused_layers(self, patches):
+        """The layers for the one-kernel form (`_inference_layers`), or None where inference runs layer by
+        layer: anything but float32 throughout and the default implementation, or jaxcascade's CPU kernels
+        off (the layer-by-layer results then stay bit-identical)."""
+        if not (self.conv1_1.implementation == "auto" and self.conv1_1.compute_dtype == "float32"
+                and patches.dtype == jnp.float32 and cpu_kernel.enabled()):
+            return None
+        layers = self._inference_layers()
+        return layers if patch_features.supported(patches.shape, layers) else None
 
     def _inference_layers(self):
         """Each convolution's (kernel, scale, shift, slopes), its bias and running batch norm folded into the

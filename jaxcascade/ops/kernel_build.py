@@ -51,7 +51,8 @@ from jaxcascade.runtime.outputs import write_text
 
 KERNEL_DIR_ENV = "JAXCASCADE_KERNEL_DIR"
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = (KERNELS / "conv3d.cc", KERNELS / "dense_head.cc", KERNELS / "max_pool.cc", KERNELS / "nicms_features.cc")  # + parallel.h, simd.h
+SOURCES = tuple(KERNELS / name for name in ("conv3d.cc", "dense_head.cc", "max_pool.cc",
+                                             "nicms_features.cc"))  # + parallel.h, simd.h
 TARGET = "jaxcascade_conv3d"
 WHERE_TARGET = "jaxcascade_conv3d_where"
 GRADIENT_TARGET = "jaxcascade_conv3d_kernel_gradient"

@@ -87,7 +87,8 @@ inline void block(const Layer& L, const float* in, float* out, int64_t edge, int
   // AVX-512's 32 registers too, where it ran 64-channel rows of 4 outputs 1.8x faster (kBroadcastFirst: why).
   constexpr bool kFirst = kBroadcastFirst || NV * R + R + 1 <= kRegisters;
   const int64_t side = L.size + 2, run = 3 * L.in;
-  const int64_t row = k / count, one_row = (k + R - 1) / count == row;
+  const int64_t row = k / count;
+  const bool one_row = (k + R - 1) / count == row;
   int64_t at[R];  // each output's first input, from the start of its plane's first tap row
   for (int r = 0; r < R; ++r) at[r] = (((k + r) / count) * side + (k + r) % count) * L.in;
   vec acc[R][NV];
