@@ -72,7 +72,12 @@ def score_probabilities(stage1, stage2, truth, region, *, stage2_from, threshold
                                          "true_lesions", "pred_lesions", "pred_volume_ml", "truth_volume_ml")}
 
 
-def score(model_dir, region: str = "all", sweep: bool = False, patient: Path = PATIENT) -> dict:
+# The calibration grid of `score(sweep=True)`: (CNN1 candidate threshold, CNN2 threshold, smallest lesion).
+SWEEP_GRID = ((0.3, 0.5, 0.8), (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), (2, 5, 10, 20))
+
+
+def score(model_dir, region: str = "all", sweep: bool = False, patient: Path = PATIENT,
+          grid: tuple = SWEEP_GRID) -> dict:
     import jaxcascade
 
     model = jaxcascade.load_model(model_dir)
@@ -105,8 +110,7 @@ def score(model_dir, region: str = "all", sweep: bool = False, patient: Path = P
             {"stage2_min_probability": s, "threshold": t, "min_lesion_voxels": m,
              **score_probabilities(stage1, stage2, truth, region_voxels, stage2_from=s, threshold=t,
                                    min_lesion_voxels=m, **common)}
-            for s in (0.3, 0.5, 0.8) for t in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9) for m in (2, 5, 10, 20)
-            if t >= s or s == 0.3]
+            for s in grid[0] for t in grid[1] for m in grid[2] if t >= s or s == min(grid[0])]
     return result
 
 

@@ -96,8 +96,9 @@ def segment(model: Cascade | PathLike | None, inputs: Mapping[str, PathLike | ni
             out: PathLike | None = None, probabilities: PathLike | None = None, brain_mask: PathLike | None = None,
             threshold: float | None = None, min_lesion_voxels: int | None = None,
             min_lesion_volume_mm3: float | None = None, method: str | None = None, tta: bool | None = None,
-            compute_dtype: str | None = None, resample: str = "auto", overwrite: bool = False,
-            warn: Callable[[str], None] = warn_user, progress: Callable | None = None) -> Segmentation:
+            compute_dtype: str | None = None, resample: str = "auto", thick_slices: str = "auto",
+            overwrite: bool = False, warn: Callable[[str], None] = warn_user,
+            progress: Callable | None = None) -> Segmentation:
     """Segment one subject: its sequences by modality name, as NIfTI paths or nibabel images.
 
     Every input and output is checked before any work, as the command line checks them (an image in memory
@@ -115,6 +116,8 @@ def segment(model: Cascade | PathLike | None, inputs: Mapping[str, PathLike | ni
             (t_bin, the smallest lesion kept, 'auto'/'dense'/'patch', test-time augmentation).
         compute_dtype: 'float32' or 'bfloat16' products, for a model given as a directory.
         resample: 'auto' segments inputs of another voxel size at the model's; 'never' keeps their grid.
+        thick_slices: 'auto' applies the model's thick-slice settings (config.inference.thick_slices) to a
+            FLAIR whose thickest voxel edge is at least their from_mm; 'on' always, 'off' never.
         overwrite: replace existing outputs.
         warn: called with a one-line warning (an image that does not look skull-stripped, ...).
 
@@ -124,7 +127,8 @@ def segment(model: Cascade | PathLike | None, inputs: Mapping[str, PathLike | ni
         compare with arrays read from the subject's files as they are stored), and the candidate counts.
     """
     options = SegmentOptions(threshold=threshold, min_lesion_voxels=min_lesion_voxels,
-                             min_lesion_volume_mm3=min_lesion_volume_mm3, method=method, tta=tta, resample=resample)
+                             min_lesion_volume_mm3=min_lesion_volume_mm3, method=method, tta=tta, resample=resample,
+                             thick_slices=thick_slices)
     return nifti_files.segment_files(model, dict(inputs), out, options=options, probabilities_dir=probabilities,
                                      brain_mask=brain_mask, compute_dtype=compute_dtype, overwrite=overwrite,
                                      progress=progress, warn=warn)
@@ -132,7 +136,7 @@ def segment(model: Cascade | PathLike | None, inputs: Mapping[str, PathLike | ni
 
 def segment_study(model: PathLike | None, data_dir: PathLike, out_dir: PathLike, *, probabilities: bool = False,
                   overwrite: bool = False, compute_dtype: str | None = None, tta: bool | None = None,
-                  resample: str = "auto", min_lesion_volume_mm3: float | None = None,
+                  resample: str = "auto", min_lesion_volume_mm3: float | None = None, thick_slices: str = "auto",
                   participants: Sequence[str] | None = None, bids_suffixes: Mapping[str, str] | None = None,
                   bids_filters: Sequence[str] = (), shard: tuple[int, int] | str | None = None,
                   log: Callable[[str], None] = _LOG.info, progress: Callable | None = None) -> list[dict]:
@@ -145,7 +149,7 @@ def segment_study(model: PathLike | None, data_dir: PathLike, out_dir: PathLike,
             (a BIDS derivatives dataset when data_dir is BIDS). Rerunning skips finished subjects.
         probabilities: also write both stages' probability maps.
         overwrite: redo subjects already finished.
-        compute_dtype, tta, resample, min_lesion_volume_mm3: as `segment`'s.
+        compute_dtype, tta, resample, min_lesion_volume_mm3, thick_slices: as `segment`'s.
         participants: labels (`01` or `sub-01`; folder names in the training layout) to segment; all if None.
         bids_suffixes: {modality: BIDS suffix} where not the defaults (T1 -> T1w, FLAIR -> FLAIR, ...).
         bids_filters: `[MODALITY:]ENTITY=VALUE` strings, e.g. `FLAIR:acq=3d`, `run=1`.
@@ -161,7 +165,8 @@ def segment_study(model: PathLike | None, data_dir: PathLike, out_dir: PathLike,
     if isinstance(shard, str) or shard is None:
         shard = study.parse_shard(shard)
     options = StudyOptions(
-        segment=SegmentOptions(tta=tta, resample=resample, min_lesion_volume_mm3=min_lesion_volume_mm3),
+        segment=SegmentOptions(tta=tta, resample=resample, min_lesion_volume_mm3=min_lesion_volume_mm3,
+                               thick_slices=thick_slices),
         probabilities=probabilities, overwrite=overwrite, compute_dtype=compute_dtype,
         bids_suffixes=dict(bids_suffixes) if bids_suffixes else None,
         bids_filters=bids_layout.parse_filters(bids_filters),

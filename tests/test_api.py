@@ -8,10 +8,10 @@ from jaxcascade import api
 PUBLIC = {
     "train": ["data_dir", "workdir", "config", "overrides", "init_from", "participants", "log", "progress"],
     "segment": ["model", "inputs", "out", "probabilities", "brain_mask", "threshold", "min_lesion_voxels",
-                "min_lesion_volume_mm3", "method", "tta", "compute_dtype", "resample", "overwrite", "warn",
+                "min_lesion_volume_mm3", "method", "tta", "compute_dtype", "resample", "thick_slices", "overwrite", "warn",
                 "progress"],
     "segment_study": ["model", "data_dir", "out_dir", "probabilities", "overwrite", "compute_dtype", "tta",
-                      "resample", "min_lesion_volume_mm3", "participants", "bids_suffixes", "bids_filters", "shard",
+                      "resample", "min_lesion_volume_mm3", "thick_slices", "participants", "bids_suffixes", "bids_filters", "shard",
                       "log", "progress"],
     "load_model": ["model_dir", "compute_dtype"],
     "evaluate": ["prediction", "truth", "voxel_volume_ml"],

@@ -1,14 +1,20 @@
 """Models run at their training voxel size: inputs of another voxel size are resampled there and back."""
 
+import itertools
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from jaxcascade import cli
 from jaxcascade.storage import model_directory
+from jaxcascade.config import load_config
 from jaxcascade.data import nifti, resolution
+from jaxcascade.errors import UserError
+from jaxcascade.segmentation.options import THICK_SLICE_MODES, SegmentOptions
 from conftest import held_out_inputs
 
 
@@ -78,3 +84,58 @@ def test_min_lesion_volume_in_mm3_equals_the_voxel_count_it_implies(trained_mode
     assert cli.main([*base, "--out", str(by_volume), "--min-lesion-volume", str(volume_mm3)]) == 0  # 64 mm^3 voxels
     assert cli.main([*base, "--out", str(by_count), "--min-lesion-voxels", str(voxels)]) == 0
     np.testing.assert_array_equal(np.asarray(nib.load(by_volume).dataobj), np.asarray(nib.load(by_count).dataobj))
+
+
+def test_a_thick_flair_gets_the_model_s_thick_slice_settings_and_the_user_can_say_no(trained_model, cohort, tmp_path,
+                                                                                     capsys):
+    """A model that carries thick-slice settings applies them, and says so, to a FLAIR with slices at least
+    as thick as its config's from_mm; `--thick-slices off` keeps its own; a model without them refuses 'on'."""
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(trained_model, calibrated, ignore=shutil.ignore_patterns("checkpoints"))
+    config = json.loads((calibrated / "config.json").read_text())
+    own = config["inference"]
+    config["inference"]["thick_slices"] = {"from_mm": 4.0, "stage2_min_probability": own["stage2_min_probability"],
+                                           "threshold": 0.9, "min_lesion_voxels": 3}
+    (calibrated / "config.json").write_text(json.dumps(config))
+
+    def run(model, *flags):
+        out = tmp_path / f"{len(list(tmp_path.glob('*.nii.gz')))}.nii.gz"
+        status = cli.main(["segment", "--model", str(model), *held_out_inputs(cohort), "--out", str(out), *flags])
+        return status, np.asarray(nib.load(out).dataobj) if status == 0 else None, capsys.readouterr().err
+
+    status, thick, err = run(calibrated)  # the held-out FLAIR has 4 mm voxels
+    assert status == 0 and "4 mm slices: the model's thick-slice settings apply (CNN1 > " in err, err
+    assert "CNN2 >= 0.9, lesions of more than 3 voxels); --thick-slices off keeps its own" in err
+    _, asked, _ = run(trained_model, "--threshold", "0.9", "--min-lesion-voxels", "3")
+    _, off, err_off = run(calibrated, "--thick-slices", "off")
+    _, own_settings, _ = run(trained_model)
+    np.testing.assert_array_equal(thick, asked)
+    np.testing.assert_array_equal(off, own_settings)
+    assert "thick-slice" not in err_off and thick.sum() != own_settings.sum()
+    status, _, err = run(trained_model, "--thick-slices", "on")
+    assert status == 2 and err.count("\n") == 1 and "--thick-slices on: the model has no thick-slice settings" in err
+
+
+@settings(max_examples=200, deadline=None)
+@given(voxel=st.lists(st.floats(0.2, 8.0), min_size=3, max_size=3), from_mm=st.sampled_from([0.0, 2.5, 3.0, 5.0]),
+       mode=st.sampled_from(THICK_SLICE_MODES), threshold=st.none() | st.floats(0.0, 1.0))
+def test_thick_slice_settings_follow_the_thickest_edge_whatever_the_axis_order(voxel, from_mm, mode, threshold):
+    config = load_config(None)
+    config.inference.thick_slices.update(from_mm=from_mm, stage2_min_probability=0.42, threshold=0.97,
+                                         min_lesion_voxels=7)
+    options = SegmentOptions(thick_slices=mode, threshold=threshold)
+    if mode == "on" and from_mm == 0:
+        with pytest.raises(UserError, match="no thick-slice settings"):
+            options.thick(config, voxel)
+        return
+    thick = options.thick(config, voxel)
+    assert thick == {"on": True, "off": False, "auto": from_mm > 0 and max(voxel) >= from_mm}[mode]
+    assert all(options.thick(config, list(order)) == thick for order in itertools.permutations(voxel))
+    if thick and mode == "auto":  # thicker slices stay thick
+        assert options.thick(config, [v + 1.0 for v in voxel])
+    settings_ = options.inference(config, voxel_volume_ml=0.001, platform="cpu", thick=thick)
+    own = config.inference
+    assert settings_.stage2_min_probability == (0.42 if thick else own.stage2_min_probability)
+    assert settings_.min_lesion_voxels == (7 if thick else own.min_lesion_voxels)
+    # The user's own threshold wins over both.
+    assert settings_.threshold == (threshold if threshold is not None else 0.97 if thick else own.threshold)

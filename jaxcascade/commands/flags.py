@@ -19,6 +19,7 @@ FLAGS = {
     "probabilities": "--probabilities",
     "brain_mask": "--brain-mask",
     "resample": "--resample",
+    "thick_slices": "--thick-slices",
     "overwrite": "--overwrite",
     "participants": "--participant-label",
     "bids_filters": "--bids-filter",

@@ -34,6 +34,8 @@ def cmd_models(args, _overrides) -> None:
         for row in card.get("accuracy", []):
             print(f"  {row['data']}: DSC {row['dsc']:.2f}, lesion F1 {row['lesion_f1']:.2f}, "
                   f"volume error {row['volume_error_percent']:+.0f} % ({row['protocol']})")
+        if "thick_slices" in card:
+            print(f"  thick slices: {card['thick_slices']}")
         print(f"  licence: {card['licence']}")
 
 

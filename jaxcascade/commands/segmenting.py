@@ -40,6 +40,9 @@ def add_segment(commands) -> None:
                    help="keep lesions larger than this many mm^3 (instead of --min-lesion-voxels)")
     p.add_argument("--resample", choices=("auto", "never"), default="auto",
                    help="auto: segment inputs of another voxel size at the model's, results on the input's grid")
+    p.add_argument("--thick-slices", choices=("auto", "on", "off"), default="auto",
+                   help="the model's thick-slice settings: auto applies them to a FLAIR with slices at least as "
+                        "thick as the model's config says (the default model: 3 mm)")
     p.add_argument("--inference", choices=("auto", "dense", "patch"),
                    help="dense whole-volume kernel (exact; default where the network allows) or patch-wise")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"),
@@ -74,7 +77,8 @@ def cmd_segment(args, _overrides) -> int | None:
             args.model, inputs, out=args.out, probabilities=args.probabilities,
             threshold=args.threshold, min_lesion_voxels=args.min_lesion_voxels, method=args.inference,
             compute_dtype=args.compute_dtype, min_lesion_volume_mm3=args.min_lesion_volume, tta=args.tta or None,
-            brain_mask=args.brain_mask, resample=args.resample, overwrite=args.overwrite, progress=progress,
+            brain_mask=args.brain_mask, resample=args.resample, thick_slices=args.thick_slices,
+            overwrite=args.overwrite, progress=progress,
             warn=warn,
         )
     finally:
@@ -104,7 +108,7 @@ def _segment_study(args) -> int:
                              overwrite=args.overwrite, compute_dtype=args.compute_dtype,
                              bids_suffixes=bids_layout.parse_suffixes(args.bids_suffix), shard=args.shard,
                              tta=args.tta or None, participants=args.participant_label,
-                             bids_filters=args.bids_filter, resample=args.resample,
+                             bids_filters=args.bids_filter, resample=args.resample, thick_slices=args.thick_slices,
                              min_lesion_volume_mm3=args.min_lesion_volume, log=log, progress=progress)
     # Rows marked resumed were finished earlier, or belong to another shard: only this run's failures
     # decide its exit status (a SLURM array task fails for its own subjects).

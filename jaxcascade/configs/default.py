@@ -148,4 +148,12 @@ def _inference() -> ml_collections.ConfigDict:
     inference.accelerator_tiles_per_batch = 16
     # Test-time augmentation: both stages averaged over the 8 axis flips (8x the inference time).
     inference.tta = False
+    # Settings for a FLAIR whose thickest voxel edge is from_mm or more (a 2D clinical FLAIR of 3-5 mm
+    # slices) on a model trained on finer ones: interpolated onto the model's grid, the slices' blur moves
+    # the probabilities (docs/real-scans.md, "Thick-slice FLAIR"). from_mm = 0: the model has none.
+    inference.thick_slices = ml_collections.ConfigDict()
+    inference.thick_slices.from_mm = 0.0
+    inference.thick_slices.stage2_min_probability = 0.8
+    inference.thick_slices.threshold = 0.8
+    inference.thick_slices.min_lesion_voxels = 20
     return inference

@@ -99,9 +99,13 @@ def detect_changes(model: Cascade, baseline: visits.Visit, followup: visits.Visi
     seconds = dict(aligned.seconds)
     started = time.perf_counter()
     results = {}
+    # The model's own decision settings, whatever the visits' slices: a stricter thick-slice threshold
+    # would miss small new lesions, and grey matter that thick slices blur into lesion at both visits is
+    # matched as stable (and dropped by the subtraction check where seen at one visit only).
+    segmenting = SegmentOptions(resample="never", thick_slices="off")
     for key, channels in (("baseline", aligned.baseline), ("followup", aligned.followup)):
         images = visits.as_images(channels, aligned.grid_affine, modalities, key)
-        results[key] = segment_images(model, images, SegmentOptions(resample="never"), brain_mask=aligned.brain_mask)
+        results[key] = segment_images(model, images, segmenting, brain_mask=aligned.brain_mask)
     seconds["segment both visits"] = time.perf_counter() - started
     started = time.perf_counter()
     channel = aligned.flair_channel

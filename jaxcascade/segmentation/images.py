@@ -33,7 +33,13 @@ def segment_images(model: Cascade, images: list[nifti.Image], options: SegmentOp
     working, brain_mask = _working_grid(model, images, brain_mask, options.resample, warn)
     # Outside the mask every image is 0: left out of the normalisation statistics and never a candidate.
     channels = [image.data if brain_mask is None else image.data * brain_mask for image in working]
-    settings = options.inference(model.config, voxel_volume_ml=working[0].voxel_volume_ml)
+    flair_mm = resolution.voxel_size(reference)
+    thick = options.thick(model.config, flair_mm)
+    settings = options.inference(model.config, voxel_volume_ml=working[0].voxel_volume_ml, thick=thick)
+    if thick and options.thick_slices == "auto":
+        warn(f"{reference.path}: {max(flair_mm):g} mm slices: the model's thick-slice settings apply (CNN1 > "
+             f"{settings.stage2_min_probability:g}, CNN2 >= {settings.threshold:g}, lesions of more than "
+             f"{settings.min_lesion_voxels} voxels); thick_slices='off' keeps its own")
     started = time.perf_counter()
     volume = normalise_channels(channels, model.config.normalisation, bias_correction=model.config.bias_correction)
     normalised = time.perf_counter() - started

@@ -23,6 +23,8 @@ from jaxcascade.errors import UserError
 
 # The inference methods (`inference.METHODS`): 'auto' is dense where exact, else patch.
 METHODS = ("auto", "dense", "patch")
+# When a model's thick-slice settings apply: 'auto' by the FLAIR's thickest voxel edge, or always, or never.
+THICK_SLICE_MODES = ("auto", "on", "off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,7 @@ class SegmentOptions:
     method: str | None = None  # one of METHODS
     tta: bool | None = None  # average both stages over the eight axis flips
     resample: str = "auto"  # one of RESAMPLE_MODES
+    thick_slices: str = "auto"  # one of THICK_SLICE_MODES
 
     def __post_init__(self):
         # A setting outside its range is refused in one line before any work: a threshold of 1.5 would keep
@@ -49,14 +52,29 @@ class SegmentOptions:
             raise UserError(f"method={self.method!r}: unknown method; use one of {', '.join(map(repr, METHODS))}")
         if self.resample not in RESAMPLE_MODES:
             raise UserError(f"resample={self.resample!r}: use one of {', '.join(map(repr, RESAMPLE_MODES))}")
+        if self.thick_slices not in THICK_SLICE_MODES:
+            raise UserError(f"thick_slices={self.thick_slices!r}: use one of "
+                            f"{', '.join(map(repr, THICK_SLICE_MODES))}")
 
-    def inference(self, config, voxel_volume_ml: float, platform: str | None = None) -> "InferenceOptions":
-        """The cascade's settings for a model's config, on a grid of voxel_volume_ml (for min_lesion_volume_mm3)."""
+    def thick(self, config, flair_voxel_mm) -> bool:
+        """Whether the model's thick-slice settings apply to a FLAIR of this voxel size (mm per axis)."""
+        from_mm = float(config.inference.thick_slices.from_mm)
+        if self.thick_slices == "auto":
+            return from_mm > 0 and max(flair_voxel_mm) >= from_mm
+        if self.thick_slices == "on" and not from_mm > 0:
+            raise UserError("thick_slices='on': the model has no thick-slice settings (its config's "
+                            "inference.thick_slices.from_mm is 0); use a model calibrated for thick slices")
+        return self.thick_slices == "on"
+
+    def inference(self, config, voxel_volume_ml: float, platform: str | None = None, *,
+                  thick: bool = False) -> "InferenceOptions":
+        """The cascade's settings for a model's config, on a grid of voxel_volume_ml (for min_lesion_volume_mm3);
+        with thick, the config's thick-slice settings where this object sets none of its own."""
         min_lesion_voxels = self.min_lesion_voxels
         if self.min_lesion_volume_mm3 is not None:
             min_lesion_voxels = int(self.min_lesion_volume_mm3 // (voxel_volume_ml * 1000))
-        return InferenceOptions.from_config(config, platform, threshold=self.threshold, method=self.method,
-                                            min_lesion_voxels=min_lesion_voxels, tta=self.tta)
+        return InferenceOptions.from_config(config, platform, thick=thick, threshold=self.threshold,
+                                            method=self.method, min_lesion_voxels=min_lesion_voxels, tta=self.tta)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +104,8 @@ class StudyOptions:
         made_of.update({key: value for key, value in (("threshold", segment.threshold), ("method", segment.method),
                                                       ("min_lesion_voxels", segment.min_lesion_voxels))
                         if value is not None})
+        if segment.thick_slices != "auto":
+            made_of["thick_slices"] = segment.thick_slices
         return made_of
 
 
@@ -106,14 +126,17 @@ class InferenceOptions:
     tta: bool = False  # average both stages over the eight axis flips (cascade.classify_flipped)
 
     @classmethod
-    def from_config(cls, config, platform: str | None = None, **overrides) -> "InferenceOptions":
-        """Options from config.inference; call sizes for `platform` (default: JAX's backend)."""
+    def from_config(cls, config, platform: str | None = None, *, thick: bool = False,
+                    **overrides) -> "InferenceOptions":
+        """Options from config.inference (its thick_slices' decision settings with thick); call sizes for
+        `platform` (default: JAX's backend)."""
         inference = config.inference
+        decisions = inference.thick_slices if thick else inference
         values = dict(
             min_th=config.candidates.min_th,
-            stage2_min_probability=inference.stage2_min_probability,
-            threshold=inference.threshold,
-            min_lesion_voxels=inference.min_lesion_voxels,
+            stage2_min_probability=decisions.stage2_min_probability,
+            threshold=decisions.threshold,
+            min_lesion_voxels=decisions.min_lesion_voxels,
             connectivity=inference.connectivity,
             min_volume_ml=inference.min_volume_ml,
             method=inference.method,
