@@ -1,5 +1,6 @@
 """Models run at their training voxel size: inputs of another voxel size are resampled there and back."""
 
+import csv
 import itertools
 import json
 import shutil
@@ -8,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from scipy import ndimage
 
 from jaxcascade import cli
 from jaxcascade.storage import model_directory
@@ -114,6 +116,17 @@ def test_a_thick_flair_gets_the_model_s_thick_slice_settings_and_the_user_can_sa
     assert "thick-slice" not in err_off and thick.sum() != own_settings.sum()
     status, _, err = run(trained_model, "--thick-slices", "on")
     assert status == 2 and err.count("\n") == 1 and "--thick-slices on: the model has no thick-slice settings" in err
+    # A study says per subject which settings made its lesions.
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "held_out").symlink_to(cohort / "held_out", target_is_directory=True)
+    for flags, expected in (((), "yes"), (("--thick-slices", "off"), "no")):
+        out_dir = tmp_path / f"study-{expected}"
+        assert cli.main(["segment", "--model", str(calibrated), "--data", str(tmp_path / "study"),
+                         "--out-dir", str(out_dir), *flags]) == 0
+        rows = list(csv.DictReader((out_dir / "lesions.csv").open()))
+        assert [row["thick_slices"] for row in rows] == [expected]
+        assert int(rows[0]["lesion_count"]) == len(np.unique(ndimage.label(thick if expected == "yes" else off,
+                                                                           np.ones((3, 3, 3)))[0])) - 1
 
 
 @settings(max_examples=200, deadline=None)

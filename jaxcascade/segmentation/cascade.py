@@ -71,6 +71,7 @@ class Segmentation:
     stage2_std: np.ndarray | None = None  # with test-time augmentation: CNN2's spread over the flips
     # Wall seconds per phase ('stage1', 'stage2', 'postprocess'; callers add theirs), for reports and benchmarks.
     seconds: dict = dataclasses.field(default_factory=dict)
+    thick_slices: bool = False  # made with the model's thick-slice decision settings (SegmentOptions.thick)
 
 
 # Test-time augmentation: every combination of flips of the three axes (the identity first).

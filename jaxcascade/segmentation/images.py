@@ -46,6 +46,7 @@ def segment_images(model: Cascade, images: list[nifti.Image], options: SegmentOp
     result = segment_volume(model.stage1, model.stage2, volume, model.flair_channel, settings,
                             voxel_volume_ml=working[0].voxel_volume_ml, progress=progress)
     result.seconds = {"normalise": normalised, **result.seconds}
+    result.thick_slices = thick
     if working is images:
         return result
     on_grid = working[model.flair_channel]
@@ -54,7 +55,8 @@ def segment_images(model: Cascade, images: list[nifti.Image], options: SegmentOp
         stage1_probability=back(result.stage1_probability), stage2_probability=back(result.stage2_probability),
         mask=back(result.mask.astype(np.float32)) > 0.5, candidate_count=result.candidate_count,
         stage2_candidate_count=result.stage2_candidate_count,
-        stage2_std=None if result.stage2_std is None else back(result.stage2_std), seconds=result.seconds)
+        stage2_std=None if result.stage2_std is None else back(result.stage2_std), seconds=result.seconds,
+        thick_slices=thick)
 
 
 def _working_grid(model: Cascade, images: list[nifti.Image], brain_mask, resample: str, warn):

@@ -18,7 +18,7 @@ LOCKS = ".locks"  # one lock file per subject being segmented (released when its
 
 SUBJECT_COLUMNS = ("participant_id", "session_id", "status", "lesion_count", "lesion_volume_ml", "voxel_size_mm",
                    "skull_stripped", "seconds", "dsc", "ppv", "tpr", "lesion_f1", "volume_error_percent", "true_volume_ml",
-                   "resampled", "scoring")
+                   "resampled", "thick_slices", "scoring")
 LESION_COLUMNS = ("participant_id", "session_id", "label", "volume_ml", "centroid_x_mm", "centroid_y_mm",
                   "centroid_z_mm", "voxels", "mean_probability", "max_probability")
 

@@ -110,7 +110,7 @@ def write_subject(subject: StudySubject, loaded: LoadedSubject, result: Segmenta
            "lesion_count": len(lesions), "lesion_volume_ml": round(volume_ml, 6),
            "voxel_size_mm": "x".join(f"{z:g}" for z in reference.nifti.header.get_zooms()[:3]),
            "skull_stripped": loaded.skull_stripped, "resampled": "; ".join(loaded.resampled),
-           "scoring": loaded.scoring}
+           "thick_slices": "yes" if result.thick_slices else "no", "scoring": loaded.scoring}
     if loaded.truth is not None:
         scores = metrics.segmentation_metrics(result.mask, loaded.truth, reference.voxel_volume_ml)
         # The volume error beside DSC: a mask can overlap well and still miss half the lesion load.
