@@ -216,6 +216,7 @@ int main() {
   conv_case(1, 5, 4, 9, 32, 3, 48, 1, 2, false);
   conv_case(1, 8, 7, 9, 2, 5, 32, 1, 0, true);
   conv_case(1, 6, 6, 30, 4, 3, 64, 2, 1, true);
+  conv_case(1, 6, 5, 14, 32, 3, 64, 1, 1, true);  // kernel rows outermost (16-register targets), sparse, padded
   for (int64_t o : {16, 48, 64}) gradient_case(o);
   head_case(13, 128, 3);
   head_case(7, 64, 2);

@@ -12,7 +12,9 @@
 // Layouts: x (N, D, H, W, C), w (K, K, K, C, O), y (N, D', H', W', O), all
 // float32 and C-contiguous; VALID padding, `dilation` between taps; O must be
 // 16, 32, 48 or 64 (the Python side checks). The register blocking is the
-// target's (simd.h): 24 accumulators of 16 floats on AVX-512, 12 of 8 on AVX2.
+// target's (simd.h): 24 accumulators of 16 floats on AVX-512, 12 of 8 on AVX2. Where a block's pass over
+// all the taps would stream more weights than L1 holds (16-register targets, wide inputs), a row's blocks
+// go through the kernel one row (a, b) at a time instead (output_row_by_tap_rows), in the same order of sums.
 //
 // JaxcascadeConv3dWhere also takes keep (N, D', H', W') and computes only the
 // outputs it marks (zeros elsewhere; ops/kept_outputs.py): a block of R outputs
@@ -95,6 +97,103 @@ void interior_block(const Geometry& g, const float* x, const float* w, float* y,
   }
 }
 
+// Tap rows outermost (below): R outputs' sums over the taps (c, ci) of one kernel row (a, b). The sums start
+// from zero at the first row summed and from what `out` holds after it, in output_block's order: the same
+// result, bit for bit.
+template <int NV, int R>
+inline void tap_row_block(const Geometry& g, const float* x_row, const float* wab, float* out, int64_t col,
+                          int64_t c_first, int64_t c_last, bool first) {
+  vec acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = first ? vec{} : load(out + r * g.o + kLanes * v);
+  if (g.dilation == 1) {
+    const float* xt = x_row + (col - g.pad) * g.c;
+    for (int64_t j = c_first * g.c; j < c_last * g.c; ++j) multiply_add<NV, R>(acc, xt + j, g.c, wab + j * g.o);
+  } else {
+    for (int64_t c = c_first; c < c_last; ++c) {
+      const float* xt = x_row + (col + c * g.dilation - g.pad) * g.c;
+      const float* wt = wab + c * g.c * g.o;
+      for (int64_t ci = 0; ci < g.c; ++ci) multiply_add<NV, R>(acc, xt + ci, g.c, wt + ci * g.o);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) store(out + r * g.o + kLanes * v, acc[r][v]);
+}
+
+template <int NV, int R>
+void tap_row_width(const Geometry& g, const float* x_row, const float* wab, float* out, int64_t col, int width,
+                   int64_t c_first, int64_t c_last, bool first) {
+  if constexpr (R > 0) {
+    if (width < R) return tap_row_width<NV, R - 1>(g, x_row, wab, out, col, width, c_first, c_last, first);
+    for (int64_t channel = 0; channel < g.o; channel += NV * kLanes)
+      tap_row_block<NV, R>(g, x_row, wab + channel, out + channel, col, c_first, c_last, first);
+  }
+}
+
+struct Block {
+  int64_t col, width, c_first, c_last;
+};
+
+// One output row with the kernel's rows (a, b) outermost, where a block's pass over all the taps streams more
+// weights than L1 holds (AVX2: 3 outputs a block, 64 channels from 32: 110 KB a channel group, re-read from L2
+// for every 3 outputs, half the FMA rate). One kernel row's weights (12 KB there) stay in L1 for the row's
+// blocks; each block's sums go to `out` and back once per kernel row, a few loads and stores per
+// k * C * NV * R multiply-adds.
+template <int NV>
+void output_row_by_tap_rows(const Geometry& g, const float* x, const float* w, float* y, const bool* kept,
+                            int64_t index, int64_t interior_first, int64_t interior_last) {
+  constexpr int R = block_outputs(NV);
+  const int64_t row = index % g.oh, z = (index / g.oh) % g.od, batch = index / (g.oh * g.od);
+  float* out = y + index * g.ow * g.o;
+  Block blocks[256];
+  int count = 0;
+  for (int64_t col = 0; col < g.ow;) {  // output_rows' blocks, in its order
+    if (kept && !kept[col]) {
+      ++col;
+      continue;
+    }
+    if (col >= interior_first && col < interior_last) {
+      int64_t width = std::min<int64_t>(R, interior_last - col);
+      if (kept)
+        while (!kept[col + width - 1]) --width;
+      blocks[count++] = {col, width, 0, g.k};
+      col += width;
+      continue;
+    }
+    const int64_t c_first = std::max<int64_t>(0, (g.pad - col + g.dilation - 1) / g.dilation);
+    const int64_t c_last = std::min<int64_t>(g.k, (g.w - 1 - col + g.pad) / g.dilation + 1);
+    blocks[count++] = {col, 1, c_first, std::max(c_first, c_last)};
+    ++col;
+  }
+  const int64_t sh = g.w * g.c, sd = g.h * sh, sb = g.d * sd;
+  bool first = true;
+  for (int64_t a = 0; a < g.k; ++a) {
+    const int64_t zi = z + a * g.dilation - g.pad;
+    if (zi < 0 || zi >= g.d) continue;
+    for (int64_t b = 0; b < g.k; ++b) {
+      const int64_t yi = row + b * g.dilation - g.pad;
+      if (yi < 0 || yi >= g.h) continue;
+      const float* x_row = x + batch * sb + zi * sd + yi * sh;
+      const float* wab = w + (a * g.k + b) * g.k * g.c * g.o;
+      for (int i = 0; i < count; ++i) {
+        const Block& block = blocks[i];
+        tap_row_width<NV, R>(g, x_row, wab, out + block.col * g.o, block.col, static_cast<int>(block.width),
+                             block.c_first, block.c_last, first);
+      }
+      first = false;
+    }
+  }
+  if (first)  // no kernel row reads the input (cannot happen for the shapes Convolve accepts): zeros
+    std::fill(out, out + g.ow * g.o, 0.0f);
+  if (kept)
+    for (int64_t col = 0; col < g.ow; ++col)
+      if (!kept[col]) std::fill(out + col * g.o, out + (col + 1) * g.o, 0.0f);
+}
+
+// Bytes of weights that one block's pass over every tap reads, above which output_row_by_tap_rows runs
+// (an L1 of 32 KB holds its kernel row's weights and the input rows beside them).
+constexpr int64_t kTapRowsAboveBytes = 24 * 1024;
+
 template <int NV>
 void output_rows(const Geometry& g, const float* x, const float* w, float* y, const bool* keep, int64_t first,
                  int64_t last) {
@@ -103,6 +202,15 @@ void output_rows(const Geometry& g, const float* x, const float* w, float* y, co
   // Outputs whose taps all fall inside the row: [interior_first, interior_last).
   const int64_t interior_first = std::min(g.ow, g.pad);
   const int64_t interior_last = std::max(interior_first, std::min(g.ow, g.w + g.pad - span));
+  // AVX-512's blocks (12-24 outputs) stream the weights slowly enough from L2: its code is left as it was.
+  if constexpr (!kOneGroup) {
+    if (g.k * g.k * g.k * g.c * NV * kLanes * 4 > kTapRowsAboveBytes && g.ow <= 256) {
+      for (int64_t index = first; index < last; ++index)
+        output_row_by_tap_rows<NV>(g, x, w, y, keep ? keep + index * g.ow : nullptr, index, interior_first,
+                                   interior_last);
+      return;
+    }
+  }
   for (int64_t index = first; index < last; ++index) {
     const int64_t row = index % g.oh, z = (index / g.oh) % g.od, batch = index / (g.oh * g.od);
     const bool* kept = keep ? keep + index * g.ow : nullptr;  // this row's outputs to compute (all: nullptr)
