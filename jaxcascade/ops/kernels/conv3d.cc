@@ -204,7 +204,8 @@ void output_rows(const Geometry& g, const float* x, const float* w, float* y, co
   const int64_t interior_last = std::max(interior_first, std::min(g.ow, g.w + g.pad - span));
   // AVX-512's blocks (12-24 outputs) stream the weights slowly enough from L2: its code is left as it was.
   if constexpr (!kOneGroup) {
-    if (g.k * g.k * g.k * g.c * NV * kLanes * 4 > kTapRowsAboveBytes && g.ow <= 256) {
+    // Rows of a few blocks (a training batch's 2^3 outputs) share too little to pay for the sums' round trips.
+    if (g.k * g.k * g.k * g.c * NV * kLanes * 4 > kTapRowsAboveBytes && g.ow >= 4 * R && g.ow <= 256) {
       for (int64_t index = first; index < last; ++index)
         output_row_by_tap_rows<NV>(g, x, w, y, keep ? keep + index * g.ow : nullptr, index, interior_first,
                                    interior_last);
