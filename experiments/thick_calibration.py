@@ -26,7 +26,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from experiments import real_scans, thick_slices
@@ -35,21 +34,6 @@ FOLDS = {"left": "right", "right": "left"}  # labelled hemisphere -> the hemisph
 # The model's own CNN1 threshold and smallest lesion (0.5, 20 for the default's procedure), and CNN2's
 # threshold from real_scans' range on to 0.98: a blurred FLAIR may ask for a stricter or a looser one.
 GRID = ((0.3, 0.5), (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98), (20,))
-
-
-def write_thick_patient(folder: Path, patient: Path = real_scans.PATIENT) -> Path:
-    """folder/patient26: T1 and FLAIR thickened, the expert mask as distributed."""
-    target = folder / patient.name
-    target.mkdir(parents=True)
-    for name in ("T1", "FLAIR", "lesion"):
-        image = nib.load(patient / f"{name}.nii.gz")
-        data = np.asarray(image.dataobj, np.float32)
-        if name in thick_slices.THICKNESS_MM:
-            axis = thick_slices.axial_axis(image.affine)
-            planes = round(thick_slices.THICKNESS_MM[name] / float(image.header.get_zooms()[axis]))
-            data = thick_slices.thicken(data, axis, planes)
-        nib.save(nib.Nifti1Image(data, image.affine, image.header), target / f"{name}.nii.gz")
-    return target
 
 
 def objective(row: dict) -> float:
@@ -92,7 +76,8 @@ def main(argv=None):
               "thickened": {name: f"{mm:g} mm axial slabs" for name, mm in thick_slices.THICKNESS_MM.items()},
               "objective": "mean of DSC and lesion F1 on the held-out hemisphere", "inputs": {}}
     with tempfile.TemporaryDirectory() as scratch:
-        thick = write_thick_patient(Path(scratch))
+        thick = thick_slices.write_patient(Path(scratch) / real_scans.PATIENT.name, thick=True,
+                                            patient=real_scans.PATIENT)
         for label, patient in (("1 mm", real_scans.PATIENT), ("thick", thick)):
             runs = {fold: real_scans.score(models[fold], FOLDS[fold], sweep=True, patient=patient,
                                            grid=GRID) for fold in FOLDS}

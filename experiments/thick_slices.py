@@ -56,17 +56,23 @@ def thicken(data: np.ndarray, axis: int, planes: int) -> np.ndarray:
     return np.moveaxis(back.astype(np.float32), 0, axis)
 
 
+def write_patient(target: Path, thick: bool, patient: Path = PATIENT26) -> Path:
+    """target/ with the patient's T1, FLAIR and lesion mask; the T1 and FLAIR thickened (THICKNESS_MM) if thick."""
+    target.mkdir(parents=True)
+    for modality in ("T1", "FLAIR", "lesion"):
+        image = nib.load(patient / f"{modality}.nii.gz")
+        data = np.asarray(image.dataobj, np.float32)
+        if thick and modality in THICKNESS_MM:
+            zoom = float(image.header.get_zooms()[axial_axis(image.affine)])
+            data = thicken(data, axial_axis(image.affine), round(THICKNESS_MM[modality] / zoom))
+        nib.save(nib.Nifti1Image(data, image.affine, image.header), target / f"{modality}.nii.gz")
+    return target
+
+
 def write_training_folder(folder: Path) -> None:
     """folder/patient26 (as distributed) and folder/patient26_thick, in the training layout."""
     for name, thick in (("patient26", False), ("patient26_thick", True)):
-        (folder / name).mkdir(parents=True)
-        for modality in ("T1", "FLAIR", "lesion"):
-            image = nib.load(PATIENT26 / f"{modality}.nii.gz")
-            data = np.asarray(image.dataobj, np.float32)
-            if thick and modality in THICKNESS_MM:
-                zoom = float(image.header.get_zooms()[axial_axis(image.affine)])
-                data = thicken(data, axial_axis(image.affine), round(THICKNESS_MM[modality] / zoom))
-            nib.save(nib.Nifti1Image(data, image.affine, image.header), folder / name / f"{modality}.nii.gz")
+        write_patient(folder / name, thick)
 
 
 def change_scores(model) -> dict:
