@@ -99,7 +99,8 @@ void interior_block(const Geometry& g, const float* x, const float* w, float* y,
 
 // Tap rows outermost (below): R outputs' sums over the taps (c, ci) of one kernel row (a, b). The sums start
 // from zero at the first row summed and from what `out` holds after it, in output_block's order: the same
-// result, bit for bit.
+// result, bit for bit. Its inner loops repeat output_block's: a shared helper changed 23 of the AVX-512
+// build's 44 compute functions (objdump), whose code this change leaves as it was measured.
 template <int NV, int R>
 inline void tap_row_block(const Geometry& g, const float* x_row, const float* wab, float* out, int64_t col,
                           int64_t c_first, int64_t c_last, bool first) {
