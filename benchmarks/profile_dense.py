@@ -1,7 +1,7 @@
 """Where the dense kernel's time goes: stage 1 of a whole 1 mm brain under JAX's profiler, time per XLA op.
 
 Run (after `jaxcascade demo`, or with seeded random weights):
-    python -m benchmarks.profile_dense [--model jaxcascade-demo/model] [--top 15]
+    python -m benchmarks.profile_dense [--model jaxcascade-demo/model] [--top 15] [--brain mni] [--isa avx2]
 Prints each compiled op's total time over one stage-1 run (after a warm-up), the
 share of the kernel's op time, and what the op is (its JAX source name). The
 trace itself slows the run a little; the shares are what to read.
@@ -18,12 +18,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import add_isa_option, force_isa
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a trained model dir (default: seeded random weights)")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--brain", choices=("phantom", "mni"), default="phantom",
+                        help="phantom: the whole-cascade table's brain; mni: the 1 mm study's (needs nilearn)")
+    add_isa_option(parser)
     args = parser.parse_args(argv)
+    force_isa(args.isa)
 
     import jax
     import numpy as np
@@ -31,9 +37,11 @@ def main(argv=None):
     from benchmarks.inference import load_stages
     from jaxcascade.segmentation import dense, inference
     from jaxcascade import phantom
+    from jaxcascade.phantom import mni
+    from jaxcascade.phantom.core import subject_seed  # the 1 mm study's first subject (benchmarks.study_1mm)
     from jaxcascade.data.normalisation import candidate_mask, normalise_channels
 
-    subject = phantom.make_subject(0, "full")
+    subject = (mni.make_subject(subject_seed(3, 0), "full") if args.brain == "mni" else phantom.make_subject(0, "full"))
     volume = normalise_channels([subject["T1"], subject["FLAIR"]], "nonzero")
     candidates = candidate_mask(volume[..., 1], 0.5)
     config, stage1, _ = load_stages(args.model, "valverde2017_valid")

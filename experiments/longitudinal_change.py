@@ -87,6 +87,9 @@ def main(argv=None):
                 "seconds": seconds, "phases": run.seconds, "summary": change.summary_row(run.changes),
                 "score": score(run, truth, run.changes.activity_mask),
                 "score_without_subtraction_check": score(run, truth, unchecked.activity_mask),
+                "score_with_cnn1_evidence": score(run, truth, pipeline.match_visits(
+                    model, run.aligned, run.baseline, run.followup,
+                    pipeline.ChangeOptions(one_visit_evidence="cnn1")).activity_mask),
                 "followup_segmentation_on_change_lesions": thick_slice(run, truth)}
             print(name, json.dumps(report["runs"][name]["score"]), f"{seconds:.1f} s")
             if not transforms_given:

@@ -63,23 +63,33 @@ def test_the_follow_up_is_aligned_onto_the_baseline_by_its_true_motion(pair):
     assert np.allclose(base_q, follow_q, rtol=0.05)
 
 
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**16), z=st.sampled_from([None, 0.0, 1.0, 3.0]))
-def test_the_subtraction_check_keeps_agreement_and_is_symmetric_in_time(seed, z):
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), z=st.sampled_from([None, 0.0, 1.0, 3.0]), offer=st.booleans())
+def test_the_subtraction_check_keeps_agreement_and_is_symmetric_in_time(seed, z, offer):
     rng = np.random.default_rng(seed)
     shape = (6, 7, 5)
     baseline_mask, followup_mask = rng.random(shape) < 0.3, rng.random(shape) < 0.3
     baseline_flair, followup_flair = rng.normal(size=shape), rng.normal(size=shape)
     brain = rng.random(shape) < 0.9
-    kept_b, kept_f = pipeline.confirmed_masks(baseline_mask, followup_mask, baseline_flair, followup_flair, brain, z)
+    # CNN1's candidates at each visit (one_visit_evidence="cnn1"): the lesion mask and more
+    offered = (baseline_mask | (rng.random(shape) < 0.3), followup_mask | (rng.random(shape) < 0.3)) if offer else None
+    kept_b, kept_f = pipeline.confirmed_masks(baseline_mask, followup_mask, baseline_flair, followup_flair, brain, z,
+                                              offered)
     swapped_f, swapped_b = pipeline.confirmed_masks(followup_mask, baseline_mask, followup_flair, baseline_flair,
-                                                    brain, z)
+                                                    brain, z, offered[::-1] if offer else None)
     assert np.array_equal(kept_b, swapped_b) and np.array_equal(kept_f, swapped_f)
     both = baseline_mask & followup_mask
     assert np.array_equal(kept_b & kept_f, both)  # never adds, never drops what both visits show
-    assert not (kept_b & ~baseline_mask).any() and not (kept_f & ~followup_mask).any()
+    allowed_b, allowed_f = offered or (baseline_mask, followup_mask)
+    assert not (kept_b & ~allowed_b).any() and not (kept_f & ~allowed_f).any()
+    changed = followup_flair - baseline_flair
     if z is None:
         assert np.array_equal(kept_b, baseline_mask) and np.array_equal(kept_f, followup_mask)
+    else:  # a voxel of one visit only is kept exactly where the FLAIR changed its way
+        assert np.all(changed[kept_f & ~baseline_mask] > 0) and np.all(changed[kept_b & ~followup_mask] < 0)
+        plain_b, plain_f = pipeline.confirmed_masks(baseline_mask, followup_mask, baseline_flair, followup_flair,
+                                                    brain, z)
+        assert not (plain_b & ~kept_b).any() and not (plain_f & ~kept_f).any()  # offering more never loses
 
 
 def _digest(folder: Path) -> dict:

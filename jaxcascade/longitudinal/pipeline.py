@@ -52,14 +52,28 @@ class ChangeOptions:
     # A lesion voxel seen at one visit only counts as change where the FLAIR changed that way by more than
     # this many robust standard deviations of the difference image (None: the masks alone decide).
     difference_z: float | None = 3.0
+    # Which segmentation offers the voxels seen at one visit only to that check: "cascade" (the visit's
+    # lesion mask) or "cnn1" (also CNN1's candidates for CNN2, stage-1 probability above the model's
+    # stage2_min_probability). CNN2 exists to remove CNN1's false positives in one scan; for a change the
+    # subtraction check is the stronger evidence, and CNN2 drops small new lesions it has not seen whole.
+    one_visit_evidence: str = "cascade"
 
     def __post_init__(self):
         if self.difference_z is not None and not self.difference_z >= 0:
             raise UserError(f"difference_z={self.difference_z}: give a number of standard deviations >= 0, or None")
+        if self.one_visit_evidence not in ONE_VISIT_EVIDENCE:
+            raise UserError(f"one_visit_evidence={self.one_visit_evidence!r}: choose one of "
+                            f"{', '.join(ONE_VISIT_EVIDENCE)}")
+        if self.one_visit_evidence == "cnn1" and self.difference_z is None:
+            raise UserError("one_visit_evidence='cnn1' needs the subtraction check (difference_z), which stands "
+                            "in for CNN2 on one-visit voxels")
+
+
+ONE_VISIT_EVIDENCE = ("cascade", "cnn1")
 
 
 def confirmed_masks(baseline_mask, followup_mask, baseline_flair, followup_flair, brain_mask,
-                    difference_z: float | None):
+                    difference_z: float | None, offered=None):
     """(baseline, follow-up) masks in which a voxel marked at one visit only is kept where the FLAIR changed.
 
     Two segmentations of the same brain disagree at lesion edges and on faint lesions even where
@@ -68,16 +82,30 @@ def confirmed_masks(baseline_mask, followup_mask, baseline_flair, followup_flair
     1.4826 x its median absolute deviation inside the brain (most of the brain did not change), so
     z = 3 asks a one-visit voxel to be brighter (new) or darker (gone) than 99.9 % of unchanged tissue.
     Voxels marked at both visits are kept whatever the difference. Swapping the visits swaps the result.
+
+    offered: None, or (baseline, follow-up) masks of more voxels offered to the check at each visit (a
+    superset of the lesion masks, e.g. CNN1's candidates); a voxel offered at one visit and not marked at
+    the other then counts where the FLAIR changed. Voxels marked at both visits stay as they are.
     """
     baseline_mask, followup_mask = np.asarray(baseline_mask, bool), np.asarray(followup_mask, bool)
     if difference_z is None:
         return baseline_mask, followup_mask
+    offered_baseline, offered_followup = ((baseline_mask, followup_mask) if offered is None else
+                                          (baseline_mask | np.asarray(offered[0], bool),
+                                           followup_mask | np.asarray(offered[1], bool)))
     difference = np.asarray(followup_flair, np.float64) - np.asarray(baseline_flair, np.float64)
     inside = difference[np.asarray(brain_mask, bool)]
     spread = 1.4826 * np.median(np.abs(inside - np.median(inside))) if inside.size else 0.0
     brighter, darker = difference > difference_z * spread, difference < -difference_z * spread
     both = baseline_mask & followup_mask
-    return both | (baseline_mask & darker), both | (followup_mask & brighter)
+    return (both | (offered_baseline & ~followup_mask & darker),
+            both | (offered_followup & ~baseline_mask & brighter))
+
+
+# Both visits get the model's own decision settings, whatever their slices: a stricter thick-slice threshold
+# would miss small new lesions, and grey matter that thick slices blur into lesion at both visits is matched
+# as stable (and dropped by the subtraction check where seen at one visit only).
+_SEGMENTING = SegmentOptions(resample="never", thick_slices="off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,22 +127,29 @@ def detect_changes(model: Cascade, baseline: visits.Visit, followup: visits.Visi
     seconds = dict(aligned.seconds)
     started = time.perf_counter()
     results = {}
-    # The model's own decision settings, whatever the visits' slices: a stricter thick-slice threshold
-    # would miss small new lesions, and grey matter that thick slices blur into lesion at both visits is
-    # matched as stable (and dropped by the subtraction check where seen at one visit only).
-    segmenting = SegmentOptions(resample="never", thick_slices="off")
     for key, channels in (("baseline", aligned.baseline), ("followup", aligned.followup)):
         images = visits.as_images(channels, aligned.grid_affine, modalities, key)
-        results[key] = segment_images(model, images, segmenting, brain_mask=aligned.brain_mask)
+        results[key] = segment_images(model, images, _SEGMENTING, brain_mask=aligned.brain_mask)
     seconds["segment both visits"] = time.perf_counter() - started
     started = time.perf_counter()
-    channel = aligned.flair_channel
-    baseline_mask, followup_mask = confirmed_masks(
-        results["baseline"].mask, results["followup"].mask, aligned.baseline[channel], aligned.followup[channel],
-        aligned.brain_mask, options.difference_z)
-    changes = change.classify_changes(baseline_mask, followup_mask, aligned.grid_affine, options.criteria)
+    changes = match_visits(model, aligned, results["baseline"], results["followup"], options)
     seconds["match lesions"] = time.perf_counter() - started
     return ChangeRun(aligned, results["baseline"], results["followup"], changes, seconds)
+
+
+def match_visits(model: Cascade, aligned: visits.Aligned, baseline: Segmentation, followup: Segmentation,
+                 options: ChangeOptions = ChangeOptions()) -> change.LesionChanges:
+    """The two visits' segmentations (on aligned's grid) checked against the FLAIR's change and matched."""
+    channel = aligned.flair_channel
+    offered = None
+    if options.one_visit_evidence == "cnn1":
+        voxel_ml = float(np.prod(model.voxel_size_mm or (1.0, 1.0, 1.0))) / 1000
+        cut = _SEGMENTING.inference(model.config, voxel_ml).stage2_min_probability
+        offered = (baseline.stage1_probability > cut, followup.stage1_probability > cut)
+    baseline_mask, followup_mask = confirmed_masks(
+        baseline.mask, followup.mask, aligned.baseline[channel], aligned.followup[channel], aligned.brain_mask,
+        options.difference_z, offered)
+    return change.classify_changes(baseline_mask, followup_mask, aligned.grid_affine, options.criteria)
 
 
 def check_outputs(out_dir, *, overwrite: bool = False) -> None:
