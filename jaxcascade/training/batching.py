@@ -170,7 +170,8 @@ def _local_gather(patch_size: int, mesh):
 def training_batch(data: TrainingSet, rows: np.ndarray, weights: np.ndarray | None = None) -> dict:
     """The global batch whose rows on this process's devices are `rows`: patches, labels (and weights)."""
     index = distributed.put_local_batch(data.index[rows])
-    local = {"patches": _local_gather(data.patch_size, distributed.local_mesh())(data.padded_volumes, index),
+    patches = _local_gather(data.patch_size, distributed.local_mesh())(data.padded_volumes, index)
+    local = {"patches": distributed.in_order(patches),
              "labels": data.labels[rows]}
     if weights is not None:
         local["weights"] = weights

@@ -59,7 +59,7 @@ def evaluate(eval_step, variables, data: TrainingSet, schedule: batching.Schedul
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     rows, weights = schedule.validation()
     for chunk, chunk_weights in zip(rows, weights):
-        sums = eval_step(variables, training_batch(data, chunk, chunk_weights))
+        sums = distributed.in_order(eval_step(variables, training_batch(data, chunk, chunk_weights)))
         for key in totals:
             totals[key] += float(distributed.to_host(sums[key]))
     count = max(totals["count"], 1.0)
@@ -226,7 +226,7 @@ def _train_epoch(run: _StageRun, snapshot: _Snapshot, epoch: int, *, manager,
     iterator = run.progress(remaining, f"stage {run.stage} epoch {epoch + 1}") if run.progress else remaining
     state = snapshot.train_state
     for chunk in iterator:
-        state, measurements = run.train_step(state, training_batch(run.data, chunk), run.run_key)
+        state, measurements = distributed.in_order(run.train_step(state, training_batch(run.data, chunk), run.run_key))
         step_measurements.append(measurements)
         signum = stop.requested(len(done_steps) + len(step_measurements))
         if signum is not None:
