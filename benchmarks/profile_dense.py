@@ -41,7 +41,10 @@ def main(argv=None):
     from jaxcascade.phantom.core import subject_seed  # the 1 mm study's first subject (benchmarks.study_1mm)
     from jaxcascade.data.normalisation import candidate_mask, normalise_channels
 
-    subject = (mni.make_subject(subject_seed(3, 0), "full") if args.brain == "mni" else phantom.make_subject(0, "full"))
+    if args.brain == "mni":
+        subject = mni.make_subject(subject_seed(3, 0), "full")
+    else:
+        subject = phantom.make_subject(0, "full")
     volume = normalise_channels([subject["T1"], subject["FLAIR"]], "nonzero")
     candidates = candidate_mask(volume[..., 1], 0.5)
     config, stage1, _ = load_stages(args.model, "valverde2017_valid")
