@@ -233,7 +233,6 @@ def test_a_bad_file_on_one_host_stops_every_host_with_one_line(tmp_path, two_sub
     assert not (tmp_path / "wd").exists()
 
 
-
 OVERLAPPING_COLLECTIVES = """
 import jax, jax.numpy as jnp, numpy as np
 from jaxcascade.runtime import distributed
