@@ -48,7 +48,13 @@ void conv_case(int64_t n, int64_t d, int64_t h, int64_t w, int64_t c, int64_t k,
   for (int64_t i = 0; i < outputs; ++i) keep_bytes[i] = (i * 7 + i / 5) % 3 != 0;
   bool* keep = sparse ? reinterpret_cast<bool*>(keep_bytes.data()) : nullptr;
   std::vector<float> y(outputs * o, -1.0f);
-  jaxcascade::run_rows(g, x.data(), kernel.data(), y.data(), keep, 0, n * g.od * g.oh);
+  if (jaxcascade::winograd_applies(g)) {  // the wide layers' Winograd tiles, as Convolve runs them
+    std::vector<float> u(64 * c * o);
+    jaxcascade::transform_weights(g, kernel.data(), u.data());
+    jaxcascade::run_tile_rows(g, x.data(), u.data(), y.data(), keep, 0, jaxcascade::tile_rows(g));
+  } else {
+    jaxcascade::run_rows(g, x.data(), kernel.data(), y.data(), keep, 0, n * g.od * g.oh);
+  }
   std::vector<double> want(outputs * o, 0.0);
   for (int64_t b = 0; b < n; ++b)
     for (int64_t z = 0; z < g.od; ++z)
@@ -217,6 +223,12 @@ int main() {
   conv_case(1, 8, 7, 9, 2, 5, 32, 1, 0, true);
   conv_case(1, 6, 6, 30, 4, 3, 64, 2, 1, true);
   conv_case(1, 6, 5, 14, 32, 3, 64, 1, 1, true);  // kernel rows outermost (16-register targets), sparse, padded
+  // Winograd tiles (3^3, >= 16 input channels, rows of >= 8 outputs): every channel group, dilations 1-3, tiles
+  // cut by the output's end, sparse
+  for (int64_t o : {16, 48, 64}) conv_case(2, 6, 7, 12, 16, 3, o, 1, 0, false);
+  conv_case(1, 11, 10, 14, 32, 3, 64, 2, 0, false);
+  conv_case(1, 11, 10, 14, 32, 3, 64, 2, 0, true);
+  conv_case(1, 10, 12, 17, 32, 3, 32, 3, 0, true);
   for (int64_t o : {16, 48, 64}) gradient_case(o);
   head_case(13, 128, 3);
   head_case(7, 64, 2);

@@ -45,13 +45,17 @@ def test_used_by_default_on_avx512_and_avx2_and_the_switch_decides():
 
 
 # (input NDHWC, out channels, kernel size, dilation): each register width (16-64 channels), 2-64 input channels,
-# dilations of the dense kernel, odd extents, a 5^3 kernel.
+# dilations of the dense kernel, odd extents, a 5^3 kernel; then rows of >= 8 outputs over >= 16 channels, which
+# run as Winograd tiles (the dense form's conv2), with tiles cut by the output's end on every axis.
 CASES = [
     ((2, 7, 8, 13, 3), 16, 3, 1),
     ((1, 9, 9, 11, 32), 64, 3, 2),
     ((3, 6, 6, 6, 5), 48, 3, 1),
     ((2, 10, 9, 12, 64), 32, 3, 4),
     ((1, 8, 7, 9, 2), 32, 5, 1),
+    ((1, 11, 10, 30, 32), 64, 3, 2),
+    ((2, 6, 7, 12, 16), 48, 3, 1),
+    ((1, 10, 12, 17, 32), 16, 3, 3),
 ]
 
 

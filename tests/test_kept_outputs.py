@@ -21,9 +21,11 @@ def _random(shape, seed):
     return jnp.asarray(np.random.default_rng(seed).normal(size=shape).astype(np.float32))
 
 
-# (x shape, output channels, dilation, padding): the dense form's conv2 (dilation 2, 64 channels), and a
-# padded one whose edge outputs read zeros (the kernel's other path).
-CASES = {"dilated": ((2, 9, 8, 13, 32), 64, 2, 0), "padded": ((1, 5, 4, 11, 8), 32, 1, 1)}
+# (x shape, output channels, dilation, padding): the dense form's conv2 (dilation 2, 64 channels; rows of 9
+# outputs: Winograd tiles, cut by the output's end), the same with rows of 7 (the direct form), and a padded one
+# whose edge outputs read zeros.
+CASES = {"dilated": ((2, 9, 8, 13, 32), 64, 2, 0), "short rows": ((2, 9, 8, 11, 32), 64, 2, 0),
+         "padded": ((1, 5, 4, 11, 8), 32, 1, 1)}
 
 
 @functools.lru_cache(maxsize=None)
