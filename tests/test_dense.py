@@ -72,6 +72,25 @@ def test_blocks_pair_along_x_once_each():
     assert all(occupied[tuple((p + [0, 0, 8]) // 8)] for p in pairs)
 
 
+def test_a_block_gives_the_same_bits_in_a_cube_and_alone():
+    # Eight occupied blocks run as one 2 x 2 x 2 box; each alone runs as a single block. Their conv2 (rows of
+    # 10 and 18 outputs: Winograd tiles) starts at multiples of the tile size, 8, so a kept output falls in
+    # the same tile either way, and the probabilities agree bit for bit, not just to rounding.
+    stage = _random_stage()
+    volume = np.random.default_rng(5).normal(size=(16, 16, 16, 2)).astype(np.float32)
+    everywhere = np.ones(volume.shape[:3], bool)
+    _, origins = dense.tile_geometry(everywhere.shape, 8, stage.dense_halo, 11)
+    assert [group for group, _ in dense.group_blocks(origins, 8)] == [(2, 2, 2)]
+    options = _options(tile_size=8, tiles_per_batch=8)
+    together = dense.classify_dense(stage, volume, everywhere, options)
+    alone = np.zeros_like(together)
+    for z, y, x in origins:
+        block = np.zeros_like(everywhere)
+        block[z : z + 8, y : y + 8, x : x + 8] = True
+        alone += dense.classify_dense(stage, volume, block, options)
+    np.testing.assert_array_equal(alone, together)
+
+
 def test_dense_respects_the_mask_and_skips_empty_tiles():
     stage = _random_stage()
     volume = np.random.default_rng(2).normal(size=(20, 20, 20, 2)).astype(np.float32)

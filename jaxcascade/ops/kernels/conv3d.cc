@@ -6,8 +6,9 @@
 // oneDNN. This kernel never builds the buffer: each thread keeps a block of R
 // outputs x O channels in registers and streams the taps and weights through
 // them (the register-blocked direct convolution oneDNN uses). Every output is
-// summed by one thread in one fixed order (taps a, b, c, then input channels),
-// so results do not depend on the thread count.
+// summed by one thread in one fixed order (taps a, b, c, then input channels;
+// for the Winograd tiles of wide layers over long rows, below, the tile's fixed
+// order), so results do not depend on the thread count.
 //
 // Layouts: x (N, D, H, W, C), w (K, K, K, C, O), y (N, D', H', W', O), all
 // float32 and C-contiguous; VALID padding, `dilation` between taps; O must be
