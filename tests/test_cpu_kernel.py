@@ -70,6 +70,17 @@ def test_direct_equals_lax_convolution(shape, out_channels, kernel_size, dilatio
     assert float(jnp.max(jnp.abs(direct - reference))) <= 2e-6 * scale * np.sqrt(kernel_size**3 * shape[-1])
 
 
+def test_winograd_weights_are_transformed_again_when_one_weight_changes():
+    # The kernel keeps the last weights' Winograd transform for the next call; new weights must not reuse it.
+    x = _random((1, 6, 6, 12, 16), 11)  # rows of 10 outputs over 16 channels: Winograd tiles
+    first = _random((3, 3, 3, 16, 16), 12)
+    second = first.at[1, 2, 0, 5, 7].add(1.0)
+    convolve = jax.jit(lambda x, k: convs.conv3d(x, k, implementation="direct"))
+    for kernel in (first, second, first):
+        reference = _lax(x, kernel, 1)
+        assert float(jnp.max(jnp.abs(convolve(x, kernel) - reference))) <= 1e-5 * float(jnp.max(jnp.abs(reference)))
+
+
 @pytest.mark.parametrize("width", range(1, 8))
 def test_every_row_tail_width(width):
     # The kernel keeps 6 outputs of 64 channels in registers; rows of 1-7 outputs end in each narrower block.
