@@ -265,7 +265,7 @@ void run_rows(const Geometry& g, const float* x, const float* w, float* y, const
 // from 4^3 inputs with 64 multiply-adds per input and output channel instead of 216: the tile's inputs and
 // the kernel go through fixed linear maps (B, G), are multiplied position by position (64 GEMMs over the
 // input channels, register-blocked as above), and the products go back through a third (A). The sums are
-// reordered, so outputs differ from the direct form by float32 rounding (~1e-7 of their scale); each tile is
+// reordered, so outputs differ from the direct form by float32 rounding (~5e-7 of the largest); each tile is
 // still summed by one thread in one fixed order, whatever the threads or the mask. Used where the kernel is
 // 3^3 without padding, the input channels fill vectors (>= 16) and rows hold at least kWinogradMinWidth
 // outputs (the dense form's blocks); the training and patch-wise shapes (2^3 outputs) keep the direct form.
@@ -405,17 +405,26 @@ void transform_output(const Geometry& g, const float* m, float* y, const bool* k
   }
 }
 
+// A thread's tile inputs and products (0.6 MB for 32 -> 64 channels), kept for its next task: a fresh zeroed
+// buffer per task would cost about as much as the weights' transform. Only the slots a pass fills are read.
+float* scratch(size_t floats) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
 template <int NV>
 void winograd_rows(const Geometry& g, const float* x, const float* u, float* y, const bool* keep, int64_t first,
                    int64_t last) {
   const int64_t d = g.dilation, tz = tile_count(g.od, d), ty = tile_count(g.oh, d), tx = tile_count(g.ow, d);
-  std::vector<float> v(64 * position_stride(g.c)), m(64 * position_stride(g.o));
+  float* const v = scratch(64 * (position_stride(g.c) + position_stride(g.o)));
+  float* const m = v + 64 * position_stride(g.c);
   Tile tiles[kTileCap];
   int64_t batches[kTileCap];
   int count = 0;
   auto flush = [&] {
-    all_products<NV>(g, v.data(), u, m.data(), count);
-    for (int s = 0; s < count; ++s) transform_output(g, m.data(), y, keep, batches[s], tiles[s], s);
+    all_products<NV>(g, v, u, m, count);
+    for (int s = 0; s < count; ++s) transform_output(g, m, y, keep, batches[s], tiles[s], s);
     count = 0;
   };
   for (int64_t index = first; index < last; ++index) {
@@ -438,7 +447,7 @@ void winograd_rows(const Geometry& g, const float* x, const float* u, float* y, 
             }
         if (!any) continue;
       }
-      transform_input(g, x, batch, t, v.data(), count);
+      transform_input(g, x, batch, t, v, count);
       tiles[count] = t;
       batches[count++] = batch;
       if (count == kTileCap) flush();
