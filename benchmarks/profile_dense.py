@@ -2,9 +2,10 @@
 
 Run (after `jaxcascade demo`, or with seeded random weights):
     python -m benchmarks.profile_dense [--model jaxcascade-demo/model] [--top 15] [--brain mni] [--isa avx2]
-Prints each compiled op's total time over one stage-1 run (after a warm-up), the
-share of the kernel's op time, and what the op is (its JAX source name). The
-trace itself slows the run a little; the shares are what to read.
+                                       [--repeats 5]
+Prints stage 1's time untraced (the median and min-max of --repeats runs), then each compiled op's
+total time over one traced stage-1 run (after a warm-up), the share of the kernel's op time, and what
+the op is (its JAX source name). The trace itself slows the run a little; the shares are what to read.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import collections
 import gzip
 import json
 import re
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +29,7 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--brain", choices=("phantom", "mni"), default="phantom",
                         help="phantom: the whole-cascade table's brain; mni: the 1 mm study's (needs nilearn)")
+    parser.add_argument("--repeats", type=int, default=1, help="untraced stage-1 runs to time")
     add_isa_option(parser)
     args = parser.parse_args(argv)
     force_isa(args.isa)
@@ -51,9 +54,14 @@ def main(argv=None):
     options = inference.InferenceOptions.from_config(config, method="dense")
     for _ in range(2):  # compile, then a run that settles the heap (jaxcascade.runtime's malloc settings)
         inference.classify(stage1, volume, candidates, options)
-    started = time.perf_counter()
-    inference.classify(stage1, volume, candidates, options)
-    plain = time.perf_counter() - started
+    runs = []
+    for _ in range(max(1, args.repeats)):
+        started = time.perf_counter()
+        inference.classify(stage1, volume, candidates, options)
+        runs.append(time.perf_counter() - started)
+    plain = f"{statistics.median(runs):.2f} s"
+    if len(runs) > 1:
+        plain += f" ({min(runs):.2f}-{max(runs):.2f}, median of {len(runs)} runs)"
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
         started = time.perf_counter()
@@ -76,7 +84,7 @@ def main(argv=None):
     in_groups = ", ".join(f"{len(starts) * np.prod(group)} in {'x'.join(map(str, group))} groups"
                           for group, starts in groups)
     print(f"stage 1 ({int(candidates.sum()):,} candidates, blocks of {options.tile_size}^3: {in_groups}): "
-          f"{plain:.2f} s, {traced:.2f} s while traced; {total / 1e6:.2f} s in XLA ops (summed over threads)")
+          f"{plain}, {traced:.2f} s while traced; {total / 1e6:.2f} s in XLA ops (summed over threads)")
     for name, micros in totals.most_common(args.top):
         print(f"{micros / 1e3:9.1f} ms  {micros / total:6.1%}  {name:28s} {sources.get(name, '')}")
 
