@@ -315,11 +315,11 @@ void transform_weights(const Geometry& g, const float* w, float* u) {
 }
 
 struct Tile {
-  int64_t z, y, x;  // the tile's first output
+  int64_t batch, z, y, x;  // the example and the tile's first output
 };
 
 // V[xi][slot][ci] for one tile: its 4^3 inputs (zeros past the input's end), B^T along each axis.
-void transform_input(const Geometry& g, const float* x, int64_t batch, const Tile& t, float* v, int slot) {
+void transform_input(const Geometry& g, const float* x, const Tile& t, float* v, int slot) {
   const int64_t d = g.dilation, sh = g.w * g.c, sd = g.h * sh;
   int extent[3];
   const int64_t first[3] = {t.z, t.y, t.x}, size[3] = {g.d, g.h, g.w};
@@ -328,7 +328,7 @@ void transform_input(const Geometry& g, const float* x, int64_t batch, const Til
     while (n < 4 && first[axis] + n * d < size[axis]) ++n;
     extent[axis] = n;
   }
-  const float* base = x + batch * g.d * sd + t.z * sd + t.y * sh + t.x * g.c;
+  const float* base = x + t.batch * g.d * sd + t.z * sd + t.y * sh + t.x * g.c;
   for (int64_t cv = 0; cv < g.c; cv += kLanes) {
     vec in[64];
     for (int a = 0; a < 4; ++a)
@@ -375,8 +375,7 @@ void all_products(const Geometry& g, const float* v, const float* u, float* m, i
 }
 
 // A^T = [1 1 1 0; 0 1 -1 -1] along each axis: the tile's 2^3 outputs, written where kept and inside.
-void transform_output(const Geometry& g, const float* m, float* y, const bool* keep, int64_t batch, const Tile& t,
-                      int slot) {
+void transform_output(const Geometry& g, const float* m, float* y, const bool* keep, const Tile& t, int slot) {
   const int64_t d = g.dilation;
   for (int64_t cv = 0; cv < g.o; cv += kLanes) {
     vec p[64];
@@ -398,7 +397,7 @@ void transform_output(const Geometry& g, const float* m, float* y, const bool* k
       for (int i = 0; i < 2; ++i) {
         const int64_t z = t.z + i * d, yy = t.y + (be / 2) * d, xx = t.x + (be % 2) * d;
         if (z >= g.od || yy >= g.oh || xx >= g.ow) continue;
-        const int64_t index = ((batch * g.od + z) * g.oh + yy) * g.ow + xx;
+        const int64_t index = ((t.batch * g.od + z) * g.oh + yy) * g.ow + xx;
         if (keep && !keep[index]) continue;
         store(y + index * g.o + cv, out[i]);
       }
@@ -421,11 +420,10 @@ void winograd_rows(const Geometry& g, const float* x, const float* u, float* y, 
   float* const v = scratch(64 * (position_stride(g.c) + position_stride(g.o)));
   float* const m = v + 64 * position_stride(g.c);
   Tile tiles[kTileCap];
-  int64_t batches[kTileCap];
   int count = 0;
   auto flush = [&] {
     all_products<NV>(g, v, u, m, count);
-    for (int s = 0; s < count; ++s) transform_output(g, m, y, keep, batches[s], tiles[s], s);
+    for (int s = 0; s < count; ++s) transform_output(g, m, y, keep, tiles[s], s);
     count = 0;
   };
   for (int64_t index = first; index < last; ++index) {
@@ -437,7 +435,7 @@ void winograd_rows(const Geometry& g, const float* x, const float* u, float* y, 
           std::fill(out, out + g.ow * g.o, 0.0f);
         }
     for (int64_t i = 0; i < tx; ++i) {
-      const Tile t{z, row, tile_base(i, d)};
+      const Tile t{batch, z, row, tile_base(i, d)};
       if (keep) {
         bool any = false;
         for (int a = 0; a < 2 && !any; ++a)
@@ -448,9 +446,8 @@ void winograd_rows(const Geometry& g, const float* x, const float* u, float* y, 
             }
         if (!any) continue;
       }
-      transform_input(g, x, batch, t, v, count);
-      tiles[count] = t;
-      batches[count++] = batch;
+      transform_input(g, x, t, v, count);
+      tiles[count++] = t;
       if (count == kTileCap) flush();
     }
   }
