@@ -201,7 +201,8 @@ void nicms_case(int64_t p, int64_t c) {
   std::vector<float> features(r * r * r * 64, -1.0f);
   jaxcascade::Scratch scratch;
   scratch.fit(p, c);
-  jaxcascade::one_patch(layers, patch.data(), features.data(), scratch);
+  const jaxcascade::TiledLayers tiled(layers);  // the second and fourth layers as Winograd tiles
+  jaxcascade::one_patch(layers, tiled.u, patch.data(), features.data(), scratch);
   std::vector<double> x(patch.begin(), patch.end());
   x = same_layer(x, p, c, kernels[0], scales[0], shifts[0], slopes[0], 32);
   x = pooled(same_layer(x, p, 32, kernels[1], scales[1], shifts[1], slopes[1], 32), p, 32);
