@@ -212,8 +212,8 @@ void layer(const Layer& L, const float* u, const float* in, float* out, int64_t 
     convolve(L, in, out, edge, offset, count);
 }
 
-// The layers that run as tiles, their weights transformed once a call (about 0.1 ms for 32 -> 32 channels): u[i]
-// for layer i, nullptr where it runs in the direct form.
+// The layers that run as tiles, their weights transformed once a call (0.2 ms for both, less than one patch
+// takes): u[i] for layer i, nullptr where it runs in the direct form.
 struct TiledLayers {
   std::vector<float> weights[4];
   const float* u[4] = {nullptr, nullptr, nullptr, nullptr};

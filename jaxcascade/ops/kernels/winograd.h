@@ -1,6 +1,6 @@
 // Winograd's minimal filtering F(2 x 2 x 2, 3 x 3 x 3) for 3^3 convolutions without padding, and the
 // convolution geometry it shares with the direct kernel (conv3d.cc). nicMSlesions' patch kernel
-// (nicms_features.cc) runs its widest layers through the same tiles.
+// (nicms_features.cc) runs two of its layers through the same tiles.
 #ifndef JAXCASCADE_KERNELS_WINOGRAD_H_
 #define JAXCASCADE_KERNELS_WINOGRAD_H_
 
@@ -22,12 +22,12 @@ struct Geometry {
 
 // --- Winograd F(2, 3) for wide 3^3 layers over long rows ---------------------------------------------------
 //
-// The dense form's conv2 (32 -> 64 channels, dilation 2) is most of a study's time, nicMSlesions' second
-// layer (32 -> 32 over 10^3 outputs a patch) most of its network's. Winograd's minimal
-// filtering F(2 x 2 x 2, 3 x 3 x 3) (Lavin & Gray 2016) computes a tile of 2^3 outputs, `dilation` apart,
-// from 4^3 inputs with 64 multiply-adds per input and output channel instead of 216: the tile's inputs and
-// the kernel go through fixed linear maps (B, G), are multiplied position by position (64 GEMMs over the
-// input channels, register-blocked as conv3d.cc's direct form), and the products go back through a third (A). The sums are
+// The dense form's conv2 (32 -> 64 channels, dilation 2) is most of a study's time, and nicMSlesions' second
+// layer (32 -> 32 over 10^3 outputs a patch) most of its network's. Winograd's minimal filtering
+// F(2 x 2 x 2, 3 x 3 x 3) (Lavin & Gray 2016) computes a tile of 2^3 outputs, `dilation` apart, from 4^3
+// inputs with 64 multiply-adds per input and output channel instead of 216: the tile's inputs and the kernel
+// go through fixed linear maps (B, G), are multiplied position by position (64 GEMMs over the input channels,
+// register-blocked as conv3d.cc's direct form), and the products go back through a third (A). The sums are
 // reordered, so outputs differ from the direct form's by float32 rounding (off a float64 reference by 3e-7 of
 // the largest output, the direct form by 1.4e-6); each tile is still summed by one thread in one fixed order,
 // whatever the threads or the mask. conv3d.cc uses it where the kernel is 3^3 without padding, the input
