@@ -123,9 +123,9 @@ def in_order(tree):
     flight together: each device's part is a task of one thread pool, and the devices of one execution's
     collective can wait on threads that another execution's devices hold. Without jaxcascade, 64 jitted
     all-gathers dispatched at once on 4 forced host devices ended in XLA's abort in 7 of 7 runs; waiting
-    for each before the next, in 0 of 3. Several CPU devices in one process are forced host devices, there to try
-    multi-device code, so waiting costs nothing that matters. GPUs, TPUs and one CPU device keep JAX's
-    asynchronous dispatch.
+    for each before the next, in 0 of 3. Several CPU devices in one process are forced host devices, there
+    to try multi-device code, so waiting costs nothing that matters. GPUs, TPUs and one CPU device keep
+    JAX's asynchronous dispatch.
     """
     if jax.local_device_count() > 1 and jax.default_backend() == "cpu":
         return jax.block_until_ready(tree)

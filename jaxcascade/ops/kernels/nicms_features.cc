@@ -77,6 +77,13 @@ inline void multiply_add_at(vec (&acc)[R][NV], const float* xs, const int64_t (&
   }
 }
 
+// A layer's affine and PReLU on one vector of channels of an output's sum: `channel` and `slope` (that
+// position's slopes) already offset to the vector.
+inline vec affine_prelu(const Layer& L, vec sum, int64_t channel, const float* slope) {
+  const vec value = sum * load(L.scale + channel) + load(L.shift + channel);
+  return value > 0 ? value : value * load(slope);
+}
+
 // R outputs of plane z, at the positions [k, k + R) of its count x count outputs in row order, channels
 // [channel, channel + NV * kLanes): the convolution over the padded input `in` ((size + 2)^3 x in channels),
 // then the affine and the PReLU, stored into `out` (an edge^3 grid with `offset` planes of border before the
@@ -110,10 +117,8 @@ inline void block(const Layer& L, const float* in, float* out, int64_t edge, int
     const int64_t y = (k + r) / count, x = (k + r) % count;
     const float* slope = L.slope + ((z * L.size + y) * L.size + x) * L.out + channel;
     float* target = out + (((z + offset) * edge + y + offset) * edge + x + offset) * L.out + channel;
-    for (int v = 0; v < NV; ++v) {
-      const vec value = acc[r][v] * load(L.scale + channel + kLanes * v) + load(L.shift + channel + kLanes * v);
-      store(target + kLanes * v, value > 0 ? value : value * load(slope + kLanes * v));
-    }
+    for (int v = 0; v < NV; ++v)
+      store(target + kLanes * v, affine_prelu(L, acc[r][v], channel + kLanes * v, slope + kLanes * v));
   }
 }
 
@@ -167,10 +172,8 @@ void tiled_layer(const Layer& L, const float* u, const float* in, float* out, in
       for (int64_t x = 0; x < count; ++x) {
         float* target = out + ((z * count + y) * count + x) * L.out;
         const float* slope = L.slope + ((z * L.size + y) * L.size + x) * L.out;
-        for (int64_t channel = 0; channel < L.out; channel += kLanes) {
-          const vec value = load(target + channel) * load(L.scale + channel) + load(L.shift + channel);
-          store(target + channel, value > 0 ? value : value * load(slope + channel));
-        }
+        for (int64_t channel = 0; channel < L.out; channel += kLanes)
+          store(target + channel, affine_prelu(L, load(target + channel), channel, slope + channel));
       }
 }
 

@@ -192,7 +192,9 @@ void winograd_rows(const Geometry& g, const float* x, const float* u, float* y, 
   };
   for (int64_t index = first; index < last; ++index) {
     const int64_t batch = index / (tz * ty), z = tile_base((index / ty) % tz, d), row = tile_base(index % ty, d);
-    for (int i = 0; i < 2; ++i)  // the tile row's output rows start as zeros; kept outputs are written below
+    // With a mask, the tile row's output rows start as zeros and kept outputs are written below; without
+    // one, the tiles write every output.
+    for (int i = 0; i < 2 && keep; ++i)
       for (int j = 0; j < 2; ++j)
         if (z + i * d < g.od && row + j * d < g.oh) {
           float* out = y + (((batch * g.od + z + i * d) * g.oh + row + j * d) * g.ow) * g.o;
